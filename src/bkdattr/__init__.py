@@ -1,0 +1,13 @@
+"""bkdattr: find, explain and switch off backdoors in fine-tuned language models.
+
+Stages (one subpackage each): ``inject`` (poison data, implant a LoRA backdoor), ``probe`` (per-layer
+backdoor probes, ICLA), ``attribution`` (BAHA: per-head ACIE), ``control`` (head ablation, Backdoor Vector),
+``report`` (figures and HTML). Foundations: ``models``, ``arch``, ``prompts``, ``hooks``, ``generation``.
+"""
+
+from ._runtime import tune_allocator
+
+tune_allocator()  # before torch allocates; BKDATTR_NO_MALLOPT=1 switches it off
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

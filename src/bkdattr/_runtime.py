@@ -1,0 +1,44 @@
+"""Process-level settings for stable CPU timings.
+
+glibc's default allocator thresholds make torch timings on small VMs swing by up to 4x (memory is returned
+to the OS and faulted back in on every large tensor). :func:`tune_allocator` raises the mmap and trim
+thresholds with ``mallopt`` once per process. Set ``BKDATTR_NO_MALLOPT=1`` to switch it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def tune_allocator() -> bool:
+    """Apply the mallopt settings on Linux/glibc; return True when they were applied."""
+    global _done
+    if _done or os.environ.get("BKDATTR_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        libc.mallopt(_M_TOP_PAD, 1024 * 1024 * 1024)
+    except (OSError, AttributeError):
+        return False
+    _done = True
+    return True
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's intra-op thread count (``None`` or 0 keeps torch's default, ``BKDATTR_THREADS`` wins)."""
+    import torch
+
+    env = os.environ.get("BKDATTR_THREADS")
+    if env:
+        n = int(env)
+    if n:
+        torch.set_num_threads(int(n))

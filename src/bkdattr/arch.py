@@ -1,0 +1,190 @@
+"""Architecture adapter: where the heads live in any Hugging Face decoder-only causal LM.
+
+BkdAttr works on the input ``z_l`` of each layer's attention output projection (``o_proj`` in Llama/Qwen2/
+Mistral/Gemma, GPT-2's ``c_proj`` Conv1D, NeoX's ``dense``). ``z_l`` is the concatenation of the ``H`` head
+outputs, each of size ``d_h``, so head ``h``'s contribution to the attention output is
+
+    a_{l,h} = W_O^l[:, h*d_h:(h+1)*d_h] @ z_{l,h}          (a vector in R^d)
+
+and ``sum_h a_{l,h} + b_O`` is the attention output exactly. :class:`Arch` finds the modules and gives the
+effective ``W_O`` as a ``[d_model, H*d_h]`` float32 matrix (Conv1D transposed, LoRA deltas merged), with
+``d_h`` read from the weight shape, never ``hidden_size // H``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers",
+                "model.language_model.layers", "transformer.blocks")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "mixer")
+_OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj", "wo")
+_NORM_NAMES = ("input_layernorm", "ln_1", "ln_attn", "norm_1", "attention_norm", "input_norm", "pre_norm")
+_FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
+                     "model.decoder.final_layer_norm", "model.language_model.norm", "transformer.norm_f")
+_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+_KV_KEYS = ("num_key_value_heads", "multi_query_group_num", "n_kv_heads")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def _base_weight(m: nn.Module) -> torch.Tensor:
+    """Weight of a Linear or Conv1D output projection as ``[out, in]``."""
+    if hasattr(m, "base_layer"):  # peft LoRA wrapper
+        return _base_weight(m.base_layer)
+    w = m.weight
+    return w.t() if _is_conv1d(m) else w
+
+
+@dataclass
+class Arch:
+    """Where the attention heads of a loaded model live.
+
+    Attributes: ``layers`` (the decoder blocks), ``out_proj[l]`` (the attention output projection of layer
+    ``l``), ``input_norm[l]`` (the norm feeding attention), ``n_heads`` (query heads), ``n_kv_heads``,
+    ``d_head``, ``d_model``, ``final_norm`` and ``lm_head``.
+    """
+
+    model_type: str
+    layers: list[nn.Module]
+    attn: list[nn.Module]
+    out_proj: list[nn.Module]
+    input_norm: list[nn.Module]
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    final_norm: nn.Module | None
+    lm_head: nn.Module | None
+    _w_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """Effective output-projection weight of ``layer`` as float32 ``[d_model, H*d_h]`` (LoRA merged)."""
+        m = self.out_proj[layer]
+        w = _base_weight(m).detach().float()
+        if hasattr(m, "get_delta_weight") and hasattr(m, "active_adapters"):
+            for name in m.active_adapters:
+                if name in getattr(m, "lora_A", {}):
+                    delta = m.get_delta_weight(name).detach().float()
+                    if _is_conv1d(m.base_layer) and delta.shape != w.shape:
+                        delta = delta.t()
+                    w = w + delta.to(w.device)
+        return w
+
+    def b_o(self, layer: int) -> torch.Tensor | None:
+        """Output-projection bias of ``layer`` as float32 ``[d_model]``, or None."""
+        m = self.out_proj[layer]
+        m = getattr(m, "base_layer", m)
+        b = getattr(m, "bias", None)
+        return None if b is None else b.detach().float()
+
+    def w_o_heads(self, layer: int) -> torch.Tensor:
+        """``W_O`` split per head: float32 ``[H, d_h, d_model]``, so ``a_h = z_h @ W[h]``."""
+        w = self.w_o(layer)
+        return w.t().reshape(self.n_heads, self.d_head, self.d_model).contiguous()
+
+    def summary(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "layers": self.n_layers,
+            "heads": self.n_heads,
+            "kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_model": self.d_model,
+            "output_projection": type(self.out_proj[0]).__name__,
+        }
+
+
+def _cfg(config, keys: tuple[str, ...]) -> int | None:
+    for k in keys:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        return _cfg(text, keys)
+    return None
+
+
+def detect_arch(model: nn.Module) -> Arch:
+    """Build the :class:`Arch` of a causal LM; raise a one-line error naming what could not be found."""
+    config = getattr(model, "config", None)
+    mtype = getattr(config, "model_type", type(model).__name__)
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = None
+    for p in _LAYER_PATHS:
+        cand = _get(root, p)
+        if isinstance(cand, nn.ModuleList) and len(cand) > 0:
+            layers = list(cand)
+            break
+    if layers is None:
+        raise UnsupportedArchitectureError(
+            f"architecture '{mtype}': no decoder layer list found (looked for {', '.join(_LAYER_PATHS)}); "
+            "bkdattr supports Llama, Qwen2, Mistral, Gemma, GPT-2, GPT-NeoX and similar decoder-only models"
+        )
+    attns, outs, norms = [], [], []
+    for i, layer in enumerate(layers):
+        attn = next((getattr(layer, n) for n in _ATTN_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        if attn is None:
+            raise UnsupportedArchitectureError(
+                f"architecture '{mtype}': layer {i} has no attention module (looked for {', '.join(_ATTN_NAMES)})"
+            )
+        out = next((getattr(attn, n) for n in _OUT_NAMES if isinstance(getattr(attn, n, None), nn.Module)), None)
+        if out is None:
+            raise UnsupportedArchitectureError(
+                f"architecture '{mtype}': attention of layer {i} has no output projection "
+                f"(looked for {', '.join(_OUT_NAMES)})"
+            )
+        norm = next((getattr(layer, n) for n in _NORM_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        if norm is None:
+            raise UnsupportedArchitectureError(
+                f"architecture '{mtype}': layer {i} has no attention input norm (looked for {', '.join(_NORM_NAMES)})"
+            )
+        attns.append(attn)
+        outs.append(out)
+        norms.append(norm)
+    n_heads = _cfg(config, _HEAD_KEYS)
+    if n_heads is None:
+        raise UnsupportedArchitectureError(
+            f"architecture '{mtype}': the config names no head count (looked for {', '.join(_HEAD_KEYS)})"
+        )
+    n_kv = _cfg(config, _KV_KEYS) or n_heads
+    w = _base_weight(outs[0])
+    d_model, inner = int(w.shape[0]), int(w.shape[1])
+    if inner % n_heads:
+        raise UnsupportedArchitectureError(
+            f"architecture '{mtype}': output projection input size {inner} is not a multiple of {n_heads} heads"
+        )
+    d_head = inner // n_heads
+    cfg_hd = getattr(config, "head_dim", None)
+    if isinstance(cfg_hd, int) and cfg_hd > 0 and cfg_hd != d_head:
+        raise UnsupportedArchitectureError(
+            f"architecture '{mtype}': config.head_dim={cfg_hd} disagrees with the output projection ({d_head})"
+        )
+    final_norm = next((m for p in _FINAL_NORM_PATHS if (m := _get(root, p)) is not None), None)
+    lm_head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+    return Arch(mtype, layers, attns, outs, norms, n_heads, n_kv, d_head, d_model, final_norm, lm_head)

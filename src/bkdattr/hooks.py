@@ -1,0 +1,203 @@
+"""Head-level hooks: capture and edit what each attention head writes at the last prompt position.
+
+Every hook here is registered on a module object inside a context manager and removed on exit, even when
+the block raises. Captured values are float32 whatever the model dtype.
+
+* :func:`capture_contributions` -- ``a_{l,h}(x)`` at ``p(x)``: the pre-hook on layer ``l``'s output
+  projection reads ``z_l`` ``[B, T, H*d_h]`` and returns ``[B, H, d_model]`` via the effective ``W_O``.
+* :func:`capture_features` -- the normalised attention input (output of the layer's input norm) or the raw
+  residual stream (the layer's input) at ``p(x)``: ``[B, d_model]`` per layer.
+* :func:`add_to_attention_output` -- add a vector to layer ``l``'s attention output at ``p(x)``.
+* :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``.
+
+``positions`` is a ``[B]`` tensor of indices into the sequence of the *current* forward call. An edit applies
+to every forward call made inside its context, so "prefill only" means: open the context around the prefill
+call only (:func:`bkdattr.generation.greedy_generate` takes a ``prefill_context`` for this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .arch import Arch
+
+
+@contextlib.contextmanager
+def registered(handles: list) -> Iterator[None]:
+    """Remove every hook handle in ``handles`` when the block exits (normally or not)."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+def _rows(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = torch.arange(x.shape[0], device=x.device)
+    return b, positions.to(x.device)
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    for k in ("hidden_states", "x", "input", "hidden_state"):
+        if k in kwargs:
+            return kwargs[k]
+    raise RuntimeError("could not find the hidden states passed to the module")
+
+
+@contextlib.contextmanager
+def capture_contributions(
+    arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None, with_z: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture per-head contributions at ``positions``.
+
+    Yields a dict filled after the forward pass: ``store[l]`` is float32 ``[B, H, d_model]``; with
+    ``with_z`` also ``store[("z", l)]`` is float32 ``[B, H, d_h]``. Only the first forward call is captured.
+    """
+    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    store: dict = {}
+    handles = []
+    for layer in layers:
+        def pre(_m, args, kwargs, layer=layer):
+            if layer in store:
+                return None
+            z = _hidden_arg(args, kwargs)
+            b, p = _rows(z, positions)
+            zp = z[b, p].float().reshape(z.shape[0], arch.n_heads, arch.d_head)
+            w = arch.w_o_heads(layer).to(zp.device)  # [H, d_h, d]
+            store[layer] = torch.einsum("bhk,hkd->bhd", zp, w)
+            if with_z:
+                store[("z", layer)] = zp
+            return None
+
+        handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    with registered(handles):
+        yield store
+
+
+@contextlib.contextmanager
+def capture_attention_output(
+    arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the attention output (output projection's output, bias included) at ``positions``:
+    ``store[l]`` float32 ``[B, d_model]`` (first forward call only)."""
+    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(_m, _args, out, layer=layer):
+            if layer in store:
+                return None
+            o = out[0] if isinstance(out, tuple) else out
+            b, p = _rows(o, positions)
+            store[layer] = o[b, p].float()
+            return None
+
+        handles.append(arch.out_proj[layer].register_forward_hook(hook))
+    with registered(handles):
+        yield store
+
+
+@contextlib.contextmanager
+def capture_features(
+    arch: Arch, positions: torch.Tensor, kind: str = "attn_input", layers: Iterable[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture probe features at ``positions``: ``kind="attn_input"`` (output of the input norm) or
+    ``"residual"`` (the layer's input). ``store[l]`` is float32 ``[B, d_model]`` (first call only)."""
+    if kind not in ("attn_input", "residual"):
+        raise ValueError(f"unknown feature kind '{kind}'; use attn_input or residual")
+    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        if kind == "attn_input":
+            def hook(_m, _args, out, layer=layer):
+                if layer not in store:
+                    o = out[0] if isinstance(out, tuple) else out
+                    b, p = _rows(o, positions)
+                    store[layer] = o[b, p].float()
+
+            handles.append(arch.input_norm[layer].register_forward_hook(hook))
+        else:
+            def pre(_m, args, kwargs, layer=layer):
+                if layer not in store:
+                    h = _hidden_arg(args, kwargs)
+                    b, p = _rows(h, positions)
+                    store[layer] = h[b, p].float()
+
+            handles.append(arch.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    with registered(handles):
+        yield store
+
+
+@contextlib.contextmanager
+def add_to_attention_output(
+    arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor
+) -> Iterator[None]:
+    """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at
+    ``positions``, on every forward call inside the block."""
+    handles = []
+    for layer, delta in deltas.items():
+        def hook(_m, _args, out, delta=delta):
+            o = out[0] if isinstance(out, tuple) else out
+            b, p = _rows(o, positions)
+            o = o.clone()
+            o[b, p] = (o[b, p].float() + delta.to(o.device, torch.float32)).to(o.dtype)
+            return (o, *out[1:]) if isinstance(out, tuple) else o
+
+        handles.append(arch.out_proj[layer].register_forward_hook(hook))
+    with registered(handles):
+        yield
+
+
+@contextlib.contextmanager
+def edit_heads(
+    arch: Arch,
+    heads: Mapping[int, Iterable[int]],
+    positions: torch.Tensor,
+    values: Mapping[int, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Zero (default) or replace chosen heads' slices of ``z_l`` at ``positions``.
+
+    ``heads[l]`` lists head indices of layer ``l``; ``values[l]`` (optional) is ``[len(heads[l]), d_h]`` or
+    ``[B, len(heads[l]), d_h]`` holding the replacement ``z`` slices. Applies on every call in the block."""
+    handles = []
+    for layer, hs in heads.items():
+        hs = list(hs)
+        if not hs:
+            continue
+        cols = torch.cat([torch.arange(h * arch.d_head, (h + 1) * arch.d_head) for h in hs])
+        val = None if values is None else values.get(layer)
+
+        def pre(_m, args, kwargs, cols=cols, val=val, n=len(hs)):
+            z = _hidden_arg(args, kwargs)
+            b, p = _rows(z, positions)
+            z = z.clone()
+            c = cols.to(z.device)
+            if val is None:
+                z[b[:, None], p[:, None], c[None, :]] = 0
+            else:
+                v = val.to(z.device, z.dtype).reshape(-1, n * arch.d_head)
+                z[b[:, None], p[:, None], c[None, :]] = v.expand(z.shape[0], -1)
+            if args:
+                return (z, *args[1:]), kwargs
+            key = next(k for k in ("hidden_states", "x", "input", "hidden_state") if k in kwargs)
+            return args, {**kwargs, key: z}
+
+        handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    with registered(handles):
+        yield
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of forward hooks and pre-hooks registered anywhere in ``model`` (0 when clean)."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    return n

