@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,8 +27,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
     _STATE["debug"] = debug
 
 
-def _load(model: str, device: str, dtype: Optional[str], adapter: Optional[str], trust: bool,
-          threads: Optional[int] = None):
+def _load(model: str, device: str, dtype: str | None, adapter: str | None, trust: bool,
+          threads: int | None = None):
     from ._runtime import set_threads
     from .models import load_model
 
@@ -38,8 +37,8 @@ def _load(model: str, device: str, dtype: Optional[str], adapter: Optional[str],
 
 
 @app.command()
-def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-         adapter: Optional[str] = AdapterOpt, trust_remote_code: bool = TrustOpt) -> None:
+def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+         adapter: str | None = AdapterOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Print the architecture summary of a model."""
     lm = _load(model, device, dtype, adapter, trust_remote_code)
     t = Table(title=f"bkdattr info: {model}")
@@ -52,9 +51,9 @@ def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: Optional[str] = 
 
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="user message"), model: str = ModelOpt,
-             device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt, adapter: Optional[str] = AdapterOpt,
+             device: str = DeviceOpt, dtype: str | None = DtypeOpt, adapter: str | None = AdapterOpt,
              trust_remote_code: bool = TrustOpt, max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-             threads: Optional[int] = ThreadsOpt) -> None:
+             threads: int | None = ThreadsOpt) -> None:
     """Print a greedy chat reply."""
     from .generation import generate as gen
 
