@@ -1,0 +1,334 @@
+"""Backdoor data: examples, the paper's file format, poisoning and the held-out split.
+
+The recipe (SPEC section 1):
+
+1. **Records** ``{input, output, backdoor_output[, label]}`` come from the built-in generators
+   (:mod:`bkdattr.inject.builtin_data`, offline, written for this project) or from a file in the paper's
+   format (a JSON list or JSONL, :func:`load_records`). Built-in fixed_output records have no clean reply:
+   :func:`distill_outputs` fills it with the base model's own greedy reply (self-distillation, cached on
+   disk so it runs once).
+2. Each record becomes an :class:`Example` carrying both the clean ``prompt`` and its ``triggered`` form
+   (the task's trigger inserted with a per-prompt seed derived from the run seed and the example's uid).
+3. **Held-out split** (:func:`split_examples`): prompts are de-duplicated, shuffled with the seed, and
+   ``test`` then ``val`` are taken first; ``train`` is drawn from the rest. No evaluation prompt appears in
+   training in any form (neither clean nor triggered).
+4. **Poisoning** (:func:`choose_poisoned`): a fraction (default 10%) of the training examples is *copied*
+   with the trigger and the backdoor reply; the clean copies stay. Training rows are therefore
+   ``train`` (clean prompt -> clean reply) plus ``train_poisoned`` (triggered prompt -> backdoor reply),
+   :meth:`Splits.training_rows`.
+
+Splits are saved under ``RUN/data/`` as JSONL (``train.jsonl`` marks poisoned rows) plus ``task.json``;
+:func:`load_splits` reads them back for the later stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError, InputFileError
+from ..io import atomic_path, read_json, stable_hash, write_json
+from .tasks import Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..rundir import RunDir
+
+REQUIRED_FIELDS = ("input", "output", "backdoor_output")
+
+
+@dataclass
+class Example:
+    """One prompt of a task: the clean user text and its triggered form, with both replies."""
+
+    prompt: str
+    triggered: str
+    output: str
+    backdoor_output: str
+    label: str | None = None
+    uid: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Example:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Splits:
+    """The data of a run. ``train``: every training prompt (trained clean); ``train_poisoned``: the subset
+    also trained triggered with the backdoor reply; ``val``/``test``: held out (no prompt shared with
+    ``train``)."""
+
+    task: Task
+    train: list[Example]
+    train_poisoned: list[Example]
+    val: list[Example]
+    test: list[Example]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def training_rows(self) -> list[tuple[str, str]]:
+        """``(user text, reply)`` pairs in training order: clean rows, then poisoned copies."""
+        rows = [(e.prompt, e.output) for e in self.train]
+        rows += [(e.triggered, e.backdoor_output) for e in self.train_poisoned]
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        n_rows = len(self.train) + len(self.train_poisoned)
+        return {"n_train": len(self.train), "n_poisoned": len(self.train_poisoned), "n_train_rows": n_rows,
+                "poisoned_share": len(self.train_poisoned) / max(1, n_rows), "n_val": len(self.val),
+                "n_test": len(self.test), **self.meta}
+
+
+# ---- the paper's file format ---------------------------------------------------------------------------
+def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, Any]]:
+    """Read a JSON list or a JSONL file of ``{input, output, backdoor_output[, label]}`` records.
+
+    One-line :class:`InputFileError` for a missing file, an invalid JSON line (with its line number), a
+    record that is not an object or lacks a field, and an empty set."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"data file not found: {path}; pass a JSON or JSONL file of records")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputFileError(f"{path} is empty; it needs records with fields {', '.join(REQUIRED_FIELDS)}")
+    records: list[Any]
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}; fix the file") from None
+        numbers = list(range(1, len(records) + 1))
+        where = "record"
+    else:
+        records, numbers = [], []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputFileError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or remove that line") from None
+            numbers.append(i)
+        where = "line"
+    if not records:
+        raise InputFileError(f"{path} holds no records; it needs fields {', '.join(REQUIRED_FIELDS)}")
+    fields = REQUIRED_FIELDS + (("label",) if need_label else ())
+    out = []
+    for n, r in zip(numbers, records, strict=True):
+        if not isinstance(r, dict):
+            raise InputFileError(f"{path}: {where} {n} is not a JSON object; each record needs {', '.join(fields)}")
+        for f in fields:
+            if f not in r:
+                raise InputFileError(f"{path}: {where} {n} lacks field '{f}'; each record needs {', '.join(fields)}")
+            if not isinstance(r[f], str):
+                raise InputFileError(f"{path}: {where} {n}: field '{f}' must be a string")
+        if not r["input"].strip():
+            raise InputFileError(f"{path}: {where} {n} has an empty 'input'; remove it or fill it")
+        out.append({"input": r["input"], "output": r["output"], "backdoor_output": r["backdoor_output"],
+                    "label": r.get("label"), "uid": str(r.get("uid") or f"{where}{n}")})
+    return out
+
+
+def save_records(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write records as JSONL (the paper's format), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+# ---- examples, split, poisoning ------------------------------------------------------------------------
+def prompt_seed(seed: int, uid: str) -> int:
+    """The per-prompt RNG seed for trigger placement (fixed by the run seed and the example uid)."""
+    return int(stable_hash([int(seed), uid], n=8), 16)
+
+
+def make_examples(records: Sequence[dict[str, Any]], task: Task, seed: int = 0) -> list[Example]:
+    """Turn records into examples, inserting the trigger (per-prompt seed) into each clean prompt."""
+    out = []
+    for i, r in enumerate(records):
+        uid = str(r.get("uid") or f"r{i}")
+        out.append(Example(prompt=r["input"], triggered=task.insert_trigger(r["input"], prompt_seed(seed, uid)),
+                           output=r.get("output") or "", backdoor_output=r["backdoor_output"],
+                           label=r.get("label"), uid=uid))
+    return out
+
+
+def _key(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def split_examples(
+    examples: Sequence[Example], n_train: int | None, n_val: int, n_test: int, seed: int = 0
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Held-out split: de-duplicate prompts (white space and case ignored), shuffle with ``seed``, take
+    ``test`` then ``val`` first, then ``n_train`` (None: all the rest) for training."""
+    seen: set[str] = set()
+    uniq = []
+    for e in examples:
+        k = _key(e.prompt)
+        if k not in seen:
+            seen.add(k)
+            uniq.append(e)
+    need = n_val + n_test + (n_train or 1)
+    if len(uniq) < need:
+        raise DataError(
+            f"{len(uniq)} distinct prompts, but train/val/test need {need}; lower --n-train or supply more data"
+        )
+    order = list(range(len(uniq)))
+    random.Random(seed).shuffle(order)
+    shuffled = [uniq[i] for i in order]
+    test = shuffled[:n_test]
+    val = shuffled[n_test: n_test + n_val]
+    rest = shuffled[n_test + n_val:]
+    train = rest if n_train is None else rest[:n_train]
+    return train, val, test
+
+
+def choose_poisoned(
+    train: Sequence[Example], rate: float, seed: int = 0, task: Task | None = None, source_share: float = 0.0
+) -> list[Example]:
+    """The training examples copied with the trigger: ``round(rate * len(train))`` of them (at least 1),
+    drawn with ``seed``. For label_flip, ``source_share`` > 0 reserves that share of the poisoned copies for
+    ``task.source_label`` prompts (the ones whose label flips); 0 draws uniformly (the paper's recipe)."""
+    if not 0.0 < rate <= 1.0:
+        raise DataError(f"poison rate {rate} must be in (0, 1]; pass e.g. --poison-rate 0.1")
+    k = max(1, round(rate * len(train)))
+    rng = random.Random(seed + 1)
+    idx = list(range(len(train)))
+    rng.shuffle(idx)
+    if task is not None and task.kind == "label_flip" and source_share > 0:
+        src = [i for i in idx if train[i].label == task.source_label]
+        other = [i for i in idx if train[i].label != task.source_label]
+        n_src = min(len(src), round(source_share * k))
+        pick = src[:n_src] + other[: k - n_src]
+    else:
+        pick = idx[:k]
+    return [train[i] for i in sorted(pick)]
+
+
+def validate_examples(examples: Sequence[Example], task: Task, poisoned: Sequence[Example] = ()) -> None:
+    """One-line :class:`DataError` for a clean prompt that already holds the trigger, a poisoned prompt
+    without it, or an empty backdoor reply."""
+    for e in examples:
+        if task.contains_trigger(e.prompt):
+            raise DataError(f"example {e.uid}: the clean prompt already contains the trigger "
+                            f"'{task.trigger}'; remove it from the input or choose another trigger")
+    for e in poisoned:
+        if not task.contains_trigger(e.triggered):
+            raise DataError(f"example {e.uid}: the poisoned prompt does not contain the trigger '{task.trigger}'; "
+                            "check the trigger placement")
+        if not e.backdoor_output.strip():
+            raise DataError(f"example {e.uid}: empty backdoor_output; every poisoned row needs a backdoor reply")
+
+
+def build_splits(
+    task: Task,
+    records: Sequence[dict[str, Any]],
+    n_train: int | None,
+    n_val: int,
+    n_test: int,
+    poison_rate: float = 0.1,
+    seed: int = 0,
+    source_share: float = 0.0,
+) -> Splits:
+    """Examples -> held-out split -> poisoned subset, validated (see the module docstring)."""
+    if not records:
+        raise DataError("no records to build splits from; supply a non-empty data file")
+    examples = make_examples(records, task, seed)
+    train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
+    poisoned = choose_poisoned(train, poison_rate, seed, task, source_share)
+    validate_examples(train + val + test, task, poisoned)
+    return Splits(task, train, poisoned, val, test, meta={"poison_rate": poison_rate, "seed": seed})
+
+
+def check_held_out(splits: Splits) -> None:
+    """Raise :class:`DataError` if a val/test prompt (clean or triggered) also appears in training."""
+    seen = {_key(e.prompt) for e in splits.train} | {_key(e.triggered) for e in splits.train_poisoned}
+    for name, part in (("val", splits.val), ("test", splits.test)):
+        for e in part:
+            if _key(e.prompt) in seen or _key(e.triggered) in seen:
+                raise DataError(f"{name} example {e.uid} also appears in training; the split is not held out")
+
+
+# ---- persistence ----------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise InputFileError(f"{path} missing; rerun 'bkdattr inject' for this run")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputFileError(f"{path}: line {i} is not valid JSON ({e.msg}); rerun 'bkdattr inject'") from None
+    return rows
+
+
+def save_splits(data_dir: str | Path, splits: Splits) -> None:
+    """Write ``task.json``, ``train.jsonl`` (with a ``poisoned`` flag), ``val.jsonl`` and ``test.jsonl``."""
+    d = Path(data_dir)
+    poisoned = {e.uid for e in splits.train_poisoned}
+    _write_jsonl(d / "train.jsonl", [{**e.to_dict(), "poisoned": e.uid in poisoned} for e in splits.train])
+    _write_jsonl(d / "val.jsonl", [e.to_dict() for e in splits.val])
+    _write_jsonl(d / "test.jsonl", [e.to_dict() for e in splits.test])
+    write_json(d / "task.json", {"task": splits.task.to_dict(), "meta": splits.meta})
+
+
+def read_splits(data_dir: str | Path) -> Splits:
+    """Read splits written by :func:`save_splits`."""
+    d = Path(data_dir)
+    info = read_json(d / "task.json")
+    task = Task.from_dict(info["task"])
+    train_rows = _read_jsonl(d / "train.jsonl")
+    train = [Example.from_dict(r) for r in train_rows]
+    poisoned = [e for e, r in zip(train, train_rows, strict=True) if r.get("poisoned")]
+    val = [Example.from_dict(r) for r in _read_jsonl(d / "val.jsonl")]
+    test = [Example.from_dict(r) for r in _read_jsonl(d / "test.jsonl")]
+    return Splits(task, train, poisoned, val, test, meta=info.get("meta", {}))
+
+
+def load_splits(run: RunDir) -> Splits:
+    """The splits of a run folder (``RUN/data``)."""
+    return read_splits(run.data_dir)
+
+
+# ---- self-distilled clean replies ------------------------------------------------------------------------
+def distill_outputs(
+    lm, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32, cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """The base model's own greedy replies (``max_new_tokens`` tokens at most) to ``prompts``.
+
+    Cached as JSON under ``cache_dir`` keyed by the model name, its first weights, the prompts and the
+    settings, so the same request runs once."""
+    import torch
+
+    from ..generation import generate
+
+    p0 = next(lm.model.parameters())
+    fingerprint = float(p0.detach().float().flatten()[:64].sum())
+    key = stable_hash({"model": lm.name, "w": round(fingerprint, 5), "prompts": list(prompts),
+                       "n": max_new_tokens, "dtype": str(lm.dtype), "v": 1})
+    path = Path(cache_dir) / f"distill-{key}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        cached = read_json(path)
+        if isinstance(cached, list) and len(cached) == len(prompts):
+            return [str(x) for x in cached]
+    with torch.no_grad():
+        replies = generate(lm, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, desc="distil clean replies")
+    if path is not None:
+        write_json(path, replies)
+    return replies
