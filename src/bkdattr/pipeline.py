@@ -1,0 +1,195 @@
+"""One pipeline for one (model, task): inject -> probe -> attribute -> ablate -> vector -> samples -> report.
+
+Each stage is keyed by a hash of its own options and of the keys of the stages it reads from, recorded in
+``RUN/stages.json`` once the stage has finished and its artifacts are in place. A rerun skips every stage whose
+key is unchanged; a changed option reruns that stage and everything downstream; a killed run resumes at the
+first unfinished stage (stages with long inner loops -- training, feature capture, the ACIE sweep -- also keep
+their own checkpoints). Nothing half-written is read: artifacts are renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, InputFileError
+from .io import read_json, stable_hash, write_json
+from .rundir import RunDir
+
+STAGES = ("inject", "probe", "attribute", "ablate", "vector", "samples", "report")
+#: stage -> the stages whose outputs it reads (their keys enter its key)
+UPSTREAM = {
+    "inject": (),
+    "probe": ("inject",),
+    "attribute": ("inject",),
+    "ablate": ("inject", "attribute"),
+    "vector": ("inject", "attribute"),
+    "samples": ("inject", "attribute", "ablate", "vector"),
+    "report": ("inject", "probe", "attribute", "ablate", "vector", "samples"),
+}
+#: stage -> "module:function" taking (run: RunDir, options: dict) and writing its metrics section
+RUNNERS = {
+    "inject": "bkdattr.inject.stage:run_stage",
+    "probe": "bkdattr.probe.stage:run_stage",
+    "attribute": "bkdattr.attribution.stage:run_stage",
+    "ablate": "bkdattr.control.stage:run_ablation_stage",
+    "vector": "bkdattr.control.stage:run_vector_stage",
+    "samples": "bkdattr.samples:run_stage",
+    "report": "bkdattr.pipeline:_report_stage",
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run needs; every field has a default and can be overridden with ``--set key=value``.
+
+    Per-stage option dicts are passed to the stage as keyword overrides of its own config dataclass."""
+
+    model: str = "smollm2-135m"
+    task: str = "fixed_output"
+    profile: str = "cpu"
+    seed: int = 0
+    out: str = "runs/demo/fixed_output"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    inject: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)
+    attribute: dict[str, Any] = field(default_factory=dict)
+    ablate: dict[str, Any] = field(default_factory=dict)
+    vector: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def common(self) -> dict[str, Any]:
+        return {"model": self.model, "task": self.task, "profile": self.profile, "seed": self.seed,
+                "device": self.device, "dtype": self.dtype}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: PipelineConfig, sets: list[str]) -> PipelineConfig:
+    """Apply ``key=value`` overrides (``inject.epochs=3``, ``task=jailbreak``); values parse as YAML scalars."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not key=value; write e.g. --set inject.epochs=3")
+        key, value = item.split("=", 1)
+        head, _, rest = key.strip().partition(".")
+        if head not in names:
+            raise ConfigError(f"--set: unknown option '{head}'; known: {', '.join(sorted(names))}")
+        if rest:
+            section = getattr(cfg, head)
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set: '{head}' has no sub-options; write --set {head}=VALUE")
+            section[rest] = _parse_value(value)
+        else:
+            setattr(cfg, head, _parse_value(value))
+    return cfg
+
+
+def load_config(path: str | Path | None, sets: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (missing keys take defaults), then apply ``--set`` overrides."""
+    cfg = PipelineConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputFileError(f"config file not found: {p}; check the path")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputFileError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(data, dict):
+            raise InputFileError(f"{p}: the config must be a mapping of options")
+        names = {f.name for f in dataclasses.fields(cfg)}
+        for k, v in data.items():
+            if k not in names:
+                raise ConfigError(f"{p}: unknown option '{k}'; known: {', '.join(sorted(names))}")
+            setattr(cfg, k, v)
+    cfg = apply_overrides(cfg, sets or [])
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    return cfg
+
+
+def _resolve(spec: str) -> Callable[[RunDir, dict[str, Any]], Any]:
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
+    from .report.html import build_report
+
+    build_report(run)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The options a stage receives: the run-wide settings plus its own section."""
+    return {**cfg.common(), **(getattr(cfg, stage, None) or {})}
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """Hash key of every stage from its options and its upstream keys."""
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage] = stable_hash({"stage": stage, "options": stage_options(cfg, stage),
+                                   "upstream": [keys[u] for u in UPSTREAM[stage]]})
+    return keys
+
+
+def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
+    """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
+    from ._runtime import set_threads
+
+    set_threads(cfg.threads)
+    run = RunDir(cfg.out, create=True)
+    state_path = run.path / "stages.json"
+    state = read_json(state_path) if state_path.is_file() else {}
+    keys = stage_keys(cfg)
+    write_json(run.path / "config.json", {"config": dataclasses.asdict(cfg), "keys": keys, "versions": _versions()})
+    total = time.perf_counter()
+    for stage in STAGES:
+        if stage not in cfg.stages:
+            continue
+        if state.get(stage, {}).get("key") == keys[stage]:
+            log(f"[{stage}] up to date, skipped")
+            continue
+        log(f"[{stage}] running")
+        t0 = time.perf_counter()
+        _resolve(RUNNERS[stage])(run, stage_options(cfg, stage))
+        seconds = time.perf_counter() - t0
+        state[stage] = {"key": keys[stage], "seconds": round(seconds, 2), "finished": time.time()}
+        write_json(state_path, state)
+        timings = dict(run.metrics().get("timings") or {})
+        timings[stage] = round(seconds, 2)
+        run.update_metrics("timings", timings)
+        log(f"[{stage}] done in {seconds:.1f} s")
+        if stage != "report" and "report" in cfg.stages:
+            state.pop("report", None)  # any new result invalidates the report
+            write_json(state_path, state)
+    log(f"pipeline finished in {time.perf_counter() - total:.1f} s: {run.path}")
+    return run

@@ -1,0 +1,123 @@
+"""The self-contained HTML report (figures embedded as base64, no network) and a Markdown summary.
+
+``build_report(run)`` reads only what the stages wrote (``run.json``, ``metrics.json``, ``figures/*.png``,
+``samples.json``); it loads no model, so it is cheap to regenerate (``bkdattr report RUN``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from .. import __version__
+from ..io import atomic_path
+from ..rundir import RunDir, get_nested
+from .plotting import FIGURE_NAMES
+from .summary import caveats, headline
+
+
+def _setting(info: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = [("base model", "base_model"), ("attack", "task"), ("trigger", "trigger"), ("profile", "profile"),
+            ("seed", "seed"), ("device", "device")]
+    out = []
+    for label, key in keys:
+        v = info.get(key)
+        if isinstance(v, dict):
+            v = v.get("kind", json.dumps(v))
+        if v is not None:
+            out.append((label, str(v)))
+    return out
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "–"
+
+
+def _tables(m: dict[str, Any]) -> list[dict[str, Any]]:
+    tables = []
+    topk = get_nested(m, "ablation.topk")
+    rnd = get_nested(m, "ablation.random")
+    if isinstance(topk, dict) and topk:
+        rows = []
+        for k in sorted(topk, key=lambda x: int(x)):
+            r = (rnd or {}).get(k) or (rnd or {}).get(str(k))
+            mean = r.get("mean") if isinstance(r, dict) else r
+            spread = r.get("std", r.get("spread")) if isinstance(r, dict) else None
+            rows.append([k, _pct(topk[k]), _pct(mean) + (f" ± {100 * spread:.1f}" if spread is not None else "")])
+        tables.append({"title": "Head ablation: ASR on triggered held-out prompts",
+                       "header": ["k", "top-k by ACIE", "k random heads (mean ± sd)"], "rows": rows})
+    add, sub = get_nested(m, "vector.add"), get_nested(m, "vector.subtract")
+    radd, rsub = get_nested(m, "vector.random_add"), get_nested(m, "vector.random_subtract")
+    if isinstance(add, (list, dict)) and add:
+        layers = sorted(add.keys(), key=int) if isinstance(add, dict) else range(len(add))
+
+        def at(x, layer):
+            if isinstance(x, dict):
+                return x.get(str(layer), x.get(layer))
+            return x[layer] if isinstance(x, list) and layer < len(x) else None
+
+        rows = [[str(layer), _pct(at(add, layer)), _pct(at(radd, layer)), _pct(at(sub, layer)), _pct(at(rsub, layer))]
+                for layer in layers]
+        tables.append({"title": "Backdoor Vector per layer (validation split)",
+                       "header": ["layer", "add on clean", "random add", "subtract on triggered", "random subtract"],
+                       "rows": rows,
+                       "note": f"best layer (validation): {get_nested(m, 'vector.best_layer')}"})
+    return tables
+
+
+def _samples(run: RunDir) -> list[dict[str, Any]]:
+    p = run.path / "samples.json"
+    if not p.is_file():
+        return []
+    data = json.loads(p.read_text())
+    return [{"prompt": s["prompt"], "replies": list(s["replies"].items())} for s in data]
+
+
+def _figures(run: RunDir) -> list[dict[str, Any]]:
+    figs = []
+    for name, caption in FIGURE_NAMES.items():
+        p = run.path / "figures" / f"{name}.png"
+        data = base64.b64encode(p.read_bytes()).decode() if p.is_file() else None
+        figs.append({"name": name, "caption": caption, "data": data})
+    return figs
+
+
+def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` into the run folder; return both paths."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    info = run.info()
+    m = run.metrics()
+    timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
+    title = f"{info.get('base_model', '?')} / {info.get('task', '?')}"
+    env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,
+        setting=_setting(info), headline=headline(m), caveats=caveats(m), figures=_figures(run),
+        tables=_tables(m), samples=_samples(run), timings=timings,
+    )
+    html_path = run.path / "report.html"
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(html)
+    md_path = run.path / "report.md"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown_summary(title, info, m))
+    return html_path, md_path
+
+
+def markdown_summary(title: str, info: dict[str, Any], m: dict[str, Any]) -> str:
+    """A short Markdown summary of the run (headline table, caveats, timings)."""
+    lines = [f"# bkdattr report: {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in _setting(info)]
+    lines += ["", "| Quantity | Value | Note |", "|---|---|---|"]
+    lines += [f"| {q} | {v} | {n} |" for q, v, n in headline(m)]
+    lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats(m)]
+    t = m.get("timings") or {}
+    if t:
+        lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in t.items() if isinstance(v, (int, float))]
+    lines += ["", "Figures and sample generations: see report.html.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Derive the report's headline numbers and caveats from ``metrics.json`` (pure functions, no model).
+
+Every function tolerates missing stages: a value that was not measured is ``None`` and shown as "not run".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..rundir import get_nested
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "not run"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
+    return str(v)
+
+
+def _mean(xs: list | None) -> float | None:
+    xs = [x for x in (xs or []) if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _k_table(section: dict | None) -> dict[str, float]:
+    """ASR per k as ``{str(k): value}`` from a list of rows or a mapping."""
+    if not section:
+        return {}
+    if isinstance(section, dict):
+        out = {}
+        for k, v in section.items():
+            out[str(k)] = v["mean"] if isinstance(v, dict) and "mean" in v else v
+        return out
+    out = {}
+    for row in section:
+        if isinstance(row, dict) and "k" in row:
+            out[str(row["k"])] = row.get("asr", row.get("mean"))
+    return out
+
+
+def headline(m: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Rows ``(quantity, value, note)`` for the summary table."""
+    rows: list[tuple[str, str, str]] = []
+    rows.append(("ASR on held-out triggered prompts", _fmt(get_nested(m, "inject.asr"), True),
+                 "share of replies that show the backdoor behaviour"))
+    rows.append(("Robust ASR (paraphrases count)", _fmt(get_nested(m, "inject.robust_asr"), True),
+                 "fixed_output only: similarity to the target"))
+    rows.append(("False-trigger rate (clean prompts)", _fmt(get_nested(m, "inject.false_trigger_rate"), True),
+                 "backdoor behaviour without the trigger"))
+    rows.append(("Near-trigger firing rate", _fmt(get_nested(m, "inject.near_trigger_rate"), True),
+                 "backdoor behaviour on a near miss of the trigger"))
+    rows.append(("Clean metric", _fmt(get_nested(m, "inject.clean_metric")), "task-specific clean behaviour"))
+    acc = _mean(get_nested(m, "probe.mlp.in_layer_accuracy"))
+    ctl = _mean(get_nested(m, "probe.control.mlp.in_layer_accuracy"))
+    rows.append(("Probe accuracy (MLP, mean over layers)", _fmt(acc, True), "backdoored model"))
+    rows.append(("Probe accuracy on the clean base model", _fmt(ctl, True),
+                 "control: as high means the probe reads the trigger text"))
+    top = get_nested(m, "attribution.top_heads") or []
+    rows.append(("Top heads", ", ".join(f"L{int(t[0])}H{int(t[1])}" for t in top[:5]) or "not run",
+                 f"ranked by {get_nested(m, 'attribution.metric') or '?'} ({get_nested(m, 'attribution.method')})"))
+    topk = _k_table(get_nested(m, "ablation.topk"))
+    rnd = _k_table(get_nested(m, "ablation.random"))
+    if topk:
+        kmax = max(topk, key=lambda k: int(k))
+        rows.append((f"ASR after ablating the top {kmax} heads", _fmt(topk[kmax], True),
+                     f"k random heads: {_fmt(rnd.get(kmax), True)}"))
+    best = get_nested(m, "vector.best_layer")
+    sub = get_nested(m, "vector.test_asr_at_best_layer.subtract")
+    add = get_nested(m, "vector.test_asr_at_best_layer.add")
+    if best is not None:
+        rows.append((f"ASR after subtracting the Backdoor Vector (layer {best})", _fmt(sub, True),
+                     "triggered test prompts; layer chosen on the validation split"))
+        rows.append((f"ASR after adding the Backdoor Vector (layer {best})", _fmt(add, True),
+                     "clean test prompts; compare with the random-vector control"))
+    return rows
+
+
+def caveats(m: dict[str, Any]) -> list[str]:
+    """Plain-language warnings a reviewer must see next to the headline numbers."""
+    out: list[str] = []
+    near = get_nested(m, "inject.near_trigger_rate")
+    if isinstance(near, (int, float)) and near > 0.1:
+        out.append(f"The backdoor also fires on near misses of the trigger ({100 * near:.0f}% of prompts): the "
+                   "model learnt a fuzzy trigger, not the exact string.")
+    acc = _mean(get_nested(m, "probe.mlp.in_layer_accuracy"))
+    ctl = _mean(get_nested(m, "probe.control.mlp.in_layer_accuracy"))
+    if acc is not None and ctl is not None and ctl >= acc - 0.05:
+        out.append(f"Probes on the clean base model score {100 * ctl:.0f}% against {100 * acc:.0f}% on the "
+                   "backdoored model: high probe accuracy here shows the trigger text is visible, not that a "
+                   "backdoor feature exists.")
+    va = get_nested(m, "vector.test_asr_at_best_layer.add")
+    ra = get_nested(m, "vector.random_test_asr_at_best_layer.add")
+    if isinstance(va, (int, float)) and isinstance(ra, (int, float)) and ra >= 0.5 * va and va > 0:
+        out.append(f"Adding a random vector of the same norm also raises ASR ({100 * ra:.0f}% vs {100 * va:.0f}%): "
+                   "activation is partly a generic large-perturbation effect.")
+    topk = _k_table(get_nested(m, "ablation.topk"))
+    rnd = _k_table(get_nested(m, "ablation.random"))
+    if topk and rnd:
+        kmax = max(topk, key=lambda k: int(k))
+        if rnd.get(kmax) is not None and topk[kmax] >= rnd[kmax] - 0.05:
+            out.append(f"Ablating the top {kmax} heads lowers ASR no more than ablating {kmax} random heads: the "
+                       "ranking does not isolate the backdoor at this k.")
+    side = get_nested(m, "ablation.clean_side_effect")
+    if isinstance(side, dict):
+        out.append("Head ablation also changes replies to clean prompts; see the clean side-effect table.")
+    out.append("All ASR figures use held-out prompts that share nothing with the training set.")
+    return out

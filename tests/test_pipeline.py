@@ -1,0 +1,93 @@
+"""Pipeline mechanics: config + overrides, stage keys, skip on rerun, rerun downstream on change, resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from bkdattr import pipeline
+from bkdattr.errors import ConfigError, InputFileError
+from bkdattr.pipeline import PipelineConfig, apply_overrides, load_config, run_pipeline, stage_keys
+
+
+@pytest.fixture()
+def fake_stages(monkeypatch):
+    calls: list[str] = []
+
+    def make(name):
+        def runner(run, options):
+            calls.append(name)
+            if options.get("fail"):
+                raise RuntimeError(f"{name} failed")
+            run.update_metrics(name, {"ran": True, "seed": options["seed"]})
+        return runner
+
+    monkeypatch.setattr(pipeline, "_resolve", lambda spec: make(spec.split(":")[1] + "@" + spec.split(":")[0]))
+    return calls
+
+
+def _cfg(tmp_path, *sets):
+    return load_config(None, [f"out={tmp_path / 'run'}", *sets])
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["task=jailbreak", "inject.epochs=3", "probe.n_prompts=50", "threads=2"])
+    assert cfg.task == "jailbreak" and cfg.inject == {"epochs": 3} and cfg.probe == {"n_prompts": 50}
+    assert cfg.threads == 2 and cfg.model == "smollm2-135m"
+    y = tmp_path / "c.yaml"
+    y.write_text("task: label_flip\nseed: 3\nvector:\n  alpha: 2.0\n")
+    cfg = load_config(y, ["seed=4"])
+    assert (cfg.task, cfg.seed, cfg.vector) == ("label_flip", 4, {"alpha": 2.0})
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["nonsense=1"], "unknown option 'nonsense'"),
+    (["no_equals"], "is not key=value"),
+    (["seed.x=1"], "has no sub-options"),
+    (["stages=[inject, bogus]"], "unknown stage"),
+])
+def test_bad_overrides(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(InputFileError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(InputFileError, match="invalid YAML"):
+        load_config(bad)
+    unk = tmp_path / "unk.yaml"
+    unk.write_text("taks: jailbreak\n")
+    with pytest.raises(ConfigError, match="unknown option 'taks'"):
+        load_config(unk)
+
+
+def test_keys_change_downstream_only():
+    a = stage_keys(PipelineConfig())
+    b = stage_keys(apply_overrides(PipelineConfig(), ["attribute.metric=geo_mean"]))
+    assert a["inject"] == b["inject"] and a["probe"] == b["probe"]
+    for s in ("attribute", "ablate", "vector", "samples", "report"):
+        assert a[s] != b[s], s
+
+
+def test_rerun_skips_and_change_reruns_downstream(tmp_path, fake_stages):
+    run = run_pipeline(_cfg(tmp_path), log=lambda s: None)
+    assert len(fake_stages) == len(pipeline.STAGES)
+    assert set(run.metrics()["timings"]) == set(pipeline.STAGES)
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path), log=lambda s: None)
+    assert fake_stages == []
+    run_pipeline(_cfg(tmp_path, "vector.alpha=2"), log=lambda s: None)
+    assert [c.split("@")[0] for c in fake_stages] == ["run_vector_stage", "run_stage", "_report_stage"]
+
+
+def test_failed_stage_resumes_there(tmp_path, fake_stages):
+    with pytest.raises(RuntimeError, match="failed"):
+        run_pipeline(_cfg(tmp_path, "attribute.fail=true"), log=lambda s: None)
+    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.inject.stage", "bkdattr.probe.stage",
+                                                      "bkdattr.attribution.stage"]
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path), log=lambda s: None)  # the fixed option changes attribute's key only
+    assert fake_stages[0].endswith("bkdattr.attribution.stage")
+    assert not any(c.endswith(("inject.stage", "probe.stage")) for c in fake_stages)
