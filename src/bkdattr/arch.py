@@ -52,6 +52,26 @@ def _base_weight(m: nn.Module) -> torch.Tensor:
     return w.t() if _is_conv1d(m) else w
 
 
+def _active_lora(m: nn.Module, mtype: str, layer: int) -> list[tuple[str, float]]:
+    """``(adapter name, scaling)`` of the unmerged, active LoRA adapters of a peft-wrapped module, as its
+    forward applies them (none when adapters are disabled or merged into the base weight)."""
+    if not (hasattr(m, "get_delta_weight") and hasattr(m, "lora_A") and hasattr(m, "active_adapters")):
+        return []
+    if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
+        return []
+    out = []
+    for name in m.active_adapters:
+        if name not in m.lora_A:
+            continue
+        if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
+            raise UnsupportedArchitectureError(
+                f"architecture '{mtype}': layer {layer}'s output projection carries a LoRA variant (e.g. DoRA) "
+                f"adapter '{name}' whose effective weight is not W + BA; merge it first (merge_and_unload)"
+            )
+        out.append((name, float(m.scaling[name])))
+    return out
+
+
 @dataclass
 class Arch:
     """Where the attention heads of a loaded model live.
@@ -86,21 +106,25 @@ class Arch:
         """Effective output-projection weight of ``layer`` as float32 ``[d_model, H*d_h]`` (LoRA merged)."""
         m = self.out_proj[layer]
         w = _base_weight(m).detach().float()
-        if hasattr(m, "get_delta_weight") and hasattr(m, "active_adapters"):
-            for name in m.active_adapters:
-                if name in getattr(m, "lora_A", {}):
-                    delta = m.get_delta_weight(name).detach().float()
-                    if _is_conv1d(m.base_layer) and delta.shape != w.shape:
-                        delta = delta.t()
-                    w = w + delta.to(w.device)
+        for name, _scaling in _active_lora(m, self.model_type, layer):
+            delta = m.get_delta_weight(name).detach().float()  # B @ A * scaling, [in, out] if fan_in_fan_out
+            if getattr(m, "fan_in_fan_out", False):
+                delta = delta.t()  # GPT-2 Conv1D layout -> [out, in] (a shape check fails for square W_O)
+            w = w + delta.to(w.device)
         return w
 
     def b_o(self, layer: int) -> torch.Tensor | None:
-        """Output-projection bias of ``layer`` as float32 ``[d_model]``, or None."""
+        """Output-projection bias of ``layer`` as float32 ``[d_model]`` (LoRA ``lora_bias`` added), or None."""
         m = self.out_proj[layer]
-        m = getattr(m, "base_layer", m)
-        b = getattr(m, "bias", None)
-        return None if b is None else b.detach().float()
+        base = getattr(m, "base_layer", m)
+        b = getattr(base, "bias", None)
+        b = None if b is None else b.detach().float()
+        for name, scaling in _active_lora(m, self.model_type, layer):
+            lb = getattr(m.lora_B[name], "bias", None)
+            if lb is not None:
+                extra = lb.detach().float() * scaling
+                b = extra if b is None else b + extra.to(b.device)
+        return b
 
     def w_o_heads(self, layer: int) -> torch.Tensor:
         """``W_O`` split per head: float32 ``[H, d_h, d_model]``, so ``a_h = z_h @ W[h]``."""
@@ -115,7 +139,7 @@ class Arch:
             "kv_heads": self.n_kv_heads,
             "d_head": self.d_head,
             "d_model": self.d_model,
-            "output_projection": type(self.out_proj[0]).__name__,
+            "output_projection": type(getattr(self.out_proj[0], "base_layer", self.out_proj[0])).__name__,
         }
 
 

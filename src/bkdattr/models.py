@@ -71,11 +71,12 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """float32 by default on CPU, bfloat16 on GPU."""
+    """float32 by default on CPU, bfloat16 on GPU (``auto`` counts as GPU when CUDA is available)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "default"):
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return torch.bfloat16 if on_gpu else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
@@ -122,6 +123,11 @@ def ensure_embedded_cache() -> Path:
     return target
 
 
+def _looks_like_path(spec: str) -> bool:
+    """True for specs that can only be file-system paths (a hub id is ``name`` or ``org/name``)."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or "\\" in spec
+
+
 def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_code: bool, attn: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,8 +136,17 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
         kwargs["attn_implementation"] = attn
     if device == "auto":
         kwargs["device_map"] = "auto"
-    local = Path(path).exists()
+    local = Path(path).expanduser().exists()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if local:
+        path = str(Path(path).expanduser())
+        if not Path(path).is_dir():
+            raise ModelLoadError(f"'{path}' is a file, not a model folder; pass a folder saved with save_pretrained "
+                                 "or a file whose name ends in .gguf")
+        if not (Path(path) / "config.json").is_file():
+            raise ModelLoadError(f"model folder '{path}' has no config.json; pass a folder saved with save_pretrained")
+    elif _looks_like_path(path):
+        raise ModelLoadError(f"model folder not found: {path}; check the path")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -140,10 +155,10 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
             raise ModelLoadError(
                 f"model '{path}' needs custom code; review it, then pass --trust-remote-code"
             ) from None
-        raise ModelLoadError(f"model '{path}': {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"model '{path}' could not be loaded ({_first_line(e)})") from None
     except OSError as e:
         if local:
-            raise ModelLoadError(f"model folder '{path}' is not a loadable model ({str(e).splitlines()[0]})") from None
+            raise ModelLoadError(f"model folder '{path}' is not a loadable model ({_first_line(e)})") from None
         hint = " and the hub is offline (HF_HUB_OFFLINE=1)" if offline else ""
         raise ModelLoadError(
             f"model '{path}' not found locally{hint}; pass a local model folder, a .gguf file or "
@@ -152,19 +167,53 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
     return model, tok
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The informative line of an exception message (a ``size mismatch`` line when torch lists several)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    best = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+    return best[:limit]
+
+
+def _check_adapter_folder(adapter: str) -> None:
+    p = Path(adapter).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
+    if not (p / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json; pass a folder saved by peft")
+
+
 def _merge_adapter(model, adapter: str):
     from peft import PeftModel
 
-    if not Path(adapter).exists():
-        raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
+    _check_adapter_folder(adapter)
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
     except (ValueError, RuntimeError, KeyError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_line(e)
         raise ModelLoadError(
             f"adapter '{adapter}' does not fit this model ({msg[:200]}); use the base model it was trained on"
         ) from None
+    _check_adapter_keys(peft_model, adapter)
     return peft_model.merge_and_unload()
+
+
+def _check_adapter_keys(peft_model, adapter: str) -> None:
+    """peft only warns when saved adapter weights find no module (or modules get no saved weight); refuse."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = Path(adapter).expanduser() / "adapter_model.safetensors"
+    if not file.is_file():
+        return
+    with safe_open(str(file), "pt") as f:
+        saved = set(f.keys())
+    have = set(get_peft_model_state_dict(peft_model).keys())
+    unused, unfilled = sorted(saved - have), sorted(have - saved)
+    if unused or unfilled:
+        what = (f"{len(unused)} saved weights have no place in it, e.g. {unused[0]}" if unused
+                else f"{len(unfilled)} adapter weights are not in the file, e.g. {unfilled[0]}")
+        raise ModelLoadError(f"adapter '{adapter}' does not fit this model ({what}); use the base model it was "
+                             "trained on")
 
 
 def load_model(
@@ -183,6 +232,8 @@ def load_model(
     (accelerate ``device_map="auto"``)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if adapter:
+        _check_adapter_folder(adapter)  # fail before the (slow) model load
     if spec == EMBEDDED_NAME:
         path = str(ensure_embedded_cache())
         model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
