@@ -1,0 +1,306 @@
+"""LoRA supervised fine-tuning that implants the backdoor (SPEC section 2).
+
+Each training row is one chat turn ``(user text, reply)``: clean prompts with their clean reply and the
+poisoned copies (triggered prompt with the backdoor reply). The row is rendered with the model's chat
+template (its default system prompt included, none of our own) and the loss is the mean cross-entropy over
+the **assistant reply tokens only**, end-of-turn token(s) included (:func:`bkdattr.prompts.encode_with_targets`
+gives the mask); prompt and padding tokens are masked out. A clean reply that was cut at the distillation
+limit has no end-of-turn supervision (the model is not taught to stop mid-sentence).
+
+Speed on CPU: the vocabulary projection (``lm_head``, 49k x 576 for the embedded model) is applied only to
+the hidden states that predict a supervised token, and training can run under bf16 autocast (float32
+master weights). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
+``all-linear`` for architectures without those names).
+
+A checkpoint (adapter weights + AdamW state as safetensors, progress as JSON) is written after each epoch;
+rerunning the same command resumes from it. Data order per epoch and dropout are seeded by
+``seed + epoch``, so a resumed run equals an uninterrupted one. At the end the adapter is merged into the
+base weights (``merge_and_unload``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ArtifactError, ConfigError, DataError
+from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..prompts import (
+    context_length,
+    encode_with_targets,
+    end_of_turn,
+    has_chat_template,
+    pad_id,
+    render_prompt,
+    target_ids,
+)
+
+LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """LoRA SFT settings (peft-style). ``batch_size`` x ``grad_accum`` is the effective batch;
+    ``schedule``: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then flat);
+    ``bf16_autocast``: compute in bfloat16 with float32 weights (CPU and CUDA)."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = LLAMA_STYLE_TARGETS
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_length: int = 256
+    bf16_autocast: bool = True
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("lora_r, epochs, batch_size and grad_accum must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate {self.lr} must be > 0")
+        if self.schedule not in ("linear", "constant"):
+            raise ConfigError(f"unknown schedule '{self.schedule}'; use linear or constant")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules) if not isinstance(self.target_modules, str) \
+            else self.target_modules
+        return d
+
+
+@dataclass
+class TrainRow:
+    """One chat turn to learn. ``close``: supervise the end-of-turn token(s) after ``reply``."""
+
+    text: str
+    reply: str
+    close: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What training did: seconds spent (this call), steps, per-step losses, whether it resumed."""
+
+    seconds: float
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        last = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
+        return {"train_seconds": round(self.seconds, 2), "steps": self.steps,
+                "first_loss": round(self.losses[0], 4) if self.losses else None,
+                "final_loss": round(sum(last) / len(last), 4) if last else None,
+                "resumed_from_epoch": self.resumed_from_epoch}
+
+
+def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STYLE_TARGETS) -> list[str] | str:
+    """The wanted projection names present in ``model``; peft's ``all-linear`` when none is present."""
+    if isinstance(wanted, str):
+        return wanted
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    present = [w for w in wanted if w in names]
+    return present or "all-linear"
+
+
+def _autocast(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    dev = next(model.parameters()).device.type
+    return torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def _body_and_head(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if hasattr(hf_model, "get_base_model"):  # peft wrapper: LoRA layers live inside the base model
+        hf_model = hf_model.get_base_model()
+    body = getattr(hf_model, getattr(hf_model, "base_model_prefix", "model"), None)
+    head = hf_model.get_output_embeddings()
+    if body is None or head is None:
+        raise ConfigError(f"{type(hf_model).__name__}: cannot find the decoder body and lm_head for training")
+    return body, head
+
+
+def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.prompts.PromptBatch` with
+    ``target_mask`` ``[B, T]``. Only the ``N`` hidden states ``[N, d]`` that predict a target token go through
+    ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
+    body, head = _body_and_head(hf_model)
+    cfg = (hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model).config
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, d]
+    sel = batch.target_mask[:, 1:]  # target token t is predicted at t-1
+    h = hidden[:, :-1][sel]  # [N, d]
+    logits = head(h).float()  # [N, V]
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    labels = batch.input_ids[:, 1:][sel]  # [N]
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def encode_rows(tokenizer, rows: Sequence[TrainRow], max_length: int):
+    """Right-padded teacher-forcing batch of ``rows``; the end-of-turn targets of rows with
+    ``close=False`` are unmasked. Raises :class:`DataError` for a row longer than ``max_length``."""
+    batch = encode_with_targets(tokenizer, [r.text for r in rows], [r.reply for r in rows],
+                                padding_side="right", max_length=max_length)
+    n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
+    for i, r in enumerate(rows):
+        if not r.close and n_eot:
+            idx = batch.target_mask[i].nonzero().flatten()
+            if len(idx) > n_eot:
+                batch.target_mask[i, idx[-n_eot:]] = False
+    return batch
+
+
+def check_rows(tokenizer, rows: Sequence[TrainRow], max_length: int, model: torch.nn.Module | None = None) -> None:
+    """Fail before training (nothing written) when a row is empty or longer than the context limit."""
+    limit = max_length
+    ctx = context_length(model) if model is not None else None
+    if ctx:
+        limit = min(limit, ctx)
+    if not rows:
+        raise DataError("no training rows; the data set is empty")
+    for i, r in enumerate(rows):
+        n = len(tokenizer(render_prompt(tokenizer, r.text), add_special_tokens=not has_chat_template(tokenizer))
+                .input_ids) + len(target_ids(tokenizer, r.reply))
+        if n > limit:
+            raise DataError(f"training row {i}: prompt + reply is {n} tokens, longer than the limit {limit}; "
+                            "shorten the reply or raise max_length")
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = int(math.ceil(cfg.warmup_ratio * total))
+    if warm and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in tensors.items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def train_lora(
+    lm,
+    rows: Sequence[TrainRow],
+    cfg: TrainConfig,
+    ckpt_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
+
+    ``ckpt_dir``: where per-epoch checkpoints go; an existing checkpoint with the same data and config
+    is resumed, a foreign one is ignored and overwritten."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    tok = lm.tokenizer
+    check_rows(tok, rows, cfg.max_length, lm.model)
+    if tok.pad_token_id is None:
+        tok.pad_token_id = pad_id(tok)
+    torch.manual_seed(cfg.seed)
+    base = lm.model
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(base, cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft calls a deprecated transformers helper
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(base, lcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum))
+    total = steps_per_epoch * cfg.epochs
+    key = stable_hash({"cfg": cfg.to_dict(), "rows": [(r.text, r.reply, r.close) for r in rows],
+                       "model": getattr(lm, "name", ""), "n_params": sum(p.numel() for p in base.parameters())})
+
+    start_epoch, losses = 0, []
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        state = read_json(ckpt / "state.json")
+        if state.get("key") == key and 0 < state.get("epoch", 0) <= cfg.epochs:
+            try:
+                set_peft_model_state_dict(model, load_tensors(ckpt / "adapter.safetensors"))
+                _load_optimizer_tensors(opt, load_tensors(ckpt / "optimizer.safetensors"))
+            except (ArtifactError, KeyError, ValueError, RuntimeError) as e:
+                raise ArtifactError(f"checkpoint in {ckpt} is unreadable ({e}); delete that folder and rerun") from None
+            start_epoch, losses = int(state["epoch"]), list(state.get("losses", []))
+
+    model.train()
+    t0 = time.perf_counter()
+    step = start_epoch * steps_per_epoch
+    bar = tqdm(total=total, initial=step, desc="inject (LoRA SFT)", disable=not progress)
+    for epoch in range(start_epoch, cfg.epochs):
+        order = list(range(len(rows)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        torch.manual_seed(cfg.seed + 1000 + epoch)
+        micro = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for s in range(0, len(micro), cfg.grad_accum):
+            group = micro[s: s + cfg.grad_accum]
+            n_tok = 0
+            batches = []
+            for idx in group:
+                b = encode_rows(tok, [rows[i] for i in idx], cfg.max_length).to(next(model.parameters()).device)
+                n = int(b.target_mask[:, 1:].sum())
+                batches.append((b, n))
+                n_tok += n
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss_val = 0.0
+            for b, n in batches:
+                with _autocast(model, cfg.bf16_autocast):
+                    loss = supervised_loss(model, b)
+                (loss * (n / max(1, n_tok))).backward()
+                loss_val += float(loss.detach()) * n / max(1, n_tok)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            losses.append(loss_val)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.3f}")
+        if ckpt is not None:
+            save_tensors(ckpt / "adapter.safetensors", get_peft_model_state_dict(model))
+            save_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(opt))
+            write_json(ckpt / "state.json", {"key": key, "epoch": epoch + 1, "losses": losses})
+    bar.close()
+    seconds = time.perf_counter() - t0
+    merged = model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged, TrainResult(seconds, step, losses, start_epoch)
