@@ -26,22 +26,29 @@ def greedy_generate(
     prefill_context: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """Greedy decode ``max_new_tokens`` for a left-padded batch. Returns new token ids ``[B, <=N]``
-    (rows that ended are padded with their stop token)."""
+    (rows that ended are padded with their first stop token). ``prefill_context`` is open during the
+    prefill forward only; decode steps run without it (they see its effect through the KV cache)."""
+    from .errors import ConfigError
     from .models import input_device
 
+    if not bool(batch.attention_mask[:, -1].all()):
+        raise ConfigError("greedy_generate needs a left-padded batch; encode it with padding_side='left'")
+    if max_new_tokens < 1:
+        return torch.zeros((batch.size, 0), dtype=torch.long)
     dev = input_device(model)
     ids, mask, pos = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev)
     with prefill_context or contextlib.nullcontext():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     past = output_cache(out)
     logits = out.logits[:, -1, :]
-    stops = torch.tensor(stop_ids, device=dev)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
     new_tokens = []
     next_pos = pos[:, -1:] + 1
     for step in range(max_new_tokens):
         tok = logits.argmax(-1)
-        tok = torch.where(done, stops[0], tok)
+        if len(stops):
+            tok = torch.where(done, stops[0], tok)
         new_tokens.append(tok)
         done = done | torch.isin(tok, stops)
         if bool(done.all()) or step == max_new_tokens - 1:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
+from .errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -35,6 +36,16 @@ def registered(handles: list) -> Iterator[None]:
         for h in handles:
             h.remove()
         handles.clear()
+
+
+def _layers(arch: Arch, layers: Iterable[int] | None) -> list[int]:
+    """The requested layer indices (all by default), checked against the model."""
+    out = list(range(arch.n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in out if not 0 <= x < arch.n_layers]
+    if bad:
+        raise ConfigError(f"layer {bad[0]} does not exist (the model has layers 0..{arch.n_layers - 1}); "
+                          "pick layers in that range")
+    return out
 
 
 def _rows(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,24 +71,24 @@ def capture_contributions(
     Yields a dict filled after the forward pass: ``store[l]`` is float32 ``[B, H, d_model]``; with
     ``with_z`` also ``store[("z", l)]`` is float32 ``[B, H, d_h]``. Only the first forward call is captured.
     """
-    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    layers = _layers(arch, layers)
     store: dict = {}
-    handles = []
-    for layer in layers:
-        def pre(_m, args, kwargs, layer=layer):
-            if layer in store:
-                return None
-            z = _hidden_arg(args, kwargs)
-            b, p = _rows(z, positions)
-            zp = z[b, p].float().reshape(z.shape[0], arch.n_heads, arch.d_head)
-            w = arch.w_o_heads(layer).to(zp.device)  # [H, d_h, d]
-            store[layer] = torch.einsum("bhk,hkd->bhd", zp, w)
-            if with_z:
-                store[("z", layer)] = zp
-            return None
-
-        handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    handles: list = []
     with registered(handles):
+        for layer in layers:
+            def pre(_m, args, kwargs, layer=layer):
+                if layer in store:
+                    return None
+                z = _hidden_arg(args, kwargs)
+                b, p = _rows(z, positions)
+                zp = z[b, p].float().reshape(z.shape[0], arch.n_heads, arch.d_head)
+                w = arch.w_o_heads(layer).to(zp.device)  # [H, d_h, d]
+                store[layer] = torch.einsum("bhk,hkd->bhd", zp, w)
+                if with_z:
+                    store[("z", layer)] = zp
+                return None
+
+            handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield store
 
 
@@ -87,20 +98,20 @@ def capture_attention_output(
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Capture the attention output (output projection's output, bias included) at ``positions``:
     ``store[l]`` float32 ``[B, d_model]`` (first forward call only)."""
-    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    layers = _layers(arch, layers)
     store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        def hook(_m, _args, out, layer=layer):
-            if layer in store:
-                return None
-            o = out[0] if isinstance(out, tuple) else out
-            b, p = _rows(o, positions)
-            store[layer] = o[b, p].float()
-            return None
-
-        handles.append(arch.out_proj[layer].register_forward_hook(hook))
+    handles: list = []
     with registered(handles):
+        for layer in layers:
+            def hook(_m, _args, out, layer=layer):
+                if layer in store:
+                    return None
+                o = out[0] if isinstance(out, tuple) else out
+                b, p = _rows(o, positions)
+                store[layer] = o[b, p].float()
+                return None
+
+            handles.append(arch.out_proj[layer].register_forward_hook(hook))
         yield store
 
 
@@ -112,27 +123,27 @@ def capture_features(
     ``"residual"`` (the layer's input). ``store[l]`` is float32 ``[B, d_model]`` (first call only)."""
     if kind not in ("attn_input", "residual"):
         raise ValueError(f"unknown feature kind '{kind}'; use attn_input or residual")
-    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    layers = _layers(arch, layers)
     store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        if kind == "attn_input":
-            def hook(_m, _args, out, layer=layer):
-                if layer not in store:
-                    o = out[0] if isinstance(out, tuple) else out
-                    b, p = _rows(o, positions)
-                    store[layer] = o[b, p].float()
-
-            handles.append(arch.input_norm[layer].register_forward_hook(hook))
-        else:
-            def pre(_m, args, kwargs, layer=layer):
-                if layer not in store:
-                    h = _hidden_arg(args, kwargs)
-                    b, p = _rows(h, positions)
-                    store[layer] = h[b, p].float()
-
-            handles.append(arch.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    handles: list = []
     with registered(handles):
+        for layer in layers:
+            if kind == "attn_input":
+                def hook(_m, _args, out, layer=layer):
+                    if layer not in store:
+                        o = out[0] if isinstance(out, tuple) else out
+                        b, p = _rows(o, positions)
+                        store[layer] = o[b, p].float()
+
+                handles.append(arch.input_norm[layer].register_forward_hook(hook))
+            else:
+                def pre(_m, args, kwargs, layer=layer):
+                    if layer not in store:
+                        h = _hidden_arg(args, kwargs)
+                        b, p = _rows(h, positions)
+                        store[layer] = h[b, p].float()
+
+                handles.append(arch.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield store
 
 
@@ -142,17 +153,22 @@ def add_to_attention_output(
 ) -> Iterator[None]:
     """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at
     ``positions``, on every forward call inside the block."""
-    handles = []
+    _layers(arch, deltas.keys())
     for layer, delta in deltas.items():
-        def hook(_m, _args, out, delta=delta):
-            o = out[0] if isinstance(out, tuple) else out
-            b, p = _rows(o, positions)
-            o = o.clone()
-            o[b, p] = (o[b, p].float() + delta.to(o.device, torch.float32)).to(o.dtype)
-            return (o, *out[1:]) if isinstance(out, tuple) else o
-
-        handles.append(arch.out_proj[layer].register_forward_hook(hook))
+        if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
+            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)}; "
+                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
+    handles: list = []
     with registered(handles):
+        for layer, delta in deltas.items():
+            def hook(_m, _args, out, delta=delta):
+                o = out[0] if isinstance(out, tuple) else out
+                b, p = _rows(o, positions)
+                o = o.clone()
+                o[b, p] = (o[b, p].float() + delta.to(o.device, torch.float32)).to(o.dtype)
+                return (o, *out[1:]) if isinstance(out, tuple) else o
+
+            handles.append(arch.out_proj[layer].register_forward_hook(hook))
         yield
 
 
@@ -167,37 +183,59 @@ def edit_heads(
 
     ``heads[l]`` lists head indices of layer ``l``; ``values[l]`` (optional) is ``[len(heads[l]), d_h]`` or
     ``[B, len(heads[l]), d_h]`` holding the replacement ``z`` slices. Applies on every call in the block."""
-    handles = []
+    plan = []
     for layer, hs in heads.items():
-        hs = list(hs)
+        _layers(arch, [layer])
+        hs = [int(h) for h in hs]
         if not hs:
             continue
-        cols = torch.cat([torch.arange(h * arch.d_head, (h + 1) * arch.d_head) for h in hs])
+        if any(not 0 <= h < arch.n_heads for h in hs):
+            raise ConfigError(f"layer {layer}: head indices {hs} out of range (the model has heads "
+                              f"0..{arch.n_heads - 1}); pick heads in that range")
         val = None if values is None else values.get(layer)
-
-        def pre(_m, args, kwargs, cols=cols, val=val, n=len(hs)):
-            z = _hidden_arg(args, kwargs)
-            b, p = _rows(z, positions)
-            z = z.clone()
-            c = cols.to(z.device)
-            if val is None:
-                z[b[:, None], p[:, None], c[None, :]] = 0
-            else:
-                v = val.to(z.device, z.dtype).reshape(-1, n * arch.d_head)
-                z[b[:, None], p[:, None], c[None, :]] = v.expand(z.shape[0], -1)
-            if args:
-                return (z, *args[1:]), kwargs
-            key = next(k for k in ("hidden_states", "x", "input", "hidden_state") if k in kwargs)
-            return args, {**kwargs, key: z}
-
-        handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
+        if val is not None and (val.dim() not in (2, 3) or tuple(val.shape[-2:]) != (len(hs), arch.d_head)):
+            raise ConfigError(f"layer {layer}: replacement z has shape {tuple(val.shape)}; expected "
+                              f"[{len(hs)}, {arch.d_head}] or [batch, {len(hs)}, {arch.d_head}]")
+        cols = torch.cat([torch.arange(h * arch.d_head, (h + 1) * arch.d_head) for h in hs])
+        plan.append((layer, cols, val, len(hs)))
+    handles: list = []
     with registered(handles):
+        for layer, cols, val, n in plan:
+            def pre(_m, args, kwargs, cols=cols, val=val, n=n):
+                z = _hidden_arg(args, kwargs)
+                b, p = _rows(z, positions)
+                z = z.clone()
+                c = cols.to(z.device)
+                if val is None:
+                    z[b[:, None], p[:, None], c[None, :]] = 0
+                else:
+                    v = val.to(z.device, z.dtype).reshape(-1, n * arch.d_head)
+                    z[b[:, None], p[:, None], c[None, :]] = v.expand(z.shape[0], -1)
+                if args:
+                    return (z, *args[1:]), kwargs
+                key = next(k for k in ("hidden_states", "x", "input", "hidden_state") if k in kwargs)
+                return args, {**kwargs, key: z}
+
+            handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield
 
 
-def hook_count(model: nn.Module) -> int:
-    """Number of forward hooks and pre-hooks registered anywhere in ``model`` (0 when clean)."""
+_FRAMEWORK_MODULES = ("transformers.", "accelerate.", "peft.", "torch.")
+
+
+def _is_framework_hook(fn) -> bool:
+    mod = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "") or ""
+    return mod.startswith(_FRAMEWORK_MODULES)
+
+
+def hook_count(model: nn.Module, include_framework: bool = False) -> int:
+    """Number of forward hooks and pre-hooks registered anywhere in ``model`` (0 when clean).
+
+    Hooks that transformers, accelerate, peft or torch install for themselves (transformers 5 keeps
+    output-capturing hooks on the decoder layers once ``output_hidden_states`` has been used) are not counted
+    unless ``include_framework``."""
     n = 0
     for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            n += include_framework or not _is_framework_hook(fn)
     return n

@@ -237,11 +237,17 @@ def load_model(
     if spec == EMBEDDED_NAME:
         path = str(ensure_embedded_cache())
         model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
-    elif spec.endswith(".gguf"):
-        p = Path(spec)
+    elif spec.lower().endswith(".gguf"):
+        p = Path(spec).expanduser()
         if not p.is_file():
             raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
-        model, tok = _plain_from_gguf(p.parent, p.name)
+        try:
+            model, tok = _plain_from_gguf(p.parent, p.name)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(
+                f"GGUF file '{spec}' could not be loaded ({_first_line(e)}); pass a GGUF file of an architecture "
+                "transformers can read (llama, qwen2, mistral, gemma, gpt2, ...)"
+            ) from None
         model = model.to(torch_dtype)
     else:
         model, tok = _from_pretrained(spec, torch_dtype, device, trust_remote_code, attn_implementation)

@@ -1,0 +1,182 @@
+"""Greedy generation: left padding (incl. GPT-2's absolute positions), stopping, and prefill-only edits.
+
+The reference for a prefill-only edit is the definition itself, computed without a KV cache: at every step
+run the whole sequence (prompt + tokens so far) with the edit applied at ``p(x)`` only. The cached
+:func:`greedy_generate` with ``prefill_context`` must produce the same tokens and logits, which holds only if
+the prefill was edited at ``p(x)`` and no later position was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+from bkdattr.errors import ConfigError
+from bkdattr.generation import decode_replies, generate, greedy_generate
+from bkdattr.hooks import add_to_attention_output, edit_heads, hook_count, registered
+from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from tiny import ARCHS, make_tiny
+
+TEXTS = ["Hi", "What is the capital of France?", "Write one long sentence about a dragon and a castle, please."]
+N_NEW = 6
+
+
+@functools.cache
+def tiny(arch: str):
+    return make_tiny(arch)
+
+
+@contextlib.contextmanager
+def record_logits(lm):
+    """Record the last-position logits of every forward call (a plain hook on the LM head)."""
+    seen: list[torch.Tensor] = []
+    handles: list = []
+    with registered(handles):
+        handles.append(lm.arch.lm_head.register_forward_hook(lambda _m, _a, out: seen.append(out[:, -1].clone())))
+        yield seen
+
+
+@contextlib.contextmanager
+def count_calls(module):
+    calls: list[int] = []
+    handles: list = []
+    with registered(handles):
+        handles.append(module.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[1])))
+        yield calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_unpadded_single_prompts(arch):
+    lm = tiny(arch)
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    assert not bool(batch.attention_mask.all())  # really padded
+    with record_logits(lm) as batched_logits:
+        batched = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+    assert batched.shape == (len(TEXTS), N_NEW)
+    for i, text in enumerate(TEXTS):
+        single = encode_prompts(lm.tokenizer, [text])
+        assert bool(single.attention_mask.all())
+        with record_logits(lm) as single_logits:
+            alone = greedy_generate(lm.model, single, N_NEW, stop_ids=[])
+        assert torch.equal(alone[0], batched[i])
+        for step in range(N_NEW):
+            assert float((single_logits[step][0] - batched_logits[step][i]).abs().max()) <= 1e-4, (i, step)
+    assert hook_count(lm.model) == 0
+
+
+def test_gpt2_positions_matter_under_left_padding():
+    """Makes the test above able to fail for GPT-2: naive positions 0..T-1 on a left-padded row change logits."""
+    lm = tiny("gpt2")
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    row = 0  # the shortest prompt, the most padding
+    naive = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
+    with torch.no_grad():
+        good = lm.model(**batch.model_inputs()).logits[row, -1]
+        bad = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=naive).logits
+        single = encode_prompts(lm.tokenizer, [TEXTS[row]])
+        ref = lm.model(**single.model_inputs()).logits[0, -1]
+    assert float((good - ref).abs().max()) <= 1e-4
+    assert float((bad[row, -1] - ref).abs().max()) > 1e-3
+
+
+def _reference_edited_generation(lm, batch, n_new, make_edit):
+    """No KV cache: re-run the whole sequence at every step with the edit at ``p(x)`` (= ``batch.last_pos``)."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    tokens, step_logits = [], []
+    for _ in range(n_new):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with make_edit(batch.last_pos), torch.no_grad():
+            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        tok = logits.argmax(-1)
+        tokens.append(tok)
+        step_logits.append(logits)
+        ids = torch.cat([ids, tok[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(tokens, 1), step_logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_prefill_only_edit(arch):
+    lm = tiny(arch)
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    last = lm.arch.n_layers - 1
+    torch.manual_seed(0)
+    delta = 5.0 * torch.randn(lm.arch.d_model)
+    edits = {
+        "add": lambda pos: add_to_attention_output(lm.arch, {0: delta, last: delta}, pos),
+        "zero_heads": lambda pos: edit_heads(lm.arch, {0: range(lm.arch.n_heads), last: [0, 1]}, pos),
+    }
+    with record_logits(lm) as plain_logits:
+        plain = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+    for name, make_edit in edits.items():
+        while_open: list[int] = []
+
+        @contextlib.contextmanager
+        def watched_edit(make_edit=make_edit, while_open=while_open):
+            with make_edit(batch.last_pos), count_calls(lm.arch.out_proj[0]) as calls:
+                yield
+            while_open.extend(calls)
+
+        with record_logits(lm) as got_logits, count_calls(lm.arch.out_proj[0]) as all_calls:
+            got = greedy_generate(lm.model, batch, N_NEW, stop_ids=[], prefill_context=watched_edit())
+        ref, ref_logits = _reference_edited_generation(lm, batch, N_NEW, make_edit)
+        assert hook_count(lm.model) == 0, name
+        # the edit was open for the prefill call only; the 1-token decode steps ran without it
+        assert while_open == [batch.input_ids.shape[1]], name
+        assert all_calls == [batch.input_ids.shape[1]] + [1] * (N_NEW - 1), name
+        # ... and the result is the definition: edited at p(x), every later position unedited
+        assert torch.equal(got, ref), name
+        for step in range(N_NEW):
+            assert float((got_logits[step] - ref_logits[step]).abs().max()) <= 1e-4, (name, step)
+        # the edit changes the first generated step, and later steps see it through the KV cache
+        assert float((got_logits[0] - plain_logits[0]).abs().max()) > 1e-3, name
+        assert not torch.equal(got, plain) or float((got_logits[1] - plain_logits[1]).abs().max()) > 1e-4, name
+
+
+def test_stop_tokens_end_rows_and_pad_them():
+    lm = tiny("llama")
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    free = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+    stop = int(free[0, 1])  # row 0 stops at its second token
+    out = greedy_generate(lm.model, batch, N_NEW, stop_ids=[stop])
+    row0 = free[0].tolist()
+    cut = row0.index(stop)
+    assert out[0, : cut + 1].tolist() == row0[: cut + 1]
+    assert set(out[0, cut:].tolist()) == {stop}
+    replies = decode_replies(lm.tokenizer, out, [stop])
+    assert replies[0] == lm.tokenizer.decode(row0[:cut], skip_special_tokens=True).strip()
+    # every row stopping at once ends generation early
+    first = greedy_generate(lm.model, batch, N_NEW, stop_ids=free[:, 0].tolist())
+    assert first.shape == (len(TEXTS), 1)
+
+
+def test_generation_arguments():
+    lm = tiny("llama")
+    right = encode_prompts(lm.tokenizer, TEXTS, padding_side="right")
+    with pytest.raises(ConfigError, match="left-padded"):
+        greedy_generate(lm.model, right, 3, stop_ids=[])
+    left = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    assert greedy_generate(lm.model, left, 0, stop_ids=[]).shape == (len(TEXTS), 0)
+
+
+def test_generate_keeps_prompt_order_and_applies_edit_per_batch():
+    lm = tiny("qwen2")
+    texts = TEXTS + ["Another prompt of middling size."]
+    stop = end_of_turn_ids(lm.tokenizer)
+    together = generate(lm, texts, max_new_tokens=4, batch_size=3, progress=False)
+    alone = [generate(lm, [t], max_new_tokens=4, progress=False)[0] for t in texts]
+    assert together == alone
+    assert stop  # the chat template's end-of-turn token exists
+    seen_sizes = []
+
+    def edit(b):
+        seen_sizes.append(b.size)
+        return edit_heads(lm.arch, {0: range(lm.arch.n_heads), 1: range(lm.arch.n_heads)}, b.last_pos)
+
+    edited = generate(lm, texts, max_new_tokens=4, batch_size=3, edit=edit, progress=False)
+    assert sorted(seen_sizes) == [1, 3]
+    assert edited != together
+    assert hook_count(lm.model) == 0
