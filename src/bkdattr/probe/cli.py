@@ -1,0 +1,79 @@
+"""``bkdattr probe``: parse options, then call :func:`bkdattr.probe.stage.run_probe_stage`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_table(m: dict[str, Any]) -> None:
+    """Per-layer table of the probe metrics section (test accuracy; AUROC of the main MLP probe)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    near = m.get("near_trigger") or {}
+    cols: list[tuple[str, list | None]] = [
+        ("MLP", m["mlp"]["in_layer_accuracy"]), ("SVM", m["svm"]["in_layer_accuracy"]),
+        ("MLP AUROC", m["mlp"]["auroc"]),
+        ("ctrl MLP", (m.get("control") or {}).get("mlp", {}).get("in_layer_accuracy")),
+        ("ctrl SVM", (m.get("control") or {}).get("svm", {}).get("in_layer_accuracy")),
+        ("near MLP", near.get("mlp", {}).get("in_layer_accuracy")),
+        ("near ctrl MLP", (near.get("control") or {}).get("mlp", {}).get("in_layer_accuracy")),
+        ("MLP fires on near", (near.get("main_probe_fire_rate") or {}).get("mlp")),
+    ]
+    cols = [(name, vals) for name, vals in cols if vals is not None]
+    sizes = m["split_prompts"]
+    t = Table(title=f"bkdattr probe: test accuracy per layer ({m['feature_kind']}, {m['n_prompts']} prompts, "
+                    f"split {sizes['train']}/{sizes['val']}/{sizes['test']} prompts)")
+    t.add_column("layer", justify="right")
+    for name, _ in cols:
+        t.add_column(name, justify="right")
+    for layer in range(m["n_layers"]):
+        t.add_row(str(layer), *[_fmt(vals[layer]) for _, vals in cols])
+    con = Console()
+    con.print(t)
+    s = m.get("summary", {})
+    for name in ("backdoored", "control", "near_trigger", "near_trigger_control"):
+        if name in s:
+            con.print(f"mean accuracy [{name}]: MLP {s[name]['mlp']:.3f}, SVM {s[name]['svm']:.3f}")
+    con.print(f"ICLA mean off-diagonal: MLP {m['mlp']['icla_summary']['mean_off_diagonal']:.3f}, "
+              f"SVM {m['svm']['icla_summary']['mean_off_diagonal']:.3f}")
+    con.print(f"probe stage: {m['seconds']:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bkdattr probe`` to the app."""
+
+    @app.command("probe")
+    def probe_cmd(
+        run: str = typer.Option(..., "--run", "-r", help="run folder written by 'bkdattr inject'"),
+        n_prompts: int = typer.Option(200, "--n-prompts", help="prompts (each clean + triggered); paper: 1000"),
+        kind: str = typer.Option("attn_input", "--kind", help="attn_input (normalised attention input) or residual"),
+        prompt_source: str = typer.Option("heldout_first", "--prompt-source",
+                                          help="heldout_first, heldout, all or train"),
+        seed: int = typer.Option(0, "--seed", help="seed of the prompt sample, the split and the probes"),
+        epochs: int = typer.Option(100, "--epochs", help="MLP probe epochs"),
+        no_control: bool = typer.Option(False, "--no-control", help="skip the clean base model control"),
+        no_near_trigger: bool = typer.Option(False, "--no-near-trigger", help="skip trigger vs near-trigger probes"),
+        batch_size: int = typer.Option(16, "--batch-size", help="prompts per forward pass"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N"),
+        dtype: str | None = typer.Option(None, "--dtype", help="weights dtype (float32 on CPU by default)"),
+        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    ) -> None:
+        """Per-layer MLP and SVM probes (trigger vs clean), ICLA matrices, clean-model and near-trigger controls."""
+        from .._runtime import set_threads
+        from .probes import MLPProbeConfig
+        from .stage import ProbeStageConfig, run_probe_stage
+
+        set_threads(threads)
+        cfg = ProbeStageConfig(n_prompts=n_prompts, kind=kind, seed=seed, prompt_source=prompt_source,
+                               control=not no_control, near_trigger=not no_near_trigger, batch_size=batch_size,
+                               mlp=MLPProbeConfig(epochs=epochs), device=device, dtype=dtype, progress=not quiet)
+        m = run_probe_stage(run, cfg, log=None if quiet else (lambda s: typer.echo(s, err=True)))
+        print_table(m)
