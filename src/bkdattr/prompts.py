@@ -4,7 +4,8 @@ A prompt ``x`` is one user turn rendered with the model's chat template and the 
 the index of its last token (the end of the assistant header). Every intervention acts there only.
 
 Models without a chat template (base models) use the documented plain format ``PLAIN_FORMAT``:
-``"User: {text}\\nAssistant:"`` with the tokenizer's own BOS, and the EOS token as end of turn.
+``"User: {text}\\nAssistant:"`` with the tokenizer's own BOS (if it adds one), the reply after one space,
+and the EOS token as end of turn.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of an assistant reply followed by the end-of-turn token(s)."""
+    """Token ids of an assistant reply followed by the end-of-turn token(s). In the plain format the reply
+    follows ``Assistant:`` after one space, as a base model would write it."""
+    if not has_chat_template(tokenizer) and target and not target[0].isspace():
+        target = " " + target
     return tokenizer(target + end_of_turn(tokenizer), add_special_tokens=False).input_ids
 
 
