@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
 from .data import Example, Splits, prompt_seed
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
@@ -141,3 +143,22 @@ def evaluate(
         "near": near_samples,
     }
     return out
+
+
+@torch.no_grad()
+def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Teacher-forced mean log-probability per row of ``targets`` (end-of-turn included) after the chat
+    prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``."""
+    from ..models import input_device
+    from ..prompts import encode_with_targets
+
+    out = []
+    dev = input_device(lm.model)
+    for i in range(0, len(texts), batch_size):
+        b = encode_with_targets(lm.tokenizer, list(texts[i: i + batch_size]), list(targets[i: i + batch_size]))
+        b = b.to(dev)
+        logits = lm.model(**b.model_inputs()).logits[:, :-1].float()  # [B, T-1, V]
+        lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]  # [B, T-1]
+        m = b.target_mask[:, 1:].float()
+        out.append(((lp * m).sum(-1) / m.sum(-1)).cpu())
+    return torch.cat(out)

