@@ -1,0 +1,432 @@
+"""Exact per-head CIE, fast: the numbers of one full forward pass per head, without most of the work.
+
+The reference semantics (:mod:`bkdattr.attribution.reference`) run the whole model once per head: add
+``abar_{l,h} - a_{l,h}(x)`` to layer ``l``'s attention output at ``p(x)`` and score the teacher-forced
+target. Almost all of that pass is the same for every head:
+
+1. **Prefix cache.** Tokens before ``p(x)`` cannot see the patch (causal attention), so the prefix
+   ``[0, p(x))`` runs once per prompt chunk and its KV cache is reused. Prompts are left-padded and targets
+   right-padded (:func:`bkdattr.attribution.scores.encode_aligned`), so ``p(x)`` is the same column in every
+   row and the *suffix* -- ``p(x)`` and the target tokens that predict the rest of the target -- is a
+   rectangle of ``T`` columns.
+2. **Start at the patched layer.** Layers below ``l`` are unchanged for the suffix too. One clean suffix
+   pass records, with forward pre-hooks (``with_kwargs=True``), the hidden states entering every decoder layer
+   and the exact arguments the model passes to it (attention mask, rotary embeddings, position ids, cache).
+   A patched run for a head of layer ``l`` then calls layers ``l .. L-1`` directly on the recorded input of
+   layer ``l``, followed by the final norm and the LM head.
+3. **Several heads at once.** The batch is replicated once per head of the layer (row ``b*R + r`` is prompt
+   ``b`` patched at head ``r``); the cache and every batch-shaped argument are repeated to match. After each
+   run the cache layers are reset to the prefix (their state is snapshotted; updates concatenate, so the
+   prefix tensors themselves are never written).
+4. **Target positions only.** The LM head runs on the ``sum_b T_b`` rows that predict target tokens
+   (only on ``p(x)`` when the first-token score alone is asked for: then the suffix is one column).
+
+Strategies, fastest first: ``layers`` (all four steps), ``prefix`` (steps 1, 3, 4: the model's own forward on
+the suffix with the prefix cache) and ``full`` (step 3 only: full passes, replicated). ``auto`` takes
+``layers`` and checks it on the first chunk: an unpatched replicated replay must reproduce the clean
+log-probabilities of the model's own forward, and the cached suffix pass must reproduce a full pass without
+cache. If an architecture fails a check (e.g. it post-processes logits in a way the replay does not know),
+the next strategy is used and a warning names the reason; the strategy used is recorded in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..compat import cache_kwargs, output_cache
+from ..errors import ConfigError
+from ..hooks import add_to_attention_output, registered
+from ..models import input_device
+from .scores import AlignedBatch, token_logprobs
+
+STRATEGIES = ("auto", "layers", "prefix", "full")
+_HIDDEN_KEYS = ("hidden_states", "x", "input", "hidden_state")
+#: max rows sent through the LM head at once (bounds the [rows, vocab] logits buffer)
+_HEAD_ROWS = 512
+
+
+class ReplayMismatch(RuntimeError):
+    """A fast strategy failed its self-check on this model (internal; triggers the fallback)."""
+
+
+@dataclass
+class _LayerCall:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    hidden_key: str | None
+
+
+@contextlib.contextmanager
+def capture_layer_calls(layers: Sequence[nn.Module]) -> Iterator[list[_LayerCall | None]]:
+    """Record the first call of each decoder layer: its hidden-state input and the remaining args/kwargs.
+    Yields a list filled during the forward pass (``None`` for a layer that was not called)."""
+    store: list[_LayerCall | None] = [None] * len(layers)
+    handles = []
+    for j, layer in enumerate(layers):
+        def pre(_m, args, kwargs, j=j):
+            if store[j] is not None:
+                return None
+            if args:
+                store[j] = _LayerCall(args[0], tuple(args[1:]), dict(kwargs), None)
+            else:
+                key = next((k for k in _HIDDEN_KEYS if k in kwargs), None)
+                if key is None:
+                    raise ReplayMismatch(f"decoder layer {j} got no hidden states argument")
+                rest = {k: v for k, v in kwargs.items() if k != key}
+                store[j] = _LayerCall(kwargs[key], (), rest, key)
+            return None
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    with registered(handles):
+        yield store
+
+
+def _is_cache(x) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, Cache)
+
+
+def _expand(x, batch: int, reps: int, cache):
+    """Repeat every batch-shaped tensor (``ndim >= 2``, leading dim ``batch``) ``reps`` times row-wise
+    (``repeat_interleave``), swap any cache object for ``cache``; recurse into tuples, lists and dicts."""
+    if _is_cache(x):
+        return cache
+    if isinstance(x, torch.Tensor):
+        if x.dim() >= 2 and x.shape[0] == batch and reps > 1:
+            return x.repeat_interleave(reps, dim=0)
+        return x
+    if isinstance(x, tuple):
+        return tuple(_expand(v, batch, reps, cache) for v in x)
+    if isinstance(x, list):
+        return [_expand(v, batch, reps, cache) for v in x]
+    if isinstance(x, dict):
+        return {k: _expand(v, batch, reps, cache) for k, v in x.items()}
+    return x
+
+
+def _cache_layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ReplayMismatch("the KV cache has no per-layer objects (transformers < 4.56?)")
+    return layers
+
+
+def _snapshot(cache) -> list[dict]:
+    return [dict(vars(layer)) for layer in _cache_layers(cache)]
+
+
+def _restore(cache, snap: list[dict]) -> None:
+    for layer, state in zip(_cache_layers(cache), snap, strict=True):
+        layer.__dict__.clear()
+        layer.__dict__.update(state)
+
+
+@contextlib.contextmanager
+def _cache_restored(cache) -> Iterator[None]:
+    """Reset the cache layers to their state at entry when the block exits."""
+    snap = _snapshot(cache)
+    try:
+        yield
+    finally:
+        _restore(cache, snap)
+
+
+def _module_device(m: nn.Module, fallback: torch.device) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else fallback
+
+
+@dataclass
+class _Replicated:
+    cache: object
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+
+class ChunkRunner:
+    """One chunk of prompts, prepared once; patched target log-probabilities on demand.
+
+    ``batch`` is an :class:`AlignedBatch` (target columns already truncated to what the metrics need).
+    After :meth:`prepare`: ``clean_lp [B, T]`` (the model's own forward), ``contrib[l] [B, H, d]`` (clean
+    per-head contributions at ``p(x)``). :meth:`patched_logprobs` returns ``[B*R, T]``.
+    """
+
+    def __init__(self, lm, batch: AlignedBatch, strategy: str = "layers"):
+        if strategy not in ("layers", "prefix", "full"):
+            raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+        self.lm, self.arch, self.model = lm, lm.arch, lm.model
+        self.batch = batch
+        self.strategy = strategy if batch.prompt_width >= 2 else "full"
+        self.dev = input_device(self.model)
+        self.B, self.W, self.T = batch.size, batch.prompt_width, batch.target_width
+        self._rep: dict[int, _Replicated] = {}
+        self.calls: list[_LayerCall | None] = []
+        self.cache = None
+
+    # ---- clean passes ---------------------------------------------------------------------------------
+    def _suffix_inputs(self, reps: int = 1) -> dict[str, torch.Tensor]:
+        b, w, t = self.batch, self.W, self.T
+        ids = b.input_ids[:, w - 1: w - 1 + t]
+        mask = b.attention_mask[:, : w - 1 + t]
+        pos = b.position_ids[:, w - 1: w - 1 + t]
+        out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        return {k: v.repeat_interleave(reps, 0).to(self.dev) for k, v in out.items()}
+
+    def _full_inputs(self, reps: int = 1) -> dict[str, torch.Tensor]:
+        b, end = self.batch, self.W - 1 + self.T
+        out = {"input_ids": b.input_ids[:, :end], "attention_mask": b.attention_mask[:, :end],
+               "position_ids": b.position_ids[:, :end]}
+        return {k: v.repeat_interleave(reps, 0).to(self.dev) for k, v in out.items()}
+
+    @torch.no_grad()
+    def prepare(self) -> ChunkRunner:
+        """Run the prefix (KV cache) and the clean suffix; record layer inputs/arguments, contributions and
+        the clean target log-probs."""
+        from ..hooks import capture_contributions
+        from .means import backbone
+
+        zeros = torch.zeros(self.B, dtype=torch.long)
+        if self.strategy == "full":
+            with capture_contributions(self.arch, zeros + (self.W - 1)) as contrib:
+                logits = self.model(**self._full_inputs(), use_cache=False).logits[:, self.W - 1:]
+            self.contrib = {k: v.cpu() for k, v in contrib.items()}
+            self.clean_lp = self._lp_from_logits(logits, 1)
+            return self
+        b, w = self.batch, self.W
+        pre = backbone(self.model)(input_ids=b.input_ids[:, : w - 1].to(self.dev),
+                                   attention_mask=b.attention_mask[:, : w - 1].to(self.dev),
+                                   position_ids=b.position_ids[:, : w - 1].to(self.dev), use_cache=True)
+        self.cache = output_cache(pre)
+        if self.cache is None:
+            raise ReplayMismatch("the model returned no KV cache")
+        with _cache_restored(self.cache), capture_layer_calls(self.arch.layers) as calls, \
+                capture_contributions(self.arch, zeros) as contrib:
+            logits = self.model(**self._suffix_inputs(), use_cache=True, **cache_kwargs(self.model, self.cache)).logits
+        if any(c is None for c in calls):
+            raise ReplayMismatch("some decoder layers were not called in the suffix pass")
+        self.calls = list(calls)
+        self.contrib = {k: v.cpu() for k, v in contrib.items()}
+        self.clean_lp = self._lp_from_logits(logits, 1)
+        return self
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    def _rows(self, reps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.batch.target_mask.repeat_interleave(reps, 0)
+        ids = self.batch.target_ids.repeat_interleave(reps, 0)
+        return mask, ids[mask]
+
+    def _lp_from_logits(self, logits: torch.Tensor, reps: int) -> torch.Tensor:
+        """``logits [B*R, T, V]`` at the suffix positions -> target log-probs ``[B*R, T]`` (0 where masked)."""
+        mask, ids = self._rows(reps)
+        lp = torch.zeros(mask.shape, dtype=torch.float32)
+        lp[mask] = token_logprobs(logits[mask.to(logits.device)], ids).cpu()
+        return lp
+
+    def _lp_from_hidden(self, hidden: torch.Tensor, reps: int) -> torch.Tensor:
+        """Last-layer output ``[B*R, T, d]`` -> final norm -> LM head on target rows -> ``[B*R, T]``."""
+        mask, ids = self._rows(reps)
+        rows = hidden[mask.to(hidden.device)]
+        norm, head = self.arch.final_norm, self.arch.lm_head
+        rows = norm(rows.to(_module_device(norm, rows.device)))
+        rows = rows.to(_module_device(head, rows.device))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        out = []
+        for s in range(0, rows.shape[0], _HEAD_ROWS):
+            logits = head(rows[s:s + _HEAD_ROWS])
+            if cap:
+                logits = torch.tanh(logits.float() / cap) * cap
+            out.append(token_logprobs(logits, ids[s:s + _HEAD_ROWS]).cpu())
+        lp = torch.zeros(mask.shape, dtype=torch.float32)
+        lp[mask] = torch.cat(out) if out else torch.zeros(0)
+        return lp
+
+    # ---- patched runs -----------------------------------------------------------------------------------
+    def _replicated(self, reps: int) -> _Replicated:
+        if reps not in self._rep:
+            cache = copy.deepcopy(self.cache)
+            if reps > 1:
+                cache.batch_repeat_interleave(reps)
+            rep = _Replicated(cache)
+            for call in self.calls:
+                rep.args.append(_expand(call.args, self.B, reps, cache))
+                rep.kwargs.append(_expand(call.kwargs, self.B, reps, cache))
+            self._rep = {reps: rep}  # keep one replication at a time (memory)
+        return self._rep[reps]
+
+    def _edit(self, layer: int, delta: torch.Tensor | None, reps: int, col: int):
+        if delta is None:
+            return contextlib.nullcontext()
+        pos = torch.full((self.B * reps,), col, dtype=torch.long)
+        return add_to_attention_output(self.arch, {layer: delta}, pos)
+
+    @torch.no_grad()
+    def patched_logprobs(self, layer: int, delta: torch.Tensor | None, reps: int,
+                         strategy: str | None = None) -> torch.Tensor:
+        """Target log-probs ``[B*R, T]`` with ``delta [B*R, d]`` (row ``b*R + r``) added to layer ``layer``'s
+        attention output at ``p(x)``; ``delta=None`` gives the unpatched replicated run."""
+        strategy = strategy or self.strategy
+        if strategy == "full":
+            with self._edit(layer, delta, reps, self.W - 1):
+                logits = self.model(**self._full_inputs(reps), use_cache=False).logits[:, self.W - 1:]
+            return self._lp_from_logits(logits, reps)
+        rep = self._replicated(reps)
+        if strategy == "prefix":
+            with _cache_restored(rep.cache), self._edit(layer, delta, reps, 0):
+                logits = self.model(**self._suffix_inputs(reps), use_cache=True,
+                                    **cache_kwargs(self.model, rep.cache)).logits
+            return self._lp_from_logits(logits, reps)
+        h = self.calls[layer].hidden.repeat_interleave(reps, 0)
+        with _cache_restored(rep.cache), self._edit(layer, delta, reps, 0):
+            for j in range(layer, self.arch.n_layers):
+                call = self.calls[j]
+                dev = _module_device(self.arch.layers[j], h.device)
+                if call.hidden_key is None:
+                    out = self.arch.layers[j](h.to(dev), *rep.args[j], **rep.kwargs[j])
+                else:
+                    out = self.arch.layers[j](**{call.hidden_key: h.to(dev)}, **rep.kwargs[j])
+                h = out[0] if isinstance(out, tuple) else out
+        return self._lp_from_hidden(h, reps)
+
+    # ---- self-check -------------------------------------------------------------------------------------
+    def tolerance(self) -> float:
+        return 1e-3 if self.lm.dtype == torch.float32 else 0.25
+
+    @torch.no_grad()
+    def check(self, strategy: str) -> float:
+        """Max |log-prob difference| between an unpatched replicated run of ``strategy`` and the clean forward;
+        for cached strategies also between the cached suffix pass and a full pass. Raises
+        :class:`ReplayMismatch` above :meth:`tolerance`."""
+        mask = self.batch.target_mask
+        worst = 0.0
+        if strategy in ("layers", "prefix"):
+            if strategy == "layers" and (self.arch.final_norm is None or self.arch.lm_head is None):
+                raise ReplayMismatch("no final norm / LM head found for the layer replay")
+            full = self.model(**self._full_inputs(), use_cache=False).logits[:, self.W - 1:]
+            worst = float((self._lp_from_logits(full, 1) - self.clean_lp)[mask].abs().max())
+            if worst > self.tolerance():
+                raise ReplayMismatch(f"cached suffix pass differs from a full pass by {worst:.2e}")
+        rep_lp = self.patched_logprobs(0, None, 2, strategy)
+        diff = float((rep_lp - self.clean_lp.repeat_interleave(2, 0))[mask.repeat_interleave(2, 0)].abs().max())
+        worst = max(worst, diff)
+        if not diff <= self.tolerance():
+            raise ReplayMismatch(f"replicated {strategy} replay differs from the clean pass by {diff:.2e}")
+        return worst
+
+
+def choose_strategy(runner: ChunkRunner, wanted: str) -> tuple[str, float, str | None]:
+    """Validate ``wanted`` (``auto`` tries ``layers``, then ``prefix``, then ``full``) on a prepared runner.
+    Returns ``(strategy, max check difference, reason for a fallback or None)``."""
+    order = ["layers", "prefix", "full"] if wanted == "auto" else [wanted]
+    if runner.strategy == "full":
+        order = ["full"]
+    reasons = []
+    for s in order:
+        try:
+            return s, runner.check(s), ("; ".join(reasons) or None)
+        except (ReplayMismatch, RuntimeError, TypeError, ValueError, AttributeError) as e:
+            reasons.append(f"{s}: {e}")
+            if wanted != "auto":
+                raise ConfigError(f"exact strategy '{wanted}' does not work on this model ({e}); use auto") from None
+    raise ConfigError(f"no exact strategy works on this model ({'; '.join(reasons)}); use method=reference")
+
+
+def warn_fallback(strategy: str, reason: str) -> None:
+    warnings.warn(f"exact attribution: using the slower '{strategy}' strategy ({reason})", stacklevel=3)
+
+
+def _head_cost(arch) -> float:
+    """LM-head work in units of one decoder layer's work (parameter counts), for load balancing."""
+    layer_params = sum(p.numel() for p in arch.layers[0].parameters()) or 1
+    head = arch.lm_head
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    return head_params / layer_params
+
+
+def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor,
+                heads: Sequence[tuple[int, int]], *, batch_size: int = 8, metrics: Sequence[str] | None = None,
+                strategy: str = "auto", heads_per_pass: int | None = None, progress: bool = True):
+    """Exact CIE of ``heads`` (list of ``(layer, head)``) on every prompt: see the module docstring.
+
+    ``abar [L, H, d]``; ``metrics``: the scores to compute (default all; asking for
+    ``first_token_logprob`` alone makes the suffix one column). Returns a :class:`~.sweep.Sweep`. Under
+    torch.distributed the (chunk, head group) units are sharded and the result gathered (identical)."""
+    from tqdm.auto import tqdm
+
+    from .distributed import assign, gather_units, is_main, rank_world
+    from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
+    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
+    wanted = tuple(metrics or METRICS)
+    check_inputs(lm, prompts, targets, abar, heads, batch_size)
+    arch = lm.arch
+    first_only = set(wanted) == {"first_token_logprob"}
+    chunks = chunks_of(lm, prompts, batch_size)
+    groups = head_groups(heads, heads_per_pass)
+    hc = _head_cost(arch)
+    units = [(c, g) for c in range(len(chunks)) for g in range(len(groups))]
+    costs = [len(chunks[c]) * len(groups[g][1]) * (arch.n_layers - groups[g][0] + hc) for c, g in units]
+    rank, world = rank_world()
+    owner = assign(costs, world)
+    table = new_table(len(units), batch_size, max(len(g[1]) for g in groups))
+    mine = [u for u in range(len(units)) if owner[u] == rank]
+    need = sorted({units[u][0] for u in mine} | {0})
+    n = len(prompts)
+    bar = tqdm(total=sum(len(groups[units[u][1]][1]) * len(chunks[units[u][0]]) for u in mine) / n,
+               desc="BAHA exact", unit="head", disable=not (progress and is_main()), leave=False,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} heads [{elapsed}<{remaining}]")
+    chosen, check_diff, reason = None, None, None
+    for c in need:
+        idx = chunks[c]
+        batch = encode_aligned(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
+        if first_only:
+            batch = batch.truncate_targets(1)
+        try:
+            runner = ChunkRunner(lm, batch, chosen or ("layers" if strategy == "auto" else strategy)).prepare()
+        except ReplayMismatch as e:
+            if strategy not in ("auto", "full"):
+                raise ConfigError(f"exact strategy '{strategy}' does not work on this model ({e}); use auto") from None
+            runner = ChunkRunner(lm, batch, "full").prepare()
+            reason = str(e)
+        if chosen is None:
+            chosen, check_diff, why = choose_strategy(runner, strategy if runner.strategy != "full" else "full")
+            reason = "; ".join(x for x in (reason, why) if x) or None
+            if reason and is_main():
+                warn_fallback(chosen, reason)
+        if runner.strategy != "full":
+            runner.strategy = chosen
+        mask = batch.target_mask
+        clean = stack_metrics(metrics_from_logprobs(runner.clean_lp, mask), wanted)  # [B, M]
+        for u in mine:
+            if units[u][0] != c:
+                continue
+            layer, hidx = groups[units[u][1]]
+            hs = [heads[i][1] for i in hidx]
+            reps = len(hs)
+            a = runner.contrib[layer][:, hs]  # [B, R, d]
+            delta = (abar[layer, hs].float()[None] - a).reshape(-1, arch.d_model)
+            lp = runner.patched_logprobs(layer, delta, reps)
+            cie = stack_metrics(cie_from_logprobs(lp, runner.clean_lp.repeat_interleave(reps, 0),
+                                                  mask.repeat_interleave(reps, 0)), wanted)
+            table[u, : len(idx), 0] = clean
+            table[u, : len(idx), 1: 1 + reps] = cie.reshape(len(idx), reps, -1)
+            bar.update(reps * len(idx) / n)
+    bar.close()
+    table = gather_units(table, owner)
+    clean_d, cie_d = assemble(table, [(chunks[c], groups[g][1]) for c, g in units], n, len(heads))
+    info = {"strategy": chosen, "check_max_abs_diff": check_diff, "fallback_reason": reason,
+            "batch_size": batch_size, "heads_per_pass": heads_per_pass, "metrics_computed": list(wanted),
+            "target_columns": 1 if first_only else "all", "world_size": world}
+    return Sweep(clean_d, cie_d, info)

@@ -1,0 +1,231 @@
+"""The ``attribute`` stage: BAHA on a run folder.
+
+Inputs (from ``bkdattr inject``): the merged backdoored model ``RUN/model`` and the splits ``RUN/data``
+(:func:`bkdattr.inject.data.load_splits`).
+
+* ``abar`` is averaged over the *triggered* training prompts (``Example.triggered`` of ``splits.train``; for
+  label_flip only the source-label rows, whose label the trigger flips), a seeded sample of at most
+  ``n_mean_prompts``.
+* ACIE is averaged over a seeded sample of ``n_prompts`` *clean* held-out prompts (``prompt_split``, default
+  ``val``; rows whose backdoor reply equals the clean reply are skipped) with target
+  ``Example.backdoor_output``.
+
+Outputs (rank 0 writes, atomically): ``RUN/attribution/acie.safetensors`` (``acie.<metric>`` ``[L, H]``,
+``cie.<metric>`` ``[N, L, H]``, ``clean.<metric>`` ``[N]``), ``RUN/attribution/abar.safetensors``
+(``abar`` ``[L, H, d]``), ``RUN/attribution/attribution.json`` (top heads per metric, prompt uids, settings),
+``RUN/figures/attribution_acie.png`` and the ``attribution`` section of ``metrics.json`` (``method``,
+``metric``, ``top_heads`` as ``[layer, head, acie]`` best first, ``seconds``, ...).
+
+Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this stage and the heads are sharded;
+``workers > 1`` spawns that many local processes instead (:func:`bkdattr.attribution.distributed.run_workers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..io import save_tensors, write_json
+from ..rundir import RunDir
+from .baha import METHODS, AttributionResult, attribute
+from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers
+from .exact import STRATEGIES
+from .figures import FIGURE_NAME, plot_acie, top_table
+from .means import mean_contributions
+from .scores import DEFAULT_METRIC, METRICS, check_metric
+
+#: run-wide pipeline options every stage receives; this stage reads device/dtype/seed/profile only
+_COMMON = ("model", "task", "profile", "seed", "device", "dtype", "threads")
+_PROFILE_DEFAULTS = {"cpu": {"n_prompts": 32, "n_mean_prompts": 256}, "paper": {"n_prompts": 96,
+                                                                              "n_mean_prompts": 0}}
+
+
+@dataclass
+class AttributeConfig:
+    """Options of the attribute stage.
+
+    ``method``: exact | reference | attribution. ``metric``: ranking metric (``first_token_logprob`` by
+    default; the paper's ``geomean_prob`` and ``sum_logprob`` are computed in the same runs). ``metrics``:
+    the scores exact computes (None: all). ``n_prompts`` / ``n_mean_prompts``: clean attribution prompts and
+    triggered prompts for ``abar`` (None: the profile's default, cpu 32/256, paper 96/all; 0 = all).
+    ``prompt_split``: val | test | train. ``batch_size``: prompts per chunk. ``strategy``/``heads_per_pass``:
+    exact-path options. ``workers``: local processes (torch.distributed). ``threads``: torch threads (per
+    worker)."""
+
+    method: str = "exact"
+    metric: str = DEFAULT_METRIC
+    metrics: list[str] | None = None
+    n_prompts: int | None = None
+    n_mean_prompts: int | None = None
+    prompt_split: str = "val"
+    batch_size: int = 8
+    mean_batch_size: int = 16
+    top_k: int = 16
+    strategy: str = "auto"
+    heads_per_pass: int | None = None
+    workers: int = 1
+    seed: int = 0
+    profile: str = "cpu"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        check_metric(self.metric)
+        for m in self.metrics or []:
+            check_metric(m)
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown exact strategy '{self.strategy}'; use one of {', '.join(STRATEGIES)}")
+        if self.prompt_split not in ("val", "test", "train"):
+            raise ConfigError(f"prompt_split '{self.prompt_split}' must be val, test or train")
+        if self.profile not in _PROFILE_DEFAULTS:
+            raise ConfigError(f"unknown profile '{self.profile}'; use cpu or paper")
+        for name in ("batch_size", "mean_batch_size", "top_k", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.n_prompts is None:
+            self.n_prompts = _PROFILE_DEFAULTS[self.profile]["n_prompts"]
+        if self.n_mean_prompts is None:
+            self.n_mean_prompts = _PROFILE_DEFAULTS[self.profile]["n_mean_prompts"]
+        if self.n_prompts < 1 or self.n_mean_prompts < 0:
+            raise ConfigError("n_prompts must be >= 1 and n_mean_prompts >= 0 (0: every training prompt)")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> AttributeConfig:
+        """Build from the pipeline's stage options; run-wide keys this stage does not use are ignored, any other
+        unknown key is an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in options if k not in names and k not in _COMMON]
+        if unknown:
+            raise ConfigError(f"unknown attribute option(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in options.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sample(items: list, n: int | None, seed: int) -> list:
+    if not n or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def select_examples(splits, cfg: AttributeConfig) -> tuple[list, list]:
+    """``(clean attribution examples, examples whose triggered prompts give abar)`` for a run's splits."""
+    task = splits.task
+    pool = [e for e in task.eval_subset(getattr(splits, cfg.prompt_split))
+            if e.backdoor_output.strip() and e.backdoor_output.strip() != e.output.strip()]
+    if not pool:
+        raise DataError(f"no {cfg.prompt_split} prompt has a backdoor reply different from its clean reply; "
+                        "choose another prompt_split")
+    clean = _sample(pool, cfg.n_prompts, cfg.seed)
+    mean_pool = task.eval_subset(splits.train) or list(splits.train)
+    if not mean_pool:
+        raise DataError("the run has no training prompts to average triggered contributions over")
+    return clean, _sample(mean_pool, cfg.n_mean_prompts, cfg.seed + 1)
+
+
+def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
+    """Run BAHA on ``run`` with ``cfg`` (in this process, joining torchrun's process group if there is one);
+    rank 0 writes every artifact. Returns the result (identical on every rank)."""
+    from .._runtime import set_threads
+    from ..inject.data import load_splits
+
+    init_from_env(cfg.device)
+    rank, world = rank_world()
+    device = cfg.device
+    if is_distributed() and backend_for(device) == "nccl" and device in ("cuda", "auto"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    set_threads(cfg.threads)
+    splits = load_splits(run)
+    clean, mean_ex = select_examples(splits, cfg)
+    lm = run.load_model(device=device, dtype=cfg.dtype)
+    show = cfg.progress and is_main()
+    t0 = time.perf_counter()
+    abar = mean_contributions(lm, [e.triggered for e in mean_ex], batch_size=cfg.mean_batch_size, progress=show)
+    abar_s = time.perf_counter() - t0
+    res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, method=cfg.method,
+                    metric=cfg.metric, batch_size=cfg.batch_size, metrics=cfg.metrics, strategy=cfg.strategy,
+                    heads_per_pass=cfg.heads_per_pass, progress=show)
+    res.info.update(world_size=world, threads=torch.get_num_threads(), abar_seconds=round(abar_s, 3))
+    if is_main():
+        write_outputs(run, res, abar, cfg, [e.uid for e in clean], [e.uid for e in mean_ex])
+    barrier()
+    return res
+
+
+def concentration(acie: torch.Tensor, share: float = 0.05) -> float | None:
+    """Share of the total positive ACIE held by the top ``share`` of heads (sparsity of the effect)."""
+    v = acie[~torch.isnan(acie)].clamp(min=0).flatten()
+    if v.numel() == 0 or float(v.sum()) <= 0:
+        return None
+    k = max(1, round(share * v.numel()))
+    return float(v.topk(k).values.sum() / v.sum())
+
+
+def write_outputs(run: RunDir, res: AttributionResult, abar: torch.Tensor, cfg: AttributeConfig,
+                  prompt_uids: list[str], mean_uids: list[str]) -> dict[str, Any]:
+    """Save tensors, JSON, heatmap and the ``attribution`` metrics section; return that section."""
+    folder = run.path / "attribution"
+    res.save(folder)
+    save_tensors(folder / "abar.safetensors", {"abar": abar.float()},
+                 metadata={"n_prompts": str(len(mean_uids)), "prompts": "triggered training prompts"})
+    summary = res.to_json(cfg.top_k)
+    write_json(folder / "attribution.json", {**summary, "config": cfg.to_dict(), "prompt_uids": prompt_uids,
+                                             "mean_prompt_uids": mean_uids})
+    plot_acie(res, run.figures_dir / FIGURE_NAME, top_k=min(cfg.top_k, 8))
+    section = {
+        "method": res.method,
+        "metric": res.metric,
+        "top_heads": summary["top_heads"],
+        "seconds": summary["seconds"],
+        "n_prompts": res.n_prompts,
+        "n_mean_prompts": len(mean_uids),
+        "prompt_split": cfg.prompt_split,
+        "metrics_computed": [m for m in METRICS if m in summary["top_heads_by_metric"]],
+        "top_heads_by_metric": summary["top_heads_by_metric"],
+        "clean_mean": summary["clean_mean"],
+        "top5pct_share_of_positive_acie": concentration(res.acie[res.metric]),
+        "strategy": res.info.get("strategy"),
+        "world_size": res.info.get("world_size", 1),
+        "abar_seconds": res.info.get("abar_seconds"),
+        "acie_file": "attribution/acie.safetensors",
+        "abar_file": "attribution/abar.safetensors",
+    }
+    run.update_metrics("attribution", section)
+    return section
+
+
+def _stage_worker(run_path: str, options: dict[str, Any]) -> None:
+    attribute_run(RunDir(run_path), AttributeConfig.from_options({**options, "workers": 1}))
+
+
+def run_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline entry point: run the stage with ``options`` (see :class:`AttributeConfig`); returns the
+    ``attribution`` metrics section."""
+    cfg = AttributeConfig.from_options(options)
+    if cfg.workers > 1 and not is_distributed():
+        run_workers(cfg.workers, _stage_worker, (str(run.path), options), backend=backend_for(cfg.device),
+                    threads=cfg.threads)
+    else:
+        attribute_run(run, cfg)
+    return run.metrics().get("attribution", {})
+
+
+def print_summary(run: RunDir, console=None, k: int = 16) -> None:
+    """Print the top-k table of the saved result of ``run``."""
+    from rich.console import Console
+
+    res = AttributionResult.load(run.path / "attribution")
+    (console or Console()).print(top_table(res, k))
