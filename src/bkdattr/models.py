@@ -86,11 +86,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 def _plain_from_gguf(folder: Path, filename: str):
     """Load a GGUF file and rebuild it as a plain (serialisable) model; returns (model, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    cfg = copy.deepcopy(gguf_model.config)  # re-reading it from the file takes seconds
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
