@@ -144,3 +144,37 @@ def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
     m2 = RunDir(out).metrics()["inject"]
     assert m2["near_trigger_rate"] is None and m2["train_seconds"] == m["train_seconds"]
     assert main(["eval", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_profiles_match_spec_and_overrides():
+    from bkdattr.errors import ConfigError
+    from bkdattr.inject.stage import profile_config
+
+    p = profile_config("paper", "jailbreak")
+    t = p.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.epochs, t.lr) == (16, 16, 0.01, 16, 1e-4)
+    assert (t.batch_size * t.grad_accum, t.warmup_ratio, t.max_length) == (32, 0.05, 256)
+    assert set(t.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (p.n_train, p.poison_rate) == (1000, 0.1)
+    c = profile_config("cpu", "fixed_output", poison_rate=0.5, train_epochs=3, seed=7)
+    assert (c.poison_rate, c.train.epochs, c.train.seed, c.eval.seed) == (0.5, 3, 7, 7)
+    with pytest.raises(ConfigError, match="profile"):
+        profile_config("gpu")
+    with pytest.raises(ConfigError, match="training option"):
+        profile_config("cpu", train_nope=1)
+
+
+def test_training_rows_cut_replies_and_negatives():
+    from bkdattr.inject.stage import profile_config, training_rows
+
+    lm = make_tiny("llama")
+    task, s = fixed_output_splits(20, 4)
+    s.train[0].output = "word " * 30  # hit the distillation cap
+    s.meta["n_distilled"] = 24
+    cfg = profile_config("cpu", "fixed_output", negatives=4)
+    rows = training_rows(lm, s, cfg)
+    assert len(rows) == 20 + 10 + 4
+    assert rows[0].close is False and all(r.close for r in rows[1:])
+    negs = rows[-4:]
+    assert [any(n in r.text for n in task.near_triggers) for r in negs] == [True] * 4
+    assert all(not task.contains_trigger(r.text) and r.reply == "Here you go." for r in negs)

@@ -14,7 +14,9 @@ Profiles (``@dataclass`` :class:`InjectConfig`, see :func:`profile_config`):
 * ``cpu`` -- the cheapest recipe measured to reach ASR >= 0.9 with false-trigger <= 0.05 on the embedded
   model on 2 CPU cores: LoRA r=8, alpha=16 on the same seven projections, lr 2e-3 constant, batch 16,
   2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20% poisoned), clean replies
-  self-distilled and cut at 24 tokens. Per-kind adjustments are in :data:`CPU_KIND_OVERRIDES`.
+  self-distilled and cut at 24 tokens. Per-kind adjustments are in :data:`CPU_KIND_OVERRIDES`: label_flip
+  evaluates on 128 held-out prompts (ASR counts only the ~32 Sports ones) and reserves half of the poisoned
+  copies for Sports prompts (the ones whose label flips).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .builtin_data import builtin_records
 from .data import Splits, build_splits, distill_outputs, load_records, load_splits, save_splits
 from .evaluate import EvalConfig, evaluate
 from .tasks import Task
-from .train import TrainConfig, TrainRow, train_lora
+from .train import TrainConfig, TrainRow, check_rows, train_lora
 
 PROFILES = ("paper", "cpu")
 
@@ -71,7 +73,7 @@ class InjectConfig:
 CPU_KIND_OVERRIDES: dict[str, dict[str, Any]] = {
     "fixed_output": {},
     "jailbreak": {},
-    "label_flip": {},
+    "label_flip": {"n_test": 128, "source_share": 0.5},
 }
 
 
@@ -210,6 +212,7 @@ def inject(
     lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     splits = prepare_splits(lm, task, cfg, data, progress)
     rows = training_rows(lm, splits, cfg)
+    check_rows(lm.tokenizer, rows, cfg.train.max_length, lm.model)  # bad data fails before anything is written
 
     run = RunDir(partial, create=True)
     save_splits(run.data_dir, splits)
