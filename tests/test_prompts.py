@@ -135,3 +135,11 @@ def test_teacher_forcing_positions_predict_targets():
 def test_context_length():
     assert context_length(make_tiny("gpt2").model) == 512
     assert context_length(make_tiny("llama").model) == 512
+
+
+def test_end_of_turn_falls_back_to_eos_when_the_template_refuses_the_probe():
+    tok = plain_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'user' %}"
+                         "{{ raise_exception('only user turns') }}{% endif %}[U]{{ m['content'] }}{% endfor %}[A]")
+    assert render_prompt(tok, "hi") == "[U]hi[A]"
+    assert end_of_turn(tok) == tok.eos_token

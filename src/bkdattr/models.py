@@ -104,21 +104,39 @@ def _plain_from_gguf(folder: Path, filename: str):
     return plain.eval(), tok
 
 
+def _cache_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def ensure_embedded_cache() -> Path:
-    """Convert the embedded GGUF to safetensors once; return the cached model folder."""
+    """Convert the embedded GGUF to safetensors once; return the cached model folder.
+
+    The copy is written to a temporary folder and renamed into place, so an interrupted conversion leaves
+    nothing half-written, and two processes converting at once both end up with one complete copy."""
     target = cache_dir() / "models" / EMBEDDED_NAME
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _cache_complete(target):
         return target
     gguf = embedded_gguf_path()
     model, tok = _plain_from_gguf(gguf.parent, gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the model cache under {target.parent} ({_first_line(e)}); "
+                             "set BKDATTR_CACHE to a writable folder") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.exists() and not _cache_complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # leftovers of an older, broken copy
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _cache_complete(target):  # another process may have finished first: use its copy
+                raise
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the model cache at {target} ({_first_line(e)}); "
+                             "set BKDATTR_CACHE to a writable folder with ~600 MB free") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

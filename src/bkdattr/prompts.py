@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
 PLAIN_FORMAT = "User: {text}\nAssistant:"
 _MARK = "\u2063BKDATTR_REPLY\u2063"
@@ -34,9 +35,12 @@ def render_prompt(tokenizer, text: str) -> str:
 def end_of_turn(tokenizer) -> str:
     """The text that closes an assistant turn (e.g. ``<|im_end|>``), stripped of trailing white space."""
     if has_chat_template(tokenizer):
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}], tokenize=False
-        )
+        try:
+            full = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}], tokenize=False
+            )
+        except (TemplateError, ValueError, TypeError):  # a template that refuses this probe: fall back to EOS
+            full = ""
         if _MARK in full:
             tail = full.split(_MARK, 1)[1].rstrip()
             if tail:
