@@ -1,0 +1,369 @@
+"""The ``ablate`` and ``vector`` stages on a run folder.
+
+Inputs: the merged backdoored model ``RUN/model``, the splits ``RUN/data``
+(:func:`bkdattr.inject.data.load_splits`) and the head ranking of the attribute stage, read from
+``metrics.json`` (``attribution.top_heads``: ``[layer, head, acie]`` best first). When a k needs more heads
+than ``top_heads`` lists, the ranking is extended from ``RUN/attribution/acie.safetensors`` (tensor
+``acie.<attribution.metric>``, ``[L, H]``); k values that still do not fit are skipped and listed.
+
+Evaluation prompts are held out: a seeded sample of ``n_prompts`` examples of the split (the task's counted
+examples only, e.g. Sports rows for label_flip), used in clean and triggered form.
+
+Outputs: ``metrics.json`` sections ``ablation`` / ``vector``; ``RUN/control/ablation_replies.json`` and
+``vector_replies.json`` (every reply per edit); ``RUN/control/backdoor_vector.safetensors`` (+ ``.json``
+provenance); ``RUN/control/abar_poisoned.safetensors`` (cached means); figures ``ablation_asr_vs_k.png``,
+``vector_asr_vs_layer.png``, ``vector_dose_response.png``.
+
+Profiles: ``cpu`` (the embedded 135M model on 2 cores; 32 prompts per split, every 2nd layer in the vector
+sweep, 1 random vector, 3 random-head seeds on triggered prompts and 1 on clean prompts) and ``paper`` (all
+held-out prompts, every layer, 3 seeds everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ArtifactError, ConfigError, DataError
+from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..rundir import RunDir, get_nested
+from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
+from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
+from .sweep import SweepStats
+from .vector import BackdoorVector, build_vector, mean_contributions, random_heads, save_vector
+from .vector_eval import SELECT_BY, residual_norms, run_vector_experiment
+
+#: run-wide pipeline options every stage receives; these stages read profile/seed/device/dtype/threads only
+_COMMON = ("model", "task", "profile", "seed", "device", "dtype", "threads")
+PROFILES = ("cpu", "paper")
+_ABLATE_DEFAULTS = {"cpu": {"n_prompts": 32, "clean_random_seeds": 1},
+                    "paper": {"n_prompts": 0, "clean_random_seeds": 3}}
+_VECTOR_DEFAULTS = {"cpu": {"n_prompts": 32, "layer_stride": 2, "random_seeds": 1, "dose_alphas": [0, 0.5, 1, 2]},
+                    "paper": {"n_prompts": 0, "layer_stride": 1, "random_seeds": 3,
+                              "dose_alphas": [0, 0.25, 0.5, 1, 1.5, 2, 3, 4]}}
+
+
+class _Options:
+    @classmethod
+    def from_options(cls, options: dict[str, Any]):
+        """Build from stage options; run-wide keys this stage does not use are ignored, other unknown keys fail."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in options if k not in names and k not in _COMMON]
+        if unknown:
+            raise ConfigError(f"unknown {cls.stage} option(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AblationConfig(_Options):
+    """Options of the ablate stage.
+
+    ``ks``: head counts (plus the k nearest ``head_share`` of all heads). ``random_seeds``: seeds of the
+    random-head control on triggered prompts (>= 3 recommended); ``clean_random_seeds``: how many of them
+    also run on clean prompts (None: the profile's, cpu 1, paper 3). ``split``: held-out split (test).
+    ``n_prompts``: examples (None: profile, cpu 32; 0: all). ``clean``: measure the clean side effect.
+    ``batch_size``: prompts sharing a prefix pass; ``max_rows``: rows decoded together."""
+
+    stage = "ablate"
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    head_share: float = 0.03
+    random_seeds: int = 3
+    clean_random_seeds: int | None = None
+    split: str = "test"
+    n_prompts: int | None = None
+    clean: bool = True
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_rows: int = 256
+    seed: int = 0
+    profile: str = "cpu"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        d = _ABLATE_DEFAULTS[self.profile]
+        self.n_prompts = d["n_prompts"] if self.n_prompts is None else self.n_prompts
+        if self.clean_random_seeds is None:
+            self.clean_random_seeds = min(self.random_seeds, d["clean_random_seeds"])
+        if self.random_seeds < 1 or not 0 <= self.clean_random_seeds <= self.random_seeds:
+            raise ConfigError("random_seeds must be >= 1 and clean_random_seeds in 0..random_seeds")
+        if not 0.0 <= self.head_share < 1.0:
+            raise ConfigError(f"head_share {self.head_share} must be in [0, 1)")
+        self.ks = [int(k) for k in self.ks]
+
+
+@dataclass
+class VectorConfig(_Options):
+    """Options of the vector stage.
+
+    ``k``: heads summed into ``v`` (None: the k nearest ``head_share`` of all heads, 8 of 270 on the embedded
+    model). ``alpha``: scale of the edit. ``layers``: layers to sweep (None: every ``layer_stride``-th from 0;
+    cpu 2, paper 1). ``random_seeds``: same-norm random vectors (cpu 1, paper 3). ``dose_alphas``: the
+    dose-response grid. ``select_by``: specific | subtract | add (see :mod:`.vector_eval`). ``means``:
+    ``poisoned`` (the SPEC: mean contributions over the poisoned training prompts, triggered) or
+    ``attribution`` (reuse ``RUN/attribution/abar.safetensors``, BAHA's means over triggered training
+    prompts). ``n_mean_prompts``: 0 = all. ``n_prompts``: examples per split (val and test; cpu 32, 0 all)."""
+
+    stage = "vector"
+    k: int | None = None
+    head_share: float = 0.03
+    alpha: float = 1.0
+    layers: list[int] | None = None
+    layer_stride: int | None = None
+    random_seeds: int | None = None
+    dose_alphas: list[float] | None = None
+    select_by: str = "specific"
+    means: str = "poisoned"
+    n_mean_prompts: int = 0
+    n_prompts: int | None = None
+    random_heads_control: bool = True
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_rows: int = 256
+    mean_batch_size: int = 16
+    seed: int = 0
+    profile: str = "cpu"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        d = _VECTOR_DEFAULTS[self.profile]
+        for name in ("n_prompts", "layer_stride", "random_seeds", "dose_alphas"):
+            if getattr(self, name) is None:
+                setattr(self, name, d[name])
+        if self.select_by not in SELECT_BY:
+            raise ConfigError(f"unknown select_by '{self.select_by}'; use one of {', '.join(SELECT_BY)}")
+        if self.means not in ("poisoned", "attribution"):
+            raise ConfigError(f"unknown means '{self.means}'; use poisoned or attribution")
+        if self.layer_stride < 1 or self.random_seeds < 1 or (self.k is not None and self.k < 1):
+            raise ConfigError("layer_stride, random_seeds and k must be >= 1")
+        if self.n_mean_prompts < 0:
+            raise ConfigError("n_mean_prompts must be >= 0 (0: every poisoned training prompt)")
+
+
+def _check_common(cfg) -> None:
+    if cfg.profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{cfg.profile}'; use cpu or paper")
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.max_rows < 1:
+        raise ConfigError("max_new_tokens, batch_size and max_rows must be >= 1")
+    if cfg.n_prompts is not None and cfg.n_prompts < 0:
+        raise ConfigError("n_prompts must be >= 0 (0: every held-out example)")
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+def sample_examples(examples: list, n: int | None, seed: int) -> list:
+    """A seeded sample of ``n`` examples in their original order (all when ``n`` is 0/None or too large)."""
+    if not n or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def eval_examples(splits, split: str, n: int | None, seed: int) -> list:
+    """Held-out examples of ``split`` (val | test) that enter the ASR, seeded sample of ``n``."""
+    if split not in ("val", "test"):
+        raise ConfigError(f"split '{split}' must be val or test (evaluation prompts are held out)")
+    pool = splits.task.eval_subset(getattr(splits, split))
+    if not pool:
+        raise DataError(f"the {split} split has no evaluation examples; rerun inject with a larger held-out split")
+    return sample_examples(pool, n, seed)
+
+
+def load_ranking(run: RunDir, need: int, n_layers: int, n_heads: int) -> tuple[list[tuple[int, int]], dict]:
+    """``([(layer, head), ...] best first, info)`` from ``attribution.top_heads``, extended from the saved ACIE
+    matrix when ``need`` exceeds it (and it exists)."""
+    m = run.metrics()
+    top = get_nested(m, "attribution.top_heads")
+    if not top:
+        raise ArtifactError(f"{run.path}/metrics.json has no attribution.top_heads; run 'bkdattr attribute --run "
+                            f"{run.path}' first")
+    ranking = [(int(t[0]), int(t[1])) for t in top]
+    bad = [h for h in ranking if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise ArtifactError(f"attribution.top_heads lists head {bad[0]} outside this model ({n_layers} layers x "
+                            f"{n_heads} heads); rerun 'bkdattr attribute' on this run")
+    metric = get_nested(m, "attribution.metric")
+    info: dict[str, Any] = {"source": "metrics.json attribution.top_heads", "metric": metric,
+                            "method": get_nested(m, "attribution.method"), "n_listed": len(ranking)}
+    path = run.path / "attribution" / "acie.safetensors"
+    if need > len(ranking) and metric and path.is_file():
+        t = load_tensors(path)
+        acie = t.get(f"acie.{metric}")
+        if acie is not None and tuple(acie.shape) == (n_layers, n_heads):
+            flat = acie.float().flatten().nan_to_num(nan=float("-inf"))
+            seen = set(ranking)
+            for i in flat.argsort(descending=True).tolist():
+                h = (i // n_heads, i % n_heads)
+                if h not in seen and flat[i] > float("-inf"):
+                    ranking.append(h)
+                    seen.add(h)
+            info["source"] += f" extended from attribution/acie.safetensors (acie.{metric})"
+    info["n_ranked"] = len(ranking)
+    return ranking, info
+
+
+def _fingerprint(lm) -> float:
+    p = next(lm.model.parameters())
+    return round(float(p.detach().float().flatten()[:256].sum()), 5)
+
+
+def poisoned_means(run: RunDir, lm, splits, cfg: VectorConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``abar`` ``[L, H, d]`` for the vector and where it came from (computed once, cached in RUN/control)."""
+    arch = lm.arch
+    shape = (arch.n_layers, arch.n_heads, arch.d_model)
+    if cfg.means == "attribution":
+        p = run.path / "attribution" / "abar.safetensors"
+        if not p.is_file():
+            raise ArtifactError(f"{p} missing; run 'bkdattr attribute' first or use means=poisoned")
+        return load_tensors(p, expect={"abar": shape})["abar"].float(), {
+            "source": str(p.relative_to(run.path)), "prompts": "triggered training prompts (attribute stage)"}
+    pool = list(splits.train_poisoned)
+    if not pool:
+        raise DataError("the run has no poisoned training prompts to build the Backdoor Vector from; "
+                        "use means=attribution")
+    ex = sample_examples(pool, cfg.n_mean_prompts, cfg.seed + 1)
+    key = stable_hash({"uids": [e.uid for e in ex], "texts": [e.triggered for e in ex], "model": _fingerprint(lm),
+                       "dtype": str(lm.dtype), "v": 1})
+    path = run.path / "control" / "abar_poisoned.safetensors"
+    info = {"source": "poisoned training prompts (triggered)", "n_prompts": len(ex), "key": key,
+            "cache": str(path.relative_to(run.path))}
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") == key:
+            return load_tensors(path, expect={"abar": shape})["abar"].float(), {**info, "cached": True}
+    abar = mean_contributions(lm, [e.triggered for e in ex], cfg.mean_batch_size, cfg.progress)
+    save_tensors(path, {"abar": abar}, metadata={"key": key, "n_prompts": str(len(ex))})
+    return abar, {**info, "cached": False}
+
+
+def _load_lm(run: RunDir, cfg):
+    from .._runtime import set_threads
+
+    set_threads(cfg.threads)
+    return run.load_model(device=cfg.device, dtype=cfg.dtype)
+
+
+# ---- stages ---------------------------------------------------------------------------------------------
+def ablate_run(run: RunDir, cfg: AblationConfig, lm=None) -> dict[str, Any]:
+    """Run the ablation experiment on ``run``; write replies, metrics section ``ablation`` and the figure."""
+    from ..inject.data import load_splits
+
+    t0 = time.perf_counter()
+    splits = load_splits(run)
+    lm = lm if lm is not None else _load_lm(run, cfg)
+    arch = lm.arch
+    ranking, rinfo = load_ranking(run, max(cfg.ks + [share_k(arch.n_total_heads, cfg.head_share)]),
+                                  arch.n_layers, arch.n_heads)
+    ks, skipped = k_values(arch.n_total_heads, cfg.ks, cfg.head_share or None, n_ranked=len(ranking))
+    ex = eval_examples(splits, cfg.split, cfg.n_prompts, cfg.seed)
+    seeds = [cfg.seed + i for i in range(cfg.random_seeds)]
+    stats = SweepStats()
+    res = run_ablation(lm, splits.task, ex, ex if cfg.clean else None, ranking, ks, seeds,
+                       seeds[: cfg.clean_random_seeds], cfg.max_new_tokens, cfg.batch_size, cfg.max_rows,
+                       cfg.progress, stats)
+    m = res.metrics
+    m.update(ks_skipped=skipped, k_share=share_k(arch.n_total_heads, cfg.head_share), n_heads_total=arch.n_total_heads,
+             ranking=rinfo, split=cfg.split, seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+    write_json(run.sub("control", "ablation_replies.json"),
+               {"uids": [e.uid for e in ex], "prompts": {"clean": [e.prompt for e in ex],
+                                                         "triggered": [e.triggered for e in ex]},
+                "replies": res.replies})
+    plot_ablation(m, run.figures_dir / ABLATION_FIGURE)
+    m["figure"] = f"figures/{ABLATION_FIGURE}"
+    run.update_metrics("ablation", m)
+    return m
+
+
+def vector_run(run: RunDir, cfg: VectorConfig, lm=None) -> dict[str, Any]:
+    """Build, save and evaluate the Backdoor Vector on ``run``; write metrics section ``vector`` and figures."""
+    from ..inject.data import load_splits
+
+    t0 = time.perf_counter()
+    splits = load_splits(run)
+    lm = lm if lm is not None else _load_lm(run, cfg)
+    arch = lm.arch
+    k = cfg.k or share_k(arch.n_total_heads, cfg.head_share)
+    ranking, rinfo = load_ranking(run, k, arch.n_layers, arch.n_heads)
+    if k > len(ranking):
+        raise ArtifactError(f"k={k} heads asked for but the ranking lists {len(ranking)}; lower k or rerun "
+                            "'bkdattr attribute' with a larger top_k")
+    heads = ranking[:k]
+    t_means = time.perf_counter()
+    abar, minfo = poisoned_means(run, lm, splits, cfg)
+    t_means = time.perf_counter() - t_means
+    v = build_vector(abar, heads)
+    rh = random_heads(arch.n_layers, arch.n_heads, k, cfg.seed + 1000) if cfg.random_heads_control else None
+    v_rh = build_vector(abar, rh) if rh else None
+    prov = {"model": lm.name, "run": str(run.path), "k": k, "ranking": rinfo, "means": minfo,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    bv = BackdoorVector(v, heads, prov)
+    save_vector(run.sub("control", "backdoor_vector.safetensors"), bv)
+
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(0, arch.n_layers, cfg.layer_stride))
+    bad = [x for x in layers if not 0 <= int(x) < arch.n_layers]
+    if bad:
+        raise ConfigError(f"layer {bad[0]} does not exist (the model has layers 0..{arch.n_layers - 1})")
+    val = eval_examples(splits, "val", cfg.n_prompts, cfg.seed)
+    test = eval_examples(splits, "test", cfg.n_prompts, cfg.seed)
+    t_norm = time.perf_counter()
+    norms = residual_norms(lm, [e.prompt for e in val[:16]])
+    t_norm = time.perf_counter() - t_norm
+    seeds = [cfg.seed + i for i in range(cfg.random_seeds)]
+    stats = SweepStats()
+    res = run_vector_experiment(lm, splits.task, val, test, v, [int(x) for x in layers], cfg.alpha, seeds, v_rh,
+                                cfg.dose_alphas, cfg.select_by, cfg.max_new_tokens, cfg.batch_size, cfg.max_rows,
+                                cfg.progress, stats)
+    m = res.metrics
+    best = m["best_layer"]
+    m["norms"] = {"vector": bv.norm, "random_heads_vector": float(v_rh.norm()) if v_rh is not None else None,
+                  "residual_at_best_layer": norms["residual"][best],
+                  "attention_output_at_best_layer": norms["attention_output"][best],
+                  "residual_per_layer": norms["residual"], "attention_output_per_layer": norms["attention_output"],
+                  "measured_on": f"{min(16, len(val))} clean val prompts, at p(x)"}
+    m.update(k=k, heads=[list(h) for h in heads], random_heads=[list(h) for h in rh] if rh else None,
+             means=minfo, ranking=rinfo, vector_file="control/backdoor_vector.safetensors",
+             timing={"means_s": round(t_means, 2), "norms_s": round(t_norm, 2), "sweep_s": round(stats.seconds, 2)},
+             seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+    write_json(run.sub("control", "vector_replies.json"),
+               {"val_uids": [e.uid for e in val], "test_uids": [e.uid for e in test], "replies": res.replies})
+    plot_layers(m, run.figures_dir / LAYER_FIGURE)
+    plot_dose(m, run.figures_dir / DOSE_FIGURE)
+    m["figures"] = [f"figures/{LAYER_FIGURE}", f"figures/{DOSE_FIGURE}"]
+    run.update_metrics("vector", m)
+    return m
+
+
+def run_ablation_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline entry of the ablate stage (options: :class:`AblationConfig` fields + run-wide keys)."""
+    return ablate_run(run, AblationConfig.from_options(options))
+
+
+def run_vector_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline entry of the vector stage (options: :class:`VectorConfig` fields + run-wide keys)."""
+    return vector_run(run, VectorConfig.from_options(options))
+
+
+def read_section(run: RunDir, section: str) -> dict[str, Any]:
+    """A control section of ``metrics.json`` (``ablation`` / ``vector``), or a one-line error."""
+    m = read_json(run.path / "metrics.json") if (run.path / "metrics.json").is_file() else {}
+    if section not in m:
+        raise ArtifactError(f"{run.path} has no '{section}' results; run 'bkdattr "
+                            f"{'ablate' if section == 'ablation' else 'vector'} --run {run.path}' first")
+    return m[section]
