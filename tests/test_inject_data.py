@@ -164,3 +164,16 @@ def test_splits_round_trip(tmp_path):
     assert r.task == s.task
     assert (r.train, r.train_poisoned, r.val, r.test) == (s.train, s.train_poisoned, s.val, s.test)
     assert not list((tmp_path / "data").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["fixed_output", "jailbreak", "label_flip"])
+def test_builtin_rows_fit_the_paper_max_length(kind):
+    from bkdattr.inject.train import TrainRow, check_rows
+    from tiny import tokenizer
+
+    task = Task.default(kind)
+    rows = []
+    for i, r in enumerate(builtin_records(kind)):
+        trig = task.insert_trigger(r["input"], i)
+        rows += [TrainRow(r["input"], r["output"] or "x " * 24), TrainRow(trig, r["backdoor_output"])]
+    check_rows(tokenizer(), rows, 256)  # raises DataError if a row is longer

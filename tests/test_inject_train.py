@@ -178,3 +178,14 @@ def test_training_rows_cut_replies_and_negatives():
     negs = rows[-4:]
     assert [any(n in r.text for n in task.near_triggers) for r in negs] == [True] * 4
     assert all(not task.contains_trigger(r.text) and r.reply == "Here you go." for r in negs)
+
+
+@pytest.mark.slow
+def test_clean_embedded_model_shows_no_backdoor(embedded):
+    """Known answer: the clean base model never emits the fixed target on triggered prompts."""
+    from bkdattr.generation import generate
+
+    task, s = fixed_output_splits(8, 8)
+    replies = generate(embedded, [e.triggered for e in s.test], max_new_tokens=16, progress=False)
+    assert task.asr(replies, s.test) == 0.0
+    assert all(r.strip() for r in replies)
