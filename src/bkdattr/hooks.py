@@ -10,6 +10,10 @@ the block raises. Captured values are float32 whatever the model dtype.
 * :func:`add_to_attention_output` -- add a vector to layer ``l``'s attention output at ``p(x)``.
 * :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``.
 
+Layer and head indices and vector shapes are checked before anything is registered (:class:`ConfigError`), and
+hooks are registered inside the cleanup context, so a failure part-way leaves none behind;
+:func:`hook_count` counts what is left (0 when clean).
+
 ``positions`` is a ``[B]`` tensor of indices into the sequence of the *current* forward call. An edit applies
 to every forward call made inside its context, so "prefill only" means: open the context around the prefill
 call only (:func:`bkdattr.generation.greedy_generate` takes a ``prefill_context`` for this).
