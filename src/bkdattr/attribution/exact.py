@@ -312,8 +312,12 @@ class ChunkRunner:
         if strategy in ("layers", "prefix"):
             if strategy == "layers" and (self.arch.final_norm is None or self.arch.lm_head is None):
                 raise ReplayMismatch("no final norm / LM head found for the layer replay")
-            full = self.model(**self._full_inputs(), use_cache=False).logits[:, self.W - 1:]
-            worst = float((self._lp_from_logits(full, 1) - self.clean_lp)[mask].abs().max())
+            # the cached suffix pass vs one full pass without cache, on the first row (cheap)
+            row = {k: v[:1] for k, v in self._full_inputs().items()}
+            full = self.model(**row, use_cache=False).logits[0, self.W - 1:]
+            m0 = mask[0]
+            lp0 = token_logprobs(full[m0.to(full.device)], self.batch.target_ids[0][m0]).cpu()
+            worst = float((lp0 - self.clean_lp[0][m0]).abs().max())
             if worst > self.tolerance():
                 raise ReplayMismatch(f"cached suffix pass differs from a full pass by {worst:.2e}")
         rep_lp = self.patched_logprobs(0, None, 2, strategy)

@@ -1,0 +1,129 @@
+"""Benchmark BAHA on a backdoored run: reference vs exact on a subset of heads, exact and attribution on all.
+
+    python benchmarks/bench_attribution.py --run runs/dev-fixed_output --json bench_attribution.json
+
+Steps (same prompts, same ``abar`` for every method; the data selection is the ``attribute`` stage's):
+
+1. ``reference`` (one full forward pass per head) and ``exact`` on the heads of ``--ref-layers`` (a few layers
+   spread over the depth, so the per-head cost of ``exact``, which depends on the layer, is representative):
+   seconds per head, their ratio, and the max |exact - reference| over every per-prompt CIE and metric;
+2. ``exact`` on all heads (every metric): the full-sweep time; ``exact`` with the first-token score alone;
+3. ``attribution`` (first-order) on all heads: time, ratio to the exact sweep, Spearman correlation and
+   top-8 / top-16 overlap with exact ACIE (ranking metric ``--metric``).
+
+Timings are wall-clock on this machine with ``--threads`` torch threads; on a shared machine they are inflated.
+``--json PATH`` writes the figures with the keys ``reference_s_per_head``, ``exact_s_per_head``,
+``ratio_exact_vs_reference``, ``max_abs_diff``, ``exact_full_sweep_s``, ``attribution_s``,
+``ratio_attribution_vs_exact``, ``spearman``, ``top8_overlap``, ``top16_overlap`` (plus context keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="runs/dev-fixed_output", help="backdoored run folder (bkdattr inject)")
+    p.add_argument("--n-prompts", type=int, default=32, help="clean attribution prompts")
+    p.add_argument("--n-mean-prompts", type=int, default=256, help="triggered prompts for abar (0 = all)")
+    p.add_argument("--ref-layers", default="0,10,20,29", help="layers whose heads reference and exact both run")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per chunk")
+    p.add_argument("--metric", default="first_token_logprob", help="ranking metric for the agreement figures")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-reference", action="store_true", help="skip step 1 (no reference timing)")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bkdattr.attribution import agreement, attribute, mean_contributions
+    from bkdattr.attribution.scores import METRICS
+    from bkdattr.attribution.stage import AttributeConfig, select_examples
+    from bkdattr.inject.data import load_splits
+    from bkdattr.io import write_json
+    from bkdattr.rundir import RunDir
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    run = RunDir(args.run)
+    cfg = AttributeConfig(n_prompts=args.n_prompts, n_mean_prompts=args.n_mean_prompts, batch_size=args.batch_size,
+                          metric=args.metric)
+    clean, mean_ex = select_examples(load_splits(run), cfg)
+    prompts, targets = [e.prompt for e in clean], [e.backdoor_output for e in clean]
+    lm = run.load_model()
+    t0 = time.perf_counter()
+    abar = mean_contributions(lm, [e.triggered for e in mean_ex], progress=True)
+    abar_s = time.perf_counter() - t0
+    kw = dict(batch_size=args.batch_size, metric=args.metric, progress=True)
+    out: dict = {"run": str(run.path), "n_prompts": len(prompts), "n_mean_prompts": len(mean_ex),
+                 "n_heads": lm.arch.n_total_heads, "threads": torch.get_num_threads(), "abar_s": round(abar_s, 2),
+                 "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                 "load_average_start": os.getloadavg()[0]}
+
+    if not args.skip_reference:
+        layers = [int(x) for x in args.ref_layers.split(",") if x.strip()]
+        subset = [(x, h) for x in layers for h in range(lm.arch.n_heads)]
+        ref = attribute(lm, prompts, targets, abar, method="reference", heads=subset, **kw)
+        ex_sub = attribute(lm, prompts, targets, abar, method="exact", heads=subset, **kw)
+        diff = max(float((ex_sub.cie[m][:, ex_sub.evaluated] - ref.cie[m][:, ref.evaluated]).abs().max())
+                   for m in METRICS)
+        diff_acie = max(float((ex_sub.acie[m] - ref.acie[m])[ref.evaluated].abs().max()) for m in METRICS)
+        out.update(ref_layers=layers, reference_s_per_head=ref.seconds / len(subset),
+                   exact_s_per_head=ex_sub.seconds / len(subset),
+                   ratio_exact_vs_reference=ref.seconds / ex_sub.seconds, max_abs_diff=diff,
+                   max_abs_diff_acie=diff_acie, exact_strategy=ex_sub.info.get("strategy"))
+
+    ex = attribute(lm, prompts, targets, abar, method="exact", **kw)
+    ex_first = attribute(lm, prompts, targets, abar, method="exact", metrics=["first_token_logprob"],
+                         **{**kw, "metric": "first_token_logprob"})
+    est = attribute(lm, prompts, targets, abar, method="attribution", **kw)
+    ag = agreement(est, ex, args.metric)
+    diff_first = float((ex_first.cie["first_token_logprob"] - ex.cie["first_token_logprob"]).abs().max())
+    out.update(exact_full_sweep_s=ex.seconds, exact_full_sweep_s_per_head=ex.seconds / lm.arch.n_total_heads,
+               exact_first_token_sweep_s=ex_first.seconds, first_token_mode_max_abs_diff=diff_first,
+               attribution_s=est.seconds, ratio_attribution_vs_exact=ex.seconds / est.seconds,
+               spearman=ag["spearman"], top8_overlap=ag["top8_overlap"], top16_overlap=ag["top16_overlap"],
+               agreement_metric=args.metric,
+               agreement_by_metric={m: agreement(est, ex, m) for m in METRICS},
+               exact_top8={m: [list(t) for t in ex.top_heads(8, m)] for m in METRICS},
+               attribution_top8=[list(t) for t in est.top_heads(8)],
+               clean_mean={m: float(v.mean()) for m, v in ex.clean.items()},
+               load_average_end=os.getloadavg()[0])
+
+    t = Table(title=f"bench_attribution: {run.path.name}, {len(prompts)} prompts, {lm.arch.n_total_heads} heads, "
+                    f"{out['threads']} thread(s)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    rows = [("reference s/head", "reference_s_per_head", "{:.3f}"), ("exact s/head (same heads)", "exact_s_per_head",
+            "{:.3f}"), ("exact vs reference speed-up", "ratio_exact_vs_reference", "{:.1f}x"),
+            ("max |exact - reference| (per-prompt CIE)", "max_abs_diff", "{:.2e}"),
+            ("exact full sweep (all metrics) s", "exact_full_sweep_s", "{:.1f}"),
+            ("exact full sweep, first-token only s", "exact_first_token_sweep_s", "{:.1f}"),
+            ("attribution s", "attribution_s", "{:.2f}"),
+            ("attribution vs exact speed-up", "ratio_attribution_vs_exact", "{:.1f}x"),
+            (f"Spearman (attribution vs exact, {args.metric})", "spearman", "{:.3f}"),
+            ("top-8 overlap", "top8_overlap", "{:.3f}"), ("top-16 overlap", "top16_overlap", "{:.3f}")]
+    for label, key, fmt in rows:
+        if key in out:
+            t.add_row(label, fmt.format(out[key]))
+    console.print(t)
+    console.print(f"exact top-8 ({args.metric}): {out['exact_top8'][args.metric]}")
+    console.print(f"load average: {out['load_average_start']:.1f} at start, {out['load_average_end']:.1f} at end")
+    if args.json:
+        write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
