@@ -161,6 +161,21 @@ def test_replay_that_disagrees_with_the_model_falls_back():
         attribute(lm, PROMPTS, TARGETS, abar, strategy="layers", progress=False)
 
 
+def test_accelerate_dispatched_model():
+    """Layers wrapped by accelerate's device hooks (as under device_map="auto") give the same numbers."""
+    from accelerate import dispatch_model
+
+    lm = make_tiny("llama", n_layers=2)
+    abar = strong_abar(lm)
+    ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=5, progress=False)
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head"]
+    dispatch_model(lm.model, device_map={n: "cpu" for n in names}, force_hooks=True)
+    assert hasattr(lm.arch.layers[1], "_hf_hook")
+    assert_same_cie(ref, attribute(lm, PROMPTS, TARGETS, abar, batch_size=5, progress=False))
+    est = attribute(lm, PROMPTS, TARGETS, abar, method="attribution", batch_size=5, progress=False)
+    assert torch.isfinite(est.acie["first_token_logprob"]).all()
+
+
 def test_first_token_only_mode_and_head_subset():
     lm = make_tiny("mistral", n_layers=3)
     abar = strong_abar(lm)
@@ -174,6 +189,40 @@ def test_first_token_only_mode_and_head_subset():
     assert torch.isnan(ex.acie["sum_logprob"]).all()
     assert [(x, h) for x, h, _ in ex.ranked()] == [(x, h) for x, h, _ in ref.ranked()]
     assert math.isnan(ex.acie[m][1, 0])  # not evaluated
+
+
+def test_interrupted_exact_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
+    lm = make_tiny("qwen2", n_layers=3)
+    abar = strong_abar(lm)
+    full = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+    real = ChunkRunner.patched_logprobs
+    calls = {"n": 0}
+
+    def flaky(self, layer, delta, reps, strategy=None):
+        if delta is not None:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return real(self, layer, delta, reps, strategy)
+
+    ckpt = tmp_path / "partial.safetensors"
+    monkeypatch.setattr(ChunkRunner, "patched_logprobs", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(ChunkRunner, "patched_logprobs", real)
+    assert list(tmp_path.glob("partial.rank0of1.safetensors"))
+    resumed = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False, checkpoint=ckpt)
+    assert resumed.info["resumed_units"] == 3 and not list(tmp_path.glob("partial*"))
+    for m in METRICS:
+        assert torch.equal(resumed.cie[m], full.cie[m]), m
+    # a checkpoint left by a run with another abar has another key: nothing of it is reused
+    calls["n"] = 0
+    monkeypatch.setattr(ChunkRunner, "patched_logprobs", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        attribute(lm, PROMPTS, TARGETS, abar * 2, batch_size=2, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(ChunkRunner, "patched_logprobs", real)
+    again = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False, checkpoint=ckpt)
+    assert again.info["resumed_units"] == 0 and torch.equal(again.cie["sum_logprob"], full.cie["sum_logprob"])
 
 
 # ---- attribution patching -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError, ConfigError
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from .scores import DEFAULT_METRIC, METRICS, check_metric
 from .sweep import Sweep
 
@@ -151,13 +152,14 @@ def result_from_sweep(sweep: Sweep, arch, heads: Sequence[tuple[int, int]], meth
 def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor, method: str = "exact",
               metric: str = DEFAULT_METRIC, heads: Sequence[tuple[int, int]] | None = None, *, batch_size: int = 8,
               metrics: Sequence[str] | None = None, strategy: str = "auto", heads_per_pass: int | None = None,
-              progress: bool = True) -> AttributionResult:
+              progress: bool = True, checkpoint: str | Path | None = None) -> AttributionResult:
     """ACIE of every head (or of ``heads``) over ``clean_prompts`` with backdoor ``targets``.
 
     ``abar``: mean triggered contributions ``[L, H, d]`` (:func:`~bkdattr.attribution.means.mean_contributions`).
     ``method``: ``exact`` | ``reference`` | ``attribution``. ``metric``: the ranking metric (one of
     :data:`~bkdattr.attribution.scores.METRICS`). ``metrics`` (exact only): the scores to compute (default all;
     ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path options.
+    ``checkpoint`` (exact only): a file keeping finished work units, so an interrupted sweep resumes there.
     Under an initialised torch.distributed group the work is sharded and every rank returns the same result."""
     check_metric(metric)
     if method not in METHODS:
@@ -175,8 +177,13 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
     if method == "exact":
         from .exact import exact_sweep
 
+        key = stable_hash({"prompts": list(clean_prompts), "targets": list(targets), "heads": heads,
+                           "abar": hashlib.sha256(abar.numpy().tobytes()).hexdigest(), "batch_size": batch_size,
+                           "metrics": list(metrics or METRICS), "strategy": strategy, "per_pass": heads_per_pass,
+                           "model": getattr(lm, "name", ""), "dtype": str(getattr(lm, "dtype", ""))})
         sweep = exact_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, metrics=metrics,
-                            strategy=strategy, heads_per_pass=heads_per_pass, progress=progress)
+                            strategy=strategy, heads_per_pass=heads_per_pass, progress=progress,
+                            checkpoint=checkpoint, checkpoint_key=key)
     elif method == "reference":
         from .reference import reference_sweep
 

@@ -359,17 +359,19 @@ def _head_cost(arch) -> float:
 
 def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor,
                 heads: Sequence[tuple[int, int]], *, batch_size: int = 8, metrics: Sequence[str] | None = None,
-                strategy: str = "auto", heads_per_pass: int | None = None, progress: bool = True):
+                strategy: str = "auto", heads_per_pass: int | None = None, progress: bool = True,
+                checkpoint=None, checkpoint_key: str = ""):
     """Exact CIE of ``heads`` (list of ``(layer, head)``) on every prompt: see the module docstring.
 
     ``abar [L, H, d]``; ``metrics``: the scores to compute (default all; asking for
     ``first_token_logprob`` alone makes the suffix one column). Returns a :class:`~.sweep.Sweep`. Under
-    torch.distributed the (chunk, head group) units are sharded and the result gathered (identical)."""
+    torch.distributed the (chunk, head group) units are sharded and the result gathered (identical).
+    ``checkpoint``: a file path to save finished units to (resumed when ``checkpoint_key`` matches)."""
     from tqdm.auto import tqdm
 
     from .distributed import assign, gather_units, is_main, rank_world
     from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
-    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
+    from .sweep import Checkpoint, Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
@@ -385,7 +387,9 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     rank, world = rank_world()
     owner = assign(costs, world)
     table = new_table(len(units), batch_size, max(len(g[1]) for g in groups))
-    mine = [u for u in range(len(units)) if owner[u] == rank]
+    ckpt = Checkpoint(checkpoint, checkpoint_key, table)
+    resumed = ckpt.resumed
+    mine = [u for u in range(len(units)) if owner[u] == rank and not ckpt.done[u]]
     need = sorted({units[u][0] for u in mine} | {0})
     n = len(prompts)
     bar = tqdm(total=sum(len(groups[units[u][1]][1]) * len(chunks[units[u][0]]) for u in mine) / n,
@@ -426,11 +430,13 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
                                                   mask.repeat_interleave(reps, 0)), wanted)
             table[u, : len(idx), 0] = clean
             table[u, : len(idx), 1: 1 + reps] = cie.reshape(len(idx), reps, -1)
+            ckpt.mark(u)
             bar.update(reps * len(idx) / n)
     bar.close()
     table = gather_units(table, owner)
+    ckpt.finish()
     clean_d, cie_d = assemble(table, [(chunks[c], groups[g][1]) for c, g in units], n, len(heads))
     info = {"strategy": chosen, "check_max_abs_diff": check_diff, "fallback_reason": reason,
             "batch_size": batch_size, "heads_per_pass": heads_per_pass, "metrics_computed": list(wanted),
-            "target_columns": 1 if first_only else "all", "world_size": world}
+            "target_columns": 1 if first_only else "all", "world_size": world, "resumed_units": resumed}
     return Sweep(clean_d, cie_d, info)

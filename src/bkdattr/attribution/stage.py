@@ -157,7 +157,8 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     abar_s = time.perf_counter() - t0
     res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, method=cfg.method,
                     metric=cfg.metric, batch_size=cfg.batch_size, metrics=cfg.metrics, strategy=cfg.strategy,
-                    heads_per_pass=cfg.heads_per_pass, progress=show)
+                    heads_per_pass=cfg.heads_per_pass, progress=show,
+                    checkpoint=run.path / "attribution" / ".partial_exact.safetensors")
     res.info.update(world_size=world, threads=torch.get_num_threads(), abar_seconds=round(abar_s, 3))
     if is_main():
         write_outputs(run, res, abar, cfg, [e.uid for e in clean], [e.uid for e in mean_ex])

@@ -93,3 +93,54 @@ def assemble(table: torch.Tensor, units: Sequence[tuple[list[int], list[int]]], 
             cie[p[:, None], torch.tensor(hidx)[None, :]] = table[u, : len(pidx), 1: 1 + len(hidx)]
     return ({m: clean[:, i].clone() for i, m in enumerate(METRICS)},
             {m: cie[..., i].clone() for i, m in enumerate(METRICS)})
+
+
+class Checkpoint:
+    """Resumable unit table: after each finished unit the table and a done-mask are saved (atomically) to
+    ``path`` (one file per rank), tagged with ``key`` -- a hash of everything the numbers depend on. A rerun
+    with the same key skips the finished units; another key starts afresh. ``path=None`` disables it."""
+
+    def __init__(self, path, key: str, table: torch.Tensor):
+        from pathlib import Path
+
+        from .distributed import rank_world
+
+        self.table = table
+        self.done = torch.zeros(table.shape[0], dtype=torch.bool)
+        self.path = None
+        if path is None:
+            return
+        rank, world = rank_world()
+        p = Path(path)
+        self.path = p.with_name(f"{p.stem}.rank{rank}of{world}.safetensors")
+        self.key = key
+        if self.path.is_file():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(self.path), "pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("key") == key:
+                        saved, done = f.get_tensor("table"), f.get_tensor("done").bool()
+                        if saved.shape == table.shape:
+                            table.copy_(saved)
+                            self.done = done
+            except Exception:  # an unreadable checkpoint is ignored and overwritten
+                pass
+
+    @property
+    def resumed(self) -> int:
+        return int(self.done.sum())
+
+    def mark(self, unit: int) -> None:
+        self.done[unit] = True
+        if self.path is not None:
+            from ..io import save_tensors
+
+            save_tensors(self.path, {"table": self.table, "done": self.done.to(torch.uint8)},
+                         metadata={"key": self.key})
+
+    def finish(self) -> None:
+        """Delete the checkpoint file once the result is safely assembled."""
+        if self.path is not None and self.path.is_file():
+            self.path.unlink()
