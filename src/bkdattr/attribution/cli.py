@@ -1,7 +1,9 @@
 """``bkdattr attribute``: parse options, then call :func:`bkdattr.attribution.stage.run_stage`.
 
 Scale-out: ``--workers N`` spawns N local processes (torch.distributed, gloo on CPU / nccl on CUDA);
-``torchrun --nproc_per_node N --no-python bkdattr attribute ...`` works too (each rank runs this command).
+``torchrun --nproc_per_node N --no-python bkdattr attribute -r RUN ...`` works too (each rank runs this
+command; write ``-r`` rather than ``--run``, which torchrun's own parser takes for its ``--run-path``).
+Either way the result is bitwise identical to a single-process run with the same threads per process.
 """
 
 from __future__ import annotations
