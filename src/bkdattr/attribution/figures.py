@@ -35,9 +35,10 @@ def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = 
     ax.grid(False)
     im = ax.imshow(acie.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower",
                    interpolation="nearest")
-    for rank, (layer, h, _v) in enumerate(result.top_heads(top_k, m), start=1):
+    for rank, (layer, h, v) in enumerate(result.top_heads(top_k, m), start=1):
         ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
-        ax.text(h, layer, str(rank), ha="center", va="center", fontsize=6)
+        ax.text(h, layer, str(rank), ha="center", va="center", fontsize=6,
+                color="white" if abs(v) > 0.6 * vmax else "black")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     step = max(1, n_layers // 15)
