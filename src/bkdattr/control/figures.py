@@ -74,7 +74,7 @@ def plot_layers(m: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("layer of the edit")
     ax.set_ylabel(f"ASR (validation, alpha={m['alpha']:g})")
     ax.set_ylim(-0.03, 1.1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.set_title(f"Backdoor Vector per layer (|v|={m.get('norms', {}).get('vector', float('nan')):.1f})")
     return save_figure(fig, path)
 

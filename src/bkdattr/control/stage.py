@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..io import load_tensors, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
@@ -359,11 +359,3 @@ def run_vector_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
     """Pipeline entry of the vector stage (options: :class:`VectorConfig` fields + run-wide keys)."""
     return vector_run(run, VectorConfig.from_options(options))
 
-
-def read_section(run: RunDir, section: str) -> dict[str, Any]:
-    """A control section of ``metrics.json`` (``ablation`` / ``vector``), or a one-line error."""
-    m = read_json(run.path / "metrics.json") if (run.path / "metrics.json").is_file() else {}
-    if section not in m:
-        raise ArtifactError(f"{run.path} has no '{section}' results; run 'bkdattr "
-                            f"{'ablate' if section == 'ablation' else 'vector'} --run {run.path}' first")
-    return m[section]
