@@ -349,7 +349,17 @@ def test_stage_errors_and_cli(tmp_path):
     run, _ = tiny_run(tmp_path, with_ranking=False)
     assert main(["ablate", "--run", str(run.path), "--quiet"]) == 2  # no ranking yet: one-line error
     run.update_metrics("attribution", {"top_heads": [[1, 2, 0.5], [0, 1, 0.4]], "metric": "m"})
+    # BAHA's saved means over exactly the poisoned training prompts are reused (not recomputed)
+    from bkdattr.inject.data import load_splits
+    from bkdattr.io import save_tensors, write_json
+
+    abar = torch.randn(2, 4, 64)
+    save_tensors(run.path / "attribution" / "abar.safetensors", {"abar": abar})
+    write_json(run.path / "attribution" / "attribution.json",
+               {"mean_prompt_uids": [e.uid for e in load_splits(run).train_poisoned]})
     rc = main(["vector", "--run", str(run.path), "--k", "2", "--n-prompts", "2", "--quiet",
                "--set", "max_new_tokens=2", "--set", "dose_alphas=[0,1]", "--set", "random_heads_control=false"])
     assert rc == 0
-    assert run.metrics()["vector"]["k"] == 2
+    m = run.metrics()["vector"]
+    assert m["k"] == 2 and m["means"]["cache"] == "attribution/abar.safetensors"
+    torch.testing.assert_close(load_vector(run.path / m["vector_file"]).vector, abar[1, 2] + abar[0, 1])

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_tensors, save_tensors, stable_hash, write_json
+from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
@@ -241,6 +241,12 @@ def poisoned_means(run: RunDir, lm, splits, cfg: VectorConfig) -> tuple[torch.Te
     path = run.path / "control" / "abar_poisoned.safetensors"
     info = {"source": "poisoned training prompts (triggered)", "n_prompts": len(ex), "key": key,
             "cache": str(path.relative_to(run.path))}
+    att_json, att_abar = run.path / "attribution" / "attribution.json", run.path / "attribution" / "abar.safetensors"
+    if att_json.is_file() and att_abar.is_file():  # BAHA averaged over exactly these prompts: reuse its means
+        uids = read_json(att_json).get("mean_prompt_uids")
+        if isinstance(uids, list) and sorted(uids) == sorted(e.uid for e in ex):
+            return load_tensors(att_abar, expect={"abar": shape})["abar"].float(), {
+                **info, "cache": str(att_abar.relative_to(run.path)), "cached": True}
     if path.is_file():
         from safetensors import safe_open
 
