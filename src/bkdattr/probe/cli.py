@@ -19,17 +19,20 @@ def print_table(m: dict[str, Any]) -> None:
     near = m.get("near_trigger") or {}
     cols: list[tuple[str, list | None]] = [
         ("MLP", m["mlp"]["in_layer_accuracy"]), ("SVM", m["svm"]["in_layer_accuracy"]),
-        ("MLP AUROC", m["mlp"]["auroc"]),
+        ("AUROC", m["mlp"]["auroc"]),
         ("ctrl MLP", (m.get("control") or {}).get("mlp", {}).get("in_layer_accuracy")),
         ("ctrl SVM", (m.get("control") or {}).get("svm", {}).get("in_layer_accuracy")),
         ("near MLP", near.get("mlp", {}).get("in_layer_accuracy")),
-        ("near ctrl MLP", (near.get("control") or {}).get("mlp", {}).get("in_layer_accuracy")),
-        ("MLP fires on near", (near.get("main_probe_fire_rate") or {}).get("mlp")),
+        ("near ctrl", (near.get("control") or {}).get("mlp", {}).get("in_layer_accuracy")),
+        ("fires@near", (near.get("main_probe_fire_rate") or {}).get("mlp")),
     ]
     cols = [(name, vals) for name, vals in cols if vals is not None]
     sizes = m["split_prompts"]
     t = Table(title=f"bkdattr probe: test accuracy per layer ({m['feature_kind']}, {m['n_prompts']} prompts, "
-                    f"split {sizes['train']}/{sizes['val']}/{sizes['test']} prompts)")
+                    f"split {sizes['train']}/{sizes['val']}/{sizes['test']})",
+              caption="MLP/SVM: clean vs triggered, backdoored model; ctrl: the same on the clean base model; "
+                      "near: triggered vs near-trigger prompts (MLP); fires@near: share of near-trigger test prompts "
+                      "the main MLP probe calls triggered")
     t.add_column("layer", justify="right")
     for name, _ in cols:
         t.add_column(name, justify="right")
@@ -40,10 +43,12 @@ def print_table(m: dict[str, Any]) -> None:
     s = m.get("summary", {})
     for name in ("backdoored", "control", "near_trigger", "near_trigger_control"):
         if name in s:
-            con.print(f"mean accuracy [{name}]: MLP {s[name]['mlp']:.3f}, SVM {s[name]['svm']:.3f}")
-    con.print(f"ICLA mean off-diagonal: MLP {m['mlp']['icla_summary']['mean_off_diagonal']:.3f}, "
-              f"SVM {m['svm']['icla_summary']['mean_off_diagonal']:.3f}")
-    con.print(f"probe stage: {m['seconds']:.1f} s")
+            con.print(f"mean test accuracy ({name}): MLP {s[name]['mlp']:.3f}, SVM {s[name]['svm']:.3f}", markup=False)
+    for name, sec in (("backdoored", m), ("control", m.get("control"))):
+        if sec:
+            con.print(f"ICLA mean off-diagonal ({name}): MLP {sec['mlp']['icla_summary']['mean_off_diagonal']:.3f}, "
+                      f"SVM {sec['svm']['icla_summary']['mean_off_diagonal']:.3f}", markup=False)
+    con.print(f"probe stage: {m['seconds']:.1f} s", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -346,6 +346,11 @@ def run_probe_stage(
             f_near = feats["backdoored" if setting == "backdoored" else "base"][2][test_idx]
             results[which]["main_probe_fire_rate"] = {
                 p.kind_name: _r(fire_rate(p, f_near)) for p in probes[setting]}
+            strings = np.asarray([near[int(i)][0] for i in test_idx])
+            results[which]["main_probe_fire_rate_by_string"] = {
+                str(st): {"n_test_prompts": int((strings == st).sum()),
+                          "mlp": _r(fire_rate(probes[setting][0], f_near[torch.as_tensor(strings == st)]))}
+                for st in sorted(set(strings.tolist()))}
 
     sizes = {name: int((part == i).sum()) for i, name in enumerate(SPLIT_NAMES)}
     metrics: dict[str, Any] = {
