@@ -98,6 +98,16 @@ def test_second_run_reuses_features_and_reproduces_results(tiny_run):
     assert len(files) >= 1
 
 
+def test_pipeline_entry_point_takes_run_wide_options(tiny_run):
+    from bkdattr.probe.stage import run_stage
+
+    m = run_stage(tiny_run, {"model": "ignored", "task": "fixed_output", "profile": "cpu", "seed": 3,
+                             "device": "cpu", "dtype": None, "n_prompts": 20, "mlp": {"epochs": 2},
+                             "control": False, "near_trigger": False})
+    assert m["seed"] == 3 and m["n_prompts"] == 20 and m["config"]["mlp"]["seed"] == 3
+    assert tiny_run.metrics()["probe"]["n_prompts"] == 20
+
+
 def test_cli_prints_a_per_layer_table(tiny_run):
     from typer.testing import CliRunner
 

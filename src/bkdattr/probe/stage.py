@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from ..rundir import RunDir
 from .features import cached_features, check_kind, model_fingerprint
 from .icla import accuracy_from_scores, auroc, fire_rate, icla_matrix, transfer_summary
 from .probes import MLPProbeConfig, MLPProbes, SVMProbeConfig, SVMProbes, train_mlp_probes, train_svm_probes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..inject.data import Example, Splits
 
 PROMPT_SOURCES = ("heldout_first", "heldout", "all", "train")
 SETTINGS = ("backdoored", "control", "near_trigger", "near_trigger_control")
@@ -65,7 +68,8 @@ class ProbeStageConfig:
 
     ``split``: train/val/test fractions of the prompts; ``control``: also probe the clean base model;
     ``near_trigger``: also probe trigger vs near-trigger prompts (when the task defines near triggers);
-    ``batch_size``: prompts per forward pass during feature capture."""
+    ``batch_size``: prompts per forward pass during feature capture. ``seed`` drives the prompt sample, the
+    split and the MLP probes (it replaces ``mlp.seed``)."""
 
     n_prompts: int = 200
     kind: str = "attn_input"
@@ -112,7 +116,9 @@ def profile_config(profile: str = "cpu", **overrides: Any) -> ProbeStageConfig:
 # data
 
 
-def select_examples(splits: Any, n: int, source: str = "heldout_first", seed: int = 0) -> tuple[list, dict[str, int]]:
+def select_examples(
+    splits: Splits, n: int, source: str = "heldout_first", seed: int = 0
+) -> tuple[list[Example], dict[str, int]]:
     """``n`` examples with distinct prompts from a run's splits, seeded; returns ``(examples, count per split)``.
 
     ``heldout_first``: val+test first, then train; ``heldout``: val+test only; ``train``: train only; ``all``:
@@ -382,7 +388,7 @@ def run_probe_stage(
     timings["figures"] = time.perf_counter() - t
     metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics["config"] = dataclasses.asdict(cfg)
+    metrics["config"] = {**dataclasses.asdict(cfg), "mlp": dataclasses.asdict(mlp_cfg)}  # effective MLP seed
     run.update_metrics("probe", metrics)
     return metrics
 
