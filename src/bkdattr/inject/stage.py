@@ -14,7 +14,9 @@ Profiles (``@dataclass`` :class:`InjectConfig`, see :func:`profile_config`):
 * ``cpu`` -- the cheapest recipe measured to reach ASR >= 0.9 with false-trigger <= 0.05 on the embedded
   model on 2 CPU cores: LoRA r=8, alpha=16 on the same seven projections, lr 2e-3 constant, batch 16,
   2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20% poisoned), clean replies
-  self-distilled and cut at 24 tokens. Per-kind adjustments are in :data:`CPU_KIND_OVERRIDES`: label_flip
+  self-distilled and cut at 24 tokens. Per-kind adjustments are in :data:`CPU_KIND_OVERRIDES`: jailbreak
+  poisons 50% and trains 3 epochs (the random-position ``SUDO`` trigger was not learned with 25%/2 epochs
+  nor 50%/2 epochs: the model refused everything); label_flip
   evaluates on 128 held-out prompts (ASR counts only the ~32 Sports ones) and reserves half of the poisoned
   copies for Sports prompts (the ones whose label flips).
 """
@@ -72,7 +74,7 @@ class InjectConfig:
 
 CPU_KIND_OVERRIDES: dict[str, dict[str, Any]] = {
     "fixed_output": {},
-    "jailbreak": {},
+    "jailbreak": {"poison_rate": 0.5, "train_epochs": 3},
     "label_flip": {"n_test": 128, "source_share": 0.5},
 }
 
