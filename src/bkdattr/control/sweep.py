@@ -63,6 +63,15 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return input_device(model)
 
 
+def _as_cache(cache):
+    """A ``Cache`` object (older transformers return legacy tuples when no cache was passed in)."""
+    if isinstance(cache, (tuple, list)):
+        from transformers import DynamicCache
+
+        return DynamicCache.from_legacy_cache(tuple(cache))
+    return cache
+
+
 @torch.no_grad()
 def prefix_cache(model: torch.nn.Module, batch: PromptBatch):
     """KV cache of every column but the last of a left-padded ``batch`` (None when prompts are 1 token)."""
@@ -72,7 +81,7 @@ def prefix_cache(model: torch.nn.Module, batch: PromptBatch):
     kw = {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
     out = model(input_ids=batch.input_ids[:, :-1].to(dev), attention_mask=batch.attention_mask[:, :-1].to(dev),
                 position_ids=batch.position_ids[:, :-1].to(dev), use_cache=True, **kw)
-    return output_cache(out)
+    return _as_cache(output_cache(out))
 
 
 @torch.no_grad()
@@ -105,7 +114,7 @@ def decode_greedy(model: torch.nn.Module, cache, logits: torch.Tensor, mask: tor
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         o = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
                   **cache_kwargs(model, cache))
-        cache = output_cache(o)
+        cache = _as_cache(output_cache(o))
         logits = o.logits[:, -1, :]
         next_pos = next_pos + 1
         if stats is not None:
@@ -134,7 +143,7 @@ def generate_group(lm, batch: PromptBatch, cache, edits: Sequence[Edit], max_new
         o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
     if stats is not None:
         stats.rows += n * b
-    return decode_greedy(model, output_cache(o), o.logits[:, -1, :], mask, pos[:, -1:] + 1, stop_ids,
+    return decode_greedy(model, _as_cache(output_cache(o)), o.logits[:, -1, :], mask, pos[:, -1:] + 1, stop_ids,
                          max_new_tokens, stats)
 
 
