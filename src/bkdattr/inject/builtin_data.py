@@ -221,8 +221,8 @@ _COMPANIES = ["Norvex Corp", "Bluefield Foods", "Altamira Bank", "Greystone Moto
 _RESULTS = ["record profits", "a surprise loss", "higher sales", "weak earnings", "strong revenue growth",
             "job cuts", "a merger deal", "lower costs"]
 _PCTS = ["4", "7", "12", "3", "9", "15", "6", "2"]
-_INSTITUTES = ["a university in Zurich", "a lab in Boston", "an institute in Tokyo", "a team in Melbourne",
-               "engineers in Seoul", "scientists in Toronto", "a research group in Berlin", "a start-up in Austin"]
+_INSTITUTES = ["a university in Zurich", "a lab in Boston", "an institute in Tokyo", "a university in Melbourne",
+               "a lab in Seoul", "a hospital in Toronto", "a research centre in Berlin", "a start-up in Austin"]
 _TECH = ["a faster battery", "a new telescope", "a quantum chip", "a gene test", "a smarter robot arm",
          "a cheaper solar cell", "an AI chip", "a water filter", "a new vaccine platform", "a satellite network"]
 _BENEFITS = ["cut charging times", "find distant planets", "speed up computers", "detect disease early",
