@@ -85,9 +85,9 @@ def test_rerun_skips_and_change_reruns_downstream(tmp_path, fake_stages):
 def test_failed_stage_resumes_there(tmp_path, fake_stages):
     with pytest.raises(RuntimeError, match="failed"):
         run_pipeline(_cfg(tmp_path, "attribute.fail=true"), log=lambda s: None)
-    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.inject.stage", "bkdattr.probe.stage",
+    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.pipeline", "bkdattr.probe.stage",
                                                       "bkdattr.attribution.stage"]
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path), log=lambda s: None)  # the fixed option changes attribute's key only
     assert fake_stages[0].endswith("bkdattr.attribution.stage")
-    assert not any(c.endswith(("inject.stage", "probe.stage")) for c in fake_stages)
+    assert not any(c.endswith(("_inject_stage@bkdattr.pipeline", "probe.stage")) for c in fake_stages)

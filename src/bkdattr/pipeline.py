@@ -37,7 +37,7 @@ UPSTREAM = {
 }
 #: stage -> "module:function" taking (run: RunDir, options: dict) and writing its metrics section
 RUNNERS = {
-    "inject": "bkdattr.inject.stage:run_stage",
+    "inject": "bkdattr.pipeline:_inject_stage",
     "probe": "bkdattr.probe.stage:run_stage",
     "attribute": "bkdattr.attribution.stage:run_stage",
     "ablate": "bkdattr.control.stage:run_ablation_stage",
@@ -131,6 +131,22 @@ def _resolve(spec: str) -> Callable[[RunDir, dict[str, Any]], Any]:
     return getattr(importlib.import_module(mod), fn)
 
 
+_INJECT_CALL_KEYS = ("data", "trigger", "placement", "trigger_end", "target", "trust_remote_code")
+
+
+def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
+    """Inject into the run folder itself: run-wide keys pick the model/task/profile, the ``inject`` section
+    overrides :class:`bkdattr.inject.stage.InjectConfig` fields (``train_*`` for training fields)."""
+    from .inject.stage import inject, profile_config
+
+    opts = dict(options)
+    call = {k: opts.pop(k) for k in _INJECT_CALL_KEYS if k in opts}
+    model, kind, profile = opts.pop("model"), opts.pop("task"), opts.pop("profile")
+    device, dtype = opts.pop("device"), opts.pop("dtype")
+    cfg = profile_config(profile, kind, **opts)
+    inject(run.path, model=model, kind=kind, cfg=cfg, device=device, dtype=dtype, **call)
+
+
 def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
     from .report.html import build_report
 
@@ -170,7 +186,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
     state_path = run.path / "stages.json"
     state = read_json(state_path) if state_path.is_file() else {}
     keys = stage_keys(cfg)
-    write_json(run.path / "config.json", {"config": dataclasses.asdict(cfg), "keys": keys, "versions": _versions()})
+    run_record = {"config": dataclasses.asdict(cfg), "keys": keys, "versions": _versions()}
+    write_json(run.path / "config.json", run_record)
     total = time.perf_counter()
     for stage in STAGES:
         if stage not in cfg.stages:
@@ -184,6 +201,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
         seconds = time.perf_counter() - t0
         state[stage] = {"key": keys[stage], "seconds": round(seconds, 2), "finished": time.time()}
         write_json(state_path, state)
+        write_json(run.path / "config.json", run_record)  # inject replaces the whole folder
         timings = dict(run.metrics().get("timings") or {})
         timings[stage] = round(seconds, 2)
         run.update_metrics("timings", timings)
