@@ -225,6 +225,52 @@ def test_interrupted_exact_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     assert again.info["resumed_units"] == 0 and torch.equal(again.cie["sum_logprob"], full.cie["sum_logprob"])
 
 
+def test_patched_layer_runs_only_at_p_and_later_layers_on_the_whole_suffix():
+    """The layer replay recomputes the patched layer on column p(x) alone (later positions never see the
+    patch at that layer) and the layers above it on every suffix column; the numbers are exact (previous
+    tests) and the column counts are what the shortcut promises."""
+    lm = make_tiny("llama", n_layers=3)
+    batch = encode_aligned(lm.tokenizer, PROMPTS[:2], TARGETS[:2])
+    runner = ChunkRunner(lm, batch, "layers").prepare()
+    widths: dict[int, list[int]] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, kwargs, j=j: widths.setdefault(j, []).append(
+            (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+        for j, layer in enumerate(lm.arch.layers)]
+    try:
+        delta = torch.randn(2 * 3, lm.arch.d_model)
+        runner.patched_logprobs(1, delta, 3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert batch.target_width > 1
+    assert widths == {1: [1], 2: [batch.target_width]}
+
+
+def test_two_pass_refines_the_top_heads_with_every_metric():
+    lm = make_tiny("gemma", n_layers=3)
+    abar = strong_abar(lm)
+    one = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+    two = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False, refine_top=4)
+    m = "first_token_logprob"
+    assert torch.allclose(two.cie[m], one.cie[m], atol=1e-5)  # ranking metric: every head
+    top = [(x, h) for x, h, _ in two.top_heads(4)]
+    assert two.info["refined_heads"] == [list(t) for t in top] and top == [(x, h) for x, h, _ in one.top_heads(4)]
+    sel = torch.zeros_like(two.evaluated)
+    for x, h in top:
+        sel[x, h] = True
+    for k in ("geomean_prob", "sum_logprob"):
+        assert torch.allclose(two.cie[k][:, sel], one.cie[k][:, sel], atol=1e-5, rtol=1e-5), k
+        assert torch.isnan(two.acie[k][~sel]).all() and torch.equal(two.clean[k], one.clean[k]), k
+        assert len(two.top_heads(16, k)) == 4
+        assert set(two.info["refine_rank_agreement"]) == {"geomean_prob", "sum_logprob"}
+    assert two.info["metric_coverage"] == {m: "all", "geomean_prob": "top 4 by first_token_logprob",
+                                           "sum_logprob": "top 4 by first_token_logprob"}
+    assert two.info["refine_check_max_abs_diff"] < 1e-5 and two.seconds >= two.info["pass1_seconds"]
+    with pytest.raises(ConfigError, match="refine_top"):
+        attribute(lm, PROMPTS, TARGETS, abar, refine_top=-1, progress=False)
+
+
 # ---- attribution patching -----------------------------------------------------------------------------------
 def test_attribution_patching_is_first_order_exact():
     """With abar = a(x) + eps * v the patch is eps * v: the estimate's error must shrink like eps^2."""
@@ -396,8 +442,10 @@ def test_stage_writes_artifacts_and_metrics(tiny_run):
     abar = mean_contributions(lm, [by_uid[u].triggered for u in meta["mean_prompt_uids"]], batch_size=16)
     saved = load_tensors(tiny_run.path / "attribution" / "abar.safetensors")["abar"]
     assert torch.allclose(saved, abar, atol=1e-6)
+    assert m["refine_top"] == 32 and m["metric_coverage"]["geomean_prob"] == "top 8 by first_token_logprob"
+    assert set(m["metrics_computed"]) == set(METRICS)  # the cpu profile's two passes cover all 8 heads here
     res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, batch_size=3,
-                    progress=False)
+                    progress=False, refine_top=32)
     back = AttributionResult.load(tiny_run.path / "attribution")
     assert torch.allclose(back.acie["first_token_logprob"], res.acie["first_token_logprob"], atol=1e-6)
     assert m["top_heads"][0][:2] == list(res.top_heads(1)[0][:2])
@@ -406,6 +454,7 @@ def test_stage_writes_artifacts_and_metrics(tiny_run):
 
 
 def test_cli_attribute(tiny_run, capsys):
+    from bkdattr.attribution.stage import AttributeConfig
     from bkdattr.cli import main
 
     assert main(["attribute", "--run", str(tiny_run.path), "--method", "attribution", "--n-prompts", "3",
@@ -413,6 +462,12 @@ def test_cli_attribute(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "BAHA top" in out and "attribution" in out
     assert tiny_run.metrics()["attribution"]["method"] == "attribution"
+    assert main(["attribute", "--run", str(tiny_run.path), "--n-prompts", "3", "--n-mean-prompts", "4", "--quiet",
+                 "--refine-top", "2", "--metrics", "first_token_logprob"]) == 0
+    m = tiny_run.metrics()["attribution"]
+    assert m["refine_top"] == 2 and m["metric_coverage"]["sum_logprob"] == "top 2 by first_token_logprob"
+    assert len(m["top_heads_by_metric"]["sum_logprob"]) == 2 and len(m["top_heads"]) == 8
+    assert AttributeConfig(profile="paper").refine_top == 0 and AttributeConfig().refine_top == 32
     assert main(["attribute", "--run", str(tiny_run.path), "--metric", "bogus"]) == 2
     assert "unknown metric" in capsys.readouterr().err
 

@@ -152,7 +152,8 @@ def result_from_sweep(sweep: Sweep, arch, heads: Sequence[tuple[int, int]], meth
 def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor, method: str = "exact",
               metric: str = DEFAULT_METRIC, heads: Sequence[tuple[int, int]] | None = None, *, batch_size: int = 8,
               metrics: Sequence[str] | None = None, strategy: str = "auto", heads_per_pass: int | None = None,
-              progress: bool = True, checkpoint: str | Path | None = None) -> AttributionResult:
+              progress: bool = True, checkpoint: str | Path | None = None, refine_top: int = 0
+              ) -> AttributionResult:
     """ACIE of every head (or of ``heads``) over ``clean_prompts`` with backdoor ``targets``.
 
     ``abar``: mean triggered contributions ``[L, H, d]`` (:func:`~bkdattr.attribution.means.mean_contributions`).
@@ -160,8 +161,20 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
     :data:`~bkdattr.attribution.scores.METRICS`). ``metrics`` (exact only): the scores to compute (default all;
     ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path options.
     ``checkpoint`` (exact only): a file keeping finished work units, so an interrupted sweep resumes there.
-    Under an initialised torch.distributed group the work is sharded and every rank returns the same result."""
+    ``refine_top`` (exact only, 0 = off): two passes -- every head in ``metrics`` (default: the ranking metric
+    alone, one scored position per head), then every metric, exactly, for the ``refine_top`` best heads of
+    that ranking (:func:`refine`). Under an initialised torch.distributed group the work is sharded and every
+    rank returns the same result."""
     check_metric(metric)
+    if refine_top < 0:
+        raise ConfigError(f"refine_top {refine_top} must be >= 0 (0: one pass)")
+    if refine_top and method == "exact":
+        first = list(metrics) if metrics is not None else [metric]
+        t0 = time.perf_counter()
+        res = attribute(lm, clean_prompts, targets, abar, method, metric, heads, batch_size=batch_size, metrics=first,
+                        strategy=strategy, heads_per_pass=heads_per_pass, progress=progress, checkpoint=checkpoint)
+        return refine(res, lm, clean_prompts, targets, abar, refine_top, batch_size=batch_size, strategy=strategy,
+                      heads_per_pass=heads_per_pass, progress=progress, checkpoint=checkpoint, t0=t0)
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
     if metrics is not None:
@@ -193,6 +206,42 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
 
         sweep = attribution_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, progress=progress)
     return result_from_sweep(sweep, lm.arch, heads, method, metric, time.perf_counter() - t0)
+
+
+def refine(res: AttributionResult, lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor,
+           top: int, *, batch_size: int = 8, strategy: str = "auto", heads_per_pass: int | None = None,
+           progress: bool = True, checkpoint: str | Path | None = None, t0: float | None = None
+           ) -> AttributionResult:
+    """Second pass of the two-pass sweep: compute every metric exactly for the ``top`` best heads of ``res``
+    (ranked by ``res.metric``) and merge. Metrics ``res`` already has keep their values for every head; the
+    others are NaN outside the refined heads. ``info`` gains ``refined_heads`` ([[layer, head], ...] in
+    ranking order), ``metric_coverage`` ({metric: "all" | "top N by <metric>"}), ``refine_rank_agreement``
+    (Spearman of each metric's ACIE with the ranking metric's over the refined heads) and
+    ``refine_check_max_abs_diff`` (the ranking metric recomputed in the second pass vs the first)."""
+    have = [m for m in METRICS if not torch.isnan(res.acie[m][res.evaluated]).all()]
+    missing = [m for m in METRICS if m not in have]
+    chosen = [(layer, h) for layer, h, _ in res.top_heads(top)]
+    res.info["pass1_seconds"] = round(res.seconds, 3)
+    if not missing or not chosen:
+        return res
+    t1 = time.perf_counter()
+    second = attribute(lm, clean_prompts, targets, abar, "exact", res.metric, chosen, batch_size=batch_size,
+                       strategy=strategy, heads_per_pass=heads_per_pass, progress=progress, checkpoint=checkpoint)
+    ev = second.evaluated
+    for m in missing:
+        res.acie[m][ev] = second.acie[m][ev]
+        res.cie[m][:, ev] = second.cie[m][:, ev]
+        res.clean[m] = second.clean[m]
+    diff = max(float((second.cie[m][:, ev] - res.cie[m][:, ev]).abs().max()) for m in have)
+    res.seconds = time.perf_counter() - (t0 if t0 is not None else t1 - res.seconds)
+    res.info.update(
+        refine_top=top, refined_heads=[list(x) for x in chosen], pass2_seconds=round(time.perf_counter() - t1, 3),
+        metric_coverage={m: ("all" if m in have else f"top {len(chosen)} by {res.metric}") for m in METRICS},
+        metrics_computed=list(METRICS), refine_check_max_abs_diff=diff,
+        refine_rank_agreement={m: spearman(res.acie[res.metric].where(ev, torch.tensor(float("nan"))), res.acie[m])
+                               for m in METRICS if m != res.metric},
+        target_columns="all")
+    return res
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

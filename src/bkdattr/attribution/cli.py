@@ -21,8 +21,11 @@ def register(app: typer.Typer) -> None:
                                    "(one full pass per head) or attribution (first-order estimate)"),
         metric: str = typer.Option("first_token_logprob", "--metric",
                                    help="ranking metric: first_token_logprob, geomean_prob (paper) or sum_logprob"),
-        metrics: str | None = typer.Option(None, "--metrics", help="comma-separated scores exact computes "
-                                           "(default all three; first_token_logprob alone is much faster)"),
+        metrics: str | None = typer.Option(None, "--metrics", help="comma-separated scores exact computes for "
+                                           "every head (default all three, or the ranking metric alone with "
+                                           "--refine-top; first_token_logprob alone is much faster)"),
+        refine_top: int | None = typer.Option(None, "--refine-top", help="exact two-pass: rank every head by "
+                                              "--metric, then all metrics for the top N (cpu 32, paper 0 = off)"),
         n_prompts: int | None = typer.Option(None, "--n-prompts", help="clean attribution prompts (cpu 32, paper 96)"),
         n_mean_prompts: int | None = typer.Option(None, "--n-mean-prompts",
                                                   help="triggered prompts for abar (cpu 256, paper all; 0 = all)"),
@@ -45,7 +48,8 @@ def register(app: typer.Typer) -> None:
 
         opts = dict(method=method, metric=metric, n_prompts=n_prompts, n_mean_prompts=n_mean_prompts,
                     prompt_split=prompt_split, profile=profile, batch_size=batch_size, top_k=top_k,
-                    strategy=strategy, workers=workers, seed=seed, device=device, dtype=dtype, threads=threads,
+                    refine_top=refine_top, strategy=strategy, workers=workers, seed=seed, device=device,
+                    dtype=dtype, threads=threads,
                     progress=not quiet)
         if metrics:
             opts["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]

@@ -152,6 +152,8 @@ class _Replicated:
     cache: object
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    args1: list[tuple] = field(default_factory=list)  # the one-column (``p(x)`` only) calls
+    kwargs1: list[dict] = field(default_factory=list)
 
 
 class ChunkRunner:
@@ -172,11 +174,13 @@ class ChunkRunner:
         self.B, self.W, self.T = batch.size, batch.prompt_width, batch.target_width
         self._rep: dict[int, _Replicated] = {}
         self.calls: list[_LayerCall | None] = []
+        self.calls1: list[_LayerCall | None] = []  # layer calls of a clean pass over column p(x) alone (T > 1)
+        self.last_out: torch.Tensor | None = None  # clean output of the last decoder layer [B, T, d]
         self.cache = None
 
     # ---- clean passes ---------------------------------------------------------------------------------
-    def _suffix_inputs(self, reps: int = 1) -> dict[str, torch.Tensor]:
-        b, w, t = self.batch, self.W, self.T
+    def _suffix_inputs(self, reps: int = 1, width: int | None = None) -> dict[str, torch.Tensor]:
+        b, w, t = self.batch, self.W, width or self.T
         ids = b.input_ids[:, w - 1: w - 1 + t]
         mask = b.attention_mask[:, : w - 1 + t]
         pos = b.position_ids[:, w - 1: w - 1 + t]
@@ -210,12 +214,28 @@ class ChunkRunner:
         self.cache = output_cache(pre)
         if self.cache is None:
             raise ReplayMismatch("the model returned no KV cache")
+        last: list[torch.Tensor] = []
+
+        def keep_last(_m, _args, out):
+            if not last:
+                last.append(out[0] if isinstance(out, tuple) else out)
+
         with _cache_restored(self.cache), capture_layer_calls(self.arch.layers) as calls, \
-                capture_contributions(self.arch, zeros) as contrib:
+                capture_contributions(self.arch, zeros) as contrib, \
+                registered([self.arch.layers[-1].register_forward_hook(keep_last)]):
             logits = self.model(**self._suffix_inputs(), use_cache=True, **cache_kwargs(self.model, self.cache)).logits
-        if any(c is None for c in calls):
+        if any(c is None for c in calls) or not last:
             raise ReplayMismatch("some decoder layers were not called in the suffix pass")
-        self.calls = list(calls)
+        self.calls, self.last_out = list(calls), last[0]
+        if self.T > 1:
+            # the arguments of a call on column p(x) alone (mask, rotary embeddings, positions for one column):
+            # the patched layer itself only needs recomputing there (see patched_logprobs)
+            with _cache_restored(self.cache), capture_layer_calls(self.arch.layers) as calls1:
+                backbone(self.model)(**self._suffix_inputs(width=1), use_cache=True,
+                                     **cache_kwargs(self.model, self.cache))
+            if any(c is None for c in calls1):
+                raise ReplayMismatch("some decoder layers were not called in the one-column suffix pass")
+            self.calls1 = list(calls1)
         self.contrib = {k: v.cpu() for k, v in contrib.items()}
         self.clean_lp = self._lp_from_logits(logits, 1)
         return self
@@ -261,6 +281,9 @@ class ChunkRunner:
             for call in self.calls:
                 rep.args.append(_expand(call.args, self.B, reps, cache))
                 rep.kwargs.append(_expand(call.kwargs, self.B, reps, cache))
+            for call in self.calls1:
+                rep.args1.append(_expand(call.args, self.B, reps, cache))
+                rep.kwargs1.append(_expand(call.kwargs, self.B, reps, cache))
             self._rep = {reps: rep}  # keep one replication at a time (memory)
         return self._rep[reps]
 
@@ -286,17 +309,32 @@ class ChunkRunner:
                 logits = self.model(**self._suffix_inputs(reps), use_cache=True,
                                     **cache_kwargs(self.model, rep.cache)).logits
             return self._lp_from_logits(logits, reps)
-        h = self.calls[layer].hidden.repeat_interleave(reps, 0)
         with _cache_restored(rep.cache), self._edit(layer, delta, reps, 0):
-            for j in range(layer, self.arch.n_layers):
-                call = self.calls[j]
-                dev = _module_device(self.arch.layers[j], h.device)
-                if call.hidden_key is None:
-                    out = self.arch.layers[j](h.to(dev), *rep.args[j], **rep.kwargs[j])
-                else:
-                    out = self.arch.layers[j](**{call.hidden_key: h.to(dev)}, **rep.kwargs[j])
-                h = out[0] if isinstance(out, tuple) else out
+            if self.T > 1 and self.calls1:
+                # Layer ``layer`` itself: positions after p(x) attend to K/V of the (unchanged) layer input and
+                # never see the patched attention output, so their outputs are the clean ones; only column
+                # p(x) runs (attention + MLP after the patch), on the one-column call's arguments.
+                h0 = self._call(layer, self.calls1[layer].hidden.repeat_interleave(reps, 0), rep.args1[layer],
+                                rep.kwargs1[layer])
+                after = self.calls[layer + 1].hidden if layer + 1 < self.arch.n_layers else self.last_out
+                after = after[:, 1:].repeat_interleave(reps, 0)
+                h = torch.cat([h0, after.to(h0.device)], dim=1)
+                start = layer + 1
+            else:
+                h, start = self.calls[layer].hidden.repeat_interleave(reps, 0), layer
+            for j in range(start, self.arch.n_layers):
+                h = self._call(j, h, rep.args[j], rep.kwargs[j])
         return self._lp_from_hidden(h, reps)
+
+    def _call(self, j: int, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Decoder layer ``j`` on hidden states ``h [rows, cols, d]`` with recorded (replicated) arguments."""
+        dev = _module_device(self.arch.layers[j], h.device)
+        key = self.calls[j].hidden_key
+        if key is None:
+            out = self.arch.layers[j](h.to(dev), *args, **kwargs)
+        else:
+            out = self.arch.layers[j](**{key: h.to(dev)}, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     # ---- self-check -------------------------------------------------------------------------------------
     def tolerance(self) -> float:

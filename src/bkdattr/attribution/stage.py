@@ -43,8 +43,8 @@ from .scores import DEFAULT_METRIC, METRICS, check_metric
 
 #: run-wide pipeline options every stage receives; this stage reads device/dtype/seed/profile only
 _COMMON = ("model", "task", "profile", "seed", "device", "dtype", "threads")
-_PROFILE_DEFAULTS = {"cpu": {"n_prompts": 32, "n_mean_prompts": 256}, "paper": {"n_prompts": 96,
-                                                                              "n_mean_prompts": 0}}
+_PROFILE_DEFAULTS = {"cpu": {"n_prompts": 32, "n_mean_prompts": 256, "refine_top": 32},
+                     "paper": {"n_prompts": 96, "n_mean_prompts": 0, "refine_top": 0}}
 
 
 @dataclass
@@ -53,7 +53,10 @@ class AttributeConfig:
 
     ``method``: exact | reference | attribution. ``metric``: ranking metric (``first_token_logprob`` by
     default; the paper's ``geomean_prob`` and ``sum_logprob`` are computed in the same runs). ``metrics``:
-    the scores exact computes (None: all). ``n_prompts`` / ``n_mean_prompts``: clean attribution prompts and
+    the scores exact computes over every head (None: all, or only ``metric`` when ``refine_top`` is on).
+    ``refine_top``: exact two-pass sweep -- every head in ``metric`` (one scored position per head), then all
+    metrics for the top ``refine_top`` heads of that ranking (None: the profile's default, cpu 32, paper 0 =
+    one pass with every metric over every head). ``n_prompts`` / ``n_mean_prompts``: clean attribution prompts and
     triggered prompts for ``abar`` (None: the profile's default, cpu 32/256, paper 96/all; 0 = all).
     ``prompt_split``: val | test | train. ``batch_size``: prompts per chunk. ``strategy``/``heads_per_pass``:
     exact-path options. ``workers``: local processes (torch.distributed). ``threads``: torch threads (per
@@ -62,6 +65,7 @@ class AttributeConfig:
     method: str = "exact"
     metric: str = DEFAULT_METRIC
     metrics: list[str] | None = None
+    refine_top: int | None = None
     n_prompts: int | None = None
     n_mean_prompts: int | None = None
     prompt_split: str = "val"
@@ -93,6 +97,10 @@ class AttributeConfig:
         for name in ("batch_size", "mean_batch_size", "top_k", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.refine_top is None:
+            self.refine_top = _PROFILE_DEFAULTS[self.profile]["refine_top"]
+        if self.refine_top < 0:
+            raise ConfigError(f"refine_top {self.refine_top} must be >= 0 (0: one pass over every head)")
         if self.n_prompts is None:
             self.n_prompts = _PROFILE_DEFAULTS[self.profile]["n_prompts"]
         if self.n_mean_prompts is None:
@@ -157,7 +165,7 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     abar_s = time.perf_counter() - t0
     res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, method=cfg.method,
                     metric=cfg.metric, batch_size=cfg.batch_size, metrics=cfg.metrics, strategy=cfg.strategy,
-                    heads_per_pass=cfg.heads_per_pass, progress=show,
+                    heads_per_pass=cfg.heads_per_pass, progress=show, refine_top=cfg.refine_top,
                     checkpoint=run.path / "attribution" / ".partial_exact.safetensors")
     res.info.update(world_size=world, threads=torch.get_num_threads(), abar_seconds=round(abar_s, 3))
     if is_main():
@@ -197,6 +205,10 @@ def write_outputs(run: RunDir, res: AttributionResult, abar: torch.Tensor, cfg: 
         "metrics_computed": [m for m in METRICS if m in summary["top_heads_by_metric"]],
         "top_heads_by_metric": summary["top_heads_by_metric"],
         "clean_mean": summary["clean_mean"],
+        "metric_coverage": res.info.get("metric_coverage", {m: "all" for m in METRICS
+                                                            if m in summary["top_heads_by_metric"]}),
+        "refine_top": res.info.get("refine_top", 0),
+        "refine_rank_agreement": res.info.get("refine_rank_agreement"),
         "top5pct_share_of_positive_acie": concentration(res.acie[res.metric]),
         "strategy": res.info.get("strategy"),
         "world_size": res.info.get("world_size", 1),
