@@ -14,6 +14,9 @@ Methods (:func:`attribute`): ``exact`` (:mod:`~bkdattr.attribution.exact`, the d
 full pass per head, fast), ``reference`` (:mod:`~bkdattr.attribution.reference`: literally one full pass per
 head) and ``attribution`` (:mod:`~bkdattr.attribution.patching`: a first-order estimate from one forward and
 one backward pass). Heads are ranked by the ACIE of one metric (``metric``); all metrics are kept.
+``refine_top=N`` (exact; the ``cpu`` profile's default is 32) runs two passes: every head in the ranking metric
+alone (for ``first_token_logprob`` one scored position per head, ~7x cheaper), then every metric -- the paper's
+geometric mean included -- exactly for the top ``N`` heads of that ranking (:func:`refine`).
 
 Example::
 

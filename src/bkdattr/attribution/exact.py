@@ -13,7 +13,10 @@ target. Almost all of that pass is the same for every head:
    pass records, with forward pre-hooks (``with_kwargs=True``), the hidden states entering every decoder layer
    and the exact arguments the model passes to it (attention mask, rotary embeddings, position ids, cache).
    A patched run for a head of layer ``l`` then calls layers ``l .. L-1`` directly on the recorded input of
-   layer ``l``, followed by the final norm and the LM head.
+   layer ``l``, followed by the final norm and the LM head. Layer ``l`` itself only runs on column ``p(x)``:
+   later positions attend to keys/values computed from layer ``l``'s (unchanged) input and never see the
+   patched attention output there, so their layer-``l`` outputs are the clean ones (recorded); a second
+   clean pass over column ``p(x)`` alone records the arguments of a one-column call.
 3. **Several heads at once.** The batch is replicated once per head of the layer (row ``b*R + r`` is prompt
    ``b`` patched at head ``r``); the cache and every batch-shaped argument are repeated to match. After each
    run the cache layers are reset to the prefix (their state is snapshotted; updates concatenate, so the
