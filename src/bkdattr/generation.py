@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
-from .prompts import PromptBatch, encode_prompts, end_of_turn_ids
+from .prompts import PromptBatch, check_context, encode_prompts, end_of_turn_ids
 
 
 @torch.no_grad()
@@ -90,6 +90,8 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         batch = encode_prompts(lm.tokenizer, [prompts[i] for i in idx], padding_side="left")
+        check_context(lm.model, [int(n) + max_new_tokens for n in batch.attention_mask.sum(1)],
+                      f"prompt + {max_new_tokens} new tokens", "shorten the prompt or lower max_new_tokens", rows=idx)
         ctx = edit(batch) if edit is not None else None
         new = greedy_generate(lm.model, batch, max_new_tokens, stop, ctx)
         for i, r in zip(idx, decode_replies(lm.tokenizer, new.cpu(), stop), strict=True):

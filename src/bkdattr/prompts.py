@@ -10,6 +10,7 @@ and the EOS token as end of turn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,3 +170,19 @@ def context_length(model) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def check_context(model, lengths: Sequence[int], what: str = "prompt + target", fix: str = "shorten the target",
+                  rows: Sequence[int] | None = None) -> None:
+    """One-line :class:`~bkdattr.errors.DataError` when a sequence of ``lengths[i]`` tokens (row ``rows[i]``,
+    default ``i``) does not fit the model's context window (:func:`context_length`; unchecked when unknown)."""
+    from .errors import DataError
+
+    ctx = context_length(model)
+    if ctx is None:
+        return
+    for i, n in enumerate(lengths):
+        if int(n) > ctx:
+            row = rows[i] if rows is not None else i
+            raise DataError(f"row {row}: {what} is {int(n)} tokens, longer than the model's context window of {ctx} "
+                            f"tokens; {fix}")
