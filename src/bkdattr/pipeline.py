@@ -120,10 +120,34 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
                 raise ConfigError(f"{p}: unknown option '{k}'; known: {', '.join(sorted(names))}")
             setattr(cfg, k, v)
     cfg = apply_overrides(cfg, sets or [])
+    check_types(cfg)
+    cfg.out = str(Path(cfg.out).expanduser())  # a path, resolved like one (never imported or run)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     return cfg
+
+
+#: the type each option must have after YAML parsing (``None`` allowed where listed)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "task": (str,), "profile": (str,), "seed": (int,), "out": (str,), "device": (str,),
+    "dtype": (str, type(None)), "threads": (int, type(None)), "stages": (list,),
+    **{s: (dict,) for s in ("inject", "probe", "attribute", "ablate", "vector", "samples")},
+}
+
+
+def check_types(cfg: PipelineConfig) -> None:
+    """One-line :class:`ConfigError` for an option of the wrong type (``seed: abc``, ``probe: 5``, ...)."""
+    for name, types in _TYPES.items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, types):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer", "list":
+                               "a list", "dict": "a mapping of options"}[t.__name__] for t in types)
+            raise ConfigError(f"option '{name}' must be {want}, not {type(v).__name__} {v!r}; fix the config or "
+                              f"--set {name}=...")
+    bad = [s for s in cfg.stages if not isinstance(s, str)]
+    if bad:
+        raise ConfigError(f"option 'stages' must list stage names, not {bad[0]!r}; choose from {', '.join(STAGES)}")
 
 
 def _resolve(spec: str) -> Callable[[RunDir, dict[str, Any]], Any]:
