@@ -105,6 +105,32 @@ def load_tensors(path: str | Path, expect: dict[str, tuple[int, ...]] | None = N
     return out
 
 
+def tensor_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"file not found: {path}; check the path or rerun the stage that writes it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e}); delete it and rerun") from None
+
+
+def check_metadata(path: str | Path, expected: dict[str, str]) -> dict[str, str]:
+    """Refuse a safetensors artifact written for other inputs: every ``expected`` metadata entry (e.g. the
+    config hash ``key`` it was computed for) must match, else :class:`ArtifactError`. Returns the metadata."""
+    meta = tensor_metadata(path)
+    for name, want in expected.items():
+        got = meta.get(name)
+        if got != str(want):
+            raise ArtifactError(f"{path} was written for other inputs ({name} {got!r}, expected {str(want)!r}); "
+                                "it is stale or foreign: delete it and rerun the stage")
+    return meta
+
+
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Save numpy arrays (no object arrays), atomically."""
     with atomic_path(path) as tmp:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..compat import cache_kwargs, output_cache
 from ..errors import ConfigError, DataError
 from ..hooks import capture_features
-from ..io import load_tensors, save_tensors, stable_hash
+from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
 from ..prompts import has_chat_template, pad_id, position_ids_from_mask, render_prompt
 
@@ -194,6 +194,7 @@ def cached_features(
     n_layers = lm.arch.n_layers if layers is None else len(list(layers))
     shape = (len(texts), n_layers, lm.arch.d_model)
     if path.is_file():
+        check_metadata(path, {"key": key, "kind": kind})  # a foreign file copied under this name is refused
         return load_tensors(path, expect={"features": shape})["features"], path, True
     feats = extract_features(lm, texts, kind=kind, batch_size=batch_size, layers=layers, progress=progress, desc=tag)
     save_tensors(path, {"features": feats}, metadata={"kind": kind, "key": key, "model": lm.name, "n": str(len(texts))})
