@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,11 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise InputFileError(f"file not found: {path}; check the path")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputFileError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}; fix or regenerate the file") from None
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path}: not UTF-8 text (byte {e.start}); fix or regenerate the file") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -143,8 +146,17 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"file not found: {path}; check the path")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays (pickle), corrupt archives
+        raise ArtifactError(f"{path}: not a plain numpy npz file ({_short(e)}); bkdattr never unpickles: delete it "
+                            "and rerun the stage that writes it") from None
+
+
+def _short(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:160]
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
