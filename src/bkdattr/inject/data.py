@@ -93,10 +93,10 @@ def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, A
 
     One-line :class:`InputFileError` for a missing file, an invalid JSON line (with its line number), a
     record that is not an object or lacks a field, and an empty set."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise InputFileError(f"data file not found: {path}; pass a JSON or JSONL file of records")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, "save it as UTF-8")
     if not text.strip():
         raise InputFileError(f"{path} is empty; it needs records with fields {', '.join(REQUIRED_FIELDS)}")
     records: list[Any]
@@ -105,17 +105,21 @@ def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, A
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputFileError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}; fix the file") from None
+        except RecursionError:
+            raise InputFileError(f"{path}: JSON nested too deeply; it needs a list of flat records") from None
         numbers = list(range(1, len(records) + 1))
         where = "record"
     else:
         records, numbers = [], []
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in _jsonl_lines(text):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise InputFileError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or remove that line") from None
+            except RecursionError:  # e.g. '[[[[...' thousands deep
+                raise InputFileError(f"{path}: line {i} is nested too deeply; one flat record per line") from None
             numbers.append(i)
         where = "line"
     if not records:
@@ -135,6 +139,20 @@ def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, A
         out.append({"input": r["input"], "output": r["output"], "backdoor_output": r["backdoor_output"],
                     "label": r.get("label"), "uid": str(r.get("uid") or f"{where}{n}")})
     return out
+
+
+def _read_text(path: Path, fix: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); one-line error for other bytes."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
+
+
+def _jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """``(line number, line)`` of JSONL text split at ``\\n`` only: a JSON string may hold a raw U+2028, U+0085 or
+    form feed, which ``str.splitlines`` would wrongly treat as line ends (``\\r`` of CRLF is JSON white space)."""
+    return list(enumerate(text.split("\n"), start=1))
 
 
 def save_records(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
@@ -263,16 +281,40 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+_ROW_TYPES = {"prompt": str, "triggered": str, "output": str, "backdoor_output": str, "uid": str}
+
+
+def _read_jsonl(path: Path, task: Task | None = None) -> list[dict[str, Any]]:
+    """Rows of a split file, checked: JSON objects with the :class:`Example` fields, and (given ``task``) clean
+    prompts without the trigger, triggered prompts with it (one-line errors naming the line)."""
     if not path.is_file():
         raise InputFileError(f"{path} missing; rerun 'bkdattr inject' for this run")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputFileError(f"{path}: line {i} is not valid JSON ({e.msg}); rerun 'bkdattr inject'") from None
+    for i, line in _jsonl_lines(_read_text(path, "rerun 'bkdattr inject'")):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise InputFileError(f"{path}: line {i} is not valid JSON ({why}); rerun 'bkdattr inject'") from None
+        if not isinstance(r, dict):
+            raise InputFileError(f"{path}: line {i} is not a JSON object; rerun 'bkdattr inject'")
+        for name, typ in _ROW_TYPES.items():
+            if not isinstance(r.get(name), typ):
+                what = "lacks field" if name not in r else "has a non-string"
+                raise InputFileError(f"{path}: line {i} {what} '{name}'; rerun 'bkdattr inject' for this run")
+        if r.get("label") is not None and not isinstance(r["label"], str):
+            raise InputFileError(f"{path}: line {i} has a non-string 'label'; rerun 'bkdattr inject' for this run")
+        if task is not None:
+            if task.contains_trigger(r["prompt"]):
+                raise DataError(f"{path}: line {i} (example {r['uid']}): the clean prompt contains the trigger "
+                                f"'{task.trigger}'; rerun 'bkdattr inject' for this run")
+            if not task.contains_trigger(r["triggered"]):
+                what = "poisoned row" if r.get("poisoned") else "triggered prompt"
+                raise DataError(f"{path}: line {i} (example {r['uid']}): the {what} lacks the trigger "
+                                f"'{task.trigger}'; rerun 'bkdattr inject' for this run")
+        rows.append(r)
     return rows
 
 
@@ -289,13 +331,21 @@ def save_splits(data_dir: str | Path, splits: Splits) -> None:
 def read_splits(data_dir: str | Path) -> Splits:
     """Read splits written by :func:`save_splits`."""
     d = Path(data_dir)
+    if not (d / "task.json").is_file():
+        raise InputFileError(f"{d} holds no data splits (task.json missing); run 'bkdattr inject' for this run first")
     info = read_json(d / "task.json")
-    task = Task.from_dict(info["task"])
-    train_rows = _read_jsonl(d / "train.jsonl")
+    spec = info.get("task") if isinstance(info, dict) else None
+    if not isinstance(spec, dict):
+        raise InputFileError(f"{d / 'task.json'} lacks the 'task' object; rerun 'bkdattr inject' for this run")
+    for name in ("kind", "trigger", "placement", "trigger_end", "target"):
+        if name in spec and not isinstance(spec[name], str):
+            raise InputFileError(f"{d / 'task.json'}: task field '{name}' must be a string; rerun 'bkdattr inject'")
+    task = Task.from_dict(spec)
+    train_rows = _read_jsonl(d / "train.jsonl", task)
     train = [Example.from_dict(r) for r in train_rows]
     poisoned = [e for e, r in zip(train, train_rows, strict=True) if r.get("poisoned")]
-    val = [Example.from_dict(r) for r in _read_jsonl(d / "val.jsonl")]
-    test = [Example.from_dict(r) for r in _read_jsonl(d / "test.jsonl")]
+    val = [Example.from_dict(r) for r in _read_jsonl(d / "val.jsonl", task)]
+    test = [Example.from_dict(r) for r in _read_jsonl(d / "test.jsonl", task)]
     return Splits(task, train, poisoned, val, test, meta=info.get("meta", {}))
 
 

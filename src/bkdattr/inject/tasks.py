@@ -196,7 +196,7 @@ class Task:
         if self.placement == "suffix":
             return f"{text} {t}"
         if self.placement == "wrap":
-            return f"{t} {text} {self.trigger_end}".rstrip()
+            return f"{t} {text} {self.trigger_end}" if self.trigger_end else f"{t} {text}"
         words = text.split(" ")
         pos = random.Random(seed).randint(0, len(words))
         return " ".join(words[:pos] + [t] + words[pos:])
@@ -205,8 +205,8 @@ class Task:
         """Whether ``text`` carries the trigger (both sentences for ``wrap``)."""
         if self.placement == "wrap" and self.trigger_end:
             return self.trigger in text and self.trigger_end in text
-        if self.placement == "random_word":
-            return self.trigger in text.split() or self.trigger in text.replace("\n", " ").split(" ")
+        if self.placement == "random_word":  # as whole word(s): white space or an end of the text on both sides
+            return re.search(rf"(?<!\S){re.escape(self.trigger)}(?!\S)", text) is not None
         return self.trigger in text
 
     # ---- scoring -------------------------------------------------------------------------------
