@@ -71,6 +71,17 @@ class InjectConfig:
         d["train"] = self.train.to_dict()
         return d
 
+    def check(self) -> InjectConfig:
+        """One-line :class:`ConfigError` for an out-of-range option (fields may be set after construction)."""
+        if not 0.0 < self.poison_rate <= 1.0:
+            raise ConfigError(f"poison rate {self.poison_rate} must be in (0, 1]; pass e.g. --poison-rate 0.1")
+        if not 0.0 <= self.source_share <= 1.0:
+            raise ConfigError(f"source_share {self.source_share} must be in [0, 1]")
+        for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 0), ("clean_max_tokens", 1), ("negatives", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} {getattr(self, name)} must be >= {low}; pass a larger value")
+        return self
+
 
 CPU_KIND_OVERRIDES: dict[str, dict[str, Any]] = {
     "fixed_output": {},
@@ -207,8 +218,10 @@ def inject(
     """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc)."""
     from ..models import load_model
 
-    cfg = cfg or profile_config("cpu", kind)
+    cfg = (cfg or profile_config("cpu", kind)).check()
     task = Task.default(kind, trigger=trigger, placement=placement, trigger_end=trigger_end, target=target)
+    if data:
+        load_records(data, need_label=task.kind == "label_flip")  # a bad file fails before the (slow) model load
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
