@@ -186,3 +186,10 @@ def check_context(model, lengths: Sequence[int], what: str = "prompt + target", 
             row = rows[i] if rows is not None else i
             raise DataError(f"row {row}: {what} is {int(n)} tokens, longer than the model's context window of {ctx} "
                             f"tokens; {fix}")
+
+
+def check_targets_fit(model, tokenizer, texts: Sequence[str], targets: Sequence[str]) -> None:
+    """:func:`check_context` for teacher-forced rows: each rendered prompt plus its target must fit."""
+    lengths = [len(_prompt_ids(tokenizer, x)) + len(target_ids(tokenizer, y))
+               for x, y in zip(texts, targets, strict=True)]
+    check_context(model, lengths, "prompt + target", "shorten the target (or the prompt)")

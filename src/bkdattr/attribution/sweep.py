@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, DataError
+from ..prompts import check_targets_fit
 from .means import length_order
 from .scores import METRICS
 
@@ -46,6 +47,7 @@ def check_inputs(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch
     for layer, h in heads:
         if not (0 <= layer < a.n_layers and 0 <= h < a.n_heads):
             raise ConfigError(f"head ({layer}, {h}) out of range for {a.n_layers} layers x {a.n_heads} heads")
+    check_targets_fit(lm.model, lm.tokenizer, prompts, targets)
 
 
 def chunks_of(lm, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
