@@ -14,7 +14,9 @@ master weights). LoRA adapters go on every attention and MLP projection (``q,k,v
 
 A checkpoint (adapter weights + AdamW state as safetensors, progress as JSON) is written after each epoch;
 rerunning the same command resumes from it. Data order per epoch and dropout are seeded by
-``seed + epoch``, so a resumed run equals an uninterrupted one. At the end the adapter is merged into the
+``seed + epoch``, so a resumed run equals an uninterrupted one. Both tensor files carry the data/config key
+and their epoch in their metadata and ``state.json`` is written last; a checkpoint whose files disagree (a
+kill between the writes) is not resumed, training starts over. At the end the adapter is merged into the
 base weights (``merge_and_unload``).
 """
 
@@ -33,8 +35,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..errors import ArtifactError, ConfigError, DataError, InputFileError
+from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
 from ..prompts import (
     context_length,
     encode_with_targets,
@@ -214,6 +216,15 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict(sd)
 
 
+def _tagged(path: Path, tag: dict[str, str]) -> bool:
+    """Whether a checkpoint file exists and was written for ``tag`` (key and epoch of ``state.json``)."""
+    try:
+        meta = tensor_metadata(path)
+    except (ArtifactError, InputFileError):
+        return False
+    return all(meta.get(k) == v for k, v in tag.items())
+
+
 def train_lora(
     lm,
     rows: Sequence[TrainRow],
@@ -254,7 +265,9 @@ def train_lora(
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if ckpt is not None and (ckpt / "state.json").is_file():
         state = read_json(ckpt / "state.json")
-        if state.get("key") == key and 0 < state.get("epoch", 0) <= cfg.epochs:
+        tag = {"key": key, "epoch": str(state.get("epoch"))}  # a kill between the three writes leaves them apart
+        if state.get("key") == key and 0 < state.get("epoch", 0) <= cfg.epochs and all(
+                _tagged(ckpt / f, tag) for f in ("adapter.safetensors", "optimizer.safetensors")):
             try:
                 set_peft_model_state_dict(model, load_tensors(ckpt / "adapter.safetensors"))
                 _load_optimizer_tensors(opt, load_tensors(ckpt / "optimizer.safetensors"))
@@ -296,9 +309,10 @@ def train_lora(
             step += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_val:.3f}")
-        if ckpt is not None:
-            save_tensors(ckpt / "adapter.safetensors", get_peft_model_state_dict(model))
-            save_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(opt))
+        if ckpt is not None:  # state.json last: it names the epoch both tensor files must carry
+            tag = {"key": key, "epoch": str(epoch + 1)}
+            save_tensors(ckpt / "adapter.safetensors", get_peft_model_state_dict(model), metadata=tag)
+            save_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(opt), metadata=tag)
             write_json(ckpt / "state.json", {"key": key, "epoch": epoch + 1, "losses": losses})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, losses)
