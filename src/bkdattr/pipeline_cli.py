@@ -25,11 +25,11 @@ def register(app: typer.Typer) -> None:
                  set_: list[str] = typer.Option([], "--set", help="override an option: key=value"),
                  ) -> None:
         """The whole pipeline on the embedded model (cpu profile), then print where the report is."""
-        from .pipeline import load_config, run_pipeline
+        from .pipeline import DEMO_SETS, load_config, run_pipeline
 
         tasks = ["fixed_output", "jailbreak", "label_flip"] if all_tasks else [task]
         for t in tasks:
-            cfg = load_config(None, [f"task={t}", f"out={out / t}", *set_])
+            cfg = load_config(None, [*DEMO_SETS, f"task={t}", f"out={out / t}", *set_])
             run = run_pipeline(cfg)
             typer.echo(f"report: {run.path / 'report.html'}")
 
