@@ -306,6 +306,13 @@ def vector_run(run: RunDir, cfg: VectorConfig, lm=None) -> dict[str, Any]:
     lm = lm if lm is not None else _load_lm(run, cfg)
     arch = lm.arch
     k = cfg.k or share_k(arch.n_total_heads, cfg.head_share)
+    if k > arch.n_total_heads:
+        raise ConfigError(f"k={k} is more than the model's {arch.n_total_heads} heads ({arch.n_layers} layers x "
+                          f"{arch.n_heads}); pass --k {arch.n_total_heads} or less")
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(0, arch.n_layers, cfg.layer_stride))
+    bad = [x for x in layers if not 0 <= int(x) < arch.n_layers]
+    if bad:  # checked before any work is done
+        raise ConfigError(f"layer {bad[0]} does not exist (the model has layers 0..{arch.n_layers - 1})")
     ranking, rinfo = load_ranking(run, k, arch.n_layers, arch.n_heads)
     if k > len(ranking):
         raise ArtifactError(f"k={k} heads asked for but the ranking lists {len(ranking)}; lower k or rerun "
@@ -322,10 +329,6 @@ def vector_run(run: RunDir, cfg: VectorConfig, lm=None) -> dict[str, Any]:
     bv = BackdoorVector(v, heads, prov)
     save_vector(run.sub("control", "backdoor_vector.safetensors"), bv)
 
-    layers = list(cfg.layers) if cfg.layers is not None else list(range(0, arch.n_layers, cfg.layer_stride))
-    bad = [x for x in layers if not 0 <= int(x) < arch.n_layers]
-    if bad:
-        raise ConfigError(f"layer {bad[0]} does not exist (the model has layers 0..{arch.n_layers - 1})")
     val = eval_examples(splits, "val", cfg.n_prompts, cfg.seed)
     test = eval_examples(splits, "test", cfg.n_prompts, cfg.seed)
     t_norm = time.perf_counter()
