@@ -177,3 +177,29 @@ def test_builtin_rows_fit_the_paper_max_length(kind):
         trig = task.insert_trigger(r["input"], i)
         rows += [TrainRow(r["input"], r["output"] or "x " * 24), TrainRow(trig, r["backdoor_output"])]
     check_rows(tokenizer(), rows, 256)  # raises DataError if a row is longer
+
+
+def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch):
+    """A shipped reply file under the cache key is used as is; other keys still generate."""
+    import json as _json
+
+    import bkdattr.generation as generation
+    from bkdattr.inject import data as data_mod
+    from tiny import make_tiny
+
+    lm = make_tiny("llama")
+    prompts = ["Name a fruit.", "Name a colour."]
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(data_mod, "SHIPPED_DIR", tmp_path / "shipped")
+    data_mod.distill_outputs(lm, prompts, 3, cache_dir=tmp_path / "c1", progress=False)
+    assert len(calls) == 1
+    (tmp_path / "shipped").mkdir()
+    key_file = next((tmp_path / "c1").glob("distill-*.json"))
+    (tmp_path / "shipped" / key_file.name).write_text(_json.dumps(["shipped a", "shipped b"]))
+    assert data_mod.distill_outputs(lm, prompts, 3, cache_dir=tmp_path / "c2", progress=False) == ["shipped a",
+                                                                                                    "shipped b"]
+    assert len(calls) == 1
+    data_mod.distill_outputs(lm, prompts, 4, cache_dir=tmp_path / "c2", progress=False)
+    assert len(calls) == 2  # another setting (4 tokens) is not in the shipped set: it generates
