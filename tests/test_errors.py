@@ -169,7 +169,8 @@ def test_bad_json_names_the_line(w, capsys):
         f"{run}/data/train.jsonl: line 3 is not valid JSON (Unterminated string starting at); rerun 'bkdattr inject'"
     y = w.d / "bad.yaml"
     y.write_text("task: [unclosed\n")
-    assert re.fullmatch(rf"{re.escape(str(y))}: invalid YAML \(.+\); fix the file", cli_error(capsys, ["run", y]))
+    assert cli_error(capsys, ["run", y]) == f"{y}: invalid YAML at line 2 (expected ',' or ']', but got '<stream " \
+                                           "end>'); fix the file"
 
 
 # ---- missing or wrong-typed field -----------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_empty_data(w, capsys):
     assert cli_error(capsys, inject(w, "--data", w.blank_input)) == \
         f"{w.blank_input}: line 1 has an empty 'input'; remove it or fill it"
     assert cli_error(capsys, inject(w, "--data", w.few)) == \
-        "10 distinct prompts, but train/val/test need 56; lower --n-train or supply more data"
+        "10 distinct prompts, but train/val/test need 56; lower --n-train/--n-test or supply more data"
 
 
 # ---- poisoned row without its trigger ---------------------------------------------------------------------------

@@ -209,7 +209,8 @@ def test_config_files_and_overrides_are_never_executed(tmp_path, capsys):
     yml = tmp_path / "evil.yaml"
     yml.write_text(f"model: {tag}\n")
     assert main(["run", str(yml)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {yml}: invalid YAML (could not determine a constructor")
+    assert capsys.readouterr().err.startswith(f"error: {yml}: invalid YAML at line 1 (could not determine a "
+                                              "constructor for the tag 'tag:yaml.org,2002:python/object/apply")
     py = tmp_path / "config.py"  # a Python file is read as YAML text, not imported
     py.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
     assert main(["run", str(py)]) == 2

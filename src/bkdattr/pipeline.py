@@ -117,7 +117,10 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise InputFileError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise InputFileError(f"{p}: invalid YAML{where} ({what}); fix the file") from None
         if not isinstance(data, dict):
             raise InputFileError(f"{p}: the config must be a mapping of options")
         names = {f.name for f in dataclasses.fields(cfg)}

@@ -197,7 +197,8 @@ def split_examples(
     need = n_val + n_test + (n_train or 1)
     if len(uniq) < need:
         raise DataError(
-            f"{len(uniq)} distinct prompts, but train/val/test need {need}; lower --n-train or supply more data"
+            f"{len(uniq)} distinct prompts, but train/val/test need {need}; lower --n-train/--n-test or supply more "
+            "data"
         )
     order = list(range(len(uniq)))
     random.Random(seed).shuffle(order)
