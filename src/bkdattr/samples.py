@@ -7,16 +7,15 @@ No model runs here: the control stages already saved every reply (``control/abla
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from .io import write_json
+from .io import read_json, write_json
 from .rundir import RunDir, get_nested
 
 
 def _load(run: RunDir, name: str) -> dict[str, Any] | None:
     p = run.path / "control" / name
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p) if p.is_file() else None  # one-line InputFileError for a corrupt file
 
 
 def collect_samples(run: RunDir, n_triggered: int = 4, n_clean: int = 3) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .. import __version__
-from ..io import atomic_path
+from ..io import atomic_path, read_json
 from ..rundir import RunDir, get_nested
 from .plotting import FIGURE_NAMES
 from .summary import caveats, headline
@@ -74,7 +74,7 @@ def _samples(run: RunDir) -> list[dict[str, Any]]:
     p = run.path / "samples.json"
     if not p.is_file():
         return []
-    data = json.loads(p.read_text())
+    data = read_json(p)  # one-line InputFileError for a corrupt file
     return [{"prompt": s["prompt"], "replies": list(s["replies"].items())} for s in data]
 
 
