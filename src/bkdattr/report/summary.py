@@ -50,7 +50,9 @@ def headline(m: dict[str, Any]) -> list[tuple[str, str, str]]:
                  "backdoor behaviour without the trigger"))
     rows.append(("Near-trigger firing rate", _fmt(get_nested(m, "inject.near_trigger_rate"), True),
                  "backdoor behaviour on a near miss of the trigger"))
-    rows.append(("Clean metric", _fmt(get_nested(m, "inject.clean_metric")), "task-specific clean behaviour"))
+    name = get_nested(m, "inject.clean_metric_name")
+    rows.append((f"Clean metric ({name})" if name else "Clean metric", _fmt(get_nested(m, "inject.clean_metric")),
+                 "task-specific clean behaviour on held-out clean prompts"))
     acc = _mean(get_nested(m, "probe.mlp.in_layer_accuracy"))
     ctl = _mean(get_nested(m, "probe.control.mlp.in_layer_accuracy"))
     rows.append(("Probe accuracy (MLP, mean over layers)", _fmt(acc, True), "backdoored model"))
