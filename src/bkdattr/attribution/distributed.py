@@ -145,6 +145,7 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int | None,
     dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         target(*args)
+        dist.barrier()  # every rank is done before any rank tears gloo's connections down (else: SIGABRT)
     finally:
         dist.destroy_process_group()
 
