@@ -57,13 +57,32 @@ def _rows(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch
     return b, positions.to(x.device)
 
 
+_HIDDEN_KEYS = ("hidden_states", "x", "input", "hidden_state")
+
+
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     if args:
         return args[0]
-    for k in ("hidden_states", "x", "input", "hidden_state"):
+    for k in _HIDDEN_KEYS:
         if k in kwargs:
             return kwargs[k]
     raise RuntimeError("could not find the hidden states passed to the module")
+
+
+def _with_hidden(args: tuple, kwargs: dict, z: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a forward pre-hook with the hidden states replaced by ``z``."""
+    if args:
+        return (z, *args[1:]), kwargs
+    key = next(k for k in _HIDDEN_KEYS if k in kwargs)
+    return args, {**kwargs, key: z}
+
+
+def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
+    """Each vector added to an attention output is ``[d_model]`` or ``[B, d_model]``."""
+    for layer, delta in deltas.items():
+        if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
+            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)}; "
+                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
 
 
 @contextlib.contextmanager
@@ -158,10 +177,7 @@ def add_to_attention_output(
     """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at
     ``positions``, on every forward call inside the block."""
     _layers(arch, deltas.keys())
-    for layer, delta in deltas.items():
-        if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
-            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)}; "
-                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
+    _check_deltas(arch, deltas)
     handles: list = []
     with registered(handles):
         for layer, delta in deltas.items():
@@ -215,10 +231,7 @@ def edit_heads(
                 else:
                     v = val.to(z.device, z.dtype).reshape(-1, n * arch.d_head)
                     z[b[:, None], p[:, None], c[None, :]] = v.expand(z.shape[0], -1)
-                if args:
-                    return (z, *args[1:]), kwargs
-                key = next(k for k in ("hidden_states", "x", "input", "hidden_state") if k in kwargs)
-                return args, {**kwargs, key: z}
+                return _with_hidden(args, kwargs, z)
 
             handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield

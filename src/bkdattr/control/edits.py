@@ -25,7 +25,7 @@ import torch
 
 from ..arch import Arch
 from ..errors import ConfigError
-from ..hooks import _hidden_arg, _rows, add_to_attention_output, edit_heads, registered
+from ..hooks import _check_deltas, _hidden_arg, _rows, _with_hidden, add_to_attention_output, edit_heads, registered
 
 
 @dataclass
@@ -101,10 +101,7 @@ def zero_heads_rowwise(arch: Arch, masks: Mapping[int, torch.Tensor], positions:
                 zp = z[b, p].reshape(z.shape[0], arch.n_heads, arch.d_head)
                 zp = torch.where(m.to(z.device)[:, :, None], torch.zeros((), dtype=z.dtype, device=z.device), zp)
                 z[b, p] = zp.reshape(z.shape[0], -1)
-                if args:
-                    return (z, *args[1:]), kwargs
-                key = next(k for k in ("hidden_states", "x", "input", "hidden_state") if k in kwargs)
-                return args, {**kwargs, key: z}
+                return _with_hidden(args, kwargs, z)
 
             handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield
@@ -141,12 +138,10 @@ def add_at_prefill_end(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> Iterat
     """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at the **last
     position** of every forward call that processes more than one token. Under left padding that position is
     ``p(x)`` of every row; single-token calls (decode steps with a KV cache) are left unedited."""
-    for layer, d in deltas.items():
+    for layer in deltas:
         if not 0 <= int(layer) < arch.n_layers:
             raise ConfigError(f"layer {layer} does not exist (the model has layers 0..{arch.n_layers - 1})")
-        if d.shape[-1] != arch.d_model or d.dim() not in (1, 2):
-            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(d.shape)}; "
-                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
+    _check_deltas(arch, deltas)
     handles: list = []
     with registered(handles):
         for layer, delta in deltas.items():
