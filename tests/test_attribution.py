@@ -16,6 +16,7 @@ from bkdattr.attribution import (
     spearman,
     teacher_forced_scores,
 )
+from bkdattr.attribution.baha import all_heads
 from bkdattr.attribution.distributed import assign, gather_units, ordered_sum
 from bkdattr.attribution.exact import ChunkRunner
 from bkdattr.attribution.scores import (
@@ -288,6 +289,30 @@ def test_attribution_patching_is_first_order_exact():
     for m in METRICS:
         assert errs[3e-4][m] < 0.03
         assert errs[3e-4][m] < 0.5 * errs[1e-3][m]  # relative error ~ eps (0.3x here): a second-order remainder
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attribution_prefix_cache_equals_full_passes(arch):
+    """The cached suffix pass (prompt before p(x) without autograd) gives the full passes' estimates, and the
+    first-token-only run (one suffix column) gives the same first-token estimates."""
+    from bkdattr.attribution.patching import attribution_sweep
+
+    lm = make_tiny(arch, n_layers=3)
+    abar = mean_contributions(lm, TRIGGERED)
+    heads = all_heads(lm.arch)
+    cached = attribution_sweep(lm, PROMPTS, TARGETS, abar, heads, batch_size=2, progress=False)
+    full = attribution_sweep(lm, PROMPTS, TARGETS, abar, heads, batch_size=2, prefix_cache=False, progress=False)
+    first = attribution_sweep(lm, PROMPTS, TARGETS, abar, heads, batch_size=2, metrics=["first_token_logprob"],
+                              progress=False)
+    assert cached.info["prefix_cache"] and cached.info["cache_check_max_abs_diff"] < 1e-5
+    for m in METRICS:
+        scale = float(full.cie[m].abs().max())
+        assert scale > 0
+        assert torch.allclose(cached.cie[m], full.cie[m], atol=1e-5 * max(1.0, scale)), m
+        assert torch.allclose(cached.clean[m], full.clean[m], atol=1e-5), m
+    f = "first_token_logprob"
+    assert torch.allclose(first.cie[f], full.cie[f], atol=1e-5 * max(1.0, float(full.cie[f].abs().max())))
+    assert torch.isnan(first.cie["geomean_prob"]).all() and first.info["target_columns"] == 1
 
 
 def test_attribution_reports_agreement():

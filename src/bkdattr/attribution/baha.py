@@ -161,8 +161,8 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
 
     ``abar``: mean triggered contributions ``[L, H, d]`` (:func:`~bkdattr.attribution.means.mean_contributions`).
     ``method``: ``exact`` | ``reference`` | ``attribution``. ``metric``: the ranking metric (one of
-    :data:`~bkdattr.attribution.scores.METRICS`). ``metrics`` (exact only): the scores to compute (default all;
-    ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path options.
+    :data:`~bkdattr.attribution.scores.METRICS`). ``metrics`` (exact and attribution): the scores to compute
+    (default all; ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path options.
     ``checkpoint`` (exact only): a file keeping finished work units, so an interrupted sweep resumes there.
     ``refine_top`` (exact only, 0 = off): two passes -- every head in ``metrics`` (default: the ranking metric
     alone, one scored position per head), then every metric, exactly, for the ``refine_top`` best heads of
@@ -185,8 +185,8 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
             check_metric(m)
         if metric not in metrics:
             raise ConfigError(f"the ranking metric '{metric}' is not among the computed metrics {list(metrics)}")
-        if method != "exact" and set(metrics) != set(METRICS):
-            raise ConfigError(f"method '{method}' always computes every metric; drop the metrics option")
+        if method == "reference" and set(metrics) != set(METRICS):
+            raise ConfigError("method 'reference' always computes every metric; drop the metrics option")
     heads = list(heads) if heads is not None else all_heads(lm.arch)
     abar = abar.float().cpu()
     t0 = time.perf_counter()
@@ -207,7 +207,8 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
     else:
         from .patching import attribution_sweep
 
-        sweep = attribution_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, progress=progress)
+        sweep = attribution_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, metrics=metrics,
+                                  progress=progress)
     return result_from_sweep(sweep, lm.arch, heads, method, metric, time.perf_counter() - t0)
 
 

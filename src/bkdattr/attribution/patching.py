@@ -11,32 +11,83 @@ once; the same pass captures ``a_{l,h}(x)``. Gradients are taken for the first-t
 log-probability (two backward calls through the same graph); the geometric-mean score
 ``P = exp(sum / T)`` needs no third one: ``grad P = (P / T) grad sum``.
 
+Only ``p(x)`` and the target tokens carry gradient: the prompt before ``p(x)`` cannot see the patch (causal
+attention), so it runs once without autograd and its KV cache feeds the differentiated *suffix* pass (the
+layout of :func:`~bkdattr.attribution.scores.encode_aligned`, as in the exact path). Asking for the
+first-token score alone shrinks the suffix to the single column ``p(x)``. On the first chunk the cached pass is
+checked against a plain full pass; a model where they differ falls back to full passes, with a warning.
+
 The estimate ignores every nonlinearity between the patch and the output, so it is a ranking heuristic:
 :mod:`bkdattr.attribution.baha` reports its Spearman correlation and top-k overlap with ``exact``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import cache_kwargs, output_cache
 from ..hooks import add_to_attention_output, capture_contributions
 from ..models import input_device
-from ..prompts import encode_with_targets
 from .distributed import assign, gather_units, is_main, rank_world
-from .scores import METRICS, full_batch_logprobs, metrics_from_logprobs
+from .means import backbone
+from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs, token_logprobs
 from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
 
 
+def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers: Sequence[int],
+                prefix_cache: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Teacher-forced target log-probs ``[B, T]`` (0 where masked) with ``leaves[l] [B, d]`` added to layer
+    ``l``'s attention output at ``p(x)``, and the contributions ``{l: [B, H, d]}`` at ``p(x)`` of ``layers``.
+    With ``prefix_cache`` the prompt before ``p(x)`` runs once under ``no_grad`` and only the suffix (``p(x)``
+    and the target tokens) is differentiable."""
+    model, dev = lm.model, input_device(lm.model)
+    w, t, b = batch.prompt_width, batch.target_width, batch.size
+    ids, mask, pos = (x[:, : w - 1 + t].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.position_ids))
+    if prefix_cache and w >= 2:
+        with torch.no_grad():
+            pre = backbone(model)(input_ids=ids[:, : w - 1], attention_mask=mask[:, : w - 1],
+                                  position_ids=pos[:, : w - 1], use_cache=True)
+        inputs = {"input_ids": ids[:, w - 1:], "attention_mask": mask, "position_ids": pos[:, w - 1:],
+                  "use_cache": True, **cache_kwargs(model, output_cache(pre))}
+        col = 0
+    else:
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+        col = w - 1
+    at = torch.full((b,), col, dtype=torch.long)
+    with add_to_attention_output(lm.arch, leaves, at), capture_contributions(lm.arch, at, layers) as contrib:
+        logits = model(**inputs).logits[:, col: col + t]
+    tmask = batch.target_mask.to(logits.device)
+    lp = token_logprobs(logits, batch.target_ids.to(logits.device))
+    return torch.where(tmask, lp, torch.zeros((), device=lp.device)).cpu(), contrib
+
+
+def _cache_matches(lm, batch: AlignedBatch, layers: Sequence[int]) -> tuple[bool, float]:
+    """Does the cached suffix pass give the log-probs of a plain full pass (first two rows)?"""
+    small = AlignedBatch(*(x[:2] for x in (batch.input_ids, batch.attention_mask, batch.position_ids)),
+                         batch.prompt_width, batch.target_ids[:2], batch.target_mask[:2])
+    zeros = {x: torch.zeros(small.size, lm.arch.d_model) for x in layers}
+    with torch.no_grad():
+        a, _ = scored_pass(lm, small, zeros, layers, prefix_cache=True)
+        b, _ = scored_pass(lm, small, zeros, layers, prefix_cache=False)
+    diff = float((a - b).abs().max())
+    return diff <= (1e-3 if lm.dtype == torch.float32 else 0.25), diff
+
+
 def attribution_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.Tensor,
-                      heads: Sequence[tuple[int, int]], *, batch_size: int = 8, progress: bool = True) -> Sweep:
+                      heads: Sequence[tuple[int, int]], *, batch_size: int = 8, metrics: Sequence[str] | None = None,
+                      prefix_cache: bool = True, progress: bool = True) -> Sweep:
     """First-order CIE estimates of ``heads`` on every prompt (one forward + backward per prompt chunk).
-    ``abar [L, H, d]``. Returns a :class:`~.sweep.Sweep`; chunks are sharded under torch.distributed."""
+    ``abar [L, H, d]``; ``metrics``: the scores to estimate (default all; ``first_token_logprob`` alone needs
+    one suffix column and one backward call). Returns a :class:`~.sweep.Sweep`; chunks are sharded under
+    torch.distributed."""
     check_inputs(lm, prompts, targets, abar, heads, batch_size)
-    arch, model = lm.arch, lm.model
-    dev = input_device(model)
+    wanted = tuple(metrics or METRICS)
+    first_only = set(wanted) == {"first_token_logprob"}
+    arch = lm.arch
     chunks = chunks_of(lm, prompts, batch_size)
     rank, world = rank_world()
     owner = assign([len(c) for c in chunks], world)
@@ -48,32 +99,46 @@ def attribution_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: 
     mine = [c for c in range(len(chunks)) if owner[c] == rank]
     bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="BAHA attribution", unit="prompt",
                disable=not (progress and is_main()), leave=False)
+    checked, check_diff = not prefix_cache, None
     for c in mine:
         idx = chunks[c]
-        batch = encode_with_targets(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
+        batch = encode_aligned(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
+        if first_only:
+            batch = batch.truncate_targets(1)
+        if not checked:
+            checked = True
+            ok, check_diff = _cache_matches(lm, batch, layers)
+            if not ok:
+                prefix_cache = False
+                if is_main():
+                    warnings.warn(f"attribution patching: the cached suffix pass differs from a full pass by "
+                                  f"{check_diff:.2e}; using full passes", stacklevel=2)
         leaves = {layer: torch.zeros(len(idx), arch.d_model, requires_grad=True) for layer in layers}
-        with torch.enable_grad(), add_to_attention_output(arch, leaves, batch.last_pos), \
-                capture_contributions(arch, batch.last_pos, layers) as contrib:
-            logits = model(**batch.to(dev).model_inputs()).logits
-            lp, mask = full_batch_logprobs(logits, batch)
-            scores = metrics_from_logprobs(lp, mask)
+        with torch.enable_grad():
+            lp, contrib = scored_pass(lm, batch, leaves, layers, prefix_cache)
+            scores = metrics_from_logprobs(lp, batch.target_mask)
             g_first = torch.autograd.grad(scores["first_token_logprob"].sum(), [leaves[x] for x in layers],
-                                          retain_graph=True)
-            g_sum = torch.autograd.grad(scores["sum_logprob"].sum(), [leaves[x] for x in layers])
+                                          retain_graph=not first_only)
+            g_sum = None if first_only else torch.autograd.grad(scores["sum_logprob"].sum(),
+                                                                [leaves[x] for x in layers])
         with torch.no_grad():
             a = torch.stack([contrib[x].detach().cpu() for x in layers])  # [nL, B, H, d]
             delta = abar_sel[:, None, :] - a[lidx, :, hidx]  # [n_heads, B, d]
             est_first = (torch.stack(g_first)[lidx].float() * delta).sum(-1).T  # [B, n_heads]
-            est_sum = (torch.stack(g_sum)[lidx].float() * delta).sum(-1).T
-            scale = (scores["geomean_prob"].detach() / mask.sum(1).float())[:, None]
-            est = {"geomean_prob": scale * est_sum, "first_token_logprob": est_first, "sum_logprob": est_sum}
-            clean = stack_metrics({k: v.detach() for k, v in scores.items()}, METRICS)
+            est = {"first_token_logprob": est_first}
+            if g_sum is not None:
+                est_sum = (torch.stack(g_sum)[lidx].float() * delta).sum(-1).T
+                scale = (scores["geomean_prob"].detach() / batch.target_mask.sum(1).float())[:, None]
+                est.update(geomean_prob=scale * est_sum, sum_logprob=est_sum)
+            clean = stack_metrics({k: v.detach() for k, v in scores.items()}, wanted)
             table[c, : len(idx), 0] = clean
-            table[c, : len(idx), 1:] = stack_metrics(est, METRICS)
+            table[c, : len(idx), 1:] = stack_metrics({**{m: est_first for m in METRICS}, **est}, wanted)
         bar.update(len(idx))
     bar.close()
     table = gather_units(table, owner)
     clean_d, cie_d = assemble(table, [(chunks[c], list(range(len(heads)))) for c in range(len(chunks))],
                               len(prompts), len(heads))
-    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": world, "metrics_computed": list(METRICS),
-                                  "estimate": "first-order (attribution patching)"})
+    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": world, "metrics_computed": list(wanted),
+                                  "estimate": "first-order (attribution patching)", "prefix_cache": prefix_cache,
+                                  "cache_check_max_abs_diff": check_diff,
+                                  "target_columns": 1 if first_only else "all"})
