@@ -162,7 +162,8 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
     ``abar``: mean triggered contributions ``[L, H, d]`` (:func:`~bkdattr.attribution.means.mean_contributions`).
     ``method``: ``exact`` | ``reference`` | ``attribution``. ``metric``: the ranking metric (one of
     :data:`~bkdattr.attribution.scores.METRICS`). ``metrics`` (exact and attribution): the scores to compute
-    (default all; ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path options.
+    (default all; ``["first_token_logprob"]`` alone is much faster). ``strategy``/``heads_per_pass``: exact-path
+    options.
     ``checkpoint`` (exact only): a file keeping finished work units, so an interrupted sweep resumes there.
     ``refine_top`` (exact only, 0 = off): two passes -- every head in ``metrics`` (default: the ranking metric
     alone, one scored position per head), then every metric, exactly, for the ``refine_top`` best heads of
