@@ -11,14 +11,19 @@ Steps (same prompts, same ``abar`` for every method; the data selection is the `
    (one scored position per head); the two-pass sweep of the ``cpu`` profile (first-token score on all heads,
    then every metric on the top ``--refine-top`` heads of that ranking);
 3. ``attribution`` (first-order) on all heads: time, ratio to the exact sweep, Spearman correlation and
-   top-8 / top-16 overlap with exact ACIE (ranking metric ``--metric``).
+   top-8 / top-16 overlap with exact ACIE (ranking metric ``--metric``); again with the first-token score alone;
+4. the arithmetic (``attribution_work.py``): the MACs each run performs, counted from the model's shapes on the
+   same padded batches, a measured matmul rate, and from them the work ratio of each pair of methods (a
+   ceiling for their speed ratio at equal efficiency, the same on any hardware) and the shortest time the work
+   can take here.
 
 Timings are wall-clock on this machine with ``--threads`` torch threads; on a shared machine they are inflated.
 ``--json PATH`` writes the figures with the keys ``reference_s_per_head``, ``exact_s_per_head``,
 ``ratio_exact_vs_reference``, ``max_abs_diff``, ``exact_full_sweep_s``, ``attribution_s``,
 ``ratio_attribution_vs_exact``, ``spearman``, ``top8_overlap``, ``top16_overlap``, plus
 ``exact_full_sweep_first_token_s`` (all heads, first-token score only), ``exact_two_pass_s`` (the ``cpu``
-profile default) and context keys. ``exact_full_sweep_s`` and the per-head figures cover all three metrics.
+profile default), ``attribution_first_token_s``, the ``work_*`` figures of step 4 and context keys.
+``exact_full_sweep_s``, ``attribution_s`` and the per-head figures cover all three metrics.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     two = attribute(lm, prompts, targets, abar, method="exact", refine_top=args.refine_top,
                     **{**kw, "metric": "first_token_logprob"})
     est = attribute(lm, prompts, targets, abar, method="attribution", **kw)
+    est1 = attribute(lm, prompts, targets, abar, method="attribution", metrics=["first_token_logprob"],
+                     **{**kw, "metric": "first_token_logprob"})
     g = "geomean_prob"
     full_top8 = {(x, h) for x, h, _ in ex.top_heads(8, g)}
     out.update(exact_two_pass_s=two.seconds, two_pass_refine_top=args.refine_top,
@@ -113,6 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
                exact_first_token_sweep_s=ex_first.seconds,
                exact_full_sweep_first_token_s=ex_first.seconds, first_token_mode_max_abs_diff=diff_first,
                attribution_s=est.seconds, ratio_attribution_vs_exact=ex.seconds / est.seconds,
+               attribution_first_token_s=est1.seconds,
+               ratio_attribution_vs_exact_first_token=ex_first.seconds / est1.seconds,
+               attribution_first_token_vs_all_max_abs_diff=float(
+                   (est1.cie["first_token_logprob"] - est.cie["first_token_logprob"]).abs().max()),
                spearman=ag["spearman"], top8_overlap=ag["top8_overlap"], top16_overlap=ag["top16_overlap"],
                agreement_metric=args.metric,
                agreement_by_metric={m: agreement(est, ex, m) for m in METRICS},
@@ -120,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                attribution_top8=[list(t) for t in est.top_heads(8)],
                clean_mean={m: float(v.mean()) for m, v in ex.clean.items()},
                load_average_end=os.getloadavg()[0])
+
+    if "reference_s_per_head" in out:  # the per-chunk set-up spread over all heads instead of the subset's
+        out["ratio_exact_full_sweep_vs_reference"] = out["reference_s_per_head"] / out["exact_full_sweep_s_per_head"]
+    out.update(work_figures(lm, prompts, targets, args, out))
 
     t = Table(title=f"bench_attribution: {run.path.name}, {len(prompts)} prompts, {lm.arch.n_total_heads} heads, "
                     f"{out['threads']} thread(s)")
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("reference s/head (all 3 metrics)", "reference_s_per_head", "{:.3f}"),
             ("exact s/head (same heads, all 3 metrics)", "exact_s_per_head", "{:.3f}"),
             ("exact vs reference speed-up (all 3 metrics)", "ratio_exact_vs_reference", "{:.1f}x"),
+            ("exact full sweep s/head vs reference s/head (all 3 metrics)", "ratio_exact_full_sweep_vs_reference",
+             "{:.1f}x"),
             ("exact s/head (same heads, first-token only)", "exact_first_token_s_per_head", "{:.3f}"),
             ("exact first-token vs reference (all 3) speed-up", "ratio_exact_first_token_vs_reference", "{:.1f}x"),
             ("max |exact - reference| (per-prompt CIE, all 3 metrics)", "max_abs_diff", "{:.2e}"),
@@ -141,7 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
             ("attribution s (first-order, all 3 metrics, all heads)", "attribution_s", "{:.2f}"),
             ("attribution vs exact full sweep (all 3 metrics) speed-up", "ratio_attribution_vs_exact", "{:.1f}x"),
             (f"Spearman (attribution vs exact, {args.metric})", "spearman", "{:.3f}"),
-            ("top-8 overlap", "top8_overlap", "{:.3f}"), ("top-16 overlap", "top16_overlap", "{:.3f}")]
+            ("top-8 overlap", "top8_overlap", "{:.3f}"), ("top-16 overlap", "top16_overlap", "{:.3f}"),
+            ("attribution s (first-token only)", "attribution_first_token_s", "{:.2f}"),
+            ("attribution vs exact speed-up (both first-token only)", "ratio_attribution_vs_exact_first_token",
+             "{:.1f}x"),
+            ("measured matmul rate, GMAC/s", "work_matmul_gmacs", "{:.1f}"),
+            ("work ratio reference / exact per head (all 3 metrics)", "work_ratio_reference_vs_exact", "{:.2f}x"),
+            ("work ratio reference / exact per head (first-token)", "work_ratio_reference_vs_exact_first_token",
+             "{:.2f}x"),
+            ("work ratio exact / attribution (all 3 metrics)", "work_ratio_exact_vs_attribution", "{:.2f}x"),
+            ("work ratio exact / attribution (first-token)", "work_ratio_exact_vs_attribution_first_token",
+             "{:.2f}x"),
+            (f"shortest exact full sweep s at that rate: all 3 metrics x {n_h} heads", "work_floor_exact_full_sweep_s",
+             "{:.1f}"),
+            (f"shortest exact full sweep s at that rate: first-token x {n_h} heads",
+             "work_floor_exact_first_token_sweep_s", "{:.1f}")]
     for label, key, fmt in rows:
         if key in out:
             t.add_row(label, fmt.format(out[key]))
@@ -154,6 +185,37 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_json(args.json, out)
     return out
+
+
+def work_figures(lm, prompts, targets, args, out: dict) -> dict:
+    """Step 4: counted work, work ratios and the shortest times at a measured matmul rate (see
+    ``attribution_work.py``)."""
+    from attribution_work import count, matmul_rate
+    from bkdattr.attribution.baha import all_heads
+
+    every = count(lm, prompts, targets, all_heads(lm.arch), args.batch_size)
+    d_out, d_in = max((p.shape for p in lm.arch.layers[0].parameters() if p.dim() == 2), key=lambda s: s[0] * s[1])
+    rate = matmul_rate(int(d_in), int(d_out))
+    res = {"work_gmac": {k: round(v / 1e9, 1) for k, v in every.items()}, "work_matmul_gmacs": rate,
+           "work_matmul_shape": [512, int(d_in), int(d_out)],
+           "work_ratio_exact_vs_attribution": every["exact"] / every["attribution"],
+           "work_ratio_exact_vs_attribution_first_token":
+               every["exact_first_token"] / every["attribution_first_token"],
+           "work_floor_exact_full_sweep_s": every["exact"] / 1e9 / rate,
+           "work_floor_exact_first_token_sweep_s": every["exact_first_token"] / 1e9 / rate,
+           "work_achieved_gmacs": {"exact_full_sweep": every["exact"] / 1e9 / out["exact_full_sweep_s"],
+                                   "exact_first_token_sweep": every["exact_first_token"] / 1e9
+                                   / out["exact_full_sweep_first_token_s"]}}
+    if "ref_layers" in out:
+        layers = out["ref_layers"]
+        sub = count(lm, prompts, targets, [(x, h) for x in layers for h in range(lm.arch.n_heads)], args.batch_size)
+        none = count(lm, prompts, targets, [], args.batch_size)  # the once-per-chunk work alone
+        per_head = {k: sub[k] - none[k] for k in sub}
+        res.update(work_ratio_reference_vs_exact=per_head["reference"] / per_head["exact"],
+                   work_ratio_reference_vs_exact_first_token=per_head["reference"] / per_head["exact_first_token"])
+        res["work_achieved_gmacs"]["reference"] = sub["reference"] / 1e9 / (out["reference_s_per_head"]
+                                                                             * len(layers) * lm.arch.n_heads)
+    return res
 
 
 if __name__ == "__main__":
