@@ -48,7 +48,22 @@ _VECTOR_DEFAULTS = {"cpu": {"n_prompts": 32, "layer_stride": 2, "random_seeds": 
                               "dose_alphas": [0, 0.25, 0.5, 1, 1.5, 2, 3, 4]}}
 
 
+@dataclass
 class _Options:
+    """Options both control stages take: greedy decoding (``max_new_tokens``; ``batch_size`` prompts share a
+    prefix pass, ``max_rows`` rows decode together) and the run-wide ``seed``/``profile``/``device``/``dtype``/
+    ``threads``/``progress``."""
+
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_rows: int = 256
+    seed: int = 0
+    profile: str = "cpu"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
     @classmethod
     def from_options(cls, options: dict[str, Any]):
         """Build from stage options; run-wide keys this stage does not use are ignored, other unknown keys fail."""
@@ -80,15 +95,6 @@ class AblationConfig(_Options):
     split: str = "test"
     n_prompts: int | None = None
     clean: bool = True
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    max_rows: int = 256
-    seed: int = 0
-    profile: str = "cpu"
-    device: str = "cpu"
-    dtype: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -128,16 +134,7 @@ class VectorConfig(_Options):
     n_mean_prompts: int = 0
     n_prompts: int | None = None
     random_heads_control: bool = True
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    max_rows: int = 256
     mean_batch_size: int = 16
-    seed: int = 0
-    profile: str = "cpu"
-    device: str = "cpu"
-    dtype: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
