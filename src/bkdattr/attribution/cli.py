@@ -21,9 +21,9 @@ def register(app: typer.Typer) -> None:
                                    "(one full pass per head) or attribution (first-order estimate)"),
         metric: str = typer.Option("first_token_logprob", "--metric",
                                    help="ranking metric: first_token_logprob, geomean_prob (paper) or sum_logprob"),
-        metrics: str | None = typer.Option(None, "--metrics", help="comma-separated scores exact computes for "
-                                           "every head (default all three, or the ranking metric alone with "
-                                           "--refine-top; first_token_logprob alone is much faster)"),
+        metrics: str | None = typer.Option(None, "--metrics", help="comma-separated scores exact or attribution "
+                                           "computes for every head (default all three, or the ranking metric alone "
+                                           "with --refine-top; first_token_logprob alone is much faster)"),
         refine_top: int | None = typer.Option(None, "--refine-top", help="exact two-pass: rank every head by "
                                               "--metric, then all metrics for the top N (cpu 32, paper 0 = off)"),
         n_prompts: int | None = typer.Option(None, "--n-prompts", help="clean attribution prompts (cpu 32, paper 96)"),

@@ -53,7 +53,8 @@ class AttributeConfig:
 
     ``method``: exact | reference | attribution. ``metric``: ranking metric (``first_token_logprob`` by
     default; the paper's ``geomean_prob`` and ``sum_logprob`` are computed in the same runs). ``metrics``:
-    the scores exact computes over every head (None: all, or only ``metric`` when ``refine_top`` is on).
+    the scores exact (or attribution) computes over every head (None: all, or only ``metric`` when ``refine_top``
+    is on).
     ``refine_top``: exact two-pass sweep -- every head in ``metric`` (one scored position per head), then all
     metrics for the top ``refine_top`` heads of that ranking (None: the profile's default, cpu 32, paper 0 =
     one pass with every metric over every head). ``n_prompts`` / ``n_mean_prompts``: clean attribution prompts and
