@@ -357,6 +357,19 @@ def test_out_of_range_options(w, capsys, argv, msg):
     assert cli_error(capsys, argv) == msg
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["attribute", "--nope"], "No such option: --nope"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["attribute", "--n-prompts", "abc"], "Invalid value for '--n-prompts'"),
+])
+def test_usage_errors_are_one_line(capsys, argv, msg):
+    """Command-line usage errors (unknown option or command, missing argument, wrong type): one line naming the
+    --help to read, exit 2, no traceback."""
+    err = cli_error(capsys, argv)
+    assert err.startswith(msg) and err.endswith(" --help'"), err
+
+
 # ---- --debug ---------------------------------------------------------------------------------------------------
 def test_debug_shows_the_traceback(w, capsys):
     p = w.d / "no_model_here"

@@ -92,16 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:  # usage errors of click (or the copy of click that typer >= 0.24 bundles)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in kinds:
+            print(f"error: {usage_message(e)}", file=sys.stderr)
             return 2
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
+        if "Exit" in kinds:
+            return int(getattr(e, "exit_code", 0) or 0)
         raise
     return 0
+
+
+def usage_message(e: Exception) -> str:
+    """One line for a command-line usage error, naming the ``--help`` to read."""
+    msg = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "bkdattr"
+    return f"{msg.rstrip('.')}; see '{path} --help'"
 
 
 if __name__ == "__main__":
