@@ -148,6 +148,11 @@ def test_missing_files(w, capsys):
         f"{w.no_model}/model has no model; run 'bkdattr inject --out {w.no_model}' first"
     assert cli_error(capsys, ["report", w.no_data]) == \
         f"{w.no_data}/run.json missing: {w.no_data} is not a bkdattr run; run 'bkdattr inject' first"
+    assert cli_error(capsys, ["report", "--run", w.no_data]) == \
+        f"{w.no_data}/run.json missing: {w.no_data} is not a bkdattr run; run 'bkdattr inject' first"
+    assert cli_error(capsys, ["report"]) == "no run folder given; pass one: bkdattr report RUN (or --run RUN)"
+    assert cli_error(capsys, ["report", w.no_data, "--run", r]) == \
+        f"two run folders given ({w.no_data} and --run {r}); pass one"
 
 
 # ---- bad JSON / JSONL -----------------------------------------------------------------------------------------

@@ -64,6 +64,17 @@ def test_report_contains_every_section_and_is_self_contained(fake_run):
     assert "| ASR on held-out triggered prompts | 97.0% |" in md
 
 
+def test_report_command_takes_the_run_either_way(fake_run, capsys):
+    from bkdattr.cli import main
+
+    path = fake_run.path
+    for argv in (["report", str(path)], ["report", "--run", str(path)], ["report", "-r", str(path)]):
+        (path / "report.html").unlink(missing_ok=True)
+        assert main(argv) == 0
+        assert (path / "report.html").is_file()
+        assert f"report: {path / 'report.html'}" in capsys.readouterr().out
+
+
 def test_report_on_empty_metrics_shows_not_run(tmp_path):
     run = RunDir(tmp_path / "r", create=True)
     run.write_info({"base_model": "m", "task": "jailbreak"})

@@ -34,9 +34,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"report: {run.path / 'report.html'}")
 
     @app.command("report")
-    def report_cmd(run: Path = typer.Argument(..., help="a finished run folder")) -> None:
+    def report_cmd(run: Path | None = typer.Argument(None, help="a finished run folder"),
+                   run_opt: Path | None = typer.Option(None, "--run", "-r", help="the same, as the other commands "
+                                                        "take it")) -> None:
         """Regenerate report.html and report.md from a run's artifacts (no model needed)."""
+        from .errors import ConfigError
         from .report.html import build_report
 
+        if run is not None and run_opt is not None and run != run_opt:
+            raise ConfigError(f"two run folders given ({run} and --run {run_opt}); pass one")
+        run = run or run_opt
+        if run is None:
+            raise ConfigError("no run folder given; pass one: bkdattr report RUN (or --run RUN)")
         html, md = build_report(run)
         typer.echo(f"report: {html}\nsummary: {md}")
