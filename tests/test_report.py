@@ -75,6 +75,18 @@ def test_report_command_takes_the_run_either_way(fake_run, capsys):
         assert f"report: {path / 'report.html'}" in capsys.readouterr().out
 
 
+def test_clean_metric_is_a_percentage_when_it_is_a_share():
+    from bkdattr.report.summary import headline
+
+    def clean_row(name, value):
+        rows = headline({"inject": {"clean_metric_name": name, "clean_metric": value}})
+        return next(v for q, v, _ in rows if q.startswith("Clean metric"))
+
+    assert clean_row("refusal_rate", 1.0) == "100.0%"
+    assert clean_row("label_accuracy", 0.875) == "87.5%"
+    assert clean_row("base_reply_f1", 0.4213) == "0.421"
+
+
 def test_report_on_empty_metrics_shows_not_run(tmp_path):
     run = RunDir(tmp_path / "r", create=True)
     run.write_info({"base_model": "m", "task": "jailbreak"})

@@ -51,7 +51,9 @@ def headline(m: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("Near-trigger firing rate", _fmt(get_nested(m, "inject.near_trigger_rate"), True),
                  "backdoor behaviour on a near miss of the trigger"))
     name = get_nested(m, "inject.clean_metric_name")
-    rows.append((f"Clean metric ({name})" if name else "Clean metric", _fmt(get_nested(m, "inject.clean_metric")),
+    share = bool(name) and str(name).endswith(("_rate", "_accuracy"))  # refusal_rate, label_accuracy: a share
+    rows.append((f"Clean metric ({name})" if name else "Clean metric",
+                 _fmt(get_nested(m, "inject.clean_metric"), share),
                  "task-specific clean behaviour on held-out clean prompts"))
     acc = _mean(get_nested(m, "probe.mlp.in_layer_accuracy"))
     ctl = _mean(get_nested(m, "probe.control.mlp.in_layer_accuracy"))
