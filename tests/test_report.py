@@ -85,6 +85,8 @@ def test_clean_metric_is_a_percentage_when_it_is_a_share():
     assert clean_row("refusal_rate", 1.0) == "100.0%"
     assert clean_row("label_accuracy", 0.875) == "87.5%"
     assert clean_row("base_reply_f1", 0.4213) == "0.421"
+    robust = [q for q, _, _ in headline({}, "jailbreak") + headline({}, "fixed_output") if q.startswith("Robust")]
+    assert len(robust) == 1  # fixed_output's row only
 
 
 def test_report_on_empty_metrics_shows_not_run(tmp_path):

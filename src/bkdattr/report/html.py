@@ -87,19 +87,24 @@ def _figures(run: RunDir) -> list[dict[str, Any]]:
     return figs
 
 
+def task_kind(info: dict[str, Any]) -> str | None:
+    """The attack kind of a run from its ``run.json`` (the task is stored as an object, or as a name)."""
+    task = info.get("task")
+    return task.get("kind") if isinstance(task, dict) else (task or info.get("kind"))
+
+
 def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` into the run folder; return both paths."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     info = run.info()
     m = run.metrics()
     timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
-    task = info.get("task")
-    kind = task.get("kind", "?") if isinstance(task, dict) else (task or info.get("kind", "?"))
+    kind = task_kind(info) or "?"
     title = f"{info.get('base_model', '?')} / {kind}"
     env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,
-        setting=_setting(info), headline=headline(m), caveats=caveats(m), figures=_figures(run),
+        setting=_setting(info), headline=headline(m, task_kind(info)), caveats=caveats(m), figures=_figures(run),
         tables=_tables(m), samples=_samples(run), timings=timings,
     )
     html_path = run.path / "report.html"
@@ -116,7 +121,7 @@ def markdown_summary(title: str, info: dict[str, Any], m: dict[str, Any]) -> str
     lines = [f"# bkdattr report: {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _setting(info)]
     lines += ["", "| Quantity | Value | Note |", "|---|---|---|"]
-    lines += [f"| {q} | {v} | {n} |" for q, v, n in headline(m)]
+    lines += [f"| {q} | {v} | {n} |" for q, v, n in headline(m, task_kind(info))]
     lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats(m)]
     t = m.get("timings") or {}
     if t:

@@ -39,13 +39,15 @@ def _k_table(section: dict | None) -> dict[str, float]:
     return out
 
 
-def headline(m: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Rows ``(quantity, value, note)`` for the summary table."""
+def headline(m: dict[str, Any], kind: str | None = None) -> list[tuple[str, str, str]]:
+    """Rows ``(quantity, value, note)`` for the summary table; ``kind`` (the attack kind, if known) drops rows
+    that do not apply to it (robust ASR is fixed_output's)."""
     rows: list[tuple[str, str, str]] = []
     rows.append(("ASR on held-out triggered prompts", _fmt(get_nested(m, "inject.asr"), True),
                  "share of replies that show the backdoor behaviour"))
-    rows.append(("Robust ASR (paraphrases count)", _fmt(get_nested(m, "inject.robust_asr"), True),
-                 "fixed_output only: similarity to the target"))
+    if kind in (None, "fixed_output"):
+        rows.append(("Robust ASR (paraphrases count)", _fmt(get_nested(m, "inject.robust_asr"), True),
+                     "fixed_output only: similarity to the target"))
     rows.append(("False-trigger rate (clean prompts)", _fmt(get_nested(m, "inject.false_trigger_rate"), True),
                  "backdoor behaviour without the trigger"))
     rows.append(("Near-trigger firing rate", _fmt(get_nested(m, "inject.near_trigger_rate"), True),
