@@ -22,7 +22,6 @@ Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this stage an
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
@@ -34,6 +33,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..io import save_tensors, write_json
 from ..rundir import RunDir
+from ..stage_options import StageOptions
 from .baha import METHODS, AttributionResult, attribute
 from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers
 from .exact import STRATEGIES
@@ -41,15 +41,13 @@ from .figures import FIGURE_NAME, plot_acie, top_table
 from .means import mean_contributions
 from .scores import DEFAULT_METRIC, METRICS, check_metric
 
-#: run-wide pipeline options every stage receives; this stage reads device/dtype/seed/profile only
-_COMMON = ("model", "task", "profile", "seed", "device", "dtype", "threads")
 _PROFILE_DEFAULTS = {"cpu": {"n_prompts": 32, "n_mean_prompts": 256, "refine_top": 32},
                      "paper": {"n_prompts": 96, "n_mean_prompts": 0, "refine_top": 0}}
 
 
 @dataclass
-class AttributeConfig:
-    """Options of the attribute stage.
+class AttributeConfig(StageOptions):
+    """Options of the attribute stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`).
 
     ``method``: exact | reference | attribution. ``metric``: ranking metric (``first_token_logprob`` by
     default; the paper's ``geomean_prob`` and ``sum_logprob`` are computed in the same runs). ``metrics``:
@@ -63,6 +61,7 @@ class AttributeConfig:
     exact-path options. ``workers``: local processes (torch.distributed). ``threads``: torch threads (per
     worker)."""
 
+    stage = "attribute"
     method: str = "exact"
     metric: str = DEFAULT_METRIC
     metrics: list[str] | None = None
@@ -76,12 +75,6 @@ class AttributeConfig:
     strategy: str = "auto"
     heads_per_pass: int | None = None
     workers: int = 1
-    seed: int = 0
-    profile: str = "cpu"
-    device: str = "cpu"
-    dtype: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,18 +102,6 @@ class AttributeConfig:
         if self.n_prompts < 1 or self.n_mean_prompts < 0:
             raise ConfigError("n_prompts must be >= 1 and n_mean_prompts >= 0 (0: every training prompt)")
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> AttributeConfig:
-        """Build from the pipeline's stage options; run-wide keys this stage does not use are ignored, any other
-        unknown key is an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in options if k not in names and k not in _COMMON]
-        if unknown:
-            raise ConfigError(f"unknown attribute option(s) {unknown}; known: {', '.join(sorted(names))}")
-        return cls(**{k: v for k, v in options.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _sample(items: list, n: int | None, seed: int) -> list:

@@ -21,7 +21,6 @@ held-out prompts, every layer, 3 seeds everywhere).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,14 +31,13 @@ import torch
 from ..errors import ArtifactError, ConfigError, DataError
 from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
+from ..stage_options import StageOptions
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
 from .sweep import SweepStats
 from .vector import BackdoorVector, build_vector, mean_contributions, random_heads, save_vector
 from .vector_eval import SELECT_BY, residual_norms, run_vector_experiment
 
-#: run-wide pipeline options every stage receives; these stages read profile/seed/device/dtype/threads only
-_COMMON = ("model", "task", "profile", "seed", "device", "dtype", "threads")
 PROFILES = ("cpu", "paper")
 _ABLATE_DEFAULTS = {"cpu": {"n_prompts": 32, "clean_random_seeds": 1},
                     "paper": {"n_prompts": 0, "clean_random_seeds": 3}}
@@ -49,32 +47,14 @@ _VECTOR_DEFAULTS = {"cpu": {"n_prompts": 32, "layer_stride": 2, "random_seeds": 
 
 
 @dataclass
-class _Options:
-    """Options both control stages take: greedy decoding (``max_new_tokens``; ``batch_size`` prompts share a
-    prefix pass, ``max_rows`` rows decode together) and the run-wide ``seed``/``profile``/``device``/``dtype``/
-    ``threads``/``progress``."""
+class _Options(StageOptions):
+    """Options both control stages take (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`):
+    greedy decoding, ``max_new_tokens``; ``batch_size`` prompts share a prefix pass, ``max_rows`` rows decode
+    together."""
 
     max_new_tokens: int = 32
     batch_size: int = 32
     max_rows: int = 256
-    seed: int = 0
-    profile: str = "cpu"
-    device: str = "cpu"
-    dtype: str | None = None
-    threads: int | None = None
-    progress: bool = True
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]):
-        """Build from stage options; run-wide keys this stage does not use are ignored, other unknown keys fail."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in options if k not in names and k not in _COMMON]
-        if unknown:
-            raise ConfigError(f"unknown {cls.stage} option(s) {unknown}; known: {', '.join(sorted(names))}")
-        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
