@@ -99,12 +99,12 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     info = run.info()
     m = run.metrics()
     timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
-    kind = task_kind(info) or "?"
-    title = f"{info.get('base_model', '?')} / {kind}"
+    kind = task_kind(info)
+    title = f"{info.get('base_model', '?')} / {kind or '?'}"
     env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,
-        setting=_setting(info), headline=headline(m, task_kind(info)), caveats=caveats(m), figures=_figures(run),
+        setting=_setting(info), headline=headline(m, kind), caveats=caveats(m), figures=_figures(run),
         tables=_tables(m), samples=_samples(run), timings=timings,
     )
     html_path = run.path / "report.html"
