@@ -132,6 +132,7 @@ def attribution_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: 
                 est.update(geomean_prob=scale * est_sum, sum_logprob=est_sum)
             clean = stack_metrics({k: v.detach() for k, v in scores.items()}, wanted)
             table[c, : len(idx), 0] = clean
+            # metrics not wanted become NaN (stack_metrics takes their shape from est_first)
             table[c, : len(idx), 1:] = stack_metrics({**{m: est_first for m in METRICS}, **est}, wanted)
         bar.update(len(idx))
     bar.close()
