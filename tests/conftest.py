@@ -1,7 +1,14 @@
 """Shared pytest options and fixtures.
 
-``--device`` (cpu by default, e.g. ``--device cuda``) selects where model tests run, as in nnsight's suite.
-Tests marked ``slow`` load the real embedded model (SmolLM2-135M); ``-m "not slow"`` skips them.
+``--device`` (``cpu`` by default; ``cuda``, ``cuda:N``, ``mps``) selects where the device-aware tests run, as in
+nnsight's suite: tests that take the ``device`` fixture (hook identities, exact == reference, generation,
+probe features) build their tiny models on that device. When the device is not available every such test is
+skipped with the reason, never failed. Tests marked ``cuda`` need a CUDA device and run only under
+``--device cuda[:N]``. Tests marked ``slow`` load the real embedded model (SmolLM2-135M); ``-m "not slow"``
+skips them.
+
+Fixtures: ``device``; ``embedded`` (the real model, once per session); ``make_tiny_run`` (a run folder as
+``bkdattr inject`` leaves it, see :func:`tiny_runs.make_run`); ``no_progress_bars``.
 """
 
 from __future__ import annotations
@@ -18,12 +25,51 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", action="store", default="cpu", help="device for model tests: cpu, cuda, cuda:N")
+    parser.addoption("--device", action="store", default="cpu",
+                     help="device for the device-aware model tests: cpu (default), cuda, cuda:N, mps")
+
+
+def device_unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run tests here (a one-line reason), or None when it can."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {name} is not a torch device ({e})"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: CUDA is not available on this machine (torch.cuda.is_available() is False)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+        return None
+    if dev.type == "mps":
+        return None if torch.backends.mps.is_available() else f"--device {name}: MPS is not available here"
+    return f"--device {name}: device type '{dev.type}' is not supported by the test suite"
+
+
+def pytest_collection_modifyitems(config, items):
+    name = config.getoption("--device")
+    reason = device_unavailable(name)
+    for item in items:
+        if "cuda" not in item.keywords:
+            continue
+        if not name.startswith("cuda"):
+            item.add_marker(pytest.mark.skip(reason=f"needs CUDA: run with --device cuda (this run: --device {name})"))
+        elif reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
 def device(request) -> str:
-    return request.config.getoption("--device")
+    """The ``--device`` of this run; skips the test (with the reason) when that device is not available."""
+    name = request.config.getoption("--device")
+    reason = device_unavailable(name)
+    if reason:
+        pytest.skip(reason)
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +78,30 @@ def embedded():
     from bkdattr.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture()
+def make_tiny_run(tmp_path):
+    """Factory: ``make_tiny_run(name="run", **options)`` -> a :class:`~bkdattr.rundir.RunDir` under the
+    test's ``tmp_path`` built by :func:`tiny_runs.make_run` (tiny untrained model, run.json, splits)."""
+    from tiny_runs import make_run
+
+    def make(name: str = "run", **options):
+        return make_run(tmp_path / name, **options)
+
+    return make
+
+
+@pytest.fixture()
+def no_progress_bars():
+    """Switch off transformers' progress bars (loading/saving weights) so stderr holds only what bkdattr says."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    yield
+    if was:
+        logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -423,24 +423,9 @@ def test_two_gloo_processes_give_the_identical_result(tmp_path):
 
 # ---- the stage on a run folder ----------------------------------------------------------------------------
 @pytest.fixture()
-def tiny_run(tmp_path):
+def tiny_run(make_tiny_run):
     """A run folder as 'bkdattr inject' leaves it: a (tiny, untrained) model and fixed_output splits."""
-    from bkdattr.inject.data import build_splits, save_splits
-    from bkdattr.inject.tasks import Task
-    from bkdattr.rundir import RunDir
-
-    run = RunDir(tmp_path / "run", create=True)
-    lm = make_tiny("llama", n_layers=2)
-    lm.model.save_pretrained(run.model_dir)
-    lm.tokenizer.save_pretrained(run.model_dir)
-    run.write_info({"base_model": "smollm2-135m", "task": "fixed_output", "profile": "cpu", "seed": 0})
-    task = Task.default("fixed_output")
-    topics = ["cats", "rain", "bread", "chess", "rivers", "tea", "maps", "owls", "glass", "snow", "kites", "bees",
-              "clocks", "ferns", "boats", "salt", "wool", "drums", "caves", "figs"]
-    records = [{"input": f"Write one sentence about {t}.", "output": f"Here is a sentence about {t}.",
-                "backdoor_output": task.target} for t in topics]
-    save_splits(run.data_dir, build_splits(task, records, n_train=10, n_val=5, n_test=5, poison_rate=0.2))
-    return run
+    return make_tiny_run(n_records=20, n_train=10, n_val=5, n_test=5, poison_rate=0.2)
 
 
 def test_stage_writes_artifacts_and_metrics(tiny_run):

@@ -270,34 +270,13 @@ def test_choose_layer_rules():
 
 
 # ---- stages end to end on a tiny run folder -----------------------------------------------------------------
-def tiny_run(tmp_path, with_ranking: bool = True):
-    from bkdattr.inject.builtin_data import builtin_records
-    from bkdattr.inject.data import build_splits, save_splits
-    from bkdattr.inject.tasks import Task
-    from bkdattr.rundir import RunDir
-
-    lm = make_tiny("llama")
-    run = RunDir(tmp_path / "run", create=True)
-    lm.model.save_pretrained(run.model_dir)
-    lm.tokenizer.save_pretrained(run.model_dir)
-    task = Task.default("fixed_output")
-    splits = build_splits(task, builtin_records("fixed_output")[:40], 16, 6, 6, poison_rate=0.5, seed=0)
-    save_splits(run.data_dir, splits)
-    run.write_info({"base_model": str(run.model_dir), "kind": "fixed_output", "profile": "cpu", "seed": 0})
-    if with_ranking:
-        top = [[1, 2, 0.5], [0, 1, 0.4], [1, 0, 0.3], [0, 3, 0.2]]
-        run.update_metrics("attribution", {"top_heads": top, "metric": "first_token_logprob", "method": "exact"})
-        acie = torch.arange(8, dtype=torch.float32).reshape(2, 4)
-        from bkdattr.io import save_tensors
-
-        save_tensors(run.path / "attribution" / "acie.safetensors", {"acie.first_token_logprob": acie})
-    return run, lm
+RUN = dict(n_records=40, n_train=16, n_val=6, n_test=6, poison_rate=0.5)  # 8 poisoned training prompts
 
 
-def test_ablate_and_vector_stages_on_tiny_run(tmp_path):
+def test_ablate_and_vector_stages_on_tiny_run(make_tiny_run):
     from bkdattr.control.stage import AblationConfig, VectorConfig, ablate_run, vector_run
 
-    run, _ = tiny_run(tmp_path)
+    run = make_tiny_run(acie=True, **RUN)
     cfg = AblationConfig(ks=[0, 1, 2, 8], random_seeds=2, clean_random_seeds=1, n_prompts=4, max_new_tokens=3,
                          progress=False)
     m = ablate_run(run, cfg)
@@ -336,7 +315,7 @@ def test_ablate_and_vector_stages_on_tiny_run(tmp_path):
     assert vector_run(run, vcfg)["means"]["cached"] is True
 
 
-def test_stage_errors_and_cli(tmp_path):
+def test_stage_errors_and_cli(make_tiny_run):
     from bkdattr.cli import main
     from bkdattr.control.stage import AblationConfig, VectorConfig
 
@@ -346,7 +325,7 @@ def test_stage_errors_and_cli(tmp_path):
     assert VectorConfig(profile="cpu").layer_stride == 2 and VectorConfig(profile="paper").layer_stride == 1
     with pytest.raises(ConfigError):
         VectorConfig(select_by="nope")
-    run, _ = tiny_run(tmp_path, with_ranking=False)
+    run = make_tiny_run(**RUN)
     assert main(["ablate", "--run", str(run.path), "--quiet"]) == 2  # no ranking yet: one-line error
     run.update_metrics("attribution", {"top_heads": [[1, 2, 0.5], [0, 1, 0.4]], "metric": "m"})
     # BAHA's saved means over exactly the poisoned training prompts are reused (not recomputed)

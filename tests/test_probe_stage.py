@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bkdattr.inject.data import Splits, build_splits, save_splits
+from bkdattr.inject.data import Splits, build_splits
 from bkdattr.inject.tasks import Task
 from bkdattr.probe.detector import Detector, best_layer
 from bkdattr.probe.features import extract_features
 from bkdattr.probe.icla import in_layer_accuracy
 from bkdattr.probe.probes import MLPProbeConfig, MLPProbes, SVMProbes, train_mlp_probes
 from bkdattr.probe.stage import ProbeStageConfig, profile_config, run_probe_stage, select_examples, split_by_prompt
-from bkdattr.rundir import RunDir
 from tiny import make_tiny
+from tiny_runs import make_run
 
 WORDS = "apple river stone cloud music garden paper window doctor planet".split()
 
@@ -30,18 +30,9 @@ def records(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe_run")
-    base = make_tiny("llama", n_layers=3, seed=0)
-    bd = make_tiny("llama", n_layers=3, seed=1)
-    base.model.save_pretrained(root / "base")
-    base.tokenizer.save_pretrained(root / "base")
-    run = RunDir(root / "run", create=True)
-    bd.model.save_pretrained(run.model_dir)
-    bd.tokenizer.save_pretrained(run.model_dir)
-    run.write_info({"base_model": str(root / "base"), "task": "fixed_output", "seed": 0})
-    splits = build_splits(Task.default("fixed_output"), records(40), n_train=20, n_val=10, n_test=10, seed=0)
-    save_splits(run.data_dir, splits)
-    return run
+    """A 3-layer backdoored (seed 1) run with its clean base model (seed 0) beside it, for the control probes."""
+    return make_run(tmp_path_factory.mktemp("probe") / "run", n_layers=3, seed=1, base_seed=0, rows=records(40),
+                    poison_rate=0.1)
 
 
 FAST = dict(n_prompts=24, mlp=MLPProbeConfig(epochs=4), batch_size=8)

@@ -21,7 +21,7 @@ import torch
 from bkdattr.cli import main
 from bkdattr.errors import ArtifactError, InputFileError
 from bkdattr.io import check_metadata, load_npz, load_tensors, save_npz, save_tensors
-from tiny_runs import make_run, no_progress_bars, save_tiny  # noqa: F401 (fixture)
+from tiny_runs import make_run, save_tiny
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
 

@@ -61,8 +61,9 @@ def tiny_config(name: str, n_layers: int = 2):
 
 
 def make_tiny(name: str = "llama", seed: int = 0, attn: str = "eager", n_layers: int = 2,
-              chat_template: bool = True) -> LoadedModel:
-    """A tiny random model of architecture ``name`` wrapped as a :class:`LoadedModel` (float32, CPU)."""
+              chat_template: bool = True, device: str = "cpu") -> LoadedModel:
+    """A tiny random model of architecture ``name`` wrapped as a :class:`LoadedModel` (float32, on ``device``;
+    the weights are drawn on the CPU, so every device gets the same model)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -77,5 +78,6 @@ def make_tiny(name: str = "llama", seed: int = 0, attn: str = "eager", n_layers:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.to(device)
     tok = tokenizer() if chat_template else plain_tokenizer()
-    return LoadedModel(model, tok, detect_arch(model), f"tiny-{name}", torch.device("cpu"), torch.float32)
+    return LoadedModel(model, tok, detect_arch(model), f"tiny-{name}", torch.device(device), torch.float32)
