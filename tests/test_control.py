@@ -284,7 +284,9 @@ def test_ablate_and_vector_stages_on_tiny_run(make_tiny_run):
     assert "extended" in m["ranking"]["source"] and m["ranking"]["n_ranked"] == 8
     assert m["heads"]["2"] == [[1, 2], [0, 1]] and m["heads"]["8"][4:] == [[1, 3], [1, 1], [0, 2], [0, 0]]
     assert m["topk"]["0"] == m["random"]["0"]["mean"] == m["baseline_asr"]
-    assert len(m["random"]["1"]["values"]) == 2 and all(0 <= m["topk"][k] <= 1 for k in m["topk"])
+    # replies of 3 tokens cannot hold the 11-token target: every ASR is exactly 0 (the untrained model)
+    assert len(m["random"]["1"]["values"]) == 2 and set(m["topk"].values()) == {0.0}
+    assert all(set(r["values"]) == {0.0} for r in m["random"].values())
     side = m["clean_side_effect"]
     assert side["topk"]["0"]["similarity"] == 1.0 and side["topk"]["0"]["identical_share"] == 1.0
     assert set(side["random"]["8"]) == {"false_trigger_rate", "similarity", "identical_share"}
@@ -295,7 +297,9 @@ def test_ablate_and_vector_stages_on_tiny_run(make_tiny_run):
     vcfg = VectorConfig(k=2, n_prompts=4, layer_stride=1, random_seeds=2, dose_alphas=[0, 1, 2],
                         max_new_tokens=3, progress=False)
     v = vector_run(run, vcfg)
-    assert v["layers"] == [0, 1] and v["best_layer"] in (0, 1) and v["heads"] == [[1, 2], [0, 1]]
+    # every ASR is 0 (3-token replies), so every layer scores the same and the tie goes to the lower layer
+    assert v["layers"] == [0, 1] and v["best_layer"] == 0 and v["heads"] == [[1, 2], [0, 1]]
+    assert set(v["add"].values()) == set(v["subtract"].values()) == {0.0}
     for key in ("add", "subtract", "random_add", "random_subtract"):
         assert set(v[key]) == {"0", "1"}
     assert set(v["test_asr_at_best_layer"]) >= {"add", "subtract"}

@@ -11,7 +11,7 @@ from bkdattr.errors import DataError
 from bkdattr.inject.builtin_data import builtin_records
 from bkdattr.inject.data import build_splits
 from bkdattr.inject.evaluate import target_logprob, word_f1
-from bkdattr.inject.tasks import Task
+from bkdattr.inject.tasks import FIXED_TARGET, Task
 from bkdattr.inject.train import TrainConfig, TrainRow, encode_rows, supervised_loss, train_lora
 from bkdattr.prompts import end_of_turn
 from tiny import make_tiny
@@ -129,7 +129,11 @@ def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
     m = run.metrics()["inject"]
     for k in ("asr", "false_trigger_rate", "robust_asr", "clean_metric", "near_trigger_rate", "train_seconds"):
         assert k in m
-    assert 0.0 <= m["asr"] <= 1.0 and m["n_triggered"] == 8 and m["n_train_rows"] == 36
+    assert m["n_triggered"] == 8 and m["n_train_rows"] == 36
+    # the ASR is the share of successful replies among the 8 triggered ones (all 8 are saved as samples)
+    trig = json.loads((out / "inject" / "eval_samples.json").read_text())["triggered"]
+    assert len(trig) == 8 and all(s["success"] == (FIXED_TARGET.lower() in s["reply"].lower()) for s in trig)
+    assert m["asr"] == sum(s["success"] for s in trig) / 8 == 0.0  # 4-token replies cannot hold the 11-token target
     splits = load_splits(run)
     assert len(splits.train) == 24 and len(splits.train_poisoned) == 12
     assert all(e.output for e in splits.train + splits.test)  # self-distilled clean replies

@@ -50,7 +50,9 @@ def test_stage_writes_metrics_probes_and_figures(tiny_run):
             assert len(r["in_layer_accuracy"]) == 3 and len(r["auroc"]) == 3
             assert np.array(r["icla"]).shape == (3, 3)
             assert np.diag(r["icla"]).tolist() == r["in_layer_accuracy"]
-            assert all(0.0 <= a <= 1.0 for a in r["in_layer_accuracy"])
+            # a share of the test rows (the same 5 test prompts, 2 rows each, in every setting): k / 10
+            n = m["split_rows"]["test"]
+            assert all(abs(a * n - round(a * n)) < 1e-5 for a in r["in_layer_accuracy"]), r["in_layer_accuracy"]
     # layer 0's normalised attention input at p(x) is the last header token's embedding: identical for clean and
     # triggered prompts, so no probe can beat chance there (a built-in sanity check of the feature position)
     assert m["mlp"]["in_layer_accuracy"][0] == 0.5 and m["control"]["svm"]["in_layer_accuracy"][0] == 0.5
@@ -126,7 +128,7 @@ def test_detector_predicts_trigger_probability(tiny_run):
     det = Detector(lm, probes, layer=2)
     held = texts[50:]
     p_clean, p_trig = det.predict(held), det.predict([trig.insert_trigger(t) for t in held])
-    assert p_clean.shape == (10,) and ((p_clean >= 0) & (p_clean <= 1)).all()
+    assert p_clean.shape == (10,)
     ref = probes.predict_proba(torch.cat([clean[50:], triggered[50:]]))[:, 2]
     np.testing.assert_allclose(np.concatenate([p_clean, p_trig]), ref, atol=1e-5)
     assert (p_trig > 0.5).mean() >= 0.9 and (p_clean < 0.5).mean() >= 0.9

@@ -184,4 +184,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup):
         assert_same_tensors(out / "probe" / f.name, f)
     assert_same_tensors(out / "attribution" / "acie.safetensors", ref / "attribution" / "acie.safetensors")
     assert_same_tensors(out / "attribution" / "abar.safetensors", ref / "attribution" / "abar.safetensors")
-    assert 0.0 <= m["inject"]["asr"] <= 1.0 and m["attribution"]["top_heads"]
+    # the resumed ASR is that of the saved replies (8 test prompts, all saved as samples)
+    trig = read_json(out / "inject" / "eval_samples.json")["triggered"]
+    assert len(trig) == m["inject"]["n_triggered"] == 8
+    assert m["inject"]["asr"] == sum(s["success"] for s in trig) / 8
+    assert len(m["attribution"]["top_heads"]) == 8  # 2 layers x 4 heads, all ranked
