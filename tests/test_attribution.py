@@ -102,15 +102,15 @@ def test_clean_scores_agree_between_layouts():
 
 
 # ---- mean contributions -----------------------------------------------------------------------------------
-def test_mean_contributions_equals_per_prompt_mean():
-    lm = make_tiny("gpt2")
+def test_mean_contributions_equals_per_prompt_mean(device):
+    lm = make_tiny("gpt2", device=device)
     abar = mean_contributions(lm, TRIGGERED, batch_size=2)
     rows = []
     for p in TRIGGERED:  # one prompt at a time, no padding
-        b = encode_prompts(lm.tokenizer, [p])
-        with capture_contributions(lm.arch, b.last_pos) as st:
+        b = encode_prompts(lm.tokenizer, [p]).to(device)
+        with capture_contributions(lm.arch, b.last_pos) as st, torch.no_grad():
             lm.model(**b.model_inputs())
-        rows.append(torch.stack([st[x][0] for x in range(lm.arch.n_layers)]))
+        rows.append(torch.stack([st[x][0].cpu() for x in range(lm.arch.n_layers)]))
     want = torch.stack(rows).mean(0)
     assert abar.shape == (lm.arch.n_layers, lm.arch.n_heads, lm.arch.d_model) and abar.dtype == torch.float32
     assert torch.allclose(abar, want, atol=1e-5)
@@ -118,8 +118,8 @@ def test_mean_contributions_equals_per_prompt_mean():
 
 # ---- exact == reference -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
-def test_exact_equals_reference_every_architecture(arch):
-    lm = make_tiny(arch, n_layers=3)
+def test_exact_equals_reference_every_architecture(arch, device):
+    lm = make_tiny(arch, n_layers=3, device=device)
     abar = strong_abar(lm)
     ref = attribute(lm, PROMPTS, TARGETS, abar, method="reference", batch_size=2, progress=False)
     ex = attribute(lm, PROMPTS, TARGETS, abar, method="exact", batch_size=2, progress=False)

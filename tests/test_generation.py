@@ -1,4 +1,5 @@
 """Greedy generation: left padding (incl. GPT-2's absolute positions), stopping, and prefill-only edits.
+The padding and prefill-edit identities run on ``--device`` (the ``device`` fixture).
 
 The reference for a prefill-only edit is the definition itself, computed without a KV cache: at every step
 run the whole sequence (prompt + tokens so far) with the edit applied at ``p(x)`` only. The cached
@@ -25,8 +26,8 @@ N_NEW = 6
 
 
 @functools.cache
-def tiny(arch: str):
-    return make_tiny(arch)
+def tiny(arch: str, device: str = "cpu"):
+    return make_tiny(arch, device=device)
 
 
 @contextlib.contextmanager
@@ -49,8 +50,8 @@ def count_calls(module):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_batch_equals_unpadded_single_prompts(arch):
-    lm = tiny(arch)
+def test_left_padded_batch_equals_unpadded_single_prompts(arch, device):
+    lm = tiny(arch, device)
     batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
     assert not bool(batch.attention_mask.all())  # really padded
     with record_logits(lm) as batched_logits:
@@ -99,9 +100,9 @@ def _reference_edited_generation(lm, batch, n_new, make_edit):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
-def test_prefill_only_edit(arch):
-    lm = tiny(arch)
-    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+def test_prefill_only_edit(arch, device):
+    lm = tiny(arch, device)
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left").to(device)
     last = lm.arch.n_layers - 1
     torch.manual_seed(0)
     delta = 5.0 * torch.randn(lm.arch.d_model)

@@ -7,6 +7,9 @@ The identities checked here are what every later stage relies on:
 * zeroing every head of a layer leaves exactly the bias, and equals adding ``-(attn_out - b_O)``;
 * replacing a head's ``z`` slice with its own value changes nothing (bit-identical logits);
 * after an exception inside any context the model carries no hook and computes the same logits.
+
+The identity tests take the ``device`` fixture: they run on ``--device`` (cpu by default; ``--device cuda``
+moves them to the GPU).
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ TOL = 1e-5
 
 
 @functools.cache
-def tiny(arch: str, attn: str = "eager"):
-    return make_tiny(arch, attn=attn)
+def tiny(arch: str, attn: str = "eager", device: str = "cpu"):
+    return make_tiny(arch, attn=attn, device=device)
 
 
 @functools.cache
-def batch(side: str = "left"):
-    return encode_prompts(tiny("llama").tokenizer, TEXTS, padding_side=side)
+def batch(side: str = "left", device: str = "cpu"):
+    return encode_prompts(tiny("llama").tokenizer, TEXTS, padding_side=side).to(device)
 
 
 def logits(model, b) -> torch.Tensor:
@@ -56,15 +59,16 @@ def rows(t: torch.Tensor, b) -> torch.Tensor:
 
 
 def max_diff(x: torch.Tensor, y: torch.Tensor | float) -> float:
-    return float((x.float() - y).abs().max())
+    y = y.detach().float().cpu() if isinstance(y, torch.Tensor) else y
+    return float((x.detach().float().cpu() - y).abs().max())
 
 
 # --------------------------------------------------------------------------------------------------- identity
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_contributions_sum_to_attention_output(arch, side):
-    lm = tiny(arch)
-    b = batch(side)
+def test_contributions_sum_to_attention_output(arch, side, device):
+    lm = tiny(arch, device=device)
+    b = batch(side, device)
     with capture_contributions(lm.arch, b.last_pos, with_z=True) as contrib, \
             capture_attention_output(lm.arch, b.last_pos) as attn_out, torch.no_grad():
         lm.model(**b.model_inputs())
@@ -81,11 +85,11 @@ def test_contributions_sum_to_attention_output(arch, side):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_and_right_padding_capture_the_same_values(arch):
-    lm = tiny(arch)
+def test_left_and_right_padding_capture_the_same_values(arch, device):
+    lm = tiny(arch, device=device)
     got = {}
     for side in ("left", "right"):
-        b = batch(side)
+        b = batch(side, device)
         with capture_contributions(lm.arch, b.last_pos) as c, \
                 capture_features(lm.arch, b.last_pos, "residual") as r, torch.no_grad():
             lm.model(**b.model_inputs())
@@ -97,10 +101,10 @@ def test_left_and_right_padding_capture_the_same_values(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_eager_and_sdpa_capture_the_same_contributions(arch):
-    eager, sdpa = tiny(arch, "eager"), tiny(arch, "sdpa")
+def test_eager_and_sdpa_capture_the_same_contributions(arch, device):
+    eager, sdpa = tiny(arch, "eager", device), tiny(arch, "sdpa", device)
     assert sdpa.model.config._attn_implementation == "sdpa"
-    b = batch("left")
+    b = batch("left", device)
     caps = []
     for lm in (eager, sdpa):
         with capture_contributions(lm.arch, b.last_pos) as c, torch.no_grad():
@@ -125,9 +129,9 @@ def test_capture_only_selected_layers_and_first_call():
 # --------------------------------------------------------------------------------------------------- features
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_features_match_hidden_states(arch, side):
-    lm = tiny(arch)
-    b = batch(side)
+def test_features_match_hidden_states(arch, side, device):
+    lm = tiny(arch, device=device)
+    b = batch(side, device)
     with capture_features(lm.arch, b.last_pos, "residual") as res, \
             capture_features(lm.arch, b.last_pos, "attn_input") as normed, torch.no_grad():
         out = lm.model(**b.model_inputs(), output_hidden_states=True)
@@ -149,14 +153,14 @@ def test_unknown_feature_kind():
 
 # --------------------------------------------------------------------------------------------------- edits
 @pytest.mark.parametrize("arch", ARCHS)
-def test_zero_all_heads_equals_removing_their_contribution(arch):
-    lm = tiny(arch)
-    b = batch("left")
+def test_zero_all_heads_equals_removing_their_contribution(arch, device):
+    lm = tiny(arch, device=device)
+    b = batch("left", device)
     layer = lm.arch.n_layers - 1
     with capture_attention_output(lm.arch, b.last_pos, [layer]) as clean, torch.no_grad():
         lm.model(**b.model_inputs())
     bias = lm.arch.b_o(layer)
-    bias = torch.zeros(lm.arch.d_model) if bias is None else bias
+    bias = torch.zeros(lm.arch.d_model, device=device) if bias is None else bias
     heads = {layer: range(lm.arch.n_heads)}
     with edit_heads(lm.arch, heads, b.last_pos), capture_attention_output(lm.arch, b.last_pos, [layer]) as ablated:
         zero_logits = logits(lm.model, b)
@@ -170,9 +174,9 @@ def test_zero_all_heads_equals_removing_their_contribution(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
-def test_zero_one_head_equals_subtracting_its_contribution(arch):
-    lm = tiny(arch)
-    b = batch("right")
+def test_zero_one_head_equals_subtracting_its_contribution(arch, device):
+    lm = tiny(arch, device=device)
+    b = batch("right", device)
     layer, head = 0, 2
     with capture_contributions(lm.arch, b.last_pos, [layer]) as c, torch.no_grad():
         base = lm.model(**b.model_inputs()).logits
@@ -186,9 +190,9 @@ def test_zero_one_head_equals_subtracting_its_contribution(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_replacing_z_with_its_own_value_is_a_no_op(arch):
-    lm = tiny(arch)
-    b = batch("left")
+def test_replacing_z_with_its_own_value_is_a_no_op(arch, device):
+    lm = tiny(arch, device=device)
+    b = batch("left", device)
     with capture_contributions(lm.arch, b.last_pos, with_z=True) as c, torch.no_grad():
         base = lm.model(**b.model_inputs()).logits
     heads = {0: [1, 3], lm.arch.n_layers - 1: [0]}
@@ -204,10 +208,10 @@ def test_replacing_z_with_its_own_value_is_a_no_op(arch):
     assert not torch.equal(edited[1], base[1])
 
 
-def test_mean_z_patch_equals_mean_contribution_patch():
+def test_mean_z_patch_equals_mean_contribution_patch(device):
     """BAHA's patch ``abar - a(x)`` added to the attention output equals replacing the head's z with mean z."""
-    lm = tiny("qwen2")
-    b = batch("left")
+    lm = tiny("qwen2", device=device)
+    b = batch("left", device)
     layer, head = 1, 2
     with capture_contributions(lm.arch, b.last_pos, [layer], with_z=True) as c, torch.no_grad():
         lm.model(**b.model_inputs())
@@ -222,9 +226,9 @@ def test_mean_z_patch_equals_mean_contribution_patch():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_add_acts_at_last_prompt_position_only(arch):
-    lm = tiny(arch)
-    b = batch("left")
+def test_add_acts_at_last_prompt_position_only(arch, device):
+    lm = tiny(arch, device=device)
+    b = batch("left", device)
     torch.manual_seed(3)
     delta = torch.randn(len(TEXTS), lm.arch.d_model)  # one vector per sample
     with torch.no_grad():

@@ -200,16 +200,16 @@ TEXTS = ["hello there", "Current year: 2024. Name the capital of France, please.
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_features_equal_one_prompt_at_a_time(arch):
-    lm = make_tiny(arch, n_layers=3)
+def test_batched_features_equal_one_prompt_at_a_time(arch, device):
+    lm = make_tiny(arch, n_layers=3, device=device)
     for kind in ("attn_input", "residual"):
         f = extract_features(lm, TEXTS, kind=kind, batch_size=2)
         assert f.shape == (5, 3, lm.arch.d_model) and f.dtype == torch.float32
         for i, t in enumerate(TEXTS):
-            b = encode_prompts(lm.tokenizer, [t])
+            b = encode_prompts(lm.tokenizer, [t]).to(device)
             with capture_features(lm.arch, b.last_pos, kind=kind) as st, torch.no_grad():
                 lm.model(**b.model_inputs())
-            torch.testing.assert_close(f[i], torch.stack([st[x][0] for x in range(3)]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(f[i], torch.stack([st[x][0].cpu() for x in range(3)]), atol=1e-5, rtol=1e-5)
         sub = extract_features(lm, TEXTS, kind=kind, batch_size=3, layers=[2])
         torch.testing.assert_close(sub[:, 0], f[:, 2], atol=1e-5, rtol=1e-5)
     # the normalised attention input is the input norm applied to the residual stream
@@ -217,12 +217,13 @@ def test_batched_features_equal_one_prompt_at_a_time(arch):
     att = extract_features(lm, TEXTS, kind="attn_input")
     with torch.no_grad():
         for layer in range(3):
-            torch.testing.assert_close(lm.arch.input_norm[layer](res[:, layer]), att[:, layer], atol=1e-5, rtol=1e-5)
+            normed = lm.arch.input_norm[layer](res[:, layer].to(device)).cpu()
+            torch.testing.assert_close(normed, att[:, layer], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"])
-def test_shared_prefix_cache_gives_the_same_features(arch):
-    lm = make_tiny(arch, n_layers=2)
+def test_shared_prefix_cache_gives_the_same_features(arch, device):
+    lm = make_tiny(arch, n_layers=2, device=device)
     seqs = [prompt_token_ids(lm.tokenizer, t) for t in TEXTS]
     n_pre = common_prefix_length(seqs)
     assert n_pre >= MIN_SHARED_PREFIX and all(q[:n_pre] == seqs[0][:n_pre] for q in seqs)
