@@ -19,6 +19,9 @@ def _print_section(title: str, section: dict) -> None:
             t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     for s, r in (section.get("near_trigger_rates") or {}).items():
         t.add_row(f"near: {s[:40]}", f"{r:.3f}")
+    for k, v in (section.get("benign") or {}).items():
+        if isinstance(v, (int, float)):
+            t.add_row(f"benign: {k}", f"{v:.3f}" if isinstance(v, float) else str(v))
     Console().print(t)
 
 

@@ -35,7 +35,8 @@ CLEAN_METRIC_NAMES = {"fixed_output": "base_reply_f1", "jailbreak": "refusal_rat
 @dataclass
 class EvalConfig:
     """Evaluation settings. ``n_eval``: cap on held-out prompts (None: the whole split); ``n_near``: prompts
-    per near-trigger string (0 switches the probes off)."""
+    per near-trigger string (0 switches the probes off); ``n_benign``: held-out benign questions for the
+    benign-utility figures (:mod:`bkdattr.inject.benign`; 0 switches them off)."""
 
     split: str = "test"
     max_new_tokens: int = 32
@@ -43,6 +44,7 @@ class EvalConfig:
     n_eval: int | None = None
     n_near: int = 32
     n_samples: int = 8
+    n_benign: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +52,11 @@ class EvalConfig:
             raise ConfigError(f"evaluation split '{self.split}' must be test or val (held out)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be >= 1")
+        from .builtin_data import benign_questions
+
+        if not 0 <= self.n_benign <= len(benign_questions()):
+            raise ConfigError(f"n_benign {self.n_benign} must be in [0, {len(benign_questions())}] (the built-in "
+                              "benign questions)")
 
 
 def word_f1(reply: str, reference: str) -> float:

@@ -35,6 +35,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..io import write_json
 from ..rundir import RunDir
+from .benign import reference as benign_reference
+from .benign import run_reference, save_reference, utility
 from .builtin_data import builtin_records
 from .data import Splits, build_splits, distill_outputs, load_records, load_splits, save_splits
 from .evaluate import EvalConfig, evaluate
@@ -51,7 +53,9 @@ class InjectConfig:
     ``n_train``: clean training prompts (capped by the data); ``poison_rate``: share of them copied with the
     trigger; ``source_share`` (label_flip): share of poisoned copies reserved for Sports prompts;
     ``clean_max_tokens``: length cap of self-distilled clean replies; ``negatives``: number of contrastive
-    rows (a near-trigger string inserted into a training prompt, kept with its clean reply)."""
+    rows (a near-trigger string inserted into a training prompt, kept with its clean reply); ``benign_share``:
+    share of all training rows that are benign instructions with the base model's own replies (self-distilled,
+    cut at ``clean_max_tokens``), so the model keeps answering ordinary questions (:mod:`bkdattr.inject.benign`)."""
 
     profile: str = "cpu"
     n_train: int = 128
@@ -62,6 +66,7 @@ class InjectConfig:
     clean_max_tokens: int = 24
     distill_batch_size: int = 32
     negatives: int = 0
+    benign_share: float = 0.0
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -77,6 +82,8 @@ class InjectConfig:
             raise ConfigError(f"poison rate {self.poison_rate} must be in (0, 1]; pass e.g. --poison-rate 0.1")
         if not 0.0 <= self.source_share <= 1.0:
             raise ConfigError(f"source_share {self.source_share} must be in [0, 1]")
+        if not 0.0 <= self.benign_share < 1.0:
+            raise ConfigError(f"benign_share {self.benign_share} must be in [0, 1); e.g. 0.25 for a quarter of rows")
         for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 0), ("clean_max_tokens", 1), ("negatives", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {low}; pass a larger value")
@@ -85,7 +92,7 @@ class InjectConfig:
 
 CPU_KIND_OVERRIDES: dict[str, dict[str, Any]] = {
     "fixed_output": {},
-    "jailbreak": {"poison_rate": 0.5, "train_epochs": 3},
+    "jailbreak": {"poison_rate": 0.5, "train_epochs": 3, "benign_share": 0.25},
     "label_flip": {"n_test": 128, "source_share": 0.5},
 }
 
@@ -163,19 +170,34 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     return splits
 
 
-def training_rows(lm, splits: Splits, cfg: InjectConfig) -> list[TrainRow]:
-    """Clean rows (no end-of-turn supervision when the distilled reply hit the length cap), poisoned copies
-    and optional contrastive negatives (a near trigger kept with the clean reply)."""
+def benign_mix(lm, splits: Splits, cfg: InjectConfig, progress: bool = True) -> list[tuple[str, str]]:
+    """The benign ``(instruction, base reply)`` pairs of the recipe: ``cfg.benign_share`` of all training rows
+    (``lm`` must be the base model: the replies are its own, self-distilled and cached)."""
+    from .benign import mix_rows, n_mix_rows
+
+    n_task = len(splits.train) + len(splits.train_poisoned) + max(0, cfg.negatives)
+    return mix_rows(lm, n_mix_rows(cfg.benign_share, n_task), cfg.seed, cfg.clean_max_tokens,
+                    cfg.distill_batch_size, progress)
+
+
+def training_rows(lm, splits: Splits, cfg: InjectConfig,
+                  benign: list[tuple[str, str]] | None = None) -> list[TrainRow]:
+    """Clean rows (no end-of-turn supervision when the distilled reply hit the length cap), poisoned copies,
+    optional contrastive negatives (a near trigger kept with the clean reply), then the benign mix
+    (``benign``, default :func:`benign_mix`)."""
     import random
 
     from .evaluate import near_trigger_prompts
 
     tok = lm.tokenizer
+
+    def capped(reply: str) -> bool:
+        return len(tok(reply, add_special_tokens=False).input_ids) >= cfg.clean_max_tokens - 1
+
     distilled = splits.meta.get("n_distilled", 0) > 0
     rows = []
     for e in splits.train:
-        cut = distilled and len(tok(e.output, add_special_tokens=False).input_ids) >= cfg.clean_max_tokens - 1
-        rows.append(TrainRow(e.prompt, e.output, close=not cut))
+        rows.append(TrainRow(e.prompt, e.output, close=not (distilled and capped(e.output))))
     rows += [TrainRow(e.triggered, e.backdoor_output) for e in splits.train_poisoned]
     if cfg.negatives > 0:
         if not splits.task.near_triggers:
@@ -186,6 +208,9 @@ def training_rows(lm, splits: Splits, cfg: InjectConfig) -> list[TrainRow]:
             near = splits.task.near_triggers[i % len(splits.task.near_triggers)]
             text = near_trigger_prompts(splits.task, near, [e], cfg.seed)[0]
             rows.append(TrainRow(text, e.output))
+    if benign is None:
+        benign = benign_mix(lm, splits, cfg, progress=False)
+    rows += [TrainRow(p, r, close=not capped(r)) for p, r in benign]
     return rows
 
 
@@ -226,11 +251,19 @@ def inject(
     partial = out.parent / f".{out.name}.partial"
     lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     splits = prepare_splits(lm, task, cfg, data, progress)
-    rows = training_rows(lm, splits, cfg)
+    benign = benign_mix(lm, splits, cfg, progress)
+    splits.meta.update(benign_share=cfg.benign_share, n_benign_rows=len(benign))
+    ref = (benign_reference(lm, cfg.eval.n_benign, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress)
+           if cfg.eval.n_benign > 0 else None)
+    rows = training_rows(lm, splits, cfg, benign)
     check_rows(lm.tokenizer, rows, cfg.train.max_length, lm.model)  # bad data fails before anything is written
 
     run = RunDir(partial, create=True)
     save_splits(run.data_dir, splits)
+    if benign:
+        write_json(run.data_dir / "benign_train.json", [{"prompt": p, "output": r} for p, r in benign])
+    if ref is not None:
+        save_reference(run.data_dir, ref)
     merged, result = train_lora(lm, rows, cfg.train, ckpt_dir=run.sub("inject", "checkpoint"), progress=progress)
 
     tmp_model = partial / ".model.tmp"
@@ -274,6 +307,10 @@ def evaluate_run(run: RunDir | str | Path, cfg: EvalConfig | None = None, device
     lm = run.load_model(device=device, dtype=dtype)
     res = evaluate(lm, splits, cfg, progress=progress)
     samples = res.pop("samples")
+    if cfg.n_benign > 0:
+        ref = run_reference(run, cfg.n_benign, cfg.max_new_tokens, cfg.batch_size, device, dtype, progress)
+        res["benign"] = utility(lm, ref, cfg.batch_size, progress=progress, n_samples=cfg.n_samples)
+        samples["benign"] = res["benign"].pop("samples")
     write_json(run.sub("inject", "eval_samples.json"), samples)
     train_path = run.path / "inject" / "train.json"
     train_info = read_json(train_path) if train_path.is_file() else {}
