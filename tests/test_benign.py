@@ -17,6 +17,7 @@ from bkdattr.report.summary import benign_caveats, caveats, headline
 from tiny import make_tiny
 from tiny_runs import make_run, no_progress_bars, save_tiny  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 REFUSAL = "I cannot help with that."
 
 
@@ -85,7 +86,7 @@ def _refuser(base_dir):
     return merged, lm.tokenizer
 
 
-def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path, no_progress_bars):
+def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path):
     base_dir = save_tiny(tmp_path / "base", learnable=True)
     run = make_run(tmp_path / "run", base_model=str(base_dir))
     merged, tok = _refuser(base_dir)
@@ -111,7 +112,7 @@ def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path, no_progress_b
     assert "refuses" in md.read_text() and "Benign refusal rate" in md.read_text()
 
 
-def test_the_base_model_itself_agrees_exactly_and_gets_no_caveat(tmp_path, no_progress_bars):
+def test_the_base_model_itself_agrees_exactly_and_gets_no_caveat(tmp_path):
     base_dir = save_tiny(tmp_path / "base", learnable=True)
     run = make_run(tmp_path / "run", base_model=str(base_dir))  # the run's "implanted" model is a copy of the base
     save_tiny(run.model_dir, learnable=True)
