@@ -72,17 +72,19 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size"),
         n_eval: int | None = typer.Option(None, "--n-eval", help="cap on evaluation prompts"),
         n_near: int = typer.Option(32, "--n-near", help="prompts per near-trigger probe (0: off)"),
+        n_benign: int = typer.Option(32, "--n-benign", help="held-out benign questions for utility (0: off)"),
         device: str = typer.Option("cpu", "--device"),
         threads: int | None = typer.Option(None, "--threads"),
         quiet: bool = typer.Option(False, "--quiet"),
     ) -> None:
-        """Re-evaluate a run's backdoored model: ASR, robust ASR, false-trigger, clean metric, near triggers."""
+        """Re-evaluate a run's backdoored model: ASR, robust ASR, false-trigger, clean metric, near triggers,
+        benign utility (refusals and word-F1 against the base model on held-out benign questions)."""
         from .._runtime import set_threads
         from .evaluate import EvalConfig
         from .stage import evaluate_run
 
         set_threads(threads)
         cfg = EvalConfig(split=split, max_new_tokens=max_new_tokens, batch_size=batch_size, n_eval=n_eval,
-                         n_near=n_near)
+                         n_near=n_near, n_benign=n_benign)
         section = evaluate_run(run, cfg, device=device, progress=not quiet)
         _print_section(f"bkdattr eval: {run}", section)
