@@ -15,7 +15,7 @@ from bkdattr.inject.train import TrainConfig, TrainRow, train_lora
 from bkdattr.report.html import build_report
 from bkdattr.report.summary import benign_caveats, caveats, headline
 from tiny import make_tiny
-from tiny_runs import make_run, no_progress_bars, save_tiny  # noqa: F401 (fixture)
+from tiny_runs import save_tiny
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
 REFUSAL = "I cannot help with that."
@@ -86,9 +86,9 @@ def _refuser(base_dir):
     return merged, lm.tokenizer
 
 
-def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path):
+def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path, make_tiny_run):
     base_dir = save_tiny(tmp_path / "base", learnable=True)
-    run = make_run(tmp_path / "run", base_model=str(base_dir))
+    run = make_tiny_run(base_model=str(base_dir))
     merged, tok = _refuser(base_dir)
     merged.save_pretrained(run.model_dir, safe_serialization=True)
     tok.save_pretrained(run.model_dir)
@@ -112,9 +112,9 @@ def test_a_model_that_refuses_everything_gets_the_caveat(tmp_path):
     assert "refuses" in md.read_text() and "Benign refusal rate" in md.read_text()
 
 
-def test_the_base_model_itself_agrees_exactly_and_gets_no_caveat(tmp_path):
+def test_the_base_model_itself_agrees_exactly_and_gets_no_caveat(tmp_path, make_tiny_run):
     base_dir = save_tiny(tmp_path / "base", learnable=True)
-    run = make_run(tmp_path / "run", base_model=str(base_dir))  # the run's "implanted" model is a copy of the base
+    run = make_tiny_run(base_model=str(base_dir))  # the run's "implanted" model is a copy of the base
     save_tiny(run.model_dir, learnable=True)
     b = evaluate_run(run, EvalConfig(n_benign=6, max_new_tokens=8, n_near=0), progress=False)["benign"]
     assert b["refusal_rate"] == b["base_refusal_rate"]
