@@ -22,7 +22,6 @@ Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this stage an
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..devices import local_rank_from_env, rank_device, visible_gpus
 from ..errors import ConfigError, DataError
 from ..io import save_tensors, write_json
 from ..rundir import RunDir
@@ -132,28 +132,43 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     from .._runtime import set_threads
     from ..inject.data import load_splits
 
+    local_rank, n_proc = local_rank_from_env()
+    device = rank_device(cfg.device, local_rank, visible_gpus(), n_proc)  # checked before nccl picks a GPU
     init_from_env(cfg.device)
     rank, world = rank_world()
-    device = cfg.device
-    if is_distributed() and backend_for(device) == "nccl" and device in ("cuda", "auto"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     set_threads(cfg.threads)
     splits = load_splits(run)
     clean, mean_ex = select_examples(splits, cfg)
     lm = run.load_model(device=device, dtype=cfg.dtype)
+    batch_size, heads_per_pass, plan = _memory_plan(lm, cfg, clean)
     show = cfg.progress and is_main()
     t0 = time.perf_counter()
     abar = mean_contributions(lm, [e.triggered for e in mean_ex], batch_size=cfg.mean_batch_size, progress=show)
     abar_s = time.perf_counter() - t0
     res = attribute(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], abar, method=cfg.method,
-                    metric=cfg.metric, batch_size=cfg.batch_size, metrics=cfg.metrics, strategy=cfg.strategy,
-                    heads_per_pass=cfg.heads_per_pass, progress=show, refine_top=cfg.refine_top,
+                    metric=cfg.metric, batch_size=batch_size, metrics=cfg.metrics, strategy=cfg.strategy,
+                    heads_per_pass=heads_per_pass, progress=show, refine_top=cfg.refine_top,
                     checkpoint=run.path / "attribution" / ".partial_exact.safetensors")
     res.info.update(world_size=world, threads=torch.get_num_threads(), abar_seconds=round(abar_s, 3))
+    if plan:
+        res.info["memory_plan"] = plan
     if is_main():
         write_outputs(run, res, abar, cfg, [e.uid for e in clean], [e.uid for e in mean_ex])
     barrier()
     return res
+
+
+def _memory_plan(lm, cfg: AttributeConfig, clean: list) -> tuple[int, int | None, dict | None]:
+    """On one CUDA device, the exact sweep's ``batch_size`` / ``heads_per_pass`` from the free GPU memory when
+    ``heads_per_pass`` is unset (:func:`bkdattr.devices.plan_exact`); elsewhere the configured values."""
+    if cfg.method != "exact" or lm.device.type != "cuda" or not clean:
+        return cfg.batch_size, cfg.heads_per_pass, None
+    from ..devices import plan_exact
+
+    free, _total = torch.cuda.mem_get_info(lm.device)
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters() if p.device == lm.device)
+    return plan_exact(lm, [e.prompt for e in clean], [e.backdoor_output for e in clean], cfg.batch_size,
+                      cfg.heads_per_pass, free + weights)
 
 
 def concentration(acie: torch.Tensor, share: float = 0.05) -> float | None:
@@ -211,6 +226,7 @@ def run_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
     ``attribution`` metrics section."""
     cfg = AttributeConfig.from_options(options)
     if cfg.workers > 1 and not is_distributed():
+        rank_device(cfg.device, cfg.workers - 1, visible_gpus(), cfg.workers)  # one GPU per worker, before spawning
         run_workers(cfg.workers, _stage_worker, (str(run.path), options), backend=backend_for(cfg.device),
                     threads=cfg.threads)
     else:
