@@ -17,7 +17,8 @@ rerunning the same command resumes from it. Data order per epoch and dropout are
 ``seed + epoch``, so a resumed run equals an uninterrupted one. Both tensor files carry the data/config key
 and their epoch in their metadata and ``state.json`` is written last; a checkpoint whose files disagree (a
 kill between the writes) is not resumed, training starts over. At the end the adapter is merged into the
-base weights (``merge_and_unload``).
+base weights in float32 and cast once to the base dtype (:func:`merge_lora_fp32`); with bfloat16 base weights
+(the GPU default) part of the update rounds away, so inject with ``--dtype float32`` on GPU.
 """
 
 from __future__ import annotations
@@ -100,19 +101,21 @@ class TrainRow:
 
 @dataclass
 class TrainResult:
-    """What training did: seconds spent (this call), steps, per-step losses, whether it resumed."""
+    """What training did: seconds spent (this call), steps, per-step losses, whether it resumed, and the share of
+    the LoRA update's entries the merged weights could not hold (:func:`merge_lora_fp32`)."""
 
     seconds: float
     steps: int
     losses: list[float] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    merge_lost_share: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         last = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
         return {"train_seconds": round(self.seconds, 2), "steps": self.steps,
                 "first_loss": round(self.losses[0], 4) if self.losses else None,
                 "final_loss": round(sum(last) / len(last), 4) if last else None,
-                "resumed_from_epoch": self.resumed_from_epoch}
+                "resumed_from_epoch": self.resumed_from_epoch, "merge_lost_share": self.merge_lost_share}
 
 
 def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STYLE_TARGETS) -> list[str] | str:
@@ -150,12 +153,13 @@ def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
     out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, d]
     sel = batch.target_mask[:, 1:]  # target token t is predicted at t-1
-    h = hidden[:, :-1][sel]  # [N, d]
+    # under device_map="auto" the last hidden state, the LM head and the batch may sit on different GPUs
+    h = hidden[:, :-1][sel.to(hidden.device)]  # [N, d]
     logits = head(h).float()  # [N, V]
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    labels = batch.input_ids[:, 1:][sel]  # [N]
+    labels = batch.input_ids[:, 1:][sel].to(logits.device)  # [N]
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
@@ -318,8 +322,54 @@ def train_lora(
             on_epoch_end(epoch + 1, losses)
     bar.close()
     seconds = time.perf_counter() - t0
-    merged = model.merge_and_unload()
+    merged, lost = merge_lora_fp32(model)
+    if lost > 0.01:
+        warnings.warn(f"the merged {str(next(merged.parameters()).dtype).replace('torch.', '')} weights keep only "
+                      f"{100 * (1 - lost):.0f}% of the LoRA update's entries (the rest round away); inject with "
+                      "--dtype float32 to save the trained model exactly", stacklevel=2)
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(False)
-    return merged, TrainResult(seconds, step, losses, start_epoch)
+    return merged, TrainResult(seconds, step, losses, start_epoch, round(lost, 4))
+
+
+def _lora_delta(module, adapter: str) -> torch.Tensor | None:
+    """The float32 update ``scaling * B A`` of one peft LoRA linear layer (``[out, in]`` of its base weight), or
+    None for a layer this merge does not handle (DoRA, convolutions, embeddings: left to peft)."""
+    if getattr(module, "use_dora", {}).get(adapter) or adapter not in getattr(module, "lora_A", {}):
+        return None
+    a, b = module.lora_A[adapter], module.lora_B[adapter]
+    if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):
+        return None
+    delta = (b.weight.float() @ a.weight.float()) * float(module.scaling[adapter])  # [out, in]
+    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
+
+
+@torch.no_grad()
+def merge_lora_fp32(peft_model) -> tuple[torch.nn.Module, float]:
+    """Merge every LoRA linear layer into its base weight as ``(W.float() + scaling * B.float() @ A.float())``,
+    cast once to ``W``'s dtype (a bfloat16 ``W`` is rounded once, never ``delta`` first and then the sum), then
+    drop the adapters. Returns ``(base model, share of the update's nonzero entries that rounding erased)``: 0
+    for float32 weights; for bfloat16 weights a LoRA update below half a unit in the last place of ``W`` is lost,
+    whatever the merge order, which is why injecting on GPU should use ``--dtype float32``."""
+    lost = kept = 0
+    pending = []
+    for module in peft_model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or not hasattr(module, "lora_A"):
+            continue
+        deltas = [d for d in (_lora_delta(module, ad) for ad in module.active_adapters) if d is not None]
+        if len(deltas) != len(module.active_adapters):
+            pending.append(module)  # peft merges what this function does not handle
+            continue
+        w = base.weight
+        delta = sum(deltas).to(w.device)
+        new = (w.float() + delta).to(w.dtype)
+        moved = delta != 0
+        lost += int((moved & (new == w)).sum())
+        kept += int(moved.sum())
+        w.copy_(new)
+    for module in pending:
+        module.merge()
+    model = peft_model.unload()  # removes the LoRA layers without merging them (done above)
+    return model, (lost / kept if kept else 0.0)
