@@ -155,8 +155,9 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn:
         kwargs["attn_implementation"] = attn
-    if device == "auto":
-        kwargs["device_map"] = "auto"
+    placement = _device_map(device)
+    if placement is not None:
+        kwargs["device_map"] = placement
     local = Path(path).expanduser().exists()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     if local:
@@ -199,6 +200,37 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
             f"'{EMBEDDED_NAME}'"
         ) from None
     return model, tok
+
+
+def _device_map(device: str) -> str | dict | None:
+    """``device_map`` for ``from_pretrained``: ``auto`` splits the layers over the GPUs (accelerate); ``cuda[:i]``
+    loads every weight straight onto that GPU (``{"": "cuda:i"}``; no full copy in host RAM first, which eight
+    torchrun ranks of a 7B model could not afford); None keeps the CPU load."""
+    if device == "auto":
+        return "auto"
+    if device.startswith("cuda"):
+        index = device.split(":", 1)[1] if ":" in device else str(torch.cuda.current_device())
+        return {"": f"cuda:{index}"}
+    return None
+
+
+def _dispatch_auto(model: torch.nn.Module) -> torch.nn.Module:
+    """Split a model built in host memory over the visible GPUs as ``device_map="auto"`` would (accelerate's
+    balanced map; decoder layers are never split), for models that cannot be loaded with a device map (GGUF)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    keep = getattr(model, "_no_split_modules", None) or []
+    memory = get_balanced_memory(model, no_split_module_classes=keep)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=keep)
+    return dispatch_model(model, device_map=device_map)
+
+
+def _place(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Move a model built on the CPU to ``device`` (``auto``: over the GPUs, or stay on the CPU without one)."""
+    if device == "auto":
+        return _dispatch_auto(model) if torch.cuda.is_available() else model
+    return model.to(device)
 
 
 def _model_type(path: str) -> str:
@@ -280,6 +312,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if adapter:
         _check_adapter_folder(adapter)  # fail before the (slow) model load
+    placed = _device_map(device) is not None  # from_pretrained puts the weights on the device itself
     if spec == EMBEDDED_NAME:
         path = str(ensure_embedded_cache())
         model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
@@ -295,12 +328,13 @@ def load_model(
                 "transformers can read (llama, qwen2, mistral, gemma, gpt2, ...)"
             ) from None
         model = model.to(torch_dtype)
+        placed = False  # de-quantised in host memory: placed below (auto: split over the GPUs)
     else:
         model, tok = _from_pretrained(spec, torch_dtype, device, trust_remote_code, attn_implementation)
     if adapter:
         model = _merge_adapter(model, adapter)
-    if device != "auto":
-        model = model.to(device)
+    if not placed:
+        model = _place(model, device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

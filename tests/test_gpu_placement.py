@@ -1,0 +1,84 @@
+"""Where load_model puts the weights on GPU machines (issue 19 items 6 and 12), checked on a CPU: torch.cuda
+reports a fake GPU and the placement calls are spied on (nothing is ever moved to a GPU here)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bkdattr.models as models
+from tiny import make_tiny
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> str:
+    lm = make_tiny("llama")
+    path = str(tmp_path_factory.mktemp("placement") / "llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _spy_from_pretrained(monkeypatch) -> list[dict]:
+    """Record from_pretrained's keyword arguments, then load on the CPU (there is no GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    seen: list[dict] = []
+    orig = AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("device_map", None)
+        return orig(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    return seen
+
+
+@pytest.mark.parametrize("device, want", [("cuda", {"": "cuda:0"}), ("cuda:0", {"": "cuda:0"}), ("auto", "auto")])
+def test_gpu_load_goes_straight_to_the_device(monkeypatch, fake_gpu, saved, device, want):
+    """Item 12: ``--device cuda`` used to load the whole model into host RAM, then ``.to()`` it."""
+    seen = _spy_from_pretrained(monkeypatch)
+    moved: list[str] = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(str(a)) or self)
+    lm = models.load_model(saved, device=device)
+    assert seen[0]["device_map"] == want
+    assert lm.dtype == torch.bfloat16  # the GPU default
+    assert moved == []  # no second copy through host memory
+
+
+def test_cpu_load_has_no_device_map(monkeypatch, saved):
+    seen = _spy_from_pretrained(monkeypatch)
+    lm = models.load_model(saved)
+    assert "device_map" not in seen[0] and lm.device == torch.device("cpu")
+
+
+def test_gguf_auto_is_split_over_the_gpus(monkeypatch, fake_gpu, tmp_path):
+    """Item 6: a GGUF model with ``--device auto`` used to stay on the CPU (in bfloat16)."""
+    tiny = make_tiny("llama")
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"fake")
+    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, name: (copy.deepcopy(tiny.model), tiny.tokenizer))
+    dispatched: list[torch.dtype] = []
+    monkeypatch.setattr(models, "_dispatch_auto", lambda m: dispatched.append(next(m.parameters()).dtype) or m,
+                        raising=False)
+    models.load_model(str(f), device="auto")
+    assert dispatched == [torch.bfloat16]
+
+
+def test_gguf_auto_without_gpu_stays_on_cpu_in_float32(tmp_path, monkeypatch):
+    tiny = make_tiny("llama")
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"fake")
+    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, name: (copy.deepcopy(tiny.model), tiny.tokenizer))
+    lm = models.load_model(str(f), device="auto")
+    assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
