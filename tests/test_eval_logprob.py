@@ -1,0 +1,39 @@
+"""inject.evaluate.target_logprob runs the LM head on target positions only (issue 19 item 10) and still equals
+the full-vocabulary formula over every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bkdattr.inject.evaluate import target_logprob
+from bkdattr.prompts import encode_with_targets
+from tiny import make_tiny
+
+TEXTS = ["Name a fruit.", "What is the capital of France? Answer in one word.", "Hi"]
+TARGETS = ["Apple.", "Paris.", "Hello there, how can I help you today?"]
+
+
+def _full_formula(lm) -> torch.Tensor:
+    b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)
+    with torch.no_grad():
+        logits = lm.model(**b.model_inputs()).logits[:, :-1].float()  # [B, T-1, V]
+    lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
+    m = b.target_mask[:, 1:].float()
+    return (lp * m).sum(-1) / m.sum(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2"])
+def test_target_logprob_equals_the_full_formula_with_target_rows_only(arch):
+    lm = make_tiny(arch)
+    rows: list[int] = []
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1])
+                                                                         .shape[0]))
+    try:
+        got = target_logprob(lm, TEXTS, TARGETS, batch_size=2)
+    finally:
+        handle.remove()
+    b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)
+    assert sum(rows) == int(b.target_mask[:, 1:].sum())  # the head saw target rows only, not B x T
+    torch.testing.assert_close(got, _full_formula(lm), rtol=1e-5, atol=1e-5)
