@@ -31,7 +31,10 @@ def register(app: typer.Typer) -> None:
                                                   help="triggered prompts for abar (cpu 256, paper all; 0 = all)"),
         prompt_split: str = typer.Option("val", "--prompt-split", help="val, test or train"),
         profile: str = typer.Option("cpu", "--profile", help="cpu or paper (sets the prompt counts)"),
-        batch_size: int = typer.Option(8, "--batch-size", help="prompts per chunk"),
+        batch_size: int = typer.Option(8, "--batch-size", help="prompts per chunk (on one GPU the exact sweep may "
+                                       "lower it to fit the free memory, unless --heads-per-pass is given)"),
+        heads_per_pass: int | None = typer.Option(None, "--heads-per-pass", help="exact: heads patched per pass "
+                                                  "(default: a whole layer; on one GPU, what fits the free memory)"),
         top_k: int = typer.Option(16, "--top-k", help="heads listed in the table and metrics.json"),
         strategy: str = typer.Option("auto", "--strategy", help="exact path: auto, layers, prefix or full"),
         workers: int = typer.Option(1, "--workers", help="local processes sharing the heads (torch.distributed)"),
@@ -48,7 +51,8 @@ def register(app: typer.Typer) -> None:
 
         opts = dict(method=method, metric=metric, n_prompts=n_prompts, n_mean_prompts=n_mean_prompts,
                     prompt_split=prompt_split, profile=profile, batch_size=batch_size, top_k=top_k,
-                    refine_top=refine_top, strategy=strategy, workers=workers, seed=seed, device=device,
+                    refine_top=refine_top, strategy=strategy, heads_per_pass=heads_per_pass, workers=workers,
+                    seed=seed, device=device,
                     dtype=dtype, threads=threads,
                     progress=not quiet)
         if metrics:
