@@ -167,3 +167,29 @@ def test_plan_exact_on_a_tiny_model():
     assert not plan["fits"] and (b, r) == (1, 1)
     b, r, plan = plan_exact(lm, prompts, targets, 4, 2, 10 * 1024**3)  # set by the user: kept
     assert (b, r) == (4, 2) and plan["prompt_tokens"] > 5 and plan["target_tokens"] >= 2
+
+
+def test_attribute_stage_plans_the_exact_sweep_on_one_gpu(monkeypatch):
+    """On one CUDA device with heads_per_pass unset, the stage takes the free-memory plan; otherwise it keeps the
+    configured values (CPU, a set heads_per_pass, another method, a model split over GPUs)."""
+    import dataclasses
+
+    from bkdattr.attribution.stage import AttributeConfig, _memory_plan
+    from tiny import make_tiny
+
+    lm = make_tiny("llama")
+    on_gpu = dataclasses.replace(lm, device=torch.device("cuda", 0))  # the weights stay on the CPU
+    clean = [type("E", (), {"prompt": "Name a fruit.", "backdoor_output": "Apple."})()]
+    weights = sum(p.numel() * 4 for p in lm.model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (weights, 10 * weights))  # nothing free
+    b, r, plan = _memory_plan(on_gpu, AttributeConfig(batch_size=8), clean)
+    assert (b, r) == (1, 1) and plan["fits"] is False and plan["free_gib"] > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**34, 2**35))
+    b, r, plan = _memory_plan(on_gpu, AttributeConfig(batch_size=8), clean)
+    assert (b, r) == (8, lm.arch.n_heads) and plan["fits"]
+    for lm_, cfg in [(lm, AttributeConfig()), (on_gpu, AttributeConfig(heads_per_pass=2)),
+                     (on_gpu, AttributeConfig(method="reference"))]:
+        b, r, plan = _memory_plan(lm_, cfg, clean)
+        assert plan is None or (b, r) == (cfg.batch_size, 2)
+    lm.model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert _memory_plan(on_gpu, AttributeConfig(), clean) == (8, None, None)

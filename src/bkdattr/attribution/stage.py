@@ -161,7 +161,8 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
 def _memory_plan(lm, cfg: AttributeConfig, clean: list) -> tuple[int, int | None, dict | None]:
     """On one CUDA device, the exact sweep's ``batch_size`` / ``heads_per_pass`` from the free GPU memory when
     ``heads_per_pass`` is unset (:func:`bkdattr.devices.plan_exact`); elsewhere the configured values."""
-    if cfg.method != "exact" or lm.device.type != "cuda" or not clean:
+    split = len(set((getattr(lm.model, "hf_device_map", None) or {"": 0}).values())) > 1
+    if cfg.method != "exact" or lm.device.type != "cuda" or split or not clean:
         return cfg.batch_size, cfg.heads_per_pass, None
     from ..devices import plan_exact
 
