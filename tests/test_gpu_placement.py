@@ -113,3 +113,11 @@ def test_cuda_target_logprob_and_loss_match_the_cpu(saved):
     with torch.no_grad():
         lg, lc = supervised_loss(gpu.model, b.to("cuda")), supervised_loss(cpu.model, b)
     torch.testing.assert_close(lg.cpu(), lc, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_index_beyond_the_visible_gpus(monkeypatch, fake_gpu):
+    from bkdattr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="device 'cuda:3' asked for but only 1 GPU is visible"):
+        models.resolve_device("cuda:3")
+    assert models.resolve_device("cuda:0") == "cuda:0"

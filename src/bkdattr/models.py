@@ -68,6 +68,10 @@ def resolve_device(device: str | None) -> str:
         raise ConfigError(f"device '{device}' asked for but no CUDA GPU is available; use --device cpu")
     if device not in ("cpu", "auto") and not device.startswith("cuda") and device != "mps":
         raise ConfigError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+    if device.startswith("cuda:"):
+        from .devices import rank_device, visible_gpus
+
+        rank_device(device, 0, visible_gpus(), 1)  # cuda:N must name a visible GPU
     return device
 
 
