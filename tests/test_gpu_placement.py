@@ -84,34 +84,29 @@ def test_gguf_auto_without_gpu_stays_on_cpu_in_float32(tmp_path, monkeypatch):
     assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
 
 
-# ---- on a real GPU (pytest -m cuda --device cuda; benchmarks/gpu_check.sh runs them) ---------------------------------
-has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+# ---- on a real GPU (pytest -m cuda --device cuda; benchmarks/gpu_check.sh runs them; skipped otherwise) -------------
 @pytest.mark.cuda
-@has_cuda
 def test_cuda_load_puts_every_weight_on_the_gpu(saved, device):
     lm = models.load_model(saved, device=device)
-    assert {p.device for p in lm.model.parameters()} == {torch.device("cuda", 0)}
-    assert lm.dtype == torch.bfloat16 and lm.device == torch.device("cuda", 0)
+    want = torch.device("cuda", torch.device(device).index or 0)
+    assert {p.device for p in lm.model.parameters()} == {want}
+    assert lm.dtype == torch.bfloat16 and lm.device == want
 
 
 @pytest.mark.cuda
-@has_cuda
-def test_cuda_target_logprob_and_loss_match_the_cpu(saved):
+def test_cuda_target_logprob_and_loss_match_the_cpu(saved, device):
     """The evaluation log-probabilities and the training loss on the GPU equal the CPU's (float32 both)."""
     from bkdattr.inject.evaluate import target_logprob
     from bkdattr.inject.train import TrainRow, encode_rows, supervised_loss
 
     texts, targets = ["Name a fruit.", "Say hi."], ["Apple.", "Hi there!"]
     cpu = models.load_model(saved, dtype="float32")
-    gpu = models.load_model(saved, device="cuda", dtype="float32")
+    gpu = models.load_model(saved, device=device, dtype="float32")
     torch.testing.assert_close(target_logprob(gpu, texts, targets), target_logprob(cpu, texts, targets),
                                rtol=1e-4, atol=1e-4)
     b = encode_rows(cpu.tokenizer, [TrainRow(t, y) for t, y in zip(texts, targets, strict=True)], 256)
     with torch.no_grad():
-        lg, lc = supervised_loss(gpu.model, b.to("cuda")), supervised_loss(cpu.model, b)
+        lg, lc = supervised_loss(gpu.model, b.to(gpu.device)), supervised_loss(cpu.model, b)
     torch.testing.assert_close(lg.cpu(), lc, rtol=1e-4, atol=1e-4)
 
 
