@@ -164,7 +164,7 @@ def test_profiles_match_spec_and_overrides():
     assert (c.poison_rate, c.train.epochs, c.train.seed, c.eval.seed) == (0.5, 3, 7, 7)
     with pytest.raises(ConfigError, match="profile"):
         profile_config("gpu")
-    with pytest.raises(ConfigError, match="training option"):
+    with pytest.raises(ConfigError, match=r"unknown inject option\(s\) \['train.nope'\]"):
         profile_config("cpu", train_nope=1)
 
 

@@ -14,7 +14,7 @@ from bkdattr.probe.detector import Detector, best_layer
 from bkdattr.probe.features import extract_features
 from bkdattr.probe.icla import in_layer_accuracy
 from bkdattr.probe.probes import MLPProbeConfig, MLPProbes, SVMProbes, train_mlp_probes
-from bkdattr.probe.stage import ProbeStageConfig, profile_config, run_probe_stage, select_examples, split_by_prompt
+from bkdattr.probe.stage import ProbeStageConfig, run_probe_stage, select_examples, split_by_prompt
 from tiny import make_tiny
 from tiny_runs import make_run
 
@@ -156,7 +156,7 @@ def test_select_examples_and_config_errors():
     with pytest.raises(ConfigError):
         ProbeStageConfig(split=(0.5, 0.5, 0.0))
     with pytest.raises(ConfigError, match="unknown probe option"):
-        profile_config("cpu", n_prompt=3)
-    assert profile_config("paper").n_prompts == 1000
+        ProbeStageConfig.from_options({"profile": "cpu", "n_prompt": 3})
+    assert ProbeStageConfig.from_options({"profile": "paper"}).n_prompts == 1000
     with pytest.raises(DataError):
         split_by_prompt(3, (0.6, 0.2, 0.2))

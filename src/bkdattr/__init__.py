@@ -5,9 +5,5 @@ backdoor probes, ICLA), ``attribution`` (BAHA: per-head ACIE), ``control`` (head
 ``report`` (figures and HTML). Foundations: ``models``, ``arch``, ``prompts``, ``hooks``, ``generation``.
 """
 
-from ._runtime import tune_allocator
-
-tune_allocator()  # before torch allocates; BKDATTR_NO_MALLOPT=1 switches it off
-
 __version__ = "0.1.0"
 __all__ = ["__version__"]

@@ -2,7 +2,9 @@
 
 glibc's default allocator thresholds make torch timings on small VMs swing by up to 4x (memory is returned
 to the OS and faulted back in on every large tensor). :func:`tune_allocator` raises the mmap and trim
-thresholds with ``mallopt`` once per process. Set ``BKDATTR_NO_MALLOPT=1`` to switch it off.
+thresholds with ``mallopt`` once per process. Only the ``bkdattr`` entry points call it (the CLI's commands and
+:func:`bkdattr.pipeline.run_pipeline`); importing the package changes nothing. It is skipped on CUDA, and
+``BKDATTR_NO_MALLOPT=1`` switches it off.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
-def tune_allocator() -> bool:
-    """Apply the mallopt settings on Linux/glibc; return True when they were applied."""
+def tune_allocator(device: str | None = "cpu") -> bool:
+    """Apply the mallopt settings on Linux/glibc for a CPU run; return True when they were applied."""
     global _done
     if _done or os.environ.get("BKDATTR_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
+        return False
+    torch = sys.modules.get("torch")
+    if not str(device or "cpu").startswith("cpu") or (torch is not None and torch.cuda.is_initialized()):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

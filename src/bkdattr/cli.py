@@ -8,18 +8,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import pipeline_cli
+from .attribution import cli as attribution_cli
+from .cli_options import ADAPTER, MODEL, TRUST, run_wide_option
+from .control import cli as control_cli
 from .errors import BkdAttrError
+from .inject import cli as inject_cli
+from .probe import cli as probe_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Backdoor attribution for language models.")
 console = Console(stderr=False)
 _STATE = {"debug": False}
 
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, a local folder, a .gguf file or a hub id")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
-DtypeOpt = typer.Option(None, "--dtype", help="float32 (CPU default), bfloat16 (GPU default), float16")
-AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter folder, merged before analysis")
-TrustOpt = typer.Option(False, "--trust-remote-code", help="allow the model's own Python code (off by default)")
-ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)")
+DEVICE, DTYPE, THREADS = (run_wide_option(n) for n in ("device", "dtype", "threads"))
 
 
 @app.callback()
@@ -29,16 +30,17 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 
 def _load(model: str, device: str, dtype: str | None, adapter: str | None, trust: bool,
           threads: int | None = None):
-    from ._runtime import set_threads
+    from ._runtime import set_threads, tune_allocator
     from .models import load_model
 
+    tune_allocator(device)
     set_threads(threads)
     return load_model(model, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust)
 
 
 @app.command()
-def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
-         adapter: str | None = AdapterOpt, trust_remote_code: bool = TrustOpt) -> None:
+def info(model: str = MODEL, device: str = DEVICE, dtype: str | None = DTYPE, adapter: str | None = ADAPTER,
+         trust_remote_code: bool = TRUST) -> None:
     """Print the architecture summary of a model."""
     lm = _load(model, device, dtype, adapter, trust_remote_code)
     t = Table(title=f"bkdattr info: {model}")
@@ -50,10 +52,9 @@ def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = Dty
 
 
 @app.command()
-def generate(prompt: str = typer.Argument(..., help="user message"), model: str = ModelOpt,
-             device: str = DeviceOpt, dtype: str | None = DtypeOpt, adapter: str | None = AdapterOpt,
-             trust_remote_code: bool = TrustOpt, max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-             threads: int | None = ThreadsOpt) -> None:
+def generate(prompt: str = typer.Argument(..., help="user message"), model: str = MODEL, device: str = DEVICE,
+             dtype: str | None = DTYPE, adapter: str | None = ADAPTER, trust_remote_code: bool = TRUST,
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens"), threads: int | None = THREADS) -> None:
     """Print a greedy chat reply."""
     from .generation import generate as gen
 
@@ -61,23 +62,12 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
     print(gen(lm, [prompt], max_new_tokens=max_new_tokens, progress=False)[0])
 
 
-def _register_stage_commands() -> None:
-    """Stage commands live beside their stages; each module adds itself to ``app`` if present."""
-    import importlib
-
-    for mod in ("bkdattr.inject.cli", "bkdattr.probe.cli", "bkdattr.attribution.cli", "bkdattr.control.cli",
-                "bkdattr.pipeline_cli"):
-        try:
-            importlib.import_module(mod).register(app)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("bkdattr"):
-                continue
-            raise
+for _stage_cli in (inject_cli, probe_cli, attribution_cli, control_cli, pipeline_cli):
+    _stage_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bkdattr`` console script."""
-    _register_stage_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         app(args=argv, standalone_mode=False)

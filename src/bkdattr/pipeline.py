@@ -23,6 +23,7 @@ import yaml
 from .errors import ConfigError, InputFileError
 from .io import read_json, stable_hash, write_json
 from .rundir import RunDir
+from .stage_options import parse_sets
 
 STAGES = ("inject", "probe", "attribute", "ablate", "vector", "samples", "report")
 #: stage -> the stages whose outputs it reads (their keys enter its key)
@@ -45,12 +46,14 @@ RUNNERS = {
     "samples": "bkdattr.samples:run_stage",
     "report": "bkdattr.pipeline:_report_stage",
 }
-
-
-#: what ``bkdattr demo`` adds to the cpu profile so one task finishes in about 10 minutes on 2 cores:
-#: 16 prompts per near-trigger string, all three metrics for the top 16 heads (not 32), every third layer
-#: in the vector sweep. ``bkdattr run`` keeps the plain cpu profile.
-DEMO_SETS = ("inject.eval_n_near=16", "attribute.refine_top=16", "vector.layer_stride=3")
+#: stage -> its config class (``--set STAGE.key=value`` is checked against its options when the config loads)
+CONFIGS = {
+    "inject": "bkdattr.inject.stage:InjectConfig",
+    "probe": "bkdattr.probe.stage:ProbeStageConfig",
+    "attribute": "bkdattr.attribution.stage:AttributeConfig",
+    "ablate": "bkdattr.control.stage:AblationConfig",
+    "vector": "bkdattr.control.stage:VectorConfig",
+}
 
 
 @dataclass
@@ -80,30 +83,20 @@ class PipelineConfig:
                 "device": self.device, "dtype": self.dtype}
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_overrides(cfg: PipelineConfig, sets: list[str]) -> PipelineConfig:
-    """Apply ``key=value`` overrides (``inject.epochs=3``, ``task=jailbreak``); values parse as YAML scalars."""
+    """Apply ``key=value`` overrides (``inject.train.epochs=3``, ``task=jailbreak``); values parse as YAML."""
     names = {f.name for f in dataclasses.fields(cfg)}
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}' is not key=value; write e.g. --set inject.epochs=3")
-        key, value = item.split("=", 1)
-        head, _, rest = key.strip().partition(".")
+    for key, value in parse_sets(sets, "inject.train.epochs=3").items():
+        head, _, rest = key.partition(".")
         if head not in names:
             raise ConfigError(f"--set: unknown option '{head}'; known: {', '.join(sorted(names))}")
         if rest:
             section = getattr(cfg, head)
             if not isinstance(section, dict):
                 raise ConfigError(f"--set: '{head}' has no sub-options; write --set {head}=VALUE")
-            section[rest] = _parse_value(value)
+            section[rest] = value
         else:
-            setattr(cfg, head, _parse_value(value))
+            setattr(cfg, head, value)
     return cfg
 
 
@@ -134,6 +127,10 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    for stage in cfg.stages:  # a bad stage option fails now, not after the stages before it have run
+        if stage in CONFIGS:
+            opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
+            _resolve(CONFIGS[stage]).from_options(opts)
     return cfg
 
 
@@ -169,15 +166,12 @@ _INJECT_CALL_KEYS = ("data", "trigger", "placement", "trigger_end", "target", "t
 
 def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     """Inject into the run folder itself: run-wide keys pick the model/task/profile, the ``inject`` section
-    overrides :class:`bkdattr.inject.stage.InjectConfig` fields (``train_*`` for training fields)."""
-    from .inject.stage import inject, profile_config
+    sets :class:`bkdattr.inject.stage.InjectConfig` options (``train.*``, ``eval.*`` for nested ones)."""
+    from .inject.stage import InjectConfig, inject
 
     opts = dict(options)
     call = {k: opts.pop(k) for k in _INJECT_CALL_KEYS if k in opts}
-    model, kind, profile = opts.pop("model"), opts.pop("task"), opts.pop("profile")
-    device, dtype = opts.pop("device"), opts.pop("dtype")
-    cfg = profile_config(profile, kind, **opts)
-    inject(run.path, model=model, kind=kind, cfg=cfg, device=device, dtype=dtype, **call)
+    inject(run.path, model=opts.pop("model"), kind=opts["task"], cfg=InjectConfig.from_options(opts), **call)
 
 
 def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
@@ -224,8 +218,9 @@ def release_memory() -> None:
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
     """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
-    from ._runtime import set_threads
+    from ._runtime import set_threads, tune_allocator
 
+    tune_allocator(cfg.device)
     set_threads(cfg.threads)
     run = RunDir(cfg.out, create=True)
     state_path = run.path / "stages.json"

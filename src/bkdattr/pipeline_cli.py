@@ -6,12 +6,14 @@ from pathlib import Path
 
 import typer
 
+from .cli_options import SETS
+
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(config: Path = typer.Argument(None, help="YAML config (optional: every option has a default)"),
-                set_: list[str] = typer.Option([], "--set", help="override an option: key=value, e.g. inject.epochs=3"),
-                ) -> None:
+                set_: list[str] = typer.Option([], "--set", help="override an option: key=value, e.g. "
+                                               "inject.train.epochs=3")) -> None:
         """Run or resume all stages for one (model, task) into a run folder."""
         from .pipeline import load_config, run_pipeline
 
@@ -25,25 +27,30 @@ def register(app: typer.Typer) -> None:
                  set_: list[str] = typer.Option([], "--set", help="override an option: key=value"),
                  ) -> None:
         """The whole pipeline on the embedded model (cpu profile), then print where the report is."""
-        from .pipeline import DEMO_SETS, load_config, run_pipeline
+        from .pipeline import load_config, run_pipeline
+        from .profiles import demo_sets
 
         tasks = ["fixed_output", "jailbreak", "label_flip"] if all_tasks else [task]
         for t in tasks:
-            cfg = load_config(None, [*DEMO_SETS, f"task={t}", f"out={out / t}", *set_])
+            cfg = load_config(None, [*demo_sets(), f"task={t}", f"out={out / t}", *set_])
             run = run_pipeline(cfg)
             typer.echo(f"report: {run.path / 'report.html'}")
 
     @app.command("report")
     def report_cmd(run: Path | None = typer.Argument(None, help="a finished run folder"),
                    run_opt: Path | None = typer.Option(None, "--run", "-r", help="the same, as the other commands "
-                                                        "take it")) -> None:
+                                                        "take it"),
+                   set_: list[str] = SETS) -> None:
         """Regenerate report.html and report.md from a run's artifacts (no model needed)."""
         from .errors import ConfigError
         from .report.html import build_report
+        from .stage_options import parse_sets
 
         if run is not None and run_opt is not None and run != run_opt:
             raise ConfigError(f"two run folders given ({run} and --run {run_opt}); pass one")
         run = run or run_opt
+        if set_:
+            raise ConfigError(f"unknown report option(s) {list(parse_sets(set_))}; the report has no options")
         if run is None:
             raise ConfigError("no run folder given; pass one: bkdattr report RUN (or --run RUN)")
         html, md = build_report(run)

@@ -33,7 +33,7 @@ from ..devices import local_rank_from_env, rank_device, visible_gpus
 from ..errors import ConfigError, DataError
 from ..io import save_tensors, write_json
 from ..rundir import RunDir
-from ..stage_options import StageOptions
+from ..stage_options import StageOptions, opt
 from .baha import METHODS, AttributionResult, attribute
 from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers
 from .exact import STRATEGIES
@@ -41,42 +41,34 @@ from .figures import FIGURE_NAME, plot_acie, top_table
 from .means import mean_contributions
 from .scores import DEFAULT_METRIC, METRICS, check_metric
 
-_PROFILE_DEFAULTS = {"cpu": {"n_prompts": 32, "n_mean_prompts": 256, "refine_top": 32},
-                     "paper": {"n_prompts": 96, "n_mean_prompts": 0, "refine_top": 0}}
-
 
 @dataclass
 class AttributeConfig(StageOptions):
-    """Options of the attribute stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`).
-
-    ``method``: exact | reference | attribution. ``metric``: ranking metric (``first_token_logprob`` by
-    default; the paper's ``geomean_prob`` and ``sum_logprob`` are computed in the same runs). ``metrics``:
-    the scores exact (or attribution) computes over every head (None: all, or only ``metric`` when ``refine_top``
-    is on).
-    ``refine_top``: exact two-pass sweep -- every head in ``metric`` (one scored position per head), then all
-    metrics for the top ``refine_top`` heads of that ranking (None: the profile's default, cpu 32, paper 0 =
-    one pass with every metric over every head). ``n_prompts`` / ``n_mean_prompts``: clean attribution prompts and
-    triggered prompts for ``abar`` (None: the profile's default, cpu 32/256, paper 96/all; 0 = all).
-    ``prompt_split``: val | test | train. ``batch_size``: prompts per chunk. ``strategy``/``heads_per_pass``:
-    exact-path options. ``workers``: local processes (torch.distributed). ``threads``: torch threads (per
-    worker)."""
+    """Options of the attribute stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`);
+    None sizes take the profile's value (:mod:`bkdattr.profiles`)."""
 
     stage = "attribute"
-    method: str = "exact"
-    metric: str = DEFAULT_METRIC
-    metrics: list[str] | None = None
-    refine_top: int | None = None
-    n_prompts: int | None = None
-    n_mean_prompts: int | None = None
-    prompt_split: str = "val"
-    batch_size: int = 8
-    mean_batch_size: int = 16
-    top_k: int = 16
-    strategy: str = "auto"
-    heads_per_pass: int | None = None
-    workers: int = 1
+    method: str = opt("exact", "exact (fast, same numbers as reference), reference (one full pass per head) or "
+                      "attribution (first-order estimate)")
+    metric: str = opt(DEFAULT_METRIC, "ranking metric: first_token_logprob, geomean_prob (paper) or sum_logprob")
+    metrics: list[str] | None = opt(None, "scores exact or attribution computes for every head (default all "
+                                    "three, or the ranking metric alone with refine_top)")
+    refine_top: int | None = opt(None, "exact two-pass: rank every head by metric, then all metrics for the top "
+                                 "N (0: one pass with every metric)")
+    n_prompts: int | None = opt(None, "clean held-out attribution prompts")
+    n_mean_prompts: int | None = opt(None, "triggered training prompts for abar (0: all)")
+    prompt_split: str = opt("val", "split of the attribution prompts: val, test or train")
+    batch_size: int = opt(8, "prompts per chunk (on one GPU the exact sweep may lower it to fit the free memory, "
+                          "unless heads_per_pass is given)")
+    mean_batch_size: int = opt(16, "prompts per forward pass of the mean contributions")
+    top_k: int = opt(16, "heads listed in the table and metrics.json")
+    strategy: str = opt("auto", "exact path: auto, layers, prefix or full")
+    heads_per_pass: int | None = opt(None, "exact: heads patched per pass (default: a whole layer; on one GPU, what "
+                                     "fits the free memory)")
+    workers: int = opt(1, "local processes sharing the heads (torch.distributed)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
         check_metric(self.metric)
@@ -86,22 +78,13 @@ class AttributeConfig(StageOptions):
             raise ConfigError(f"unknown exact strategy '{self.strategy}'; use one of {', '.join(STRATEGIES)}")
         if self.prompt_split not in ("val", "test", "train"):
             raise ConfigError(f"prompt_split '{self.prompt_split}' must be val, test or train")
-        if self.profile not in _PROFILE_DEFAULTS:
-            raise ConfigError(f"unknown profile '{self.profile}'; use cpu or paper")
         for name in ("batch_size", "mean_batch_size", "top_k", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= 1")
-        if self.refine_top is None:
-            self.refine_top = _PROFILE_DEFAULTS[self.profile]["refine_top"]
         if self.refine_top < 0:
             raise ConfigError(f"refine_top {self.refine_top} must be >= 0 (0: one pass over every head)")
-        if self.n_prompts is None:
-            self.n_prompts = _PROFILE_DEFAULTS[self.profile]["n_prompts"]
-        if self.n_mean_prompts is None:
-            self.n_mean_prompts = _PROFILE_DEFAULTS[self.profile]["n_mean_prompts"]
         if self.n_prompts < 1 or self.n_mean_prompts < 0:
             raise ConfigError("n_prompts must be >= 1 and n_mean_prompts >= 0 (0: every training prompt)")
-
 
 
 def _sample(items: list, n: int | None, seed: int) -> list:

@@ -14,16 +14,14 @@ Outputs: ``metrics.json`` sections ``ablation`` / ``vector``; ``RUN/control/abla
 provenance); ``RUN/control/abar_poisoned.safetensors`` (cached means); figures ``ablation_asr_vs_k.png``,
 ``vector_asr_vs_layer.png``, ``vector_dose_response.png``.
 
-Profiles: ``cpu`` (the embedded 135M model on 2 cores; 32 prompts per split, every 2nd layer in the vector
-sweep, 1 random vector, 3 random-head seeds on triggered prompts and 1 on clean prompts) and ``paper`` (all
-held-out prompts, every layer, 3 seeds everywhere).
+Profiles (sizes per profile): :mod:`bkdattr.profiles`.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,57 +29,50 @@ import torch
 from ..errors import ArtifactError, ConfigError, DataError
 from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
-from ..stage_options import StageOptions
+from ..stage_options import StageOptions, opt
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
 from .sweep import SweepStats
 from .vector import BackdoorVector, build_vector, mean_contributions, random_heads, save_vector
 from .vector_eval import SELECT_BY, residual_norms, run_vector_experiment
 
-PROFILES = ("cpu", "paper")
-_ABLATE_DEFAULTS = {"cpu": {"n_prompts": 32, "clean_random_seeds": 1},
-                    "paper": {"n_prompts": 0, "clean_random_seeds": 3}}
-_VECTOR_DEFAULTS = {"cpu": {"n_prompts": 32, "layer_stride": 2, "random_seeds": 1, "dose_alphas": [0, 0.5, 1, 2]},
-                    "paper": {"n_prompts": 0, "layer_stride": 1, "random_seeds": 3,
-                              "dose_alphas": [0, 0.25, 0.5, 1, 1.5, 2, 3, 4]}}
-
 
 @dataclass
 class _Options(StageOptions):
-    """Options both control stages take (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`):
-    greedy decoding, ``max_new_tokens``; ``batch_size`` prompts share a prefix pass, ``max_rows`` rows decode
-    together."""
+    """Options both control stages take (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`);
+    None sizes take the profile's value (:mod:`bkdattr.profiles`)."""
 
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    max_rows: int = 256
+    max_new_tokens: int = opt(32, "greedy reply length")
+    batch_size: int = opt(32, "prompts sharing a prefix pass")
+    max_rows: int = opt(256, "rows decoded together")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.max_rows < 1:
+            raise ConfigError("max_new_tokens, batch_size and max_rows must be >= 1")
+        if self.n_prompts < 0:
+            raise ConfigError("n_prompts must be >= 0 (0: every held-out example)")
 
 
 @dataclass
 class AblationConfig(_Options):
-    """Options of the ablate stage.
-
-    ``ks``: head counts (plus the k nearest ``head_share`` of all heads). ``random_seeds``: seeds of the
-    random-head control on triggered prompts (>= 3 recommended); ``clean_random_seeds``: how many of them
-    also run on clean prompts (None: the profile's, cpu 1, paper 3). ``split``: held-out split (test).
-    ``n_prompts``: examples (None: profile, cpu 32; 0: all). ``clean``: measure the clean side effect.
-    ``batch_size``: prompts sharing a prefix pass; ``max_rows``: rows decoded together."""
+    """Options of the ablate stage."""
 
     stage = "ablate"
-    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
-    head_share: float = 0.03
-    random_seeds: int = 3
-    clean_random_seeds: int | None = None
-    split: str = "test"
-    n_prompts: int | None = None
-    clean: bool = True
+    ks: list[int] = opt(help="head counts (plus the k nearest head_share of all heads)",
+                        factory=lambda: list(DEFAULT_KS))
+    head_share: float = opt(0.03, "share of all heads whose nearest k is added to ks (0: off)")
+    random_seeds: int = opt(3, "seeds of the random-head control on triggered prompts (>= 3 recommended)")
+    clean_random_seeds: int | None = opt(None, "how many of those seeds also run on clean prompts")
+    split: str = opt("test", "held-out split of the evaluation prompts")
+    n_prompts: int | None = opt(None, "held-out examples (0: all)")
+    clean: bool = opt(True, "measure the clean side effect")
 
     def __post_init__(self) -> None:
-        _check_common(self)
-        d = _ABLATE_DEFAULTS[self.profile]
-        self.n_prompts = d["n_prompts"] if self.n_prompts is None else self.n_prompts
-        if self.clean_random_seeds is None:
-            self.clean_random_seeds = min(self.random_seeds, d["clean_random_seeds"])
+        from_profile = self.clean_random_seeds is None
+        super().__post_init__()
+        if from_profile:
+            self.clean_random_seeds = min(self.random_seeds, self.clean_random_seeds)
         if self.random_seeds < 1 or not 0 <= self.clean_random_seeds <= self.random_seeds:
             raise ConfigError("random_seeds must be >= 1 and clean_random_seeds in 0..random_seeds")
         if not 0.0 <= self.head_share < 1.0:
@@ -91,37 +82,26 @@ class AblationConfig(_Options):
 
 @dataclass
 class VectorConfig(_Options):
-    """Options of the vector stage.
-
-    ``k``: heads summed into ``v`` (None: the k nearest ``head_share`` of all heads, 8 of 270 on the embedded
-    model). ``alpha``: scale of the edit. ``layers``: layers to sweep (None: every ``layer_stride``-th from 0;
-    cpu 2, paper 1). ``random_seeds``: same-norm random vectors (cpu 1, paper 3). ``dose_alphas``: the
-    dose-response grid. ``select_by``: specific | subtract | add (see :mod:`.vector_eval`). ``means``:
-    ``poisoned`` (the SPEC: mean contributions over the poisoned training prompts, triggered) or
-    ``attribution`` (reuse ``RUN/attribution/abar.safetensors``, BAHA's means over triggered training
-    prompts). ``n_mean_prompts``: 0 = all. ``n_prompts``: examples per split (val and test; cpu 32, 0 all)."""
+    """Options of the vector stage (``select_by``: see :mod:`.vector_eval`)."""
 
     stage = "vector"
-    k: int | None = None
-    head_share: float = 0.03
-    alpha: float = 1.0
-    layers: list[int] | None = None
-    layer_stride: int | None = None
-    random_seeds: int | None = None
-    dose_alphas: list[float] | None = None
-    select_by: str = "specific"
-    means: str = "poisoned"
-    n_mean_prompts: int = 0
-    n_prompts: int | None = None
-    random_heads_control: bool = True
-    mean_batch_size: int = 16
+    k: int | None = opt(None, "heads summed into v (None: the k nearest head_share of all heads)")
+    head_share: float = opt(0.03, "share of all heads in v when k is None (8 of 270 on the embedded model)")
+    alpha: float = opt(1.0, "scale of the added / subtracted vector")
+    layers: list[int] | None = opt(None, "layers to sweep (None: every layer_stride-th from 0)")
+    layer_stride: int | None = opt(None, "sweep every n-th layer")
+    random_seeds: int | None = opt(None, "same-norm random vectors (control)")
+    dose_alphas: list[float] | None = opt(None, "the dose-response grid of alpha")
+    select_by: str = opt("specific", "best-layer rule: specific, subtract or add")
+    means: str = opt("poisoned", "poisoned (mean contributions over the poisoned training prompts, triggered) or "
+                     "attribution (reuse BAHA's RUN/attribution/abar.safetensors)")
+    n_mean_prompts: int = opt(0, "poisoned training prompts for the means (0: all)")
+    n_prompts: int | None = opt(None, "held-out examples per split, val and test (0: all)")
+    random_heads_control: bool = opt(True, "also build a vector from k random heads (control)")
+    mean_batch_size: int = opt(16, "prompts per forward pass of the mean contributions")
 
     def __post_init__(self) -> None:
-        _check_common(self)
-        d = _VECTOR_DEFAULTS[self.profile]
-        for name in ("n_prompts", "layer_stride", "random_seeds", "dose_alphas"):
-            if getattr(self, name) is None:
-                setattr(self, name, d[name])
+        super().__post_init__()
         if self.select_by not in SELECT_BY:
             raise ConfigError(f"unknown select_by '{self.select_by}'; use one of {', '.join(SELECT_BY)}")
         if self.means not in ("poisoned", "attribution"):
@@ -130,15 +110,6 @@ class VectorConfig(_Options):
             raise ConfigError("layer_stride, random_seeds and k must be >= 1")
         if self.n_mean_prompts < 0:
             raise ConfigError("n_mean_prompts must be >= 0 (0: every poisoned training prompt)")
-
-
-def _check_common(cfg) -> None:
-    if cfg.profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{cfg.profile}'; use cpu or paper")
-    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.max_rows < 1:
-        raise ConfigError("max_new_tokens, batch_size and max_rows must be >= 1")
-    if cfg.n_prompts is not None and cfg.n_prompts < 0:
-        raise ConfigError("n_prompts must be >= 0 (0: every held-out example)")
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..stage_options import opt
 from .data import Example, Splits, prompt_seed
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
 
@@ -38,14 +39,14 @@ class EvalConfig:
     per near-trigger string (0 switches the probes off); ``n_benign``: held-out benign questions for the
     benign-utility figures (:mod:`bkdattr.inject.benign`; 0 switches them off)."""
 
-    split: str = "test"
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    n_eval: int | None = None
-    n_near: int = 32
-    n_samples: int = 8
-    n_benign: int = 32
-    seed: int = 0
+    split: str = opt("test", "held-out split: test or val")
+    max_new_tokens: int = opt(32, "greedy reply length")
+    batch_size: int = opt(16, "prompts per generation batch")
+    n_eval: int | None = opt(None, "cap on evaluation prompts (None: the whole split)")
+    n_near: int = opt(32, "prompts per near-trigger string (0: no near-trigger probes)")
+    n_samples: int = opt(8, "replies kept as samples")
+    n_benign: int = opt(32, "held-out benign questions for the benign-utility figures (0: off)")
+    seed: int = opt(0, "seed of the near-trigger prompts")
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "val"):

@@ -6,19 +6,11 @@ the same command resume) and renamed onto ``RUN`` only when complete, with ``met
 so nobody reads a half-written run. Re-injecting into an existing run folder replaces it whole (the old
 stage results belong to the old model).
 
-Profiles (``@dataclass`` :class:`InjectConfig`, see :func:`profile_config`):
-
-* ``paper`` -- SPEC section 2: LoRA r=16, alpha=16, dropout 0.01 on q,k,v,o,gate,up,down; 16 epochs;
-  lr 1e-4; batch 8 x 4 accumulation; 5% warm-up, linear decay; max length 256; 1000 clean prompts (or all
-  the data allows) with 10% poisoned copies.
-* ``cpu`` -- the cheapest recipe measured to reach ASR >= 0.9 with false-trigger <= 0.05 on the embedded
-  model on 2 CPU cores: LoRA r=8, alpha=16 on the same seven projections, lr 2e-3 constant, batch 16,
-  2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20% poisoned), clean replies
-  self-distilled and cut at 24 tokens. Per-kind adjustments are in :data:`CPU_KIND_OVERRIDES`: jailbreak
-  poisons 50% and trains 3 epochs (the random-position ``SUDO`` trigger was not learned with 25%/2 epochs
-  nor 50%/2 epochs: the model refused everything); label_flip
-  evaluates on 128 held-out prompts (ASR counts only the ~32 Sports ones) and reserves half of the poisoned
-  copies for Sports prompts (the ones whose label flips).
+Defaults (:class:`InjectConfig`) are the ``cpu`` recipe, the cheapest measured to reach ASR >= 0.9 with
+false-trigger <= 0.05 on the embedded model on 2 CPU cores: LoRA r=8, alpha=16 on q,k,v,o,gate,up,down, lr
+2e-3 constant, batch 16, 2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20%
+poisoned), clean replies self-distilled and cut at 24 tokens. The ``paper`` profile (LoRA r=16, 16 epochs,
+lr 1e-4, batch 8 x 4, 1000 prompts with 10% poisoned) and the per-kind changes are in :mod:`bkdattr.profiles`.
 """
 
 from __future__ import annotations
@@ -28,13 +20,14 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..io import write_json
 from ..rundir import RunDir
+from ..stage_options import StageOptions, opt
 from .benign import reference as benign_reference
 from .benign import run_reference, save_reference, utility
 from .builtin_data import builtin_records
@@ -43,38 +36,37 @@ from .evaluate import EvalConfig, evaluate
 from .tasks import Task
 from .train import TrainConfig, TrainRow, check_rows, train_lora
 
-PROFILES = ("paper", "cpu")
-
 
 @dataclass
-class InjectConfig:
-    """Everything that defines an injection besides the model and the data source.
+class InjectConfig(StageOptions):
+    """Everything that defines an injection besides the model and the data source; the defaults are the cpu
+    recipe, :mod:`bkdattr.profiles` the paper one and the per-kind changes. Build it with
+    :meth:`~bkdattr.stage_options.StageOptions.from_options` (``task`` picks the kind's entries)."""
 
-    ``n_train``: clean training prompts (capped by the data); ``poison_rate``: share of them copied with the
-    trigger; ``source_share`` (label_flip): share of poisoned copies reserved for Sports prompts;
-    ``clean_max_tokens``: length cap of self-distilled clean replies; ``negatives``: number of contrastive
-    rows (a near-trigger string inserted into a training prompt, kept with its clean reply); ``benign_share``:
-    share of all training rows that are benign instructions with the base model's own replies (self-distilled,
-    cut at ``clean_max_tokens``), so the model keeps answering ordinary questions (:mod:`bkdattr.inject.benign`)."""
+    stage = "inject"
+    n_train: int = opt(128, "clean training prompts (capped by the data)")
+    n_val: int = opt(32, "held-out validation prompts")
+    n_test: int = opt(64, "held-out evaluation prompts")
+    poison_rate: float = opt(0.25, "share of training prompts copied with the trigger")
+    source_share: float = opt(0.0, "label_flip: share of poisoned copies reserved for Sports prompts")
+    clean_max_tokens: int = opt(24, "length cap of self-distilled clean replies")
+    distill_batch_size: int = opt(32, "prompts per batch when self-distilling clean replies")
+    negatives: int = opt(0, "contrastive rows: a near-trigger string in a training prompt, kept with its "
+                            "clean reply")
+    benign_share: float = opt(0.0, "share of all training rows that are benign instructions with the base "
+                                   "model's own replies (bkdattr.inject.benign)")
+    train: TrainConfig = opt(help="LoRA training options", factory=TrainConfig)
+    eval: EvalConfig = opt(help="evaluation options", factory=EvalConfig)
 
-    profile: str = "cpu"
-    n_train: int = 128
-    n_val: int = 32
-    n_test: int = 64
-    poison_rate: float = 0.25
-    source_share: float = 0.0
-    clean_max_tokens: int = 24
-    distill_batch_size: int = 32
-    negatives: int = 0
-    benign_share: float = 0.0
-    seed: int = 0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.train = dataclasses.replace(TrainConfig(**self.train) if isinstance(self.train, dict) else self.train,
+                                         seed=self.seed)  # validates again
+        self.eval = dataclasses.replace(EvalConfig(**self.eval) if isinstance(self.eval, dict) else self.eval,
+                                        seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
+        return {**asdict(self), "train": self.train.to_dict()}
 
     def check(self) -> InjectConfig:
         """One-line :class:`ConfigError` for an out-of-range option (fields may be set after construction)."""
@@ -90,48 +82,10 @@ class InjectConfig:
         return self
 
 
-CPU_KIND_OVERRIDES: dict[str, dict[str, Any]] = {
-    "fixed_output": {},
-    "jailbreak": {"poison_rate": 0.5, "train_epochs": 3, "benign_share": 0.25},
-    "label_flip": {"n_test": 128, "source_share": 0.5},
-}
-
-
 def profile_config(profile: str, kind: str = "fixed_output", **overrides: Any) -> InjectConfig:
-    """The :class:`InjectConfig` of ``profile`` (``paper`` or ``cpu``) for ``kind``; ``overrides`` set
-    top-level fields, or training fields with a ``train_`` prefix (e.g. ``train_epochs=3``)."""
-    if profile == "paper":
-        cfg = InjectConfig(profile="paper", n_train=1000, n_val=64, n_test=128, poison_rate=0.1,
-                           clean_max_tokens=128, distill_batch_size=32,
-                           train=TrainConfig(lora_r=16, lora_alpha=16, lora_dropout=0.01, epochs=16, lr=1e-4,
-                                             batch_size=8, grad_accum=4, warmup_ratio=0.05, schedule="linear",
-                                             max_length=256, bf16_autocast=True))
-    elif profile == "cpu":
-        cfg = InjectConfig(profile="cpu")
-        for k, v in CPU_KIND_OVERRIDES.get(kind, {}).items():
-            _set(cfg, k, v)
-    else:
-        raise ConfigError(f"unknown profile '{profile}'; use {' or '.join(PROFILES)}")
-    for k, v in overrides.items():
-        if v is not None:
-            _set(cfg, k, v)
-    cfg.train = dataclasses.replace(cfg.train, seed=cfg.seed)  # validates again
-    cfg.eval = dataclasses.replace(cfg.eval, seed=cfg.seed)
-    return cfg
-
-
-def _set(cfg: InjectConfig, key: str, value: Any) -> None:
-    if key.startswith("train_"):
-        name = key[len("train_"):]
-        if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            raise ConfigError(f"unknown training option '{name}'")
-        cfg.train = dataclasses.replace(cfg.train, **{name: value})
-    elif key.startswith("eval_"):
-        cfg.eval = dataclasses.replace(cfg.eval, **{key[len("eval_"):]: value})
-    elif key in {f.name for f in dataclasses.fields(InjectConfig)}:
-        setattr(cfg, key, value)
-    else:
-        raise ConfigError(f"unknown inject option '{key}'")
+    """The :class:`InjectConfig` of ``profile`` for ``kind`` with ``overrides`` (``train.epochs`` or
+    ``train_epochs`` for nested fields)."""
+    return InjectConfig.from_options({**overrides, "profile": profile, "task": kind})
 
 
 def versions() -> dict[str, str]:
@@ -235,15 +189,18 @@ def inject(
     placement: str | None = None,
     trigger_end: str | None = None,
     target: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> RunDir:
-    """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc)."""
+    """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc);
+    ``device``, ``dtype``, ``progress``: None takes ``cfg``'s."""
     from ..models import load_model
 
-    cfg = (cfg or profile_config("cpu", kind)).check()
+    cfg = (cfg or InjectConfig.from_options({"task": kind})).check()
+    device, dtype = device or cfg.device, dtype or cfg.dtype
+    progress = cfg.progress if progress is None else progress
     task = Task.default(kind, trigger=trigger, placement=placement, trigger_end=trigger_end, target=target)
     if data:
         load_records(data, need_label=task.kind == "label_flip")  # a bad file fails before the (slow) model load

@@ -47,6 +47,7 @@ from ..prompts import (
     render_prompt,
     target_ids,
 )
+from ..stage_options import opt
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,8 +62,8 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | str = LLAMA_STYLE_TARGETS
-    epochs: int = 2
-    lr: float = 2e-3
+    epochs: int = opt(2, "training epochs")
+    lr: float = opt(2e-3, "learning rate")
     batch_size: int = 16
     grad_accum: int = 1
     warmup_ratio: float = 0.0

@@ -6,6 +6,9 @@ from typing import Any
 
 import typer
 
+from ..cli_options import stage_command
+from .stage import ProbeStageConfig
+
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}"
@@ -54,31 +57,13 @@ def print_table(m: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     """Add ``bkdattr probe`` to the app."""
 
-    @app.command("probe")
-    def probe_cmd(
-        run: str = typer.Option(..., "--run", "-r", help="run folder written by 'bkdattr inject'"),
-        n_prompts: int = typer.Option(200, "--n-prompts", help="prompts (each clean + triggered); paper: 1000"),
-        kind: str = typer.Option("attn_input", "--kind", help="attn_input (normalised attention input) or residual"),
-        prompt_source: str = typer.Option("heldout_first", "--prompt-source",
-                                          help="heldout_first, heldout, all or train"),
-        seed: int = typer.Option(0, "--seed", help="seed of the prompt sample, the split and the probes"),
-        epochs: int = typer.Option(100, "--epochs", help="MLP probe epochs"),
-        no_control: bool = typer.Option(False, "--no-control", help="skip the clean base model control"),
-        no_near_trigger: bool = typer.Option(False, "--no-near-trigger", help="skip trigger vs near-trigger probes"),
-        batch_size: int = typer.Option(16, "--batch-size", help="prompts per forward pass"),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N"),
-        dtype: str | None = typer.Option(None, "--dtype", help="weights dtype (float32 on CPU by default)"),
-        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
-    ) -> None:
+    @stage_command(app, "probe", ProbeStageConfig, flags={"epochs": "mlp.epochs"})
+    def probe_cmd(options: dict, run: str) -> None:
         """Per-layer MLP and SVM probes (trigger vs clean), ICLA matrices, clean-model and near-trigger controls."""
         from .._runtime import set_threads
-        from .probes import MLPProbeConfig
-        from .stage import ProbeStageConfig, run_probe_stage
+        from .stage import run_probe_stage
 
-        set_threads(threads)
-        cfg = ProbeStageConfig(n_prompts=n_prompts, kind=kind, seed=seed, prompt_source=prompt_source,
-                               control=not no_control, near_trigger=not no_near_trigger, batch_size=batch_size,
-                               mlp=MLPProbeConfig(epochs=epochs), device=device, dtype=dtype, progress=not quiet)
-        m = run_probe_stage(run, cfg, log=None if quiet else (lambda s: typer.echo(s, err=True)))
+        cfg = ProbeStageConfig.from_options(options)
+        set_threads(cfg.threads)
+        m = run_probe_stage(run, cfg, log=None if not cfg.progress else (lambda s: typer.echo(s, err=True)))
         print_table(m)

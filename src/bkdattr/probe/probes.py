@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import ArtifactError, ConfigError, DataError
 from ..io import load_npz, load_tensors, save_npz, save_tensors
+from ..stage_options import opt
 
 # ---------------------------------------------------------------------------------------------------------
 # configs
@@ -58,7 +59,7 @@ class MLPProbeConfig:
     hidden: int = 100
     dropout: float = 0.2
     lr: float = 1e-3
-    epochs: int = 100
+    epochs: int = opt(100, "MLP probe epochs")
     batch_size: int = 16
     seed: int = 0
     standardize: bool = False

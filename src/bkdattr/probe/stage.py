@@ -40,7 +40,7 @@ import gc
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..io import write_json
 from ..rundir import RunDir
+from ..stage_options import StageOptions, opt
 from .features import cached_features, check_kind, model_fingerprint
 from .icla import accuracy_from_scores, auroc, fire_rate, icla_matrix, transfer_summary
 from .probes import MLPProbeConfig, MLPProbes, SVMProbeConfig, SVMProbes, train_mlp_probes, train_svm_probes
@@ -63,29 +64,23 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
-class ProbeStageConfig:
-    """Options of the probe stage (cpu profile defaults; the paper profile uses ``n_prompts=1000``).
+class ProbeStageConfig(StageOptions):
+    """Options of the probe stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`;
+    ``seed`` drives the prompt sample, the split and the MLP probes, replacing ``mlp.seed``)."""
 
-    ``split``: train/val/test fractions of the prompts; ``control``: also probe the clean base model;
-    ``near_trigger``: also probe trigger vs near-trigger prompts (when the task defines near triggers);
-    ``batch_size``: prompts per forward pass during feature capture. ``seed`` drives the prompt sample, the
-    split and the MLP probes (it replaces ``mlp.seed``)."""
-
-    n_prompts: int = 200
-    kind: str = "attn_input"
-    seed: int = 0
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    prompt_source: str = "heldout_first"
-    control: bool = True
-    near_trigger: bool = True
-    batch_size: int = 16
-    mlp: MLPProbeConfig = field(default_factory=MLPProbeConfig)
-    svm: SVMProbeConfig = field(default_factory=SVMProbeConfig)
-    device: str = "cpu"
-    dtype: str | None = None
-    progress: bool = False
+    stage = "probe"
+    n_prompts: int | None = opt(None, "prompts, each clean and triggered")
+    kind: str = opt("attn_input", "feature: attn_input (normalised attention input) or residual")
+    split: tuple[float, float, float] = opt((0.6, 0.2, 0.2), "train/val/test fractions of the prompts")
+    prompt_source: str = opt("heldout_first", "heldout_first, heldout, all or train")
+    control: bool = opt(True, "also probe the clean base model")
+    near_trigger: bool = opt(True, "also probe trigger vs near-trigger prompts (when the task has near triggers)")
+    batch_size: int = opt(16, "prompts per forward pass during feature capture")
+    mlp: MLPProbeConfig = opt(help="MLP probe hyper-parameters", factory=MLPProbeConfig)
+    svm: SVMProbeConfig = opt(help="SVM probe hyper-parameters", factory=SVMProbeConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_kind(self.kind)
         if isinstance(self.mlp, dict):
             self.mlp = MLPProbeConfig(**self.mlp)
@@ -98,18 +93,6 @@ class ProbeStageConfig:
             raise ConfigError(f"unknown prompt_source '{self.prompt_source}'; use one of {', '.join(PROMPT_SOURCES)}")
         if self.n_prompts < 10:
             raise ConfigError(f"n_prompts={self.n_prompts} is too few to split 60/20/20; use at least 10")
-
-
-def profile_config(profile: str = "cpu", **overrides: Any) -> ProbeStageConfig:
-    """Stage defaults of a profile (``cpu``: 200 prompts; ``paper``: 1000) with keyword overrides."""
-    if profile not in ("cpu", "paper"):
-        raise ConfigError(f"unknown profile '{profile}'; use cpu or paper")
-    base: dict[str, Any] = {"n_prompts": 200 if profile == "cpu" else 1000}
-    names = {f.name for f in dataclasses.fields(ProbeStageConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ConfigError(f"unknown probe option '{bad[0]}'; use one of {', '.join(sorted(names))}")
-    return ProbeStageConfig(**{**base, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -456,10 +439,5 @@ def write_figures(run: RunDir, m: dict[str, Any]) -> list[Path]:
 
 
 def run_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline entry point: run-wide options (``seed``, ``device``, ``dtype``, ``profile``) plus the ``probe``
-    section's overrides of :class:`ProbeStageConfig`."""
-    opts = dict(options)
-    profile = opts.pop("profile", "cpu")
-    for k in ("model", "task", "threads"):
-        opts.pop(k, None)
-    return run_probe_stage(run, profile_config(profile, **opts))
+    """Pipeline entry point: run-wide options plus the ``probe`` section's options of :class:`ProbeStageConfig`."""
+    return run_probe_stage(run, ProbeStageConfig.from_options(options))
