@@ -21,6 +21,7 @@ def fake_stages(monkeypatch):
             run.update_metrics(name, {"ran": True, "seed": options["seed"]})
         return runner
 
+    monkeypatch.setattr(pipeline, "check_stage_options", lambda cfg: None)  # the fake stages take fake options
     monkeypatch.setattr(pipeline, "_resolve", lambda spec: make(spec.split(":")[1] + "@" + spec.split(":")[0]))
     return calls
 
@@ -30,8 +31,8 @@ def _cfg(tmp_path, *sets):
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(None, ["task=jailbreak", "inject.epochs=3", "probe.n_prompts=50", "threads=2"])
-    assert cfg.task == "jailbreak" and cfg.inject == {"epochs": 3} and cfg.probe == {"n_prompts": 50}
+    cfg = load_config(None, ["task=jailbreak", "inject.train.epochs=3", "probe.n_prompts=50", "threads=2"])
+    assert cfg.task == "jailbreak" and cfg.inject == {"train.epochs": 3} and cfg.probe == {"n_prompts": 50}
     assert cfg.threads == 2 and cfg.model == "smollm2-135m"
     y = tmp_path / "c.yaml"
     y.write_text("task: label_flip\nseed: 3\nvector:\n  alpha: 2.0\n")
@@ -44,6 +45,8 @@ def test_defaults_and_overrides(tmp_path):
     (["no_equals"], "is not key=value"),
     (["seed.x=1"], "has no sub-options"),
     (["stages=[inject, bogus]"], "unknown stage"),
+    (["inject.epochs=3"], r"unknown inject option\(s\) \['epochs'\]; known: seed, profile"),
+    (["vector.select_by=nope"], "unknown select_by 'nope'"),
 ])
 def test_bad_overrides(sets, match):
     with pytest.raises(ConfigError, match=match):

@@ -78,12 +78,15 @@ def _parameter(cls, name: str, path: str, stage: str | None) -> inspect.Paramete
 
 
 def _value(cls, path: str, v: Any) -> Any:
-    """A generated option's text value -> the field's value (lists from YAML or comma-separated text)."""
+    """A generated option's text -> the field's value: YAML (``[0, 4]``, ``null``) or comma-separated text for
+    a list field (``0,4,8``; one item is a list of one)."""
     if v is None or _scalar(cls, path) is not None:
         return v
     parsed = parse_value(v)
-    if isinstance(parsed, str) and "," in parsed:
-        return [parse_value(x.strip()) for x in parsed.split(",") if x.strip()]
+    head, _, rest = path.partition(".")
+    hint = typing.get_type_hints(nested(cls)[head] if rest else cls)[rest or head]
+    if isinstance(parsed, (str, int, float)) and "list[" in str(hint):
+        return [parse_value(x.strip()) for x in str(v).split(",") if x.strip()]
     return parsed
 
 

@@ -127,11 +127,17 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    for stage in cfg.stages:  # a bad stage option fails now, not after the stages before it have run
-        if stage in CONFIGS:
-            opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
-            _resolve(CONFIGS[stage]).from_options(opts)
+    check_stage_options(cfg)
     return cfg
+
+
+def check_stage_options(cfg: PipelineConfig) -> None:
+    """Build every selected stage's config: a bad stage option fails now, not after the stages before it ran."""
+    for stage in cfg.stages:
+        if stage in CONFIGS:
+            mod, name = CONFIGS[stage].split(":")
+            opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
+            getattr(importlib.import_module(mod), name).from_options(opts)
 
 
 #: the type each option must have after YAML parsing (``None`` allowed where listed)

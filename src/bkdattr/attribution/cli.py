@@ -24,10 +24,11 @@ def register(app: typer.Typer) -> None:
         from .distributed import is_main
         from .stage import print_summary, run_stage
 
+        top_k = AttributeConfig.from_options(options).top_k  # a bad option fails before the run is read
         rd = RunDir(run)
         section = run_stage(rd, options)
         if is_main():
-            print_summary(rd, k=AttributeConfig.from_options(options).top_k)
+            print_summary(rd, k=top_k)
             typer.echo(f"attribution: {section.get('method')} in {section.get('seconds')} s "
                        f"(strategy {section.get('strategy')}, {section.get('world_size')} process(es)); "
                        f"saved to {rd.path / 'attribution'}")

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         from ..rundir import RunDir
         from .stage import ablate_run
 
-        m = ablate_run(RunDir(run), AblationConfig.from_options(options))
+        cfg = AblationConfig.from_options(options)
+        m = ablate_run(RunDir(run), cfg)
         typer.echo("k     top-k ASR   random ASR (mean ± sd)")
         for k in m["ks"]:
             r = m["random"][str(k)]
@@ -33,7 +34,8 @@ def register(app: typer.Typer) -> None:
         from ..rundir import RunDir
         from .stage import vector_run
 
-        m = vector_run(RunDir(run), VectorConfig.from_options(options))
+        cfg = VectorConfig.from_options(options)
+        m = vector_run(RunDir(run), cfg)
         t = m["test_asr_at_best_layer"]
         r = m["random_test_asr_at_best_layer"]
         typer.echo(f"|v| = {m['norms']['vector']:.1f} (k={m['k']}); best layer (val): {m['best_layer']}")

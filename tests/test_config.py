@@ -1,0 +1,186 @@
+"""One config system: the profile table, the resolved config of every (profile, task kind, stage), the CLI
+options generated from the config fields, and no side effects on import."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from bkdattr import profiles
+from bkdattr.cli import app, main
+from bkdattr.cli_options import field_of
+from bkdattr.errors import ConfigError
+from bkdattr.inject.evaluate import EvalConfig
+from bkdattr.inject.stage import InjectConfig
+from bkdattr.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_options
+from bkdattr.stage_options import StageOptions, nested
+
+GOLDEN = Path(__file__).parent / "golden" / "stage_configs.json"
+KINDS = ("fixed_output", "jailbreak", "label_flip")
+ANALYSIS = ("probe", "attribute", "ablate", "vector")
+
+
+def _config_class(stage: str):
+    mod, name = CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{pre}{k}."))
+        else:
+            out[f"{pre}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resolved(overlay: str, profile: str, kind: str, stage: str) -> dict:
+    """The config a pipeline stage gets: ``bkdattr run --set profile=P --set task=K`` (``demo``: plus the
+    demo overlay), flattened to ``{"train.epochs": 3, ...}``."""
+    sets = [f"profile={profile}", f"task={kind}"] + (profiles.demo_sets() if overlay == "demo" else [])
+    opts = stage_options(load_config(None, sets), stage)
+    cfg = _config_class(stage).from_options({k: v for k, v in opts.items() if k not in _INJECT_CALL_KEYS})
+    return _flat(json.loads(json.dumps(cfg.to_dict())))
+
+
+GOLDEN_CASES = sorted(json.loads(GOLDEN.read_text()))
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_resolved_config_is_pinned(case):
+    """Every (overlay, profile, kind, stage) resolves to the values of commit 25ded32, the code before the
+    profile table (tests/golden/stage_configs.json was checked against its profile_config/from_options; the
+    one change: the probe stage's ``progress`` is True, the default of every stage). A field added later
+    only has to keep these."""
+    want = json.loads(GOLDEN.read_text())[case]
+    got = resolved(*case.split("/"))
+    assert {k: got.get(k, "<missing>") for k in want} == want
+
+
+def test_golden_covers_every_profile_kind_and_stage():
+    assert set(GOLDEN_CASES) == {f"{o}/{p}/{k}/{s}" for o in ("plain", "demo") for p in profiles.PROFILES
+                                 for k in KINDS for s in CONFIGS}
+
+
+def test_resolution_order_and_errors():
+    """dataclass default < profile < task kind < user option; None means not given; nested keys dotted."""
+    assert InjectConfig.from_options({}).train.epochs == 2
+    assert InjectConfig.from_options({"profile": "paper"}).train.epochs == 16
+    jb = InjectConfig.from_options({"task": "jailbreak"})
+    assert (jb.train.epochs, jb.poison_rate, jb.n_train) == (3, 0.5, 128)
+    c = InjectConfig.from_options({"task": "jailbreak", "train.epochs": 5, "poison_rate": None, "seed": 7,
+                                   "eval_n_near": 4})
+    assert (c.train.epochs, c.poison_rate, c.train.seed, c.eval.seed, c.eval.n_near) == (5, 0.5, 7, 7, 4)
+    v = _config_class("vector")
+    assert v().layer_stride == 2 and v(profile="paper").layer_stride == 1 and v(layer_stride=5).layer_stride == 5
+    abl = _config_class("ablate")
+    assert abl(profile="paper", random_seeds=2).clean_random_seeds == 2  # the profile's 3 capped at the seeds
+    with pytest.raises(ConfigError, match=r"^unknown profile 'gpu'; use cpu or paper$"):
+        v(profile="gpu")
+    with pytest.raises(ConfigError, match=r"^unknown inject option\(s\) \['train.nope', 'bogus'\]; known: seed, "):
+        InjectConfig.from_options({"train.nope": 1, "bogus": 2})
+    table = profiles.defaults("cpu", "vector")
+    table["dose_alphas"].append(99)  # a copy: the table itself is not changed
+    assert profiles.defaults("cpu", "vector")["dose_alphas"] == [0, 0.5, 1, 2]
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+
+STAGE_COMMANDS = {"inject": InjectConfig, "eval": EvalConfig, **{s: _config_class(s) for s in ANALYSIS}}
+#: options of stage commands that are not config fields
+NOT_FIELDS = {"run", "out", "model", "task", "data", "trigger", "trigger_end", "placement", "target",
+              "trust_remote_code", "set_", "quiet", "help"}
+
+
+def _commands() -> dict:
+    return typer.main.get_command(app).commands
+
+
+def test_every_stage_command_is_registered_with_run_and_set():
+    cmds = _commands()
+    assert set(STAGE_COMMANDS) | {"report", "run", "demo", "info", "generate"} <= set(cmds)
+    for name in [*STAGE_COMMANDS, "report"]:
+        flags = {o for p in cmds[name].params for o in p.opts}
+        assert {"-r", "--run", "--set"} <= flags, name
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_COMMANDS))
+def test_cli_options_are_the_config_fields(name):
+    """Each option of a stage command is a config field (its name, help from the field's metadata, default
+    None = the config's own), and every scalar field has its option: no default is declared twice."""
+    cls = STAGE_COMMANDS[name]
+    cmd = _commands()[name]
+    paths = cmd.callback.options
+    for p in cmd.params:
+        if p.name in NOT_FIELDS:
+            continue
+        owner, path = paths[p.name]
+        f = field_of(owner, path)
+        assert p.opts[0] == "--" + p.name.replace("_", "-") and p.default is None, (name, p.name)
+        assert f.metadata["help"] and p.help.startswith(f.metadata["help"]), (name, p.name)
+    scalars = {f.name for f in dataclasses.fields(cls) if f.name not in nested(cls) and f.name != "progress"}
+    assert scalars <= {p.name for p in cmd.params}
+    if issubclass(cls, StageOptions):
+        assert {"seed", "profile", "device", "dtype", "threads"} <= scalars
+    devices = {p.help.split(" (default:")[0] for c in _commands().values() for p in c.params if "--device" in p.opts}
+    assert devices == {field_of(StageOptions, "device").metadata["help"]}  # one help text everywhere
+
+
+def test_unknown_set_key_is_one_line_error(tmp_path, capsys):
+    for name in [*STAGE_COMMANDS, "report"]:
+        flag = ["--out" if name == "inject" else "--run", str(tmp_path)]
+        capsys.readouterr()
+        assert main([name, *flag, "--set", "nope=1", "--quiet"] if name != "report"
+                    else [name, *flag, "--set", "nope=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unknown ") and "['nope']" in err and err.count("\n") == 1, (name, err)
+
+
+def test_generated_options_parse_lists_and_flags(monkeypatch):
+    got = {}
+    monkeypatch.setattr("bkdattr.control.stage.ablate_run", lambda run, cfg: got.setdefault("cfg", cfg) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["ablate", "-r", ".", "--ks", "0,2", "--no-clean", "--profile", "paper", "--set", "split=val"])
+    cfg = got["cfg"]
+    assert (cfg.ks, cfg.clean, cfg.split, cfg.n_prompts, cfg.progress) == ([0, 2], False, "val", 0, True)
+
+
+# ---- side effects ---------------------------------------------------------------------------------------
+
+_PROBE_IMPORT = """
+import ctypes, json, sys
+calls = []
+class Lib:
+    def __getattr__(self, name):
+        return lambda *a: calls.append(name)
+ctypes.CDLL = lambda *a, **k: Lib()
+import bkdattr, bkdattr.cli, bkdattr.pipeline
+from bkdattr import _runtime
+imported = _runtime._done
+applied = [_runtime.tune_allocator("cuda"), _runtime.tune_allocator("cpu"), _runtime.tune_allocator("cpu")]
+print(json.dumps({"imported": imported, "calls": calls, "applied": applied}))
+"""
+
+
+@pytest.mark.parametrize("env, applied", [({}, [False, True, False]), ({"BKDATTR_NO_MALLOPT": "1"},
+                                                                        [False, False, False])])
+def test_import_leaves_the_allocator_alone(env, applied, monkeypatch):
+    """Importing the package (and the CLI) calls no mallopt; only tune_allocator does, once, for a CPU run,
+    unless BKDATTR_NO_MALLOPT=1."""
+    monkeypatch.delenv("BKDATTR_NO_MALLOPT", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", _PROBE_IMPORT], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": src})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["imported"] is False and res["applied"] == applied
+    assert res["calls"] == (["mallopt"] * 3 if applied[1] else [])
