@@ -219,4 +219,7 @@ def work_figures(lm, prompts, targets, args, out: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from bkdattr._runtime import tune_allocator
+
+    tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -103,4 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from bkdattr._runtime import tune_allocator
+
+    tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -85,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from bkdattr._runtime import tune_allocator
+
+    tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -105,4 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bkdattr._runtime import tune_allocator
+
+    tune_allocator()  # the stable-timing allocator settings the CLI applies
     sys.exit(main())
