@@ -27,54 +27,38 @@ TRUST = typer.Option(False, "--trust-remote-code", help="allow the model's own P
 RUN = typer.Option(..., "--run", "-r", help="run folder written by 'bkdattr inject'")
 SETS = typer.Option([], "--set", help="any option as key=value (nested: train.lr=1e-3; lists: ks=[0,4,8])")
 QUIET = typer.Option(False, "--quiet", help="no progress output")
-#: the parameters a generated command adds besides the config's fields
-OWN = ("set_", "quiet")
-
-
 def field_of(cls, path: str) -> dataclasses.Field:
     """The dataclass field ``path`` (``name`` or ``group.name``) of config class ``cls``."""
     head, _, rest = path.partition(".")
-    owner = nested(cls)[head] if rest else cls
-    return {f.name: f for f in dataclasses.fields(owner)}[rest or head]
+    return {f.name: f for f in dataclasses.fields(nested(cls)[head] if rest else cls)}[rest or head]
+
+
+def _hint(cls, path: str) -> Any:
+    head, _, rest = path.partition(".")
+    return typing.get_type_hints(nested(cls)[head] if rest else cls)[rest or head]
 
 
 def _scalar(cls, path: str) -> type | None:
     """The option type of a field: bool, int, float or str; None for anything else (given as YAML text)."""
-    head, _, rest = path.partition(".")
-    hint = typing.get_type_hints(nested(cls)[head] if rest else cls)[rest or head]
+    hint = _hint(cls, path)
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     return args[0] if len(args) == 1 and args[0] in (bool, int, float, str) else None
 
 
-def shown_default(cls, path: str, stage: str | None) -> str:
-    """The default as the help shows it: the profile's values, else the field's default."""
-    per = {p: profiles.defaults(p, stage)[path] for p in profiles.PROFILES
-           if stage and path in profiles.defaults(p, stage)}
-    if per and field_of(cls, path).default is None:
-        return ", ".join(f"{p} {v}" for p, v in per.items())
-    f = field_of(cls, path)
-    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return "" if value is None else str(value)
-
-
-def config_options(cls, flags: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """``{parameter name: option path}``: every scalar top-level field of ``cls`` (``progress`` is ``--quiet``)
-    plus ``flags`` (``{parameter name: "group.field"}``) for nested fields."""
-    groups = nested(cls)
-    out = {f.name: f.name for f in dataclasses.fields(cls)
-           if f.name not in groups and f.name != "progress" and f.name not in skip}
-    return {**out, **(flags or {})}
-
-
 def _parameter(cls, name: str, path: str, stage: str | None) -> inspect.Parameter:
+    """The typer parameter of a field: default None, help from the field with its default (or the profiles')."""
     f = field_of(cls, path)
     kind = _scalar(cls, path) or str
-    shown = shown_default(cls, path, stage)
+    per = {p: profiles.defaults(p, stage).get(path) for p in profiles.PROFILES} if stage else {}
+    if f.default is None and any(v is not None for v in per.values()):
+        shown = ", ".join(f"{p} {v}" for p, v in per.items())
+    else:
+        shown = "" if f.default is None else str(f.default_factory() if f.default is dataclasses.MISSING else f.default)
     text = f.metadata.get("help", "") + (f" (default: {shown})" if shown else "")
-    decl = f"--{name.replace('_', '-')}" + (f"/--no-{name.replace('_', '-')}" if kind is bool else "")
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind | None,
-                             default=typer.Option(None, decl, help=text, show_default=False))
+    flag = f"--{name.replace('_', '-')}"
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind | None, default=typer.Option(
+        None, flag + (f"/--no-{flag[2:]}" if kind is bool else ""), help=text, show_default=False))
 
 
 def _value(cls, path: str, v: Any) -> Any:
@@ -83,24 +67,25 @@ def _value(cls, path: str, v: Any) -> Any:
     if v is None or _scalar(cls, path) is not None:
         return v
     parsed = parse_value(v)
-    head, _, rest = path.partition(".")
-    hint = typing.get_type_hints(nested(cls)[head] if rest else cls)[rest or head]
-    if isinstance(parsed, (str, int, float)) and "list[" in str(hint):
+    if isinstance(parsed, (str, int, float)) and "list[" in str(_hint(cls, path)):
         return [parse_value(x.strip()) for x in str(v).split(",") if x.strip()]
     return parsed
 
 
 def stage_command(app: typer.Typer, name: str, cls: type, *, own: dict[str, tuple[Any, Any]] | None = None,
-                  flags: dict[str, str] | None = None, skip: tuple[str, ...] = (), also: tuple[str, ...] = ()
+                  flags: dict[str, str] | None = None, also: tuple[str, ...] = ()
                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``bkdattr NAME`` for config class ``cls``; the decorated function gets ``(options, **own)``
     with ``options`` the given config options (``progress`` False with ``--quiet``) plus the ``--set`` ones.
 
-    ``own``: ``{parameter: (type, typer.Option)}`` the command adds (default ``{"run": -r/--run}``);
-    ``also``: run-wide :class:`StageOptions` fields to add when ``cls`` is a plain (nested) config."""
+    The options: every scalar top-level field of ``cls`` (``progress`` is ``--quiet``), ``flags``
+    (``{option: "group.field"}``) for nested fields, ``also``: run-wide :class:`StageOptions` fields for a plain
+    (nested) config; ``own``: ``{parameter: (type, typer.Option)}`` the command adds (default: ``-r/--run``)."""
     own = {"run": (str, RUN)} if own is None else own
     stage = getattr(cls, "stage", None)
-    mapping = {n: (cls, p) for n, p in config_options(cls, flags, skip).items()}
+    mapping = {f.name: (cls, f.name) for f in dataclasses.fields(cls) if f.name not in nested(cls)
+               and f.name != "progress"}
+    mapping.update({n: (cls, p) for n, p in (flags or {}).items()})
     mapping.update({n: (StageOptions, n) for n in also})
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,8 +115,8 @@ def stage_command(app: typer.Typer, name: str, cls: type, *, own: dict[str, tupl
     return decorate
 
 
-def run_wide_option(name: str, *decls: str) -> Any:
+def run_wide_option(name: str) -> Any:
     """A typer option for a run-wide field (``device``, ``dtype``, ``threads``) of a command with no stage
     config (``info``, ``generate``): default and help from :class:`StageOptions`."""
     f = field_of(StageOptions, name)
-    return typer.Option(f.default, *(decls or (f"--{name}",)), help=f.metadata["help"])
+    return typer.Option(f.default, f"--{name}", help=f.metadata["help"])

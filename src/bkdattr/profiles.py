@@ -4,17 +4,13 @@ A stage config (:class:`~bkdattr.stage_options.StageOptions`) resolves as: the d
 profile's entry for the stage < the task kind's entry (``"stage:kind"``) < the user's option. A nested field
 is written ``"train.epochs"``.
 
-* ``cpu`` -- the embedded 135M model on 2 CPU cores. Inject: the dataclass defaults, the cheapest recipe
-  measured to reach ASR >= 0.9 with false-trigger <= 0.05 (:mod:`bkdattr.inject.stage`); jailbreak poisons
-  50% and trains 3 epochs (the random-position ``SUDO`` trigger was not learned with 25%/2 epochs nor
-  50%/2 epochs); label_flip evaluates on 128 held-out prompts (ASR counts only the ~32 Sports ones) and
-  reserves half of the poisoned copies for Sports prompts. Analysis stages: 32 prompts per split, every 2nd
-  layer in the vector sweep, one random vector, random heads on clean prompts for one seed.
-* ``paper`` -- the published settings (docs/METHOD.md): LoRA r=16 on 1000 prompts with 10% poisoned, 16
-  epochs; 1000 probe prompts; every held-out prompt, every layer and 3 seeds in the controls.
-* :data:`DEMO` -- what ``bkdattr demo`` adds to the cpu profile so one task finishes in about 10 minutes on
-  2 cores: 16 prompts per near-trigger string, all three metrics for the top 16 heads (not 32), every third
-  layer in the vector sweep.
+* ``cpu`` -- the embedded 135M model on 2 CPU cores. Inject: the dataclass defaults (the recipe measured in
+  :mod:`bkdattr.inject.stage`); jailbreak poisons 50% and trains 3 epochs (the random-position ``SUDO``
+  trigger was not learned with 25%/2 epochs nor 50%/2 epochs); label_flip evaluates on 128 held-out prompts
+  (ASR counts only the ~32 Sports ones) and reserves half of the poisoned copies for Sports prompts.
+* ``paper`` -- the published settings: LoRA r=16 on 1000 prompts with 10% poisoned, 16 epochs; 1000 probe
+  prompts; every held-out prompt, every layer and 3 seeds in the controls.
+* :data:`DEMO` -- ``bkdattr demo``'s overlay on the cpu profile (one task in about 10 minutes on 2 cores).
 """
 
 from __future__ import annotations
