@@ -104,9 +104,8 @@ def test_pipeline_entry_point_takes_run_wide_options(tiny_run):
 def test_cli_prints_a_per_layer_table(tiny_run):
     from typer.testing import CliRunner
 
-    from bkdattr.cli import _register_stage_commands, app
+    from bkdattr.cli import app
 
-    _register_stage_commands()
     res = CliRunner().invoke(app, ["probe", "--run", str(tiny_run.path), "--n-prompts", "24", "--epochs", "3",
                                    "--no-near-trigger", "--quiet"])
     assert res.exit_code == 0, res.output

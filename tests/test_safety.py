@@ -48,12 +48,21 @@ def _is_const(node: ast.AST | None, value) -> bool:
     return isinstance(node, ast.Constant) and node.value is value
 
 
+def _assigned(tree: ast.Module) -> dict[str, ast.AST]:
+    return {t.id: n.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
+
 def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
     """``file:line: what`` for every unguarded unsafe construct in ``source`` (see the module docstring)."""
     out = []
     tree = ast.parse(source, filename)
-    names = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name)}
+    names = _assigned(tree)
+    for n in tree.body:  # a CLI option imported from a sibling module (``from .cli_options import TRUST``)
+        if isinstance(n, ast.ImportFrom) and n.level == 1 and filename.startswith("bkdattr/"):
+            sibling = SRC.parent / Path(filename).parent / f"{(n.module or '').replace('.', '/')}.py"
+            if sibling.is_file():
+                shared = _assigned(ast.parse(sibling.read_text()))
+                names.update({a.asname or a.name: shared[a.name] for a in n.names if a.name in shared})
 
     def off(default: ast.AST) -> bool:  # False, or a CLI option (possibly named) whose default is False
         default = names.get(default.id, default) if isinstance(default, ast.Name) else default
