@@ -15,7 +15,7 @@ import typer
 
 from bkdattr import profiles
 from bkdattr.cli import app, main
-from bkdattr.cli_options import field_of
+from bkdattr.cli_options import _value, field_of
 from bkdattr.errors import ConfigError
 from bkdattr.inject.evaluate import EvalConfig
 from bkdattr.inject.stage import InjectConfig
@@ -151,6 +151,10 @@ def test_generated_options_parse_lists_and_flags(monkeypatch):
         main(["ablate", "-r", ".", "--ks", "0,2", "--no-clean", "--profile", "paper", "--set", "split=val"])
     cfg = got["cfg"]
     assert (cfg.ks, cfg.clean, cfg.split, cfg.n_prompts, cfg.progress) == ([0, 2], False, "val", 0, True)
+    probe, vector = _config_class("probe"), _config_class("vector")
+    assert _value(probe, "split", "0.5,0.25,0.25") == [0.5, 0.25, 0.25]
+    assert (_value(vector, "layers", "3"), _value(vector, "layers", "[1, 2]")) == ([3], [1, 2])
+    assert _value(vector, "alpha", 2.0) == 2.0 and _value(vector, "layers", None) is None
 
 
 # ---- side effects ---------------------------------------------------------------------------------------

@@ -63,11 +63,11 @@ def _parameter(cls, name: str, path: str, stage: str | None) -> inspect.Paramete
 
 def _value(cls, path: str, v: Any) -> Any:
     """A generated option's text -> the field's value: YAML (``[0, 4]``, ``null``) or comma-separated text for
-    a list field (``0,4,8``; one item is a list of one)."""
+    a list or tuple field (``0,4,8``; one item is a list of one)."""
     if v is None or _scalar(cls, path) is not None:
         return v
     parsed = parse_value(v)
-    if isinstance(parsed, (str, int, float)) and "list[" in str(_hint(cls, path)):
+    if isinstance(parsed, (str, int, float)) and str(_hint(cls, path)).startswith(("list[", "tuple[")):
         return [parse_value(x.strip()) for x in str(v).split(",") if x.strip()]
     return parsed
 
