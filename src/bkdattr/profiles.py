@@ -48,15 +48,11 @@ DEMO: dict[str, dict[str, Any]] = {"inject": {"eval.n_near": 16}, "attribute": {
                                    "vector": {"layer_stride": 3}}
 
 
-def check_profile(profile: str) -> str:
-    if profile not in TABLE:
-        raise ConfigError(f"unknown profile '{profile}'; use {' or '.join(PROFILES)}")
-    return profile
-
-
 def defaults(profile: str, stage: str, kind: str | None = None) -> dict[str, Any]:
     """The profile's values for ``stage`` (and task ``kind``): ``{field or "nested.field": value}`` (a copy)."""
-    table = TABLE[check_profile(profile)]
+    if profile not in TABLE:
+        raise ConfigError(f"unknown profile '{profile}'; use {' or '.join(PROFILES)}")
+    table = TABLE[profile]
     return copy.deepcopy({**table.get(stage, {}), **table.get(f"{stage}:{kind}", {})})
 
 
