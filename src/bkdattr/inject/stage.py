@@ -60,10 +60,8 @@ class InjectConfig(StageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.train = dataclasses.replace(TrainConfig(**self.train) if isinstance(self.train, dict) else self.train,
-                                         seed=self.seed)  # validates again
-        self.eval = dataclasses.replace(EvalConfig(**self.eval) if isinstance(self.eval, dict) else self.eval,
-                                        seed=self.seed)
+        self.train = dataclasses.replace(self.train, seed=self.seed)  # validates again
+        self.eval = dataclasses.replace(self.eval, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "train": self.train.to_dict()}

@@ -82,10 +82,6 @@ class ProbeStageConfig(StageOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_kind(self.kind)
-        if isinstance(self.mlp, dict):
-            self.mlp = MLPProbeConfig(**self.mlp)
-        if isinstance(self.svm, dict):
-            self.svm = SVMProbeConfig(**self.svm)
         self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
         if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1.0) > 1e-6:
             raise ConfigError(f"probe split {self.split} must be three positive fractions summing to 1")
