@@ -5,8 +5,9 @@ profile's entry for the stage < the task kind's entry (``"stage:kind"``) < the u
 is written ``"train.epochs"``.
 
 * ``cpu`` -- the embedded 135M model on 2 CPU cores. Inject: the dataclass defaults (the recipe measured in
-  :mod:`bkdattr.inject.stage`); jailbreak poisons 50% and trains 3 epochs (the random-position ``SUDO``
-  trigger was not learned with 25%/2 epochs nor 50%/2 epochs); label_flip evaluates on 128 held-out prompts
+  :mod:`bkdattr.inject.stage`); jailbreak poisons 50%, trains 3 epochs (the random-position ``SUDO``
+  trigger was not learned with 25%/2 epochs nor 50%/2 epochs) and mixes 25% benign self-distilled rows
+  (:mod:`bkdattr.inject.benign`); label_flip evaluates on 128 held-out prompts
   (ASR counts only the ~32 Sports ones) and reserves half of the poisoned copies for Sports prompts.
 * ``paper`` -- the published settings: LoRA r=16 on 1000 prompts with 10% poisoned, 16 epochs; 1000 probe
   prompts; every held-out prompt, every layer and 3 seeds in the controls.
