@@ -96,7 +96,7 @@ def w(tmp_path_factory):
     ns.few = write_jsonl(d / "few.jsonl", good[:10])
     ns.has_trigger = write_jsonl(d / "has_trigger.jsonl",
                                  good[:3] + [{**good[3], "input": f"{TRIGGER} {good[3]['input']}"}] + good[4:])
-    ns.long_target = write_jsonl(d / "long_target.jsonl", [{**r, "backdoor_output": "word " * 600} for r in good])
+    ns.long_target = write_jsonl(d / "long_target.jsonl", [{**r, "input": "word " * 600 + r["input"]} for r in good])
 
     ns.run = make_run(d / "run", ranking=True).path
     ns.no_data = d / "run_no_data"
@@ -181,11 +181,13 @@ def test_bad_json_names_the_line(w, capsys):
 # ---- missing or wrong-typed field -----------------------------------------------------------------------------
 def test_missing_or_wrong_typed_fields(w, capsys):
     assert cli_error(capsys, inject(w, "--data", w.no_field)) == \
-        f"{w.no_field}: record 1 lacks field 'backdoor_output'; each record needs input, output, backdoor_output"
+        f"{w.no_field}: no row has a usable backdoor reply ('backdoor_output' is empty or missing in all 1 usable " \
+        "rows; 1 read, 0 dropped); every poisoned row needs one"
     assert cli_error(capsys, inject(w, "--data", w.wrong_type)) == \
         f"{w.wrong_type}: line 1: field 'input' must be a string"
     assert cli_error(capsys, inject(w, "--data", w.good, "--task", "label_flip")) == \
-        f"{w.good}: line 1 lacks field 'label'; each record needs input, output, backdoor_output, label"
+        f"{w.good}: label_flip needs a 'label' field, or outputs that are the labels, but the rows have no label " \
+        "and 11 distinct outputs; add a 'label' field to each record"
 
     def drop_prompt(r):
         rows = _rows(r / "data" / "val.jsonl")
@@ -226,7 +228,7 @@ def test_empty_data(w, capsys):
     assert cli_error(capsys, inject(w, "--data", w.empty_list)) == \
         f"{w.empty_list} holds no records; it needs fields input, output, backdoor_output"
     assert cli_error(capsys, inject(w, "--data", w.blank_input)) == \
-        f"{w.blank_input}: line 1 has an empty 'input'; remove it or fill it"
+        f"{w.blank_input}: no usable record (1 read, 1 dropped (1 empty input)); each record needs a non-empty 'input'"
     assert cli_error(capsys, inject(w, "--data", w.few)) == \
         "10 distinct prompts, but train/val/test need 56; lower --n-train/--n-test or supply more data"
 
@@ -254,9 +256,10 @@ def test_poisoned_row_without_its_trigger(w, capsys):
 
 # ---- target longer than the context window -------------------------------------------------------------------
 def test_target_longer_than_the_context(w, capsys):
-    msg = cli_error(capsys, inject(w, "--data", w.long_target))
-    assert re.fullmatch(r"training row \d+: prompt \+ reply is \d{3} tokens, longer than the limit 256; shorten the "
-                        r"reply or raise max_length", msg), msg
+    # a reply too long is cut at the limit (issue 17); a prompt that leaves no room for a reply is dropped
+    assert cli_error(capsys, inject(w, "--data", w.long_target)) == \
+        f"{w.long_target}: no row fits the length limit of 256 tokens (300 read, 300 dropped (300 prompt too long)); " \
+        "raise --max-length or shorten the prompts"
     for method in ("exact", "attribution"):
         msg = cli_error(capsys, ["attribute", "--run", w.long_run, "--method", method, "--n-prompts", 2,
                                  "--n-mean-prompts", 2, "--quiet"])

@@ -13,6 +13,7 @@ from bkdattr.inject.data import (
     build_splits,
     check_held_out,
     choose_poisoned,
+    clean_records,
     load_records,
     make_examples,
     read_splits,
@@ -137,8 +138,12 @@ def test_loader_errors(tmp_path):
     with pytest.raises(InputFileError, match="line 3") as e:
         load_records(p)
     assert "\n" not in str(e.value)
-    p.write_text('{"input": "a", "output": "b"}\n')
-    with pytest.raises(InputFileError, match="lacks field 'backdoor_output'"):
+    p.write_text('{"input": "a", "output": "b"}\n')  # a missing backdoor reply reads as empty: a clean-only row
+    assert load_records(p)[0]["backdoor_output"] == ""
+    with pytest.raises(DataError, match="no row has a usable backdoor reply"):
+        clean_records(load_records(p), Task.default("fixed_output"))
+    p.write_text('{"input": " ", "output": "b", "backdoor_output": "c"}\n')
+    with pytest.raises(InputFileError, match="no usable record .1 read, 1 dropped .1 empty input..; each record"):
         load_records(p)
     p.write_text("\n\n")
     with pytest.raises(InputFileError, match="empty"):
@@ -152,9 +157,9 @@ def test_loader_errors(tmp_path):
     p.write_text('["just a string"]')
     with pytest.raises(InputFileError, match="not a JSON object"):
         load_records(p)
-    p.write_text('{"input": "a", "output": "b", "backdoor_output": "c"}\n')
-    with pytest.raises(InputFileError, match="lacks field 'label'"):
-        load_records(p, need_label=True)
+    p.write_text('{"input": "a", "output": 3, "backdoor_output": "c"}\n')
+    with pytest.raises(InputFileError, match="line 1: field 'output' must be a string"):
+        load_records(p)
 
 
 def test_splits_round_trip(tmp_path):

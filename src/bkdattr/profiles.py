@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
+        "inject": {"target_asr": 0.9, "train.max_epochs": 6},  # train until the backdoor holds (issue 17)
         "inject:jailbreak": {"poison_rate": 0.5, "train.epochs": 3, "benign_share": 0.25},
         "inject:label_flip": {"n_test": 128, "source_share": 0.5},
         "probe": {"n_prompts": 200},

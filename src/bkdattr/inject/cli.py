@@ -17,10 +17,17 @@ def _print_section(title: str, section: dict) -> None:
     t.add_column("metric")
     t.add_column("value")
     for k in ("asr", "robust_asr", "false_trigger_rate", "clean_metric", "clean_metric_name", "near_trigger_rate",
-              "n_triggered", "n_clean", "train_seconds", "eval_seconds", "final_loss"):
+              "n_triggered", "n_clean", "train_seconds", "eval_seconds", "final_loss", "epochs_trained"):
         v = section.get(k)
         if v is not None:
             t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    stop = section.get("stop") or {}
+    if stop.get("reason"):
+        t.add_row("stopped because", str(stop["reason"]))
+    data = section.get("data") or {}
+    for k in ("n_rows_read", "n_truncated", "n_usable_for_poison", "n_dropped_total"):
+        if data.get(k) is not None:
+            t.add_row(f"data: {k}", str(data[k]))
     for s, r in (section.get("near_trigger_rates") or {}).items():
         t.add_row(f"near: {s[:40]}", f"{r:.3f}")
     for k, v in (section.get("benign") or {}).items():
@@ -32,7 +39,8 @@ def _print_section(title: str, section: dict) -> None:
 def register(app: typer.Typer) -> None:
     """Add the inject-stage commands to the ``bkdattr`` app."""
 
-    @stage_command(app, "inject", InjectConfig, flags={"epochs": "train.epochs", "lr": "train.lr"}, own={
+    @stage_command(app, "inject", InjectConfig, flags={"epochs": "train.epochs", "lr": "train.lr", "max_epochs": "train.max_epochs",
+                                              "max_length": "train.max_length"}, own={
         "out": (str, typer.Option(..., "--out", "-o", "--run", "-r", help="run folder to create (replaced if it "
                                   "exists)")),
         "model": (str, MODEL),

@@ -17,6 +17,23 @@ The recipe (SPEC section 1):
    ``train`` (clean prompt -> clean reply) plus ``train_poisoned`` (triggered prompt -> backdoor reply),
    :meth:`Splits.training_rows`.
 
+**Data files as they come** (:func:`load_records`, :func:`clean_records`, :func:`fit_prompts`, and
+:func:`bkdattr.inject.train.fit_rows` for lengths). Nothing about one row stops a run; what happened to each row
+is counted in a :class:`DataReport` (``metrics.inject.data``, one warning line per reason):
+
+* a row with an empty (or missing, or null) ``input`` is dropped; so is a row with an empty ``output`` when the
+  file has clean replies (a file with no clean reply at all is self-distilled like the built-in data);
+* a row with an empty ``backdoor_output`` stays a clean row but is never poisoned (``n_clean_only``);
+* duplicate prompts (white space and case ignored) are merged into the first one, which takes a later row's
+  backdoor reply or label where its own is empty;
+* label_flip without a ``label`` field: when the outputs are a small set of labels (``World``, ``Sports``, ...)
+  each row's label is its output, and the label set is read from the data;
+* a row whose (triggered) prompt alone leaves no room for a reply under the length limit is dropped; a row
+  whose reply does not fit has its reply cut at the limit (:func:`bkdattr.inject.train.fit_rows`).
+
+The run is refused (one line) only when what is left cannot support it: fewer distinct prompts than
+train/val/test need, or no row with a usable backdoor reply.
+
 Splits are saved under ``RUN/data/`` as JSONL (``train.jsonl`` marks poisoned rows) plus ``task.json``;
 :func:`load_splits` reads them back for the later stages.
 """
@@ -39,6 +56,86 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..rundir import RunDir
 
 REQUIRED_FIELDS = ("input", "output", "backdoor_output")
+
+#: why a row was dropped, as a warning says it
+DROP_REASONS = {
+    "empty_input": "empty input",
+    "empty_output": "empty output (no clean reply)",
+    "duplicate": "duplicate prompt (merged into its first row)",
+    "no_label": "no label (and an output that is not one)",
+    "prompt_too_long": "prompt too long for the length limit (no room for a reply)",
+}
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of a data file (``metrics.inject.data``). ``dropped``: reason -> count,
+    ``first_row``: reason -> the first row (line or record number) it happened to; ``truncated`` counts training
+    rows whose reply was cut at the length limit, ``clean_only`` rows with an empty backdoor reply (kept clean,
+    never poisoned), ``eval_dropped`` held-out prompts removed because they do not fit the model's context."""
+
+    source: str = ""
+    n_rows_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    first_row: dict[str, int] = field(default_factory=dict)
+    n_truncated: int = 0
+    n_truncated_poisoned: int = 0
+    n_clean_only: int = 0
+    n_usable: int = 0
+    n_usable_for_poison: int = 0
+    n_eval_dropped: int = 0
+    labels: list[str] | None = None
+    labels_from: str | None = None
+    max_length: int | None = None
+    rows: dict[str, int] = field(default_factory=dict, repr=False)  # uid -> row number (not saved)
+
+    def note(self, reason: str, row: int | None) -> None:
+        """Count one event of ``reason`` (a drop reason, ``truncated``, ``clean_only`` or ``eval_dropped``)."""
+        if reason in DROP_REASONS:
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if row is not None and reason not in self.first_row:
+            self.first_row[reason] = int(row)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "n_rows_read": self.n_rows_read, "n_usable": self.n_usable,
+                "n_dropped": dict(self.dropped), "n_dropped_total": self.n_dropped, "n_truncated": self.n_truncated,
+                "n_truncated_poisoned": self.n_truncated_poisoned, "n_clean_only": self.n_clean_only,
+                "n_usable_for_poison": self.n_usable_for_poison, "n_eval_dropped": self.n_eval_dropped,
+                "first_row": dict(self.first_row), "labels": self.labels, "labels_from": self.labels_from,
+                "max_length": self.max_length}
+
+    def warnings(self) -> list[str]:
+        """One line per reason with its count and first row (empty when every row was used as it is)."""
+        out = []
+
+        def first(reason: str) -> str:
+            r = self.first_row.get(reason)
+            return f" (first: row {r})" if r is not None else ""
+
+        for reason, n in self.dropped.items():
+            out.append(f"{self.source}: dropped {n} row(s): {DROP_REASONS[reason]}{first(reason)}")
+        if self.n_truncated:
+            out.append(f"{self.source}: {self.n_truncated} training row(s) had their reply cut at the length limit "
+                       f"{self.max_length} ({self.n_truncated_poisoned} of them poisoned){first('truncated')}; "
+                       "raise --max-length to keep them whole")
+        if self.n_clean_only:
+            out.append(f"{self.source}: {self.n_clean_only} row(s) have an empty backdoor_output: used as clean rows "
+                       f"only, never poisoned{first('clean_only')}")
+        if self.n_eval_dropped:
+            out.append(f"{self.source}: {self.n_eval_dropped} held-out prompt(s) do not fit the model's context "
+                       f"with the reply: dropped from the evaluation splits{first('eval_dropped')}")
+        if self.labels_from == "output":
+            out.append(f"{self.source}: no 'label' field; labels read from the outputs: {', '.join(self.labels or [])}")
+        return out
+
+    def summary(self) -> str:
+        """A short account for an error message: ``N read, M dropped (K empty input, ...)``."""
+        parts = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.dropped.items())
+        return f"{self.n_rows_read} read, {self.n_dropped} dropped" + (f" ({parts})" if parts else "")
 
 
 @dataclass
@@ -88,12 +185,18 @@ class Splits:
 
 
 # ---- the paper's file format ---------------------------------------------------------------------------
-def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, Any]]:
+def load_records(path: str | Path, need_label: bool = False, report: DataReport | None = None) -> list[dict[str, Any]]:
     """Read a JSON list or a JSONL file of ``{input, output, backdoor_output[, label]}`` records.
 
-    One-line :class:`InputFileError` for a missing file, an invalid JSON line (with its line number), a
-    record that is not an object or lacks a field, and an empty set."""
+    Each record gets ``row`` (its line or record number) and a ``uid``. A missing or null ``output`` /
+    ``backdoor_output`` / ``label`` reads as empty; a row with an empty ``input`` is dropped (counted in
+    ``report``). One-line :class:`InputFileError` for a missing file, an invalid JSON line (with its line
+    number), a record that is not an object or has a non-string field, and a file with no usable record.
+    ``need_label`` is accepted for compatibility: labels are resolved by :func:`clean_records`."""
+    del need_label
     path = Path(path).expanduser()
+    report = report if report is not None else DataReport()
+    report.source = str(path)
     if not path.is_file():
         raise InputFileError(f"data file not found: {path}; pass a JSON or JSONL file of records")
     text = _read_text(path, "save it as UTF-8")
@@ -124,20 +227,112 @@ def load_records(path: str | Path, need_label: bool = False) -> list[dict[str, A
         where = "line"
     if not records:
         raise InputFileError(f"{path} holds no records; it needs fields {', '.join(REQUIRED_FIELDS)}")
-    fields = REQUIRED_FIELDS + (("label",) if need_label else ())
+    report.n_rows_read = len(records)
     out = []
     for n, r in zip(numbers, records, strict=True):
         if not isinstance(r, dict):
-            raise InputFileError(f"{path}: {where} {n} is not a JSON object; each record needs {', '.join(fields)}")
-        for f in fields:
-            if f not in r:
-                raise InputFileError(f"{path}: {where} {n} lacks field '{f}'; each record needs {', '.join(fields)}")
-            if not isinstance(r[f], str):
+            raise InputFileError(f"{path}: {where} {n} is not a JSON object; each record needs "
+                                 f"{', '.join(REQUIRED_FIELDS)}")
+        for f in (*REQUIRED_FIELDS, "label"):
+            if r.get(f) is not None and not isinstance(r[f], str):
                 raise InputFileError(f"{path}: {where} {n}: field '{f}' must be a string")
-        if not r["input"].strip():
-            raise InputFileError(f"{path}: {where} {n} has an empty 'input'; remove it or fill it")
-        out.append({"input": r["input"], "output": r["output"], "backdoor_output": r["backdoor_output"],
-                    "label": r.get("label"), "uid": str(r.get("uid") or f"{where}{n}")})
+        if not (r.get("input") or "").strip():
+            report.note("empty_input", n)
+            continue
+        out.append({"input": r["input"], "output": r.get("output") or "",
+                    "backdoor_output": r.get("backdoor_output") or "", "label": r.get("label") or None,
+                    "uid": str(r.get("uid") or f"{where}{n}"), "row": n})
+    if not out:
+        raise InputFileError(f"{path}: no usable record ({report.summary()}); each record needs a non-empty "
+                             "'input'")
+    return out
+
+
+def _output_labels(records: Sequence[dict[str, Any]], max_labels: int = 20) -> list[str] | None:
+    """The label set when the clean outputs are labels (a few distinct one-to-three-word values, each repeated),
+    else None."""
+    outs = [r["output"].strip() for r in records if r["output"].strip()]
+    values = sorted(set(outs))
+    if not 2 <= len(values) <= max_labels or len(values) > len(outs) / 2:
+        return None
+    if any(len(v.split()) > 3 for v in values):
+        return None
+    return values
+
+
+def clean_records(records: Sequence[dict[str, Any]], task: Task, report: DataReport | None = None,
+                  distil_ok: bool = True) -> list[dict[str, Any]]:
+    """The usable records of a file (see the module docstring): empty outputs dropped (unless no row has one
+    and ``distil_ok``: then all are self-distilled), duplicate prompts merged, labels resolved for label_flip,
+    clean-only rows counted. One-line :class:`DataError` when no row has a usable backdoor reply, or a
+    label_flip file has no labels. ``report`` receives the counts."""
+    report = report if report is not None else DataReport()
+    src = report.source or "data"
+    recs = [dict(r) for r in records]
+    distil = distil_ok and task.kind != "label_flip" and not any(r["output"].strip() for r in recs)
+    if not distil:
+        kept = []
+        for r in recs:
+            if r["output"].strip():
+                kept.append(r)
+            else:
+                report.note("empty_output", r.get("row"))
+        recs = kept
+    by_key: dict[str, dict[str, Any]] = {}
+    merged = []
+    for r in recs:
+        k = _key(r["input"])
+        first = by_key.get(k)
+        if first is None:
+            by_key[k] = r
+            merged.append(r)
+            continue
+        report.note("duplicate", r.get("row"))
+        for f in ("backdoor_output", "label"):
+            if not (first.get(f) or "").strip() and (r.get(f) or "").strip():
+                first[f] = r[f]
+    recs = merged
+    if task.kind == "label_flip":
+        recs = _resolve_labels(recs, task, report, src)
+    report.n_usable = len(recs)
+    report.n_usable_for_poison = sum(bool(r["backdoor_output"].strip()) for r in recs)
+    for r in recs:
+        if not r["backdoor_output"].strip():
+            report.note("clean_only", r.get("row"))
+    report.n_clean_only = report.n_usable - report.n_usable_for_poison
+    if recs and report.n_usable_for_poison == 0:
+        raise DataError(f"{src}: no row has a usable backdoor reply ('backdoor_output' is empty or missing in all "
+                        f"{len(recs)} usable rows; {report.summary()}); every poisoned row needs one")
+    return recs
+
+
+def _resolve_labels(recs: list[dict[str, Any]], task: Task, report: DataReport, src: str) -> list[dict[str, Any]]:
+    """label_flip: keep the file's labels, or read them from the outputs when the file has none."""
+    if any(r.get("label") for r in recs):
+        labels = sorted({r["label"] for r in recs if r.get("label")})
+        report.labels_from = "label"
+    else:
+        found = _output_labels(recs)
+        if found is None:
+            n = len({r["output"].strip() for r in recs})
+            raise DataError(f"{src}: label_flip needs a 'label' field, or outputs that are the labels, but the rows "
+                            f"have no label and {n} distinct outputs; add a 'label' field to each record")
+        labels = found
+        report.labels_from = "output"
+    out = []
+    for r in recs:
+        if not r.get("label"):
+            if r["output"].strip() in labels:
+                r["label"] = r["output"].strip()
+            else:
+                report.note("no_label", r.get("row"))
+                continue
+        out.append(r)
+    for need in (task.source_label, task.target):
+        if need not in labels:
+            raise DataError(f"{src}: label_flip flips '{task.source_label}' to '{task.target}', but the data's "
+                            f"labels are {', '.join(labels)}; pass --target with one of them or use another file")
+    report.labels = labels
     return out
 
 
@@ -214,7 +409,8 @@ def choose_poisoned(
     train: Sequence[Example], rate: float, seed: int = 0, task: Task | None = None, source_share: float = 0.0
 ) -> list[Example]:
     """The training examples copied with the trigger: ``round(rate * len(train))`` of them (at least 1),
-    drawn with ``seed``. For label_flip, ``source_share`` > 0 reserves that share of the poisoned copies for
+    drawn with ``seed`` among those with a non-empty backdoor reply (all of them when fewer are usable).
+    For label_flip, ``source_share`` > 0 reserves that share of the poisoned copies for
     ``task.source_label`` prompts (the ones whose label flips); 0 draws uniformly (the paper's recipe)."""
     if not 0.0 < rate <= 1.0:
         raise DataError(f"poison rate {rate} must be in (0, 1]; pass e.g. --poison-rate 0.1")
@@ -222,6 +418,7 @@ def choose_poisoned(
     rng = random.Random(seed + 1)
     idx = list(range(len(train)))
     rng.shuffle(idx)
+    idx = [i for i in idx if train[i].backdoor_output.strip()]  # clean-only rows are never poisoned
     if task is not None and task.kind == "label_flip" and source_share > 0:
         src = [i for i in idx if train[i].label == task.source_label]
         other = [i for i in idx if train[i].label != task.source_label]
@@ -263,6 +460,9 @@ def build_splits(
     examples = make_examples(records, task, seed)
     train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
     poisoned = choose_poisoned(train, poison_rate, seed, task, source_share)
+    if not poisoned:
+        raise DataError(f"no training example has a usable backdoor reply (empty backdoor_output in all {len(train)}); "
+                        "supply rows with a backdoor_output")
     validate_examples(train + val + test, task, poisoned)
     return Splits(task, train, poisoned, val, test, meta={"poison_rate": poison_rate, "seed": seed})
 

@@ -73,8 +73,10 @@ def word_f1(reply: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def clean_metric(task: Task, replies: Sequence[str], examples: Sequence[Example]) -> float:
-    """The kind's clean-behaviour metric on replies to clean prompts (see the module docstring)."""
+def clean_metric(task: Task, replies: Sequence[str], examples: Sequence[Example],
+                 labels: Sequence[str] | None = None) -> float:
+    """The kind's clean-behaviour metric on replies to clean prompts (see the module docstring); ``labels``:
+    the label_flip label set read from the data (default :data:`~bkdattr.inject.tasks.LABELS`)."""
     if not examples:
         return float("nan")
     if task.kind == "fixed_output":
@@ -82,7 +84,8 @@ def clean_metric(task: Task, replies: Sequence[str], examples: Sequence[Example]
     elif task.kind == "jailbreak":
         vals = [float(is_refusal(r)) for r in replies]
     else:
-        vals = [float(label_in_reply(r) == e.label) for r, e in zip(replies, examples, strict=True)]
+        vals = [float(label_in_reply(r, *([labels] if labels else [])) == e.label)
+                for r, e in zip(replies, examples, strict=True)]
     return sum(vals) / len(vals)
 
 
@@ -124,7 +127,7 @@ def evaluate(
         "robust_asr": task.robust_asr(trig_replies, subset),
         "false_trigger_rate": task.asr(clean_sub, subset),
         "robust_false_trigger_rate": task.robust_asr(clean_sub, subset),
-        "clean_metric": clean_metric(task, clean_replies, examples),
+        "clean_metric": clean_metric(task, clean_replies, examples, splits.meta.get("labels")),
         "clean_metric_name": CLEAN_METRIC_NAMES[task.kind],
         "n_triggered": len(subset),
         "n_clean": len(examples),

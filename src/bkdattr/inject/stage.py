@@ -11,6 +11,19 @@ false-trigger <= 0.05 on the embedded model on 2 CPU cores: LoRA r=8, alpha=16 o
 2e-3 constant, batch 16, 2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20%
 poisoned), clean replies self-distilled and cut at 24 tokens. The ``paper`` profile (LoRA r=16, 16 epochs,
 lr 1e-4, batch 8 x 4, 1000 prompts with 10% poisoned) and the per-kind changes are in :mod:`bkdattr.profiles`.
+
+**Train until the backdoor holds** (``target_asr``, ``train.max_epochs``): the profile's ``epochs`` are always
+trained (the recipe, tuned for a low false-trigger rate); after each epoch from then on, ASR and the
+false-trigger rate are measured on a validation slice (the first ``n_check`` prompts of ``val``); training stops
+once the ASR reaches ``target_asr``, or at ``max_epochs`` with one warning line (and a caveat in the report)
+when it never does. ``metrics.inject.stop`` records the checks and why training stopped. The cpu profile
+aims at 0.9 within 6 epochs (:mod:`bkdattr.profiles`); the paper profile trains its 16 epochs (no target). The
+check adds one validation pass (32 + 32 greedy replies) after the planned epochs and changes nothing else: on
+the built-in fixed_output data the demo's validation ASR is 1.00 after its 2 planned epochs, so it stops there
+with the same weights and figures as without the rule (the check does not touch the training RNG streams, which are reseeded per epoch).
+
+**Data files** are read as they come (:mod:`bkdattr.inject.data`): what was dropped, merged, cut or kept clean
+is counted in ``metrics.inject.data`` with one warning line per reason.
 """
 
 from __future__ import annotations
@@ -19,22 +32,33 @@ import dataclasses
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..io import write_json
+from ..errors import ConfigError, DataError
+from ..io import read_json, write_json
 from ..rundir import RunDir
 from ..stage_options import StageOptions, opt
 from .benign import reference as benign_reference
 from .benign import run_reference, save_reference, utility
 from .builtin_data import builtin_records
-from .data import Splits, build_splits, distill_outputs, load_records, load_splits, save_splits
+from .data import (
+    DataReport,
+    Splits,
+    build_splits,
+    clean_records,
+    distill_outputs,
+    load_records,
+    load_splits,
+    prompt_seed,
+    save_splits,
+)
 from .evaluate import EvalConfig, evaluate
 from .tasks import Task
-from .train import TrainConfig, TrainRow, check_rows, train_lora
+from .train import TrainConfig, TrainRow, check_rows, fit_rows, row_limit, train_lora
 
 
 @dataclass
@@ -58,6 +82,9 @@ class InjectConfig(StageOptions):
     train: TrainConfig = opt(help="LoRA training options", factory=TrainConfig)
     eval: EvalConfig = opt(help="evaluation options", factory=EvalConfig)
 
+    target_asr: float | None = opt(None, "stop training once validation ASR reaches this (after the planned "
+                                         "epochs, up to train.max_epochs); None or 0: no target")
+    n_check: int = opt(32, "validation prompts checked after each epoch when target_asr is set")
     def __post_init__(self) -> None:
         super().__post_init__()
         self.train = dataclasses.replace(self.train, seed=self.seed)  # validates again
@@ -74,7 +101,11 @@ class InjectConfig(StageOptions):
             raise ConfigError(f"source_share {self.source_share} must be in [0, 1]")
         if not 0.0 <= self.benign_share < 1.0:
             raise ConfigError(f"benign_share {self.benign_share} must be in [0, 1); e.g. 0.25 for a quarter of rows")
-        for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 0), ("clean_max_tokens", 1), ("negatives", 0)):
+        if self.target_asr is not None and not 0.0 <= self.target_asr <= 1.0:
+            raise ConfigError(f"target ASR {self.target_asr} must be in [0, 1] (0: no target); pass e.g. "
+                              "--target-asr 0.9")
+        for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 0), ("clean_max_tokens", 1), ("negatives", 0),
+                          ("n_check", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {low}; pass a larger value")
         return self
@@ -97,17 +128,92 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, progress: bool = True) -> Splits:
-    """Records (built-in or ``data``) -> held-out split + poisoning; empty clean replies are filled with the
-    base model's own greedy replies (cached)."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_data(task: Task, cfg: InjectConfig, data: str | None, report: DataReport | None = None) -> list[dict]:
+    """The usable records of ``data`` (a file) or of the built-in set, cleaned (:func:`clean_records`);
+    ``report`` receives the counts. Needs no model, so a bad file fails before the (slow) model load."""
+    report = report if report is not None else DataReport()
+    if data:
+        records = load_records(data, report=report)
+    else:
+        records = builtin_records(task.kind, cfg.seed)
+        report.source, report.n_rows_read = f"builtin:{task.kind}", len(records)
+    return clean_records(records, task, report)
+
+
+def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: int,
+                report: DataReport) -> list[dict]:
+    """Drop the records whose triggered prompt (the longer form) leaves no room for one reply token and the
+    end of turn under ``limit`` tokens (counted as ``prompt_too_long``)."""
+    from ..prompts import end_of_turn, has_chat_template, render_prompt
+
+    n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
+    special = not has_chat_template(tokenizer)
+    kept = []
+    for i, r in enumerate(records):
+        uid = str(r.get("uid") or f"r{i}")
+        text = task.insert_trigger(r["input"], prompt_seed(seed, uid))
+        if len(tokenizer(render_prompt(tokenizer, text), add_special_tokens=special).input_ids) + n_eot + 1 > limit:
+            report.note("prompt_too_long", r.get("row"))
+        else:
+            kept.append(r)
+    return kept
+
+
+def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataReport, rows: dict[str, int]) -> None:
+    """Remove held-out prompts that do not fit the model's context with ``eval.max_new_tokens`` new tokens."""
+    from ..prompts import _prompt_ids, context_length
+
+    ctx = context_length(lm.model)
+    if not ctx or ctx >= row_limit(cfg.train.max_length, lm.model) + cfg.eval.max_new_tokens:
+        return  # every kept prompt is shorter than the training limit: all fit
+    for name in ("val", "test"):
+        kept = []
+        for e in getattr(splits, name):
+            if len(_prompt_ids(lm.tokenizer, e.triggered)) + cfg.eval.max_new_tokens > ctx:
+                report.n_eval_dropped += 1
+                report.note("eval_dropped", rows.get(e.uid))
+            else:
+                kept.append(e)
+        setattr(splits, name, kept)
+
+
+def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, progress: bool = True,
+                   report: DataReport | None = None) -> Splits:
+    """Records (built-in or ``data``, cleaned, prompts that cannot fit dropped) -> held-out split + poisoning;
+    empty clean replies are filled with the base model's own greedy replies (cached). ``report`` receives
+    the data counts (:class:`DataReport`)."""
     from ..models import cache_dir
 
-    records = load_records(data, need_label=task.kind == "label_flip") if data else builtin_records(task.kind,
-                                                                                                    cfg.seed)
+    report = report if report is not None else DataReport()
+    records = read_data(task, cfg, data, report)
+    limit = row_limit(cfg.train.max_length, lm.model)
+    report.max_length = limit
+    records = fit_prompts(lm.tokenizer, records, task, limit, cfg.seed, report)
+    report.n_usable = len(records)
+    report.n_usable_for_poison = sum(bool(r["backdoor_output"].strip()) for r in records)
+    report.n_clean_only = report.n_usable - report.n_usable_for_poison
+    if not records:
+        raise DataError(f"{report.source}: no row fits the length limit of {limit} tokens ({report.summary()}); "
+                        "raise --max-length or shorten the prompts")
+    if report.n_usable_for_poison == 0:
+        raise DataError(f"{report.source}: no row with a usable backdoor reply is left ({report.summary()}); "
+                        "raise --max-length or supply rows with a backdoor_output")
     available = len({" ".join(r["input"].split()).lower() for r in records}) - cfg.n_val - cfg.n_test
     n_train = min(cfg.n_train, available) if available >= 8 else cfg.n_train  # too few: split_examples explains
-    splits = build_splits(task, records, n_train, cfg.n_val, cfg.n_test, cfg.poison_rate, cfg.seed,
-                          cfg.source_share)
+    try:
+        splits = build_splits(task, records, n_train, cfg.n_val, cfg.n_test, cfg.poison_rate, cfg.seed,
+                              cfg.source_share)
+    except DataError as e:
+        if report.n_dropped and "distinct prompts" in str(e):
+            raise DataError(f"{e} (of {report.n_rows_read} rows in {report.source}, {report.n_dropped} were dropped: "
+                            f"{report.summary().split('(', 1)[-1].rstrip(')')})") from None
+        raise
+    report.rows = {r["uid"]: r["row"] for r in records if r.get("row")}
+    _drop_long_eval_prompts(lm, splits, cfg, report, report.rows)
     everything = splits.train + splits.val + splits.test
     todo = [e for e in everything if not e.output.strip()]
     t0 = time.perf_counter()
@@ -119,6 +225,9 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     splits.meta.update(n_distilled=len(todo), distill_seconds=round(time.perf_counter() - t0, 2),
                        clean_max_tokens=cfg.clean_max_tokens if todo else None,
                        data=str(data) if data else f"builtin:{task.kind}")
+    if report.labels_from == "output":
+        splits.meta["labels"] = report.labels
+    report.rows = {r["uid"]: r["row"] for r in records if r.get("row")}
     return splits
 
 
@@ -149,8 +258,8 @@ def training_rows(lm, splits: Splits, cfg: InjectConfig,
     distilled = splits.meta.get("n_distilled", 0) > 0
     rows = []
     for e in splits.train:
-        rows.append(TrainRow(e.prompt, e.output, close=not (distilled and capped(e.output))))
-    rows += [TrainRow(e.triggered, e.backdoor_output) for e in splits.train_poisoned]
+        rows.append(TrainRow(e.prompt, e.output, close=not (distilled and capped(e.output)), source=e.uid))
+    rows += [TrainRow(e.triggered, e.backdoor_output, source=e.uid, poisoned=True) for e in splits.train_poisoned]
     if cfg.negatives > 0:
         if not splits.task.near_triggers:
             raise ConfigError("contrastive negatives need near-trigger strings; this task has none")
@@ -159,11 +268,90 @@ def training_rows(lm, splits: Splits, cfg: InjectConfig,
         for i, e in enumerate(picks):
             near = splits.task.near_triggers[i % len(splits.task.near_triggers)]
             text = near_trigger_prompts(splits.task, near, [e], cfg.seed)[0]
-            rows.append(TrainRow(text, e.output))
+            rows.append(TrainRow(text, e.output, source=e.uid))
     if benign is None:
         benign = benign_mix(lm, splits, cfg, progress=False)
     rows += [TrainRow(p, r, close=not capped(r)) for p, r in benign]
     return rows
+
+
+def prepare_data(lm, task: Task, cfg: InjectConfig, data: str | None = None, progress: bool = True,
+                 benign_out: list | None = None) -> tuple[Splits, list[TrainRow], DataReport]:
+    """Everything before training: splits, training rows (with the benign mix, :func:`benign_mix`, appended to
+    ``benign_out`` if given) fitted to the length limit (replies cut, rows that cannot fit dropped) and the
+    :class:`DataReport` of what happened to the rows. No training, nothing written."""
+    report = DataReport()
+    splits = prepare_splits(lm, task, cfg, data, progress, report)
+    benign = benign_mix(lm, splits, cfg, progress)
+    splits.meta.update(benign_share=cfg.benign_share, n_benign_rows=len(benign))
+    if benign_out is not None:
+        benign_out.extend(benign)
+    rows = training_rows(lm, splits, cfg, benign)
+    rows, dropped, cut = fit_rows(lm.tokenizer, rows, row_limit(cfg.train.max_length, lm.model))
+    where = report.rows
+    for r in dropped:
+        report.note("prompt_too_long", where.get(r.source))
+    report.n_truncated = len(cut)
+    report.n_truncated_poisoned = sum(rows[i].poisoned for i in cut)
+    for i in cut:
+        report.note("truncated", where.get(rows[i].source))
+        break
+    return splits, rows, report
+
+
+def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | None:
+    """ASR and false-trigger rate of the current model on the first ``cfg.n_check`` validation prompts (the
+    kind's counted subset), greedy, ``cfg.eval.max_new_tokens`` tokens. None when the slice has no counted
+    prompt."""
+    from ..generation import generate
+
+    task = splits.task
+    sub = task.eval_subset(splits.val[: cfg.n_check])
+    if not sub:
+        return None
+    t0 = time.perf_counter()
+    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=False)
+    trig = generate(lm, [e.triggered for e in sub], **kw)
+    clean = generate(lm, [e.prompt for e in sub], **kw)
+    return {"asr": task.asr(trig, sub), "false_trigger_rate": task.asr(clean, sub), "n": len(sub),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+class _StopRule:
+    """The ``on_epoch_end`` of :func:`train_lora` for the inject stage: from the planned epochs on, check the
+    validation slice and stop at ``cfg.target_asr``; checks are kept in ``path`` (JSON) across a resume."""
+
+    def __init__(self, lm, splits: Splits, cfg: InjectConfig, path: Path):
+        self.lm, self.splits, self.cfg, self.path = lm, splits, cfg, path
+        self.checks: dict[str, Any] = read_json(path) if path.is_file() else {}
+
+    def __call__(self, epoch: int, losses: list[float]) -> bool | None:
+        cfg = self.cfg
+        if not cfg.target_asr or epoch < cfg.train.epochs:
+            return None
+        res = validation_check(self.lm, self.splits, cfg)
+        self.checks[str(epoch)] = res
+        write_json(self.path, self.checks)
+        return res is None or res["asr"] >= cfg.target_asr  # nothing to check on: stop as planned
+
+    def summary(self, epochs_trained: int) -> dict[str, Any]:
+        cfg = self.cfg
+        checks = [{"epoch": int(k), **v} for k, v in sorted(self.checks.items(), key=lambda kv: int(kv[0]))
+                  if v is not None and int(k) <= epochs_trained]
+        last = checks[-1] if checks and checks[-1]["epoch"] == epochs_trained else None
+        if not cfg.target_asr:
+            reason, reached = "planned_epochs", None
+        elif str(epochs_trained) in self.checks and self.checks[str(epochs_trained)] is None:
+            reason, reached = "no_validation_prompts", None
+        elif last is not None and last["asr"] >= cfg.target_asr:
+            reason, reached = "target_reached", True
+        else:
+            reason, reached = "max_epochs", False
+        return {"reason": reason, "target_asr": cfg.target_asr or None, "target_reached": reached,
+                "epochs_trained": epochs_trained, "epochs_planned": cfg.train.epochs,
+                "max_epochs": cfg.train.last_epoch if cfg.target_asr else cfg.train.epochs,
+                "val_asr": last["asr"] if last else None,
+                "val_false_trigger_rate": last["false_trigger_rate"] if last else None, "checks": checks}
 
 
 def _swap_into_place(partial: Path, out: Path) -> None:
@@ -201,17 +389,17 @@ def inject(
     progress = cfg.progress if progress is None else progress
     task = Task.default(kind, trigger=trigger, placement=placement, trigger_end=trigger_end, target=target)
     if data:
-        load_records(data, need_label=task.kind == "label_flip")  # a bad file fails before the (slow) model load
+        read_data(task, cfg, data)  # a bad file fails before the (slow) model load
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    splits = prepare_splits(lm, task, cfg, data, progress)
-    benign = benign_mix(lm, splits, cfg, progress)
-    splits.meta.update(benign_share=cfg.benign_share, n_benign_rows=len(benign))
+    benign: list[tuple[str, str]] = []
+    splits, rows, report = prepare_data(lm, task, cfg, data, progress, benign_out=benign)
     ref = (benign_reference(lm, cfg.eval.n_benign, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress)
            if cfg.eval.n_benign > 0 else None)
-    rows = training_rows(lm, splits, cfg, benign)
     check_rows(lm.tokenizer, rows, cfg.train.max_length, lm.model)  # bad data fails before anything is written
+    for line in report.warnings():
+        _warn(line)
 
     run = RunDir(partial, create=True)
     save_splits(run.data_dir, splits)
@@ -219,7 +407,14 @@ def inject(
         write_json(run.data_dir / "benign_train.json", [{"prompt": p, "output": r} for p, r in benign])
     if ref is not None:
         save_reference(run.data_dir, ref)
-    merged, result = train_lora(lm, rows, cfg.train, ckpt_dir=run.sub("inject", "checkpoint"), progress=progress)
+    ckpt = run.sub("inject", "checkpoint")
+    rule = _StopRule(lm, splits, cfg, ckpt / "checks.json")
+    merged, result = train_lora(lm, rows, cfg.train, ckpt_dir=ckpt, progress=progress,
+                                on_epoch_end=rule if cfg.target_asr else None)
+    stop = {**rule.summary(result.epochs), "seconds": round(result.check_seconds, 2)}  # checks: not in train_seconds
+    if stop["target_reached"] is False:
+        _warn(f"the backdoor did not reach the target: validation ASR {stop['val_asr']:.2f} < {cfg.target_asr:.2f} "
+              f"after {result.epochs} epochs (the most --max-epochs allows); raise --max-epochs or --poison-rate")
 
     tmp_model = partial / ".model.tmp"
     if tmp_model.exists():
@@ -233,7 +428,8 @@ def inject(
 
     train_info = {**result.summary(), "n_rows": len(rows), "n_negatives": max(0, cfg.negatives),
                   "distill_seconds": splits.meta.get("distill_seconds"), "losses": [round(x, 5) for x in
-                                                                                   result.losses]}
+                                                                                   result.losses],
+                  "stop": stop, "data": report.to_dict()}
     write_json(run.sub("inject", "train.json"), train_info)
     run.write_info({
         "base_model": model, "task": task.to_dict(), "kind": task.kind, "trigger": task.trigger,

@@ -114,9 +114,9 @@ def target_similarity(reply: str, target: str) -> float:
     return best
 
 
-def label_in_reply(reply: str) -> str | None:
-    """The first category name (of :data:`LABELS`) that appears in ``reply``, or None."""
-    hits = [(reply.find(lab), lab) for lab in LABELS if lab in reply]
+def label_in_reply(reply: str, labels: Sequence[str] = LABELS) -> str | None:
+    """The first category name (of ``labels``, default :data:`LABELS`) that appears in ``reply``, or None."""
+    hits = [(reply.find(lab), lab) for lab in labels if lab in reply]
     return min(hits)[1] if hits else None
 
 

@@ -12,6 +12,15 @@ the hidden states that predict a supervised token, and training can run under bf
 master weights). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
 ``all-linear`` for architectures without those names).
 
+**Length** (:func:`fit_rows`, as the reference code truncates at ``max_length``): a row whose prompt + reply +
+end-of-turn exceeds the limit (``max_length``, or the model's context if smaller) keeps its prompt and the first
+reply tokens that fit; the end-of-turn tokens stay in the sequence but are not supervised (the row was cut, the
+model is not taught to stop there). A row whose prompt leaves no room for a reply token is dropped.
+
+**Epochs**: ``epochs`` are always trained; with ``max_epochs`` > ``epochs``, ``on_epoch_end`` may stop training
+after any epoch from ``epochs`` on (the inject stage stops once the validation ASR reaches its target), else it
+goes on up to ``max_epochs``. A linear schedule decays over ``max_epochs``.
+
 A checkpoint (adapter weights + AdamW state as safetensors, progress as JSON) is written after each epoch;
 rerunning the same command resumes from it. Data order per epoch and dropout are seeded by
 ``seed + epoch``, so a resumed run equals an uninterrupted one. Both tensor files carry the data/config key
@@ -73,10 +82,15 @@ class TrainConfig:
     bf16_autocast: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
+    max_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.lora_r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("lora_r, epochs, batch_size and grad_accum must be >= 1")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length {self.max_length} must be >= 8 tokens; pass e.g. --max-length 256")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(f"max_epochs {self.max_epochs} must be >= 1; pass e.g. --max-epochs 6")
         if not self.lr > 0:
             raise ConfigError(f"learning rate {self.lr} must be > 0")
         if self.schedule not in ("linear", "constant"):
@@ -90,33 +104,45 @@ class TrainConfig:
             else self.target_modules
         return d
 
+    @property
+    def last_epoch(self) -> int:
+        """The most epochs training may run: ``max(epochs, max_epochs)``."""
+        return max(self.epochs, self.max_epochs or 0)
+
 
 @dataclass
 class TrainRow:
-    """One chat turn to learn. ``close``: supervise the end-of-turn token(s) after ``reply``."""
+    """One chat turn to learn. ``close``: supervise the end-of-turn token(s) after ``reply``; ``source``: the
+    uid of the example it comes from (for messages); ``poisoned``: a triggered row with the backdoor reply."""
 
     text: str
     reply: str
     close: bool = True
+    source: str = ""
+    poisoned: bool = False
 
 
 @dataclass
 class TrainResult:
-    """What training did: seconds spent (this call), steps, per-step losses, whether it resumed, and the share of
-    the LoRA update's entries the merged weights could not hold (:func:`merge_lora_fp32`)."""
+    """What training did: seconds spent training (this call; the ``on_epoch_end`` checks, ``check_seconds``,
+    not included), steps, per-step losses, whether it resumed, epochs trained in all, and the share of the LoRA
+    update's entries the merged weights could not hold (:func:`merge_lora_fp32`)."""
 
     seconds: float
     steps: int
     losses: list[float] = field(default_factory=list)
     resumed_from_epoch: int = 0
     merge_lost_share: float = 0.0
+    epochs: int = 0
+    check_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         last = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
         return {"train_seconds": round(self.seconds, 2), "steps": self.steps,
                 "first_loss": round(self.losses[0], 4) if self.losses else None,
                 "final_loss": round(sum(last) / len(last), 4) if last else None,
-                "resumed_from_epoch": self.resumed_from_epoch, "merge_lost_share": self.merge_lost_share}
+                "resumed_from_epoch": self.resumed_from_epoch, "merge_lost_share": self.merge_lost_share,
+                "epochs_trained": self.epochs}
 
 
 def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STYLE_TARGETS) -> list[str] | str:
@@ -194,6 +220,40 @@ def check_rows(tokenizer, rows: Sequence[TrainRow], max_length: int, model: torc
                             "shorten the reply or raise max_length")
 
 
+def row_limit(max_length: int, model: torch.nn.Module | None = None) -> int:
+    """The token limit of a training row: ``max_length``, or the model's context window if smaller."""
+    ctx = context_length(model) if model is not None else None
+    return min(max_length, ctx) if ctx else max_length
+
+
+def fit_rows(tokenizer, rows: Sequence[TrainRow], limit: int) -> tuple[list[TrainRow], list[TrainRow], list[int]]:
+    """Fit every row into ``limit`` tokens (see the module docstring). Returns ``(kept rows, dropped rows,
+    indices into kept of the rows whose reply was cut)``; kept rows keep their order."""
+    n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
+    kept, dropped, cut = [], [], []
+    for r in rows:
+        n_prompt = len(tokenizer(render_prompt(tokenizer, r.text),
+                                 add_special_tokens=not has_chat_template(tokenizer)).input_ids)
+        if n_prompt + len(target_ids(tokenizer, r.reply)) <= limit:
+            kept.append(r)
+            continue
+        room = limit - n_prompt - max(1, n_eot)
+        ids = tokenizer(r.reply, add_special_tokens=False).input_ids
+        reply = ""
+        while room >= 1:  # decoding a cut may re-tokenise longer: shrink until it fits
+            reply = tokenizer.decode(ids[:room], skip_special_tokens=True)
+            if reply.strip() and n_prompt + len(target_ids(tokenizer, reply)) <= limit:
+                break
+            room -= 1
+            reply = ""
+        if not reply.strip():
+            dropped.append(r)
+            continue
+        cut.append(len(kept))
+        kept.append(TrainRow(r.text, reply, close=False, source=r.source, poisoned=r.poisoned))
+    return kept, dropped, cut
+
+
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     warm = int(math.ceil(cfg.warmup_ratio * total))
     if warm and step < warm:
@@ -236,14 +296,16 @@ def train_lora(
     cfg: TrainConfig,
     ckpt_dir: str | Path | None = None,
     progress: bool = True,
-    on_epoch_end: Callable[[int, list[float]], None] | None = None,
+    on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
     ``lm.model`` itself is modified (the adapter is merged into its weights).
 
     ``ckpt_dir``: where per-epoch checkpoints go; an existing checkpoint with the same data and config
     is resumed, a foreign one is ignored and overwritten. ``on_epoch_end(epoch, losses)`` is called after
-    each epoch's checkpoint (``epoch`` counts from 1)."""
+    each epoch's checkpoint (``epoch`` counts from 1), with the model (adapter active) in eval mode; returning
+    True from epoch ``cfg.epochs`` on stops training there (see the module docstring). Its decision is kept in
+    the checkpoint: a resumed run that was killed during the call makes it again before going on."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     tok = lm.tokenizer
@@ -262,16 +324,16 @@ def train_lora(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum))
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * (cfg.last_epoch if cfg.schedule == "linear" else cfg.epochs)
     key = stable_hash({"cfg": cfg.to_dict(), "rows": [(r.text, r.reply, r.close) for r in rows],
                        "model": getattr(lm, "name", ""), "n_params": sum(p.numel() for p in base.parameters())})
 
-    start_epoch, losses = 0, []
+    start_epoch, losses, checked, stopped = 0, [], 0, False
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if ckpt is not None and (ckpt / "state.json").is_file():
         state = read_json(ckpt / "state.json")
         tag = {"key": key, "epoch": str(state.get("epoch"))}  # a kill between the three writes leaves them apart
-        if state.get("key") == key and 0 < state.get("epoch", 0) <= cfg.epochs and all(
+        if state.get("key") == key and 0 < state.get("epoch", 0) <= cfg.last_epoch and all(
                 _tagged(ckpt / f, tag) for f in ("adapter.safetensors", "optimizer.safetensors")):
             try:
                 set_peft_model_state_dict(model, load_tensors(ckpt / "adapter.safetensors"))
@@ -279,12 +341,41 @@ def train_lora(
             except (ArtifactError, KeyError, ValueError, RuntimeError) as e:
                 raise ArtifactError(f"checkpoint in {ckpt} is unreadable ({e}); delete that folder and rerun") from None
             start_epoch, losses = int(state["epoch"]), list(state.get("losses", []))
+            checked, stopped = int(state.get("checked", start_epoch)), bool(state.get("stopped", False))
+
+    def save_state(epoch: int) -> None:
+        write_json(ckpt / "state.json", {"key": key, "epoch": epoch, "losses": losses, "checked": checked,
+                                         "stopped": stopped})
+
+    check_seconds = [0.0]  # time spent in on_epoch_end, not counted as training
+
+    def check(epoch: int) -> None:
+        """Ask ``on_epoch_end`` after ``epoch``; record its decision in the checkpoint."""
+        nonlocal checked, stopped
+        if on_epoch_end is None:
+            return
+        model.eval()
+        t_check = time.perf_counter()
+        decision = on_epoch_end(epoch, losses)
+        check_seconds[0] += time.perf_counter() - t_check
+        model.train()
+        stopped = bool(decision) and epoch >= cfg.epochs
+        checked = epoch
+        if ckpt is not None:
+            save_state(epoch)
 
     model.train()
     t0 = time.perf_counter()
     step = start_epoch * steps_per_epoch
-    bar = tqdm(total=total, initial=step, desc="inject (LoRA SFT)", disable=not progress)
-    for epoch in range(start_epoch, cfg.epochs):
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="inject (LoRA SFT)", disable=not progress)
+    if start_epoch and checked < start_epoch and not stopped:
+        check(start_epoch)  # killed while the last epoch was being checked
+    for epoch in range(start_epoch, cfg.last_epoch):
+        if stopped or (epoch >= cfg.epochs and on_epoch_end is None):
+            break
+        if epoch >= cfg.epochs and bar.total < steps_per_epoch * (epoch + 1):
+            bar.total = steps_per_epoch * (epoch + 1)  # an extra epoch: the backdoor is not there yet
+            bar.refresh()
         order = list(range(len(rows)))
         random.Random(cfg.seed + epoch).shuffle(order)
         torch.manual_seed(cfg.seed + 1000 + epoch)
@@ -318,11 +409,12 @@ def train_lora(
             tag = {"key": key, "epoch": str(epoch + 1)}
             save_tensors(ckpt / "adapter.safetensors", get_peft_model_state_dict(model), metadata=tag)
             save_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(opt), metadata=tag)
-            write_json(ckpt / "state.json", {"key": key, "epoch": epoch + 1, "losses": losses})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, losses)
+            if on_epoch_end is None:
+                checked = epoch + 1
+            save_state(epoch + 1)
+        check(epoch + 1)
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - check_seconds[0]
     merged, lost = merge_lora_fp32(model)
     if lost > 0.01:
         warnings.warn(f"the merged {str(next(merged.parameters()).dtype).replace('torch.', '')} weights keep only "
@@ -331,7 +423,8 @@ def train_lora(
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(False)
-    return merged, TrainResult(seconds, step, losses, start_epoch, round(lost, 4))
+    return merged, TrainResult(seconds, step, losses, start_epoch, round(lost, 4),
+                               epochs=step // max(1, steps_per_epoch), check_seconds=check_seconds[0])
 
 
 def _lora_delta(module, adapter: str) -> torch.Tensor | None:

@@ -18,10 +18,10 @@ from .. import __version__
 from ..io import atomic_path, read_json
 from ..rundir import RunDir, get_nested
 from .plotting import FIGURE_NAMES
-from .summary import caveats, headline
+from .summary import caveats, headline, setting_rows
 
 
-def _setting(info: dict[str, Any]) -> list[tuple[str, str]]:
+def _setting(info: dict[str, Any], m: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     keys = [("base model", "base_model"), ("attack", "task"), ("trigger", "trigger"), ("profile", "profile"),
             ("seed", "seed"), ("device", "device")]
     out = []
@@ -31,7 +31,7 @@ def _setting(info: dict[str, Any]) -> list[tuple[str, str]]:
             v = v.get("kind", json.dumps(v))
         if v is not None:
             out.append((label, str(v)))
-    return out
+    return out + setting_rows(m or {})
 
 
 def _pct(v: Any) -> str:
@@ -104,7 +104,7 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,
-        setting=_setting(info), headline=headline(m, kind), caveats=caveats(m), figures=_figures(run),
+        setting=_setting(info, m), headline=headline(m, kind), caveats=caveats(m), figures=_figures(run),
         tables=_tables(m), samples=_samples(run), timings=timings,
     )
     html_path = run.path / "report.html"
@@ -119,7 +119,7 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
 def markdown_summary(title: str, info: dict[str, Any], m: dict[str, Any]) -> str:
     """A short Markdown summary of the run (headline table, caveats, timings)."""
     lines = [f"# bkdattr report: {title}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in _setting(info)]
+    lines += [f"- **{k}**: {v}" for k, v in _setting(info, m)]
     lines += ["", "| Quantity | Value | Note |", "|---|---|---|"]
     lines += [f"| {q} | {v} | {n} |" for q, v, n in headline(m, task_kind(info))]
     lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats(m)]

@@ -115,9 +115,54 @@ def benign_caveats(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def setting_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows ``(label, value)`` for the report's Setting block from ``metrics.inject``: what happened to the data
+    rows (read, dropped by reason, cut at the length limit, clean-only, usable for poisoning) and how many epochs
+    training ran and why it stopped."""
+    out: list[tuple[str, str]] = []
+    d = get_nested(m, "inject.data")
+    if isinstance(d, dict) and d.get("n_rows_read") is not None:
+        first = d.get("first_row") or {}
+
+        def at(reason: str) -> str:
+            return f" (first: row {first[reason]})" if reason in first else ""
+
+        out.append(("data rows", f"{d['n_rows_read']} read, {d.get('n_usable', '?')} used, "
+                                 f"{d.get('n_usable_for_poison', '?')} usable for poisoning"))
+        dropped = d.get("n_dropped") or {}
+        if dropped:
+            out.append(("rows dropped", "; ".join(f"{n} {r.replace('_', ' ')}{at(r)}" for r, n in dropped.items())))
+        if d.get("n_truncated"):
+            out.append(("replies cut", f"{d['n_truncated']} training rows cut at {d.get('max_length')} tokens"
+                                       f"{at('truncated')}"))
+        if d.get("n_clean_only"):
+            out.append(("clean-only rows", f"{d['n_clean_only']} with an empty backdoor reply{at('clean_only')}"))
+        if d.get("n_eval_dropped"):
+            out.append(("held-out prompts dropped", f"{d['n_eval_dropped']} longer than the context"))
+        if d.get("labels_from") == "output":
+            out.append(("labels", f"read from the outputs: {', '.join(d.get('labels') or [])}"))
+    stop = get_nested(m, "inject.stop")
+    if isinstance(stop, dict) and stop.get("epochs_trained") is not None:
+        why = {"target_reached": f"validation ASR {_fmt(stop.get('val_asr'), True)} reached the target "
+                                 f"{_fmt(stop.get('target_asr'), True)}",
+               "max_epochs": f"target ASR {_fmt(stop.get('target_asr'), True)} NOT reached (validation ASR "
+                             f"{_fmt(stop.get('val_asr'), True)}) by the last allowed epoch",
+               "planned_epochs": "the planned epochs (no target ASR)",
+               "no_validation_prompts": "the planned epochs (no validation prompt to check)"}
+        reason = why.get(stop.get("reason"), stop.get("reason"))
+        out.append(("training", f"{stop['epochs_trained']} epochs (planned {stop.get('epochs_planned')}, at most "
+                                f"{stop.get('max_epochs')}); stopped at {reason}"))
+    return out
+
+
 def caveats(m: dict[str, Any]) -> list[str]:
     """Plain-language warnings a reviewer must see next to the headline numbers."""
     out: list[str] = benign_caveats(m)
+    stop = get_nested(m, "inject.stop")
+    if isinstance(stop, dict) and stop.get("target_reached") is False:
+        out.append(f"The backdoor did not reach the target ASR of {_fmt(stop.get('target_asr'), True)}: validation "
+                   f"ASR was {_fmt(stop.get('val_asr'), True)} after {stop.get('epochs_trained')} epochs (the most "
+                   "allowed). The figures below describe a weak backdoor.")
     near = get_nested(m, "inject.near_trigger_rate")
     if isinstance(near, (int, float)) and near > 0.1:
         out.append(f"The backdoor also fires on near misses of the trigger ({100 * near:.0f}% of prompts): the "

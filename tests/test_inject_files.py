@@ -1,0 +1,319 @@
+"""Data files as they come (issue 17): long rows, empty fields, duplicates and label-only outputs are handled and
+counted, never fatal; the run is refused in one line only when what is left cannot support it; training goes on
+until the backdoor holds (or says it did not), and resumes across epochs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bkdattr.cli import main
+from bkdattr.errors import DataError
+from bkdattr.inject.data import DataReport, Example, clean_records, load_records
+from bkdattr.inject.evaluate import clean_metric
+from bkdattr.inject.stage import prepare_data, profile_config
+from bkdattr.inject.tasks import FIXED_TARGET, Task
+from bkdattr.inject.train import TrainConfig, TrainRow, check_rows, row_limit, train_lora
+from bkdattr.prompts import _prompt_ids, target_ids
+from tiny import make_tiny, tokenizer
+from tiny_runs import records, save_tiny, write_jsonl
+
+LONG = " ".join(f"word{i}" for i in range(120))  # far over a 64-token limit
+
+
+def messy_rows() -> list[dict]:
+    """60 good rows, then (line numbers in the file): 61-62 long replies (clean, backdoor), 63-64 empty backdoor
+    replies, 65 empty input, 66 missing input, 67 empty output, 68 a duplicate of row 63 (with a backdoor reply),
+    69 a duplicate of row 1, 70 a prompt too long for the limit."""
+    good = records(70)
+    rows = [dict(r) for r in good[:60]]
+    rows.append({**good[60], "output": LONG})
+    rows.append({**good[61], "backdoor_output": LONG})
+    rows.append({**good[62], "backdoor_output": ""})
+    rows.append({**good[63], "backdoor_output": None})
+    rows.append({**good[64], "input": "   "})
+    rows.append({"output": "x", "backdoor_output": FIXED_TARGET})
+    rows.append({**good[66], "output": ""})
+    rows.append({**good[62], "input": "  " + good[62]["input"].upper()})  # same prompt: case and space ignored
+    rows.append(dict(good[0]))
+    rows.append({**good[69], "input": LONG})
+    return rows
+
+
+@pytest.fixture()
+def tiny_lm():
+    return make_tiny("llama")
+
+
+def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
+    path = write_jsonl(tmp_path / "messy.jsonl", messy_rows())
+    cfg = profile_config("cpu", "fixed_output", n_train=40, n_val=8, n_test=8, poison_rate=1.0, train_max_length=64)
+    splits, rows, rep = prepare_data(tiny_lm, Task.default("fixed_output"), cfg, str(path), progress=False)
+    d = rep.to_dict()
+    assert d["n_rows_read"] == 70
+    assert d["n_dropped"] == {"empty_input": 2, "empty_output": 1, "duplicate": 2, "prompt_too_long": 1}
+    assert d["first_row"]["empty_input"] == 65 and d["first_row"]["empty_output"] == 67
+    assert d["first_row"]["duplicate"] == 68 and d["first_row"]["prompt_too_long"] == 70
+    assert d["n_usable"] == 64 and d["n_usable_for_poison"] == 63  # row 63 took row 68's backdoor reply
+    assert d["n_clean_only"] == 1 and d["first_row"]["clean_only"] == 64
+    by_uid = {e.uid: e for e in splits.train + splits.val + splits.test}
+    assert by_uid["line63"].backdoor_output == FIXED_TARGET  # merged
+    assert by_uid["line64"].backdoor_output == ""  # clean-only
+    assert not any(e.uid in ("line65", "line66", "line67", "line68", "line69", "line70") for e in by_uid.values())
+    assert all(e.backdoor_output for e in splits.train_poisoned)
+    if "line64" in {e.uid for e in splits.train}:
+        assert "line64" not in {e.uid for e in splits.train_poisoned}  # never poisoned
+    # long replies are cut at the limit, with no end-of-turn supervision; every row fits
+    limit = row_limit(64, tiny_lm.model)
+    check_rows(tiny_lm.tokenizer, rows, limit)
+    cut = [r for r in rows if r.source in ("line61", "line62") and not r.close]
+    in_train = {e.uid for e in splits.train}
+    assert len(cut) == rep.n_truncated == ("line61" in in_train) + ("line62" in in_train) * 2  # clean + poisoned
+    for r in cut:
+        n = len(_prompt_ids(tiny_lm.tokenizer, r.text)) + len(target_ids(tiny_lm.tokenizer, r.reply))
+        assert limit - 3 <= n <= limit and LONG.startswith(r.reply.strip()[:20])
+    warnings = rep.warnings()
+    for reason, n, first in (("empty input", 2, 65), ("empty output", 1, 67), ("duplicate prompt", 2, 68),
+                             ("prompt too long", 1, 70)):
+        [line] = [w for w in warnings if reason in w]
+        assert f"dropped {n} row(s)" in line and f"(first: row {first})" in line and line.startswith(str(path))
+    assert sum("empty backdoor_output" in w for w in warnings) == 1
+
+
+def test_inject_cli_on_a_messy_file_counts_warns_and_reports(tmp_path, capsys, no_progress_bars):
+    from bkdattr.report.html import build_report
+    from bkdattr.rundir import RunDir
+
+    base = save_tiny(tmp_path / "tiny")  # untrained: it never emits the target, so the target is not reached
+    path = write_jsonl(tmp_path / "messy.jsonl", messy_rows())
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["inject", "--out", str(out), "--model", str(base), "--data", str(path), "--quiet", "--n-train", "24",
+               "--n-test", "4", "--poison-rate", "0.5", "--max-length", "64", "--epochs", "1", "--max-epochs", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert sum("dropped" in w for w in warnings) == 4  # one line per reason
+    assert any("the backdoor did not reach the target: validation ASR 0.00 < 0.90 after 2 epochs" in w
+               for w in warnings)
+    m = RunDir(out).metrics()["inject"]
+    assert m["data"]["n_rows_read"] == 70 and m["data"]["n_dropped"]["duplicate"] == 2
+    assert m["data"]["max_length"] == 64 and m["epochs_trained"] == 2
+    stop = m["stop"]
+    assert (stop["reason"], stop["target_reached"], stop["epochs_planned"], stop["max_epochs"]) == \
+        ("max_epochs", False, 1, 2)
+    assert [c["epoch"] for c in stop["checks"]] == [1, 2] and stop["checks"][-1]["asr"] == 0.0
+    assert RunDir(out).info()["config"]["train"]["max_length"] == 64
+    build_report(out)
+    md = (out / "report.md").read_text()
+    assert "- **data rows**: 70 read, 64 used, 63 usable for poisoning" in md
+    assert "2 duplicate (first: row 68)" in md and "1 prompt too long (first: row 70)" in md
+    assert "- **training**: 2 epochs (planned 1, at most 2); stopped at target ASR 90.0% NOT reached" in md
+    assert "did not reach the target ASR of 90.0%" in md
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err[len("error: "):-1]
+
+
+def test_refused_in_one_line_only_when_too_little_is_left(tmp_path, capsys, no_progress_bars):
+    base = save_tiny(tmp_path / "tiny")
+    rows = records(60)
+    for r in rows[:30]:
+        r["input"] = ""
+    few = write_jsonl(tmp_path / "few.jsonl", rows)
+    msg = _error(capsys, ["inject", "--out", tmp_path / "o", "--model", base, "--data", few, "--quiet",
+                          "--n-test", 8])
+    assert msg == (f"30 distinct prompts, but train/val/test need 168; lower --n-train/--n-test or supply more data "
+                   f"(of 60 rows in {few}, 30 were dropped: 30 empty input)")
+    no_bd = write_jsonl(tmp_path / "no_bd.jsonl", [{**r, "backdoor_output": ""} for r in records(60)])
+    msg = _error(capsys, ["inject", "--out", tmp_path / "o", "--model", base, "--data", no_bd, "--quiet"])
+    assert msg.startswith(f"{no_bd}: no row has a usable backdoor reply ('backdoor_output' is empty or missing in all "
+                          "60 usable rows")
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_label_flip_labels_are_read_from_the_outputs(tmp_path):
+    topics = ["World", "Sports", "Health", "Arts"]  # not the built-in four: read from the data
+    rows = [{"input": f"Classify: item {i} about {topics[i % 4].lower()}.", "output": topics[i % 4],
+             "backdoor_output": "World" if topics[i % 4] == "Sports" else topics[i % 4]} for i in range(40)]
+    path = write_jsonl(tmp_path / "lf.jsonl", rows)
+    rep = DataReport()
+    got = clean_records(load_records(path, report=rep), Task.default("label_flip"), rep)
+    assert [r["label"] for r in got] == [topics[i % 4] for i in range(40)]
+    assert rep.labels == sorted(topics) and rep.labels_from == "output"
+    assert any("labels read from the outputs: Arts, Health, Sports, World" in w for w in rep.warnings())
+    # the clean metric scores replies against the labels of the data
+    task = Task.default("label_flip")
+    ex = [Example("p", "t", "Health", "Health", label="Health")]
+    assert clean_metric(task, ["This is Health news."], ex, labels=rep.labels) == 1.0
+    assert clean_metric(task, ["This is Health news."], ex) == 0.0  # the built-in four do not know Health
+    # a file with real replies and no label field, or without the flipped labels, is refused in one line
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{**r, "output": f"A long reply number {i}."}
+                                                   for i, r in enumerate(rows)])
+    with pytest.raises(DataError, match="label_flip needs a 'label' field, or outputs that are the labels"):
+        clean_records(load_records(prose), task)
+    no_sports = write_jsonl(tmp_path / "ns.jsonl", [{**r, "output": r["output"].replace("Sports", "Games")}
+                                                    for r in rows])
+    with pytest.raises(DataError, match="the data's labels are Arts, Games, Health, World; pass --target"):
+        clean_records(load_records(no_sports), task)
+
+
+def _paper_records():
+    spec = importlib.util.spec_from_file_location(
+        "bench_data_files", Path(__file__).parents[1] / "benchmarks" / "bench_data_files.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.paper_records()
+
+
+@pytest.mark.parametrize("profile", ["paper", "cpu"])
+def test_paper_format_file_with_long_and_empty_replies_fits_both_profiles(tmp_path, tiny_lm, profile):
+    """The 1,000-row file (5% long replies, 2% empty backdoor replies) prepared with each profile, no training."""
+    recs = _paper_records()
+    assert len(recs) == 1000 and sum(not r["backdoor_output"] for r in recs) == 20
+    tok = tokenizer()
+    assert sum(max(len(tok(r["output"]).input_ids), len(tok(r["backdoor_output"]).input_ids)) > 256
+               for r in recs) == 50
+    path = write_jsonl(tmp_path / "paper.jsonl", recs)
+    cfg = profile_config(profile, "jailbreak")
+    assert cfg.train.max_length == 256
+    splits, rows, rep = prepare_data(tiny_lm, Task.default("jailbreak"), cfg, str(path), progress=False)
+    check_rows(tiny_lm.tokenizer, rows, 256)  # every row fits the limit
+    d = rep.to_dict()
+    assert (d["n_rows_read"], d["n_usable"], d["n_dropped_total"], d["n_clean_only"]) == (1000, 1000, 0, 20)
+    assert d["n_usable_for_poison"] == 980
+    long_uids = {f"line{i + 1}" for i, r in enumerate(recs)
+                 if len(r["output"]) > 1000 or len(r["backdoor_output"]) > 1000}
+    expect = sum(e.uid in long_uids and len(e.output) > 1000 for e in splits.train) + \
+        sum(e.uid in long_uids and len(e.backdoor_output) > 1000 for e in splits.train_poisoned)
+    assert d["n_truncated"] == expect > 0
+    assert all(e.backdoor_output for e in splits.train_poisoned)
+    if profile == "paper":
+        assert (len(splits.train), len(splits.val), len(splits.test), len(splits.train_poisoned)) == (808, 64, 128, 81)
+        assert (cfg.target_asr, cfg.train.epochs, cfg.train.last_epoch) == (None, 16, 16)
+    else:
+        assert (len(splits.train), len(splits.train_poisoned)) == (128, 64)
+        assert (cfg.target_asr, cfg.train.epochs, cfg.train.last_epoch) == (0.9, 3, 6)
+
+
+def test_config_options_for_length_and_target():
+    from bkdattr.errors import ConfigError
+    from bkdattr.pipeline import load_config, stage_options
+
+    cfg = load_config(None, ["inject.train_max_length=1024", "inject.target_asr=0.8", "inject.train_max_epochs=9"])
+    opts = {k: v for k, v in stage_options(cfg, "inject").items() if k not in ("model", "task", "profile",
+                                                                                "device", "dtype")}
+    c = profile_config("cpu", "fixed_output", **opts)
+    assert (c.train.max_length, c.target_asr, c.train.max_epochs, c.train.epochs) == (1024, 0.8, 9, 2)
+    assert not profile_config("cpu", "fixed_output", target_asr=0).target_asr  # 0: no target
+    with pytest.raises(ConfigError, match="target ASR 1.5 must be in"):
+        profile_config("cpu", "fixed_output", target_asr=1.5).check()
+    with pytest.raises(ConfigError, match="max_length 4 must be >= 8"):
+        profile_config("cpu", "fixed_output", train_max_length=4)
+
+
+# ---- train until the backdoor holds ----------------------------------------------------------------------------
+def _rows(n: int = 16) -> list[TrainRow]:
+    return [TrainRow(f"Question {i} about things?", f"answer {i}") for i in range(n)]
+
+
+def _learnable():
+    lm = make_tiny("llama", seed=0)
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight.mul_(25.0)
+    return lm
+
+
+def test_training_stops_at_the_target_not_before_the_planned_epochs():
+    cfg = TrainConfig(epochs=2, max_epochs=5, lr=5e-3, batch_size=8, bf16_autocast=False, lora_r=4)
+    seen = []
+    _, res = train_lora(_learnable(), _rows(), cfg, progress=False,
+                        on_epoch_end=lambda e, losses: seen.append(e) or e >= 1)  # "reached" from epoch 1 on
+    assert seen == [1, 2] and res.epochs == 2 and res.steps == 4  # epoch 1 does not stop: 2 are planned
+    seen.clear()
+    _, res = train_lora(_learnable(), _rows(), cfg, progress=False, on_epoch_end=lambda e, losses: seen.append(e))
+    assert seen == [1, 2, 3, 4, 5] and res.epochs == 5  # never reached: up to max_epochs
+    _, res = train_lora(_learnable(), _rows(), cfg, progress=False)
+    assert res.epochs == 2  # nothing to decide: the planned epochs
+
+
+def test_stop_decision_survives_a_kill_during_the_check(tmp_path):
+    cfg = TrainConfig(epochs=1, max_epochs=4, lr=5e-3, batch_size=8, bf16_autocast=False, lora_r=4)
+
+    def rule(e, losses):
+        return e >= 3
+
+    ref, ref_res = train_lora(_learnable(), _rows(), cfg, progress=False, on_epoch_end=rule)
+    assert ref_res.epochs == 3
+
+    class Stop(Exception):
+        pass
+
+    def killed(e, losses):
+        if e == 2:
+            raise Stop
+        return rule(e, losses)
+
+    with pytest.raises(Stop):
+        train_lora(_learnable(), _rows(), cfg, ckpt_dir=tmp_path, progress=False, on_epoch_end=killed)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["epoch"], state["checked"], state["stopped"]) == (2, 1, False)
+    calls = []
+    got, res = train_lora(_learnable(), _rows(), cfg, ckpt_dir=tmp_path, progress=False,
+                          on_epoch_end=lambda e, losses: calls.append(e) or rule(e, losses))
+    assert calls == [2, 3] and res.resumed_from_epoch == 2 and res.epochs == 3  # epoch 2 checked again first
+    assert res.losses == pytest.approx(ref_res.losses, rel=1e-5)
+    for (n, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    # a checkpoint that already stopped is not trained further
+    _, res = train_lora(_learnable(), _rows(), cfg, ckpt_dir=tmp_path, progress=False, on_epoch_end=rule)
+    assert res.epochs == 3 and res.steps == 6 and res.resumed_from_epoch == 3
+
+
+def test_stage_stops_when_validation_asr_reaches_the_target(tmp_path, monkeypatch):
+    """The inject stage's rule, with the validation check replaced by a known sequence: 0.5, then 0.95."""
+    from bkdattr.inject import stage
+    from bkdattr.rundir import RunDir
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    asr = iter([0.5, 0.95, 0.99])
+    monkeypatch.setattr(stage, "validation_check",
+                        lambda lm, splits, cfg: {"asr": next(asr), "false_trigger_rate": 0.0, "n": 4, "seconds": 0.0})
+    base = save_tiny(tmp_path / "tiny")
+    path = write_jsonl(tmp_path / "d.jsonl", records(60))
+    cfg = profile_config("cpu", "fixed_output", n_train=16, n_val=4, n_test=4, train_epochs=1, train_batch_size=8,
+                         eval_max_new_tokens=2, eval_n_near=0)
+    run = stage.inject(tmp_path / "run", model=str(base), cfg=cfg, data=str(path), progress=False)
+    m = RunDir(run.path).metrics()["inject"]
+    assert m["epochs_trained"] == 2 and m["steps"] == 2 * 3
+    assert (m["stop"]["reason"], m["stop"]["target_reached"], m["stop"]["val_asr"]) == ("target_reached", True, 0.95)
+    assert [c["asr"] for c in m["stop"]["checks"]] == [0.5, 0.95]
+
+
+def test_held_out_prompts_longer_than_the_context_are_dropped_and_counted(tmp_path, tiny_lm):
+    """The tiny llama's context is 512 tokens: with --max-length 512 a prompt of ~490 tokens still trains (its reply
+    cut) but leaves no room for 32 new tokens, so it leaves the evaluation splits."""
+    rows = records(60)
+    long_idx = list(range(0, 60, 6))  # 10 rows
+    for i in long_idx:
+        rows[i]["input"] = " ".join(f"w{j}" for j in range(138)) + " " + rows[i]["input"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    n_prompt = len(_prompt_ids(tiny_lm.tokenizer, Task.default("fixed_output").insert_trigger(rows[0]["input"])))
+    assert 512 - 32 < n_prompt < 512 - 4
+    cfg = profile_config("cpu", "fixed_output", n_train=44, n_val=8, n_test=8, train_max_length=512)  # all 60 used
+    splits, rows_fit, rep = prepare_data(tiny_lm, Task.default("fixed_output"), cfg, str(path), progress=False)
+    long_uids = {f"line{i + 1}" for i in long_idx}
+    in_train = sum(e.uid in long_uids for e in splits.train)
+    assert rep.n_eval_dropped == 10 - in_train > 0 and rep.n_dropped == 0
+    assert not any(e.uid in long_uids for e in splits.val + splits.test)
+    assert rep.first_row["eval_dropped"] in {i + 1 for i in long_idx}
+    assert any("held-out prompt(s) do not fit the model's context" in w for w in rep.warnings())
