@@ -39,8 +39,10 @@ def _print_section(title: str, section: dict) -> None:
 def register(app: typer.Typer) -> None:
     """Add the inject-stage commands to the ``bkdattr`` app."""
 
-    @stage_command(app, "inject", InjectConfig, flags={"epochs": "train.epochs", "lr": "train.lr", "max_epochs": "train.max_epochs",
-                                              "max_length": "train.max_length"}, own={
+    flags = {"epochs": "train.epochs", "lr": "train.lr", "max_epochs": "train.max_epochs",
+             "max_length": "train.max_length"}
+
+    @stage_command(app, "inject", InjectConfig, flags=flags, own={
         "out": (str, typer.Option(..., "--out", "-o", "--run", "-r", help="run folder to create (replaced if it "
                                   "exists)")),
         "model": (str, MODEL),

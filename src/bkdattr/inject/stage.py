@@ -20,7 +20,8 @@ when it never does. ``metrics.inject.stop`` records the checks and why training 
 aims at 0.9 within 6 epochs (:mod:`bkdattr.profiles`); the paper profile trains its 16 epochs (no target). The
 check adds one validation pass (32 + 32 greedy replies) after the planned epochs and changes nothing else: on
 the built-in fixed_output data the demo's validation ASR is 1.00 after its 2 planned epochs, so it stops there
-with the same weights and figures as without the rule (the check does not touch the training RNG streams, which are reseeded per epoch).
+with the same weights and figures as without the rule (the check does not touch the training RNG streams,
+which are reseeded per epoch).
 
 **Data files** are read as they come (:mod:`bkdattr.inject.data`): what was dropped, merged, cut or kept clean
 is counted in ``metrics.inject.data`` with one warning line per reason.
