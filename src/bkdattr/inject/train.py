@@ -78,11 +78,11 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     schedule: str = "constant"
     weight_decay: float = 0.0
-    max_length: int = 256
+    max_length: int = opt(256, "token limit of a training row; longer replies are cut at it")
     bf16_autocast: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
-    max_epochs: int | None = None
+    max_epochs: int | None = opt(None, "most epochs when the target ASR is not reached (None: epochs)")
 
     def __post_init__(self) -> None:
         if self.lora_r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
