@@ -585,3 +585,25 @@ def test_a_bug_in_the_fast_path_is_not_hidden_by_a_fallback(monkeypatch):
     with pytest.warns(UserWarning, match="prefix"):
         res = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
     assert res.info["strategy"] == "prefix" and "replay differs" in res.info["fallback_reason"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["layers", "prefix", "full"])
+def test_zero_patch_cie_is_exactly_zero(dtype, strategy):
+    """The CIE subtracts a zero-patch replica from the same replay (R+1 rows), so a zero patch gives exactly 0
+    in every dtype -- bf16 included, where the replay and the model's own forward differ by rounding."""
+    import dataclasses
+
+    lm = make_tiny("qwen2", n_layers=3)
+    lm.model.to(dtype)
+    lm = dataclasses.replace(lm, dtype=dtype)
+    batch = encode_aligned(lm.tokenizer, PROMPTS[:3], TARGETS[:3])
+    runner = ChunkRunner(lm, batch, strategy).prepare()
+    for layer in range(lm.arch.n_layers):
+        lp, base = runner.patched_and_base(layer, torch.zeros(batch.size, 4, lm.arch.d_model))
+        assert torch.equal(lp, base), (layer, float((lp - base).abs().max()))
+        cie = cie_from_logprobs(lp, base, batch.target_mask.repeat_interleave(4, 0))
+        assert all(float(v.abs().max()) == 0.0 for v in cie.values())
+    if dtype == torch.bfloat16 and strategy == "layers":  # the replay (LM head in fp32) vs the bf16 forward
+        rep = runner.patched_logprobs(0, None, 1)
+        assert float((rep - runner.clean_lp)[batch.target_mask].abs().max()) > 0

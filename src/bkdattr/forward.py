@@ -7,7 +7,7 @@ passes under a capture.
   KV cache of a shared prefix is computed once (:meth:`~PrefixCache.build`), copied and tiled for the rows
   that reuse it (:meth:`~PrefixCache.tiled`: ``b*R + r`` replicated rows, or ``g*B + b`` edit-major rows), and
   reset to the prefix after a pass that appended to it (:func:`restored`).
-* :func:`forward_batches` -- batch -> forward under a capture -> hand the captured store to the caller, who
+* :func:`captured_pass` -- batch -> forward under a capture -> hand the captured store to the caller, who
   accumulates (mean contributions, residual norms).
 """
 
@@ -112,13 +112,3 @@ def captured_pass(lm, texts: Sequence[str], capture: Callable[[PromptBatch], con
     with capture(batch) as store:
         backbone(lm.model)(**batch.model_inputs(), use_cache=False)
     return batch, store
-
-
-def forward_batches(lm, prompts: Sequence[str], chunks: Sequence[Sequence[int]],
-                    capture: Callable[[PromptBatch], contextlib.AbstractContextManager]
-                    ) -> Iterator[tuple[int, PromptBatch, object]]:
-    """:func:`captured_pass` over each chunk ``i`` of prompt indices: yields ``(i, batch, store)`` -- the caller
-    accumulates."""
-    for i, idx in enumerate(chunks):
-        if idx:
-            yield (i, *captured_pass(lm, [prompts[j] for j in idx], capture))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..forward import forward_batches
+from ..forward import captured_pass
 from ..hooks import capture_attention_output, capture_features
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
@@ -55,8 +55,8 @@ def residual_norms(lm, prompts: Sequence[str], batch_size: int = 16) -> dict[str
         with capture_features(arch, b.last_pos, "residual") as r, capture_attention_output(arch, b.last_pos) as a:
             yield r, a
 
-    chunks = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
-    for _, _, (r, a) in forward_batches(lm, prompts, chunks, capture):
+    for s in range(0, len(prompts), batch_size):
+        _, (r, a) = captured_pass(lm, prompts[s: s + batch_size], capture)
         for layer in range(arch.n_layers):
             res[layer] += r[layer].norm(dim=-1).sum().cpu()
             att[layer] += a[layer].norm(dim=-1).sum().cpu()
