@@ -232,8 +232,8 @@ def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
     check_layers(arch, deltas.keys())
     for layer, delta in deltas.items():
         if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
-            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)}; "
-                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
+            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)} but the model's "
+                              f"d_model is {arch.d_model} ([d_model] or [batch, d_model]); build it for this model")
 
 
 @contextlib.contextmanager

@@ -117,10 +117,6 @@ def load_vector(path: str | Path, d_model: int | None = None) -> BackdoorVector:
     return BackdoorVector(v, [(int(a), int(b)) for a, b in t["heads"].tolist()], prov)
 
 
-def _as_tensor(v) -> torch.Tensor:
-    return v.vector if isinstance(v, BackdoorVector) else v
-
-
 @contextlib.contextmanager
 def apply_vector(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int, alpha: float = 1.0,
                  positions: torch.Tensor | None = None) -> Iterator[None]:
@@ -131,12 +127,6 @@ def apply_vector(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int, alpha
     a left-padded batch (what :func:`bkdattr.generation.generate` builds), where it is ``p(x)`` -- so a whole
     ``generate`` call can run inside the block and its decode steps stay unedited. ``positions`` (``[B]``):
     at those indices of every forward call (for a single teacher-forced or prefill pass)."""
-    arch = _arch(lm_or_arch)
-    vec = _as_tensor(v).detach().float().reshape(-1)
-    if vec.numel() != arch.d_model:
-        raise ConfigError(f"the vector has {vec.numel()} entries but the model's d_model is {arch.d_model}; "
-                          "build the vector for this model")
-    if not 0 <= int(layer) < arch.n_layers:
-        raise ConfigError(f"layer {layer} does not exist (the model has layers 0..{arch.n_layers - 1})")
-    with add_to_attention_output(arch, {int(layer): float(alpha) * vec}, positions):
+    vec = (v.vector if isinstance(v, BackdoorVector) else v).detach().float().reshape(-1)
+    with add_to_attention_output(_arch(lm_or_arch), {int(layer): float(alpha) * vec}, positions):
         yield
