@@ -175,3 +175,21 @@ def test_minimal_toy_model_is_accepted():
     a = detect_arch(_toy_model(_toy_layer(out_in=12), num_attention_heads=3, num_key_value_heads=1))
     assert (a.n_layers, a.n_heads, a.n_kv_heads, a.d_head, a.d_model) == (1, 3, 1, 4, 8)
     assert a.final_norm is None
+
+
+def test_w_o_is_cached_per_model_and_rebuilt_when_the_weights_change():
+    """W_O (float32, LoRA merged) is built once per layer, not on every hooked forward; an in-place weight
+    update (new version counter) or a swapped weight rebuilds it."""
+    lm = make_tiny("llama")
+    a = lm.arch
+    first = a.w_o_heads(0)
+    assert a.w_o_heads(0) is first  # cached
+    assert a.w_o(0).data_ptr() == first.data_ptr()  # w_o is a view of the same cache
+    with torch.no_grad():
+        a.out_proj[0].weight.mul_(2.0)
+    again = a.w_o_heads(0)
+    assert again is not first
+    torch.testing.assert_close(again, 2.0 * first)
+    torch.testing.assert_close(a.w_o(0), a.out_proj[0].weight.float())
+    a.out_proj[0].weight = nn.Parameter(torch.zeros_like(a.out_proj[0].weight))
+    assert float(a.w_o_heads(0).abs().max()) == 0.0

@@ -512,3 +512,98 @@ def test_embedded_exact_equals_reference(embedded):
     assert ex.info["strategy"] == "layers"
     for m in METRICS:
         assert float((ex.cie[m][:, ex.evaluated] - ref.cie[m][:, ref.evaluated]).abs().max()) < 1e-4, m
+
+
+def test_gather_sends_only_the_rows_each_rank_owns(monkeypatch):
+    """Under a (mocked) 2-rank group each rank all-gathers a packed block of the rows it owns (padded to the
+    largest share), not the whole table; the reassembled table is every row from its owner."""
+    import bkdattr.attribution.distributed as d
+
+    owner = [1, 0, 1, 1, 0, 1]
+    full = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)
+    tables = {r: torch.where(torch.tensor(owner)[:, None] == r, full, torch.full_like(full, -1.0)) for r in (0, 1)}
+    sent = {}
+
+    def fake_all_gather(parts, packed):
+        sent["shape"] = tuple(packed.shape)
+        for r in (0, 1):
+            rows = [u for u in range(6) if owner[u] == r]
+            parts[r].zero_()
+            parts[r][: len(rows)] = tables[r][rows]
+
+    monkeypatch.setattr(d, "is_distributed", lambda: True)
+    monkeypatch.setattr(d.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(d.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(d.dist, "all_gather", fake_all_gather)
+    out = d.gather_units(tables[0], owner)
+    assert torch.equal(out, full)
+    assert sent["shape"] == (4, 3)  # rank 1 owns 4 rows: 4 rows per rank travel, not all 6
+
+
+def test_exact_layers_path_takes_devices_from_the_activations():
+    """Under accelerate offloading a layer's parameters sit on ``meta``; the replay must not move hidden states
+    there (it reads the device the model itself passed). A ``meta`` parameter on every layer and on the final
+    norm leaves the fast strategy working and exact == reference."""
+    lm = make_tiny("llama", n_layers=3)
+    for m in [*lm.arch.layers, lm.arch.final_norm]:
+        m._parameters = {"offloaded": torch.nn.Parameter(torch.empty(1, device="meta")), **m._parameters}
+        assert next(m.parameters()).device.type == "meta"
+    abar = strong_abar(lm)
+    heads = [(0, 1), (2, 0)]
+    ex = attribute(lm, PROMPTS, TARGETS, abar, heads=heads, batch_size=2, progress=False)
+    assert ex.info["strategy"] == "layers" and ex.info["fallback_reason"] is None
+    ref = attribute(lm, PROMPTS, TARGETS, abar, "reference", heads=heads, batch_size=2, progress=False)
+    for m in METRICS:
+        torch.testing.assert_close(ex.acie[m], ref.acie[m], atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_a_bug_in_the_fast_path_is_not_hidden_by_a_fallback(monkeypatch):
+    """Only :class:`ReplayMismatch` (the self-check's verdict) selects a slower strategy; any other error in the
+    fast path propagates instead of becoming a slow run and a warning."""
+    from bkdattr.attribution.exact import ReplayMismatch
+
+    lm = make_tiny("llama", n_layers=2)
+    abar = strong_abar(lm)
+    real = ChunkRunner.check
+
+    def buggy(self, strategy):
+        if strategy == "layers":
+            raise TypeError("a bug")
+        return real(self, strategy)
+
+    monkeypatch.setattr(ChunkRunner, "check", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+
+    def mismatch(self, strategy):
+        if strategy == "layers":
+            raise ReplayMismatch("replay differs")
+        return real(self, strategy)
+
+    monkeypatch.setattr(ChunkRunner, "check", mismatch)
+    with pytest.warns(UserWarning, match="prefix"):
+        res = attribute(lm, PROMPTS, TARGETS, abar, batch_size=2, progress=False)
+    assert res.info["strategy"] == "prefix" and "replay differs" in res.info["fallback_reason"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["layers", "prefix", "full"])
+def test_zero_patch_cie_is_exactly_zero(dtype, strategy):
+    """The CIE subtracts a zero-patch replica from the same replay (R+1 rows), so a zero patch gives exactly 0
+    in every dtype -- bf16 included, where the replay and the model's own forward differ by rounding."""
+    import dataclasses
+
+    lm = make_tiny("qwen2", n_layers=3)
+    lm.model.to(dtype)
+    lm = dataclasses.replace(lm, dtype=dtype)
+    batch = encode_aligned(lm.tokenizer, PROMPTS[:3], TARGETS[:3])
+    runner = ChunkRunner(lm, batch, strategy).prepare()
+    for layer in range(lm.arch.n_layers):
+        lp, base = runner.patched_and_base(layer, torch.zeros(batch.size, 4, lm.arch.d_model))
+        assert torch.equal(lp, base), (layer, float((lp - base).abs().max()))
+        cie = cie_from_logprobs(lp, base, batch.target_mask.repeat_interleave(4, 0))
+        assert all(float(v.abs().max()) == 0.0 for v in cie.values())
+    if dtype == torch.bfloat16 and strategy == "layers":  # the replay (LM head in fp32) vs the bf16 forward
+        rep = runner.patched_logprobs(0, None, 1)
+        assert float((rep - runner.clean_lp)[batch.target_mask].abs().max()) > 0

@@ -9,25 +9,24 @@ import json
 import pytest
 import torch
 
+from bkdattr.attribution.means import mean_contributions
 from bkdattr.compat import cache_kwargs, output_cache
 from bkdattr.control.ablation import k_values, share_k
-from bkdattr.control.edits import Edit, add_at_prefill_end, rowwise_context, zero_heads_rowwise
+from bkdattr.control.edits import Edit, rowwise_context
 from bkdattr.control.sweep import generate_group, plain_generate, prefix_cache, sweep_generate
 from bkdattr.control.vector import (
     BackdoorVector,
     apply_vector,
     build_vector,
     load_vector,
-    mean_contributions,
     random_heads,
     random_like,
     save_vector,
-    vector_edit,
 )
 from bkdattr.control.vector_eval import choose_layer
 from bkdattr.errors import ArtifactError, ConfigError
 from bkdattr.generation import generate, greedy_generate
-from bkdattr.hooks import add_to_attention_output, capture_attention_output, hook_count
+from bkdattr.hooks import add_to_attention_output, capture_attention_output, hook_count, zero_heads_rowwise
 from bkdattr.prompts import encode_prompts, end_of_turn_ids
 from tiny import ARCHS, make_tiny
 
@@ -133,7 +132,8 @@ def test_apply_vector_in_generate_equals_prefill_context():
     v = vec(lm, 6.0)
     with apply_vector(lm, v, 1, -1.0):
         wrapped = generate(lm, PROMPTS, max_new_tokens=8, batch_size=3, progress=False)
-    via_edit = generate(lm, PROMPTS, max_new_tokens=8, batch_size=3, edit=vector_edit(lm, v, 1, -1.0), progress=False)
+    via_edit = generate(lm, PROMPTS, max_new_tokens=8, batch_size=3,
+                        edit=lambda b: apply_vector(lm, v, 1, -1.0, positions=b.last_pos), progress=False)
     plain = generate(lm, PROMPTS, max_new_tokens=8, batch_size=3, progress=False)
     assert wrapped == via_edit
     assert wrapped != plain
@@ -144,7 +144,7 @@ def test_hooks_removed_after_exception():
     b = encode_prompts(lm.tokenizer, PROMPTS, "left")
     v = vec(lm)
     for ctx in (apply_vector(lm, v, 1, 1.0), apply_vector(lm, v, 0, 1.0, positions=b.last_pos),
-                add_at_prefill_end(lm.arch, {1: v}),
+                add_to_attention_output(lm.arch, {1: v}),
                 zero_heads_rowwise(lm.arch, {0: torch.ones(b.size, lm.arch.n_heads, dtype=torch.bool)}, b.last_pos),
                 rowwise_context(lm.arch, [Edit.ablate([(1, 0)]), Edit.add(0, v)], 2, b.last_pos)):
         with pytest.raises(RuntimeError, match="boom"):
@@ -217,9 +217,11 @@ def test_sweep_tokens_equal_plain_generation(arch):
     b = encode_prompts(lm.tokenizer, PROMPTS, "left")
     n = 10
     cache = prefix_cache(lm.model, b)
-    before = [t.clone() for t in (cache.layers[0].keys, cache.layers[0].values)]
+    layer0 = cache.cache.layers[0]
+    before = [t.clone() for t in (layer0.keys, layer0.values)]
     got = generate_group(lm, b, cache, edits, n, stop)
-    assert torch.equal(cache.layers[0].keys, before[0]) and torch.equal(cache.layers[0].values, before[1])
+    got = torch.cat([got, torch.full((got.shape[0], n - got.shape[1]), stop[0])], 1)
+    assert torch.equal(layer0.keys, before[0]) and torch.equal(layer0.values, before[1])
     distinct = set()
     for g, e in enumerate(edits):
         want = greedy_generate(lm.model, b, n, stop, e.context(a, b.last_pos))

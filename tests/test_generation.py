@@ -181,3 +181,59 @@ def test_generate_keeps_prompt_order_and_applies_edit_per_batch():
     assert sorted(seen_sizes) == [1, 3]
     assert edited != together
     assert hook_count(lm.model) == 0
+
+
+def test_prefill_runs_the_lm_head_on_the_last_position_only():
+    """The prefill asks for the last position's logits only (``logits_to_keep=1``): the LM head never sees
+    the ``[B, T, d]`` prompt, and the tokens equal those from the full-logits path."""
+    lm = tiny("llama")
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    widths: list[int] = []
+    h = lm.model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    with registered([h]):
+        got = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+    assert widths == [1] * N_NEW
+    ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+    want = []
+    with torch.no_grad():
+        for _ in range(N_NEW):  # no cache, full logits: the definition
+            tok = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            want.append(tok)
+            ids = torch.cat([ids, tok[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    assert torch.equal(got, torch.stack(want, 1))
+
+
+@pytest.mark.parametrize("every", [2, 5])
+def test_checking_done_every_few_steps_gives_the_same_tokens(every):
+    """The host-side 'all rows ended?' check runs every ``check_every`` steps (an accelerator's setting): the
+    result, its width included, is the one of checking every step, with and without row compaction."""
+    from bkdattr.generation import greedy_decode
+
+    lm = tiny("llama")
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight.mul_(20.0)  # decisive logits
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    free = greedy_generate(lm.model, batch, 12, stop_ids=[])
+    stops = [int(free[0, 2]), int(free[1, 4])]
+    args = (lm.model, batch.input_ids, batch.attention_mask, batch.position_ids, 12, stops)
+    want = greedy_decode(*args, check_every=1)
+    for compact in (False, True):
+        assert torch.equal(greedy_decode(*args, check_every=every, compact=compact), want), compact
+
+
+def test_edit_on_every_step_stays_open_for_the_decode_steps():
+    lm = tiny("llama")
+    batch = encode_prompts(lm.tokenizer, TEXTS, padding_side="left")
+    calls: list[int] = []
+
+    @contextlib.contextmanager
+    def watched():
+        h = lm.arch.out_proj[0].register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[1]))
+        with registered([h]):
+            yield
+
+    greedy_generate(lm.model, batch, 4, stop_ids=[], prefill_context=watched(), edit_steps=True)
+    assert calls == [batch.input_ids.shape[1], 1, 1, 1]
+    assert hook_count(lm.model) == 0

@@ -72,6 +72,10 @@ def _active_lora(m: nn.Module, mtype: str, layer: int) -> list[tuple[str, float]
     return out
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, str(t.device), t.dtype, tuple(t.shape))
+
+
 @dataclass
 class Arch:
     """Where the attention heads of a loaded model live.
@@ -102,8 +106,24 @@ class Arch:
     def n_total_heads(self) -> int:
         return self.n_layers * self.n_heads
 
-    def w_o(self, layer: int) -> torch.Tensor:
-        """Effective output-projection weight of ``layer`` as float32 ``[d_model, H*d_h]`` (LoRA merged)."""
+    def _w_key(self, layer: int) -> tuple:
+        """What the effective ``W_O`` of ``layer`` depends on: the weights' storage and version counters (an
+        in-place update, a merge or a reload changes them) and the active LoRA adapters."""
+        m = self.out_proj[layer]
+        base = getattr(m, "base_layer", m)
+        parts: list = [_tensor_key(base.weight)]
+        for name, scaling in _active_lora(m, self.model_type, layer):
+            parts.append((name, scaling, _tensor_key(m.lora_A[name].weight), _tensor_key(m.lora_B[name].weight)))
+        return tuple(parts)
+
+    def w_o_heads(self, layer: int) -> torch.Tensor:
+        """``W_O`` split per head: float32 ``[H, d_h, d_model]``, so ``a_h = z_h @ W[h]`` (LoRA merged).
+
+        Cached per layer and rebuilt only when the weights change (:meth:`_w_key`); treat it as read-only."""
+        key = self._w_key(layer)
+        hit = self._w_cache.get(layer)
+        if hit is not None and hit[0] == key:
+            return hit[1]
         m = self.out_proj[layer]
         w = _base_weight(m).detach().float()
         for name, _scaling in _active_lora(m, self.model_type, layer):
@@ -111,7 +131,14 @@ class Arch:
             if getattr(m, "fan_in_fan_out", False):
                 delta = delta.t()  # GPT-2 Conv1D layout -> [out, in] (a shape check fails for square W_O)
             w = w + delta.to(w.device)
-        return w
+        heads = w.t().reshape(self.n_heads, self.d_head, self.d_model).contiguous()
+        self._w_cache[layer] = (key, heads)
+        return heads
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """Effective output-projection weight of ``layer`` as float32 ``[d_model, H*d_h]`` (LoRA merged; a
+        read-only view of the cached :meth:`w_o_heads`)."""
+        return self.w_o_heads(layer).reshape(self.n_heads * self.d_head, self.d_model).t()
 
     def b_o(self, layer: int) -> torch.Tensor | None:
         """Output-projection bias of ``layer`` as float32 ``[d_model]`` (LoRA ``lora_bias`` added), or None."""
@@ -125,11 +152,6 @@ class Arch:
                 extra = lb.detach().float() * scaling
                 b = extra if b is None else b + extra.to(b.device)
         return b
-
-    def w_o_heads(self, layer: int) -> torch.Tensor:
-        """``W_O`` split per head: float32 ``[H, d_h, d_model]``, so ``a_h = z_h @ W[h]``."""
-        w = self.w_o(layer)
-        return w.t().reshape(self.n_heads, self.d_head, self.d_model).contiguous()
 
     def summary(self) -> dict:
         return {

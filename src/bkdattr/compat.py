@@ -20,6 +20,12 @@ def cache_kwargs(model: torch.nn.Module, cache) -> dict:
 
 
 def output_cache(out):
-    """The KV cache of a model output, whatever the attribute is called."""
+    """The KV cache of a model output, whatever the attribute is called (legacy tuples become a
+    ``DynamicCache``)."""
     c = getattr(out, "cache", None)
-    return c if c is not None else getattr(out, "past_key_values", None)
+    c = c if c is not None else getattr(out, "past_key_values", None)
+    if isinstance(c, (tuple, list)):
+        from transformers import DynamicCache
+
+        c = DynamicCache.from_legacy_cache(tuple(c))
+    return c

@@ -1,65 +1,122 @@
-"""Batched greedy generation with left padding and an optional edit on the prefill pass only.
+"""The one greedy decoder: batched, left-padded, with an optional edit on the prefill pass or on every step.
 
-:func:`greedy_generate` runs the prefill (the whole prompt) once inside ``prefill_context`` -- so an edit at
-``p(x)`` acts there only and later tokens see it through the KV cache -- then decodes token by token, stopping
-as soon as every row has produced an end-of-turn token.
+:func:`greedy_decode` runs the prefill (the prompt columns, optionally on top of a prefix KV cache) once inside
+``edit`` -- so an edit at ``p(x)`` acts there only and later tokens see it through the KV cache -- then decodes
+token by token (``edit_steps=True`` keeps the edit open on the decode steps too). The prefill runs the LM head
+on the last position only (``logits_to_keep=1`` where the model takes it). Rows that produced an end-of-turn
+token are padded with it; whether every row has ended is checked on the host every ``check_every`` steps only
+(every step on CPU, where a check costs nothing; every 8th on an accelerator, where it stalls the queue), and
+finished rows can be dropped from the batch (``compact``, with their cache rows). :func:`greedy_generate` is
+the same decoder on a :class:`~bkdattr.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
+from .forward import last_logits_kwargs
 from .prompts import PromptBatch, check_context, encode_prompts, end_of_turn_ids
 
 
 @torch.no_grad()
+def greedy_decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    *,
+    cache=None,
+    edit: contextlib.AbstractContextManager | None = None,
+    edit_steps: bool = False,
+    compact: bool = False,
+    stats=None,
+    check_every: int | None = None,
+) -> torch.Tensor:
+    """Greedy new token ids ``[R, <=max_new_tokens]`` after the prompt columns ``input_ids [R, S]``.
+
+    ``attention_mask [R, P+S]`` covers the ``P`` columns already in ``cache`` (a KV cache the prefill appends
+    to, or None) and must end in ones (left padding); ``position_ids [R, S]``. ``edit`` is open during the
+    prefill only (``edit_steps=False``) or during every forward call. Rows are padded after their first stop
+    token with ``stop_ids[0]``; the result is cut after the step where the last row ended. ``compact`` drops
+    finished rows (and their cache rows) once an eighth of the batch has ended. ``stats.decode_row_steps``
+    (when given) counts the rows of every decode step."""
+    from .errors import ConfigError
+
+    if not bool(attention_mask[:, -1].all()):
+        raise ConfigError("greedy decoding needs a left-padded batch; encode it with padding_side='left'")
+    if max_new_tokens < 1:
+        return torch.zeros((input_ids.shape[0], 0), dtype=torch.long)
+    whole = edit if edit is not None and edit_steps else contextlib.nullcontext()
+    first = edit if edit is not None and not edit_steps else contextlib.nullcontext()
+    kw = cache_kwargs(model, cache) if cache is not None else {}
+    with whole:
+        with first:
+            o = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **kw, **last_logits_kwargs(model))
+        logits, cache = o.logits[:, -1, :], output_cache(o)
+        dev = logits.device
+        rows = logits.shape[0]
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        out = torch.full((rows, max_new_tokens), int(stop_ids[0]) if len(stop_ids) else 0, dtype=torch.long,
+                         device=dev)
+        every = check_every or (1 if dev.type == "cpu" else 8)
+        active = torch.arange(rows, device=dev)  # original row of each batch row
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)  # finished rows still in the batch
+        mask, next_pos = attention_mask.to(dev), position_ids[:, -1:].to(dev) + 1
+        steps = max_new_tokens
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            if len(stops):
+                tok = torch.where(done, stops[0], tok)
+                done = done | torch.isin(tok, stops)
+            out[active, step] = tok
+            if step == max_new_tokens - 1:
+                break
+            if len(stops) and (step + 1) % every == 0:  # the only host syncs of the loop
+                n_done = int(done.sum())
+                if n_done == len(done):
+                    steps = step + 1
+                    break
+                if compact and n_done * 8 >= len(done) and n_done:
+                    keep = (~done).nonzero().squeeze(1)
+                    active, tok, mask, next_pos, done = active[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
+                    cache.reorder_cache(keep)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            o = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                      **cache_kwargs(model, cache))
+            logits, cache = o.logits[:, -1, :], output_cache(o)
+            next_pos = next_pos + 1
+            if stats is not None:
+                stats.decode_row_steps += int(tok.shape[0])
+    if len(stops):
+        ended = torch.isin(out[:, :steps], stops)
+        if bool(ended.any(1).all()):  # cut after the step where the last row ended
+            steps = int(ended.int().argmax(1).max()) + 1
+    return out[:, :steps]
+
+
 def greedy_generate(
     model: torch.nn.Module,
     batch: PromptBatch,
     max_new_tokens: int,
-    stop_ids: list[int],
+    stop_ids: Sequence[int],
     prefill_context: contextlib.AbstractContextManager | None = None,
+    edit_steps: bool = False,
 ) -> torch.Tensor:
-    """Greedy decode ``max_new_tokens`` for a left-padded batch. Returns new token ids ``[B, <=N]``
-    (rows that ended are padded with their first stop token). ``prefill_context`` is open during the
-    prefill forward only; decode steps run without it (they see its effect through the KV cache)."""
-    from .errors import ConfigError
+    """:func:`greedy_decode` on a left-padded ``batch``: new token ids ``[B, <=N]``; ``prefill_context`` is
+    the edit (open on the prefill only unless ``edit_steps``)."""
     from .models import input_device
 
-    if not bool(batch.attention_mask[:, -1].all()):
-        raise ConfigError("greedy_generate needs a left-padded batch; encode it with padding_side='left'")
-    if max_new_tokens < 1:
-        return torch.zeros((batch.size, 0), dtype=torch.long)
     dev = input_device(model)
-    ids, mask, pos = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev)
-    with prefill_context or contextlib.nullcontext():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past = output_cache(out)
-    logits = out.logits[:, -1, :]
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-    new_tokens = []
-    next_pos = pos[:, -1:] + 1
-    for step in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        if len(stops):
-            tok = torch.where(done, stops[0], tok)
-        new_tokens.append(tok)
-        done = done | torch.isin(tok, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    **cache_kwargs(model, past))
-        past = output_cache(out)
-        logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
-    return torch.stack(new_tokens, dim=1)
+    return greedy_decode(model, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
+                         max_new_tokens, stop_ids, edit=prefill_context, edit_steps=edit_steps)
 
 
 def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> list[str]:

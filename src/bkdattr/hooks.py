@@ -1,14 +1,26 @@
-"""Head-level hooks: capture and edit what each attention head writes at the last prompt position.
+"""Head-level hooks: every way bkdattr reads or edits a forward pass, in one module.
 
 Every hook here is registered on a module object inside a context manager and removed on exit, even when
 the block raises. Captured values are float32 whatever the model dtype.
 
+Capture (read):
+
 * :func:`capture_contributions` -- ``a_{l,h}(x)`` at ``p(x)``: the pre-hook on layer ``l``'s output
-  projection reads ``z_l`` ``[B, T, H*d_h]`` and returns ``[B, H, d_model]`` via the effective ``W_O``.
+  projection reads ``z_l`` ``[B, T, H*d_h]`` and returns ``[B, H, d_model]`` via the effective ``W_O``
+  (cached per model in :class:`~bkdattr.arch.Arch`).
+* :func:`capture_attention_output` -- the attention output (bias included) at ``p(x)``: ``[B, d_model]``.
 * :func:`capture_features` -- the normalised attention input (output of the layer's input norm) or the raw
   residual stream (the layer's input) at ``p(x)``: ``[B, d_model]`` per layer.
-* :func:`add_to_attention_output` -- add a vector to layer ``l``'s attention output at ``p(x)``.
-* :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``.
+* :func:`capture_layer_calls` -- the first call of each decoder layer: hidden states and every other argument
+  (what the exact attribution path replays).
+
+Edit (write):
+
+* :func:`add_to_attention_output` -- add a vector (one, or one per row) to layer ``l``'s attention output at
+  ``positions``, or (``positions=None``) at the last position of every multi-token call: the prefill of a
+  left-padded batch, whose last column is ``p(x)``; single-token decode steps stay unedited.
+* :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``, the same for
+  every row; :func:`zero_heads_rowwise` -- zero a per-row head mask (many edits stacked in one batch).
 
 Layer and head indices and vector shapes are checked before anything is registered (:class:`ConfigError`), and
 hooks are registered inside the cleanup context, so a failure part-way leaves none behind;
@@ -16,13 +28,14 @@ hooks are registered inside the cleanup context, so a failure part-way leaves no
 
 ``positions`` is a ``[B]`` tensor of indices into the sequence of the *current* forward call. An edit applies
 to every forward call made inside its context, so "prefill only" means: open the context around the prefill
-call only (:func:`bkdattr.generation.greedy_generate` takes a ``prefill_context`` for this).
+call only (:func:`bkdattr.generation.greedy_decode` takes an ``edit`` for this).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,7 +55,7 @@ def registered(handles: list) -> Iterator[None]:
         handles.clear()
 
 
-def _layers(arch: Arch, layers: Iterable[int] | None) -> list[int]:
+def check_layers(arch: Arch, layers: Iterable[int] | None) -> list[int]:
     """The requested layer indices (all by default), checked against the model."""
     out = list(range(arch.n_layers)) if layers is None else [int(x) for x in layers]
     bad = [x for x in out if not 0 <= x < arch.n_layers]
@@ -57,34 +70,43 @@ def _rows(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch
     return b, positions.to(x.device)
 
 
-_HIDDEN_KEYS = ("hidden_states", "x", "input", "hidden_state")
+HIDDEN_KEYS = ("hidden_states", "x", "input", "hidden_state")
+
+
+class HiddenStatesNotFound(RuntimeError):
+    """A hooked module was called without a recognisable hidden-states argument."""
+
+
+def _hidden_key(args: tuple, kwargs: dict) -> str | None:
+    """``None`` when the hidden states are the first positional argument, else their keyword."""
+    if args:
+        return None
+    key = next((k for k in HIDDEN_KEYS if k in kwargs), None)
+    if key is None:
+        raise HiddenStatesNotFound(f"no hidden states among the module's arguments (looked for {HIDDEN_KEYS})")
+    return key
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    for k in _HIDDEN_KEYS:
-        if k in kwargs:
-            return kwargs[k]
-    raise RuntimeError("could not find the hidden states passed to the module")
+    key = _hidden_key(args, kwargs)
+    return args[0] if key is None else kwargs[key]
 
 
 def _with_hidden(args: tuple, kwargs: dict, z: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a forward pre-hook with the hidden states replaced by ``z``."""
-    if args:
-        return (z, *args[1:]), kwargs
-    key = next(k for k in _HIDDEN_KEYS if k in kwargs)
-    return args, {**kwargs, key: z}
+    key = _hidden_key(args, kwargs)
+    return ((z, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: z})
 
 
-def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
-    """Each vector added to an attention output is ``[d_model]`` or ``[B, d_model]``."""
-    for layer, delta in deltas.items():
-        if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
-            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)}; "
-                              f"expected [{arch.d_model}] or [batch, {arch.d_model}]")
+def _out_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
+def _with_out(out, o: torch.Tensor):
+    return (o, *out[1:]) if isinstance(out, tuple) else o
+
+
+# ---- capture ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture_contributions(
     arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None, with_z: bool = False
@@ -94,7 +116,7 @@ def capture_contributions(
     Yields a dict filled after the forward pass: ``store[l]`` is float32 ``[B, H, d_model]``; with
     ``with_z`` also ``store[("z", l)]`` is float32 ``[B, H, d_h]``. Only the first forward call is captured.
     """
-    layers = _layers(arch, layers)
+    layers = check_layers(arch, layers)
     store: dict = {}
     handles: list = []
     with registered(handles):
@@ -115,80 +137,148 @@ def capture_contributions(
         yield store
 
 
-@contextlib.contextmanager
+def _capture_at(modules: Mapping[int, nn.Module], positions: torch.Tensor, pre: bool
+                ) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
+    """``store[l]``: float32 ``[B, d]`` rows at ``positions`` of ``modules[l]``'s output (or, ``pre``, its
+    hidden-state input), first forward call only."""
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[dict[int, torch.Tensor]]:
+        store: dict[int, torch.Tensor] = {}
+        handles: list = []
+        with registered(handles):
+            for layer, module in modules.items():
+                def keep(x: torch.Tensor, layer=layer) -> None:
+                    if layer not in store:
+                        b, p = _rows(x, positions)
+                        store[layer] = x[b, p].float()
+
+                if pre:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda _m, args, kwargs, keep=keep: keep(_hidden_arg(args, kwargs)), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_out_tensor(out))))
+            yield store
+
+    return ctx()
+
+
 def capture_attention_output(
     arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None
-) -> Iterator[dict[int, torch.Tensor]]:
+) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
     """Capture the attention output (output projection's output, bias included) at ``positions``:
     ``store[l]`` float32 ``[B, d_model]`` (first forward call only)."""
-    layers = _layers(arch, layers)
-    store: dict[int, torch.Tensor] = {}
-    handles: list = []
-    with registered(handles):
-        for layer in layers:
-            def hook(_m, _args, out, layer=layer):
-                if layer in store:
-                    return None
-                o = out[0] if isinstance(out, tuple) else out
-                b, p = _rows(o, positions)
-                store[layer] = o[b, p].float()
-                return None
-
-            handles.append(arch.out_proj[layer].register_forward_hook(hook))
-        yield store
+    return _capture_at({x: arch.out_proj[x] for x in check_layers(arch, layers)}, positions, pre=False)
 
 
-@contextlib.contextmanager
 def capture_features(
     arch: Arch, positions: torch.Tensor, kind: str = "attn_input", layers: Iterable[int] | None = None
-) -> Iterator[dict[int, torch.Tensor]]:
+) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
     """Capture probe features at ``positions``: ``kind="attn_input"`` (output of the input norm) or
     ``"residual"`` (the layer's input). ``store[l]`` is float32 ``[B, d_model]`` (first call only)."""
     if kind not in ("attn_input", "residual"):
         raise ValueError(f"unknown feature kind '{kind}'; use attn_input or residual")
-    layers = _layers(arch, layers)
-    store: dict[int, torch.Tensor] = {}
+    layers = check_layers(arch, layers)
+    if kind == "attn_input":
+        return _capture_at({x: arch.input_norm[x] for x in layers}, positions, pre=False)
+    return _capture_at({x: arch.layers[x] for x in layers}, positions, pre=True)
+
+
+@dataclass
+class LayerCall:
+    """One recorded call of a decoder layer: its hidden-state input, the other positional arguments, the
+    keyword arguments and the keyword the hidden states came under (``None``: first positional)."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    hidden_key: str | None
+
+    def __call__(self, layer: nn.Module, hidden: torch.Tensor, args: tuple | None = None,
+                 kwargs: dict | None = None) -> torch.Tensor:
+        """Call ``layer`` on ``hidden`` with the recorded arguments (or replacements ``args``/``kwargs``);
+        return its hidden-state output. ``hidden`` goes to the device the model itself passed."""
+        args = self.args if args is None else args
+        kwargs = self.kwargs if kwargs is None else kwargs
+        hidden = hidden.to(self.hidden.device)
+        if self.hidden_key is None:
+            return _out_tensor(layer(hidden, *args, **kwargs))
+        return _out_tensor(layer(**{self.hidden_key: hidden}, **kwargs))
+
+
+@contextlib.contextmanager
+def capture_layer_calls(layers: Sequence[nn.Module]) -> Iterator[list[LayerCall | None]]:
+    """Record the first call of each module in ``layers`` (:class:`LayerCall`). Yields a list filled during
+    the forward pass (``None`` for a layer that was not called)."""
+    store: list[LayerCall | None] = [None] * len(layers)
     handles: list = []
     with registered(handles):
-        for layer in layers:
-            if kind == "attn_input":
-                def hook(_m, _args, out, layer=layer):
-                    if layer not in store:
-                        o = out[0] if isinstance(out, tuple) else out
-                        b, p = _rows(o, positions)
-                        store[layer] = o[b, p].float()
+        for j, layer in enumerate(layers):
+            def pre(_m, args, kwargs, j=j):
+                if store[j] is None:
+                    key = _hidden_key(args, kwargs)
+                    if key is None:
+                        store[j] = LayerCall(args[0], tuple(args[1:]), dict(kwargs), None)
+                    else:
+                        store[j] = LayerCall(kwargs[key], (), {k: v for k, v in kwargs.items() if k != key}, key)
 
-                handles.append(arch.input_norm[layer].register_forward_hook(hook))
-            else:
-                def pre(_m, args, kwargs, layer=layer):
-                    if layer not in store:
-                        h = _hidden_arg(args, kwargs)
-                        b, p = _rows(h, positions)
-                        store[layer] = h[b, p].float()
-
-                handles.append(arch.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         yield store
+
+
+# ---- edit -------------------------------------------------------------------------------------------------
+def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
+    """Each vector added to an attention output is ``[d_model]`` or ``[B, d_model]``."""
+    check_layers(arch, deltas.keys())
+    for layer, delta in deltas.items():
+        if delta.shape[-1] != arch.d_model or delta.dim() not in (1, 2):
+            raise ConfigError(f"the vector added at layer {layer} has shape {tuple(delta.shape)} but the model's "
+                              f"d_model is {arch.d_model} ([d_model] or [batch, d_model]); build it for this model")
 
 
 @contextlib.contextmanager
 def add_to_attention_output(
-    arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor
+    arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor | None = None
 ) -> Iterator[None]:
-    """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at
-    ``positions``, on every forward call inside the block."""
-    _layers(arch, deltas.keys())
+    """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``, float32 arithmetic) to layer ``l``'s attention
+    output at ``positions`` (``[B]``) on every forward call inside the block. ``positions=None``: at the last
+    position of every call over more than one token (the prefill of a left-padded batch, where it is ``p(x)``);
+    single-token calls (decode steps) are left alone, so a whole generation can run inside the block."""
     _check_deltas(arch, deltas)
     handles: list = []
     with registered(handles):
         for layer, delta in deltas.items():
             def hook(_m, _args, out, delta=delta):
-                o = out[0] if isinstance(out, tuple) else out
-                b, p = _rows(o, positions)
+                o = _out_tensor(out)
+                if positions is None:
+                    if o.shape[1] < 2:
+                        return None
+                    b, p = slice(None), -1
+                else:
+                    b, p = _rows(o, positions)
                 o = o.clone()
                 o[b, p] = (o[b, p].float() + delta.to(o.device, torch.float32)).to(o.dtype)
-                return (o, *out[1:]) if isinstance(out, tuple) else o
+                return _with_out(out, o)
 
-            handles.append(arch.out_proj[layer].register_forward_hook(hook))
+            handles.append(arch.out_proj[int(layer)].register_forward_hook(hook))
+        yield
+
+
+@contextlib.contextmanager
+def _edit_z(arch: Arch, plan: Mapping[int, object], positions: torch.Tensor, edit) -> Iterator[None]:
+    """Pre-hooks on the output projections of ``plan``'s layers replacing the rows ``z[b, positions[b]]``
+    ``[B, H*d_h]`` by ``edit(rows, plan[l])`` on every call inside the block."""
+    handles: list = []
+    with registered(handles):
+        for layer, item in plan.items():
+            def pre(_m, args, kwargs, item=item):
+                z = _hidden_arg(args, kwargs)
+                b, p = _rows(z, positions)
+                z = z.clone()
+                z[b, p] = edit(z[b, p], item)
+                return _with_hidden(args, kwargs, z)
+
+            handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield
 
 
@@ -203,9 +293,9 @@ def edit_heads(
 
     ``heads[l]`` lists head indices of layer ``l``; ``values[l]`` (optional) is ``[len(heads[l]), d_h]`` or
     ``[B, len(heads[l]), d_h]`` holding the replacement ``z`` slices. Applies on every call in the block."""
-    plan = []
+    plan = {}
     for layer, hs in heads.items():
-        _layers(arch, [layer])
+        check_layers(arch, [layer])
         hs = [int(h) for h in hs]
         if not hs:
             continue
@@ -217,23 +307,37 @@ def edit_heads(
             raise ConfigError(f"layer {layer}: replacement z has shape {tuple(val.shape)}; expected "
                               f"[{len(hs)}, {arch.d_head}] or [batch, {len(hs)}, {arch.d_head}]")
         cols = torch.cat([torch.arange(h * arch.d_head, (h + 1) * arch.d_head) for h in hs])
-        plan.append((layer, cols, val, len(hs)))
-    handles: list = []
-    with registered(handles):
-        for layer, cols, val, n in plan:
-            def pre(_m, args, kwargs, cols=cols, val=val, n=n):
-                z = _hidden_arg(args, kwargs)
-                b, p = _rows(z, positions)
-                z = z.clone()
-                c = cols.to(z.device)
-                if val is None:
-                    z[b[:, None], p[:, None], c[None, :]] = 0
-                else:
-                    v = val.to(z.device, z.dtype).reshape(-1, n * arch.d_head)
-                    z[b[:, None], p[:, None], c[None, :]] = v.expand(z.shape[0], -1)
-                return _with_hidden(args, kwargs, z)
+        plan[int(layer)] = (cols, val)
 
-            handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    def edit(rows: torch.Tensor, item) -> torch.Tensor:
+        cols, val = item
+        c = cols.to(rows.device)
+        if val is None:
+            rows[:, c] = 0
+        else:
+            rows[:, c] = val.to(rows.device, rows.dtype).reshape(-1, len(cols)).expand(rows.shape[0], -1)
+        return rows
+
+    with _edit_z(arch, plan, positions, edit):
+        yield
+
+
+@contextlib.contextmanager
+def zero_heads_rowwise(arch: Arch, masks: Mapping[int, torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
+    """Zero head slices of ``z_l`` at ``positions`` row by row: ``masks[l]`` is bool ``[B, H]``, True where
+    head ``h`` of row ``b`` is zeroed. Applies on every forward call inside the block."""
+    check_layers(arch, masks.keys())
+    for layer, m in masks.items():
+        if m.dim() != 2 or m.shape[1] != arch.n_heads:
+            raise ConfigError(f"head mask of layer {layer} has shape {tuple(m.shape)}; "
+                              f"expected [batch, {arch.n_heads}]")
+
+    def edit(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        zp = rows.reshape(rows.shape[0], arch.n_heads, arch.d_head)
+        zp = torch.where(m.to(rows.device)[:, :, None], torch.zeros((), dtype=rows.dtype, device=rows.device), zp)
+        return zp.reshape(rows.shape[0], -1)
+
+    with _edit_z(arch, {int(k): v for k, v in masks.items()}, positions, edit):
         yield
 
 

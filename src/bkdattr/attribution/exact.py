@@ -35,61 +35,28 @@ the next strategy is used and a warning names the reason; the strategy used is r
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from ..compat import cache_kwargs, output_cache
+from ..compat import cache_kwargs
 from ..errors import ConfigError
-from ..hooks import add_to_attention_output, registered
+from ..forward import PrefixCache, backbone, restored
+from ..hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
 from ..models import input_device
 from .scores import AlignedBatch, token_logprobs
 
 STRATEGIES = ("auto", "layers", "prefix", "full")
-_HIDDEN_KEYS = ("hidden_states", "x", "input", "hidden_state")
 #: max rows sent through the LM head at once (bounds the [rows, vocab] logits buffer)
 _HEAD_ROWS = 512
 
 
 class ReplayMismatch(RuntimeError):
-    """A fast strategy failed its self-check on this model (internal; triggers the fallback)."""
-
-
-@dataclass
-class _LayerCall:
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
-    hidden_key: str | None
-
-
-@contextlib.contextmanager
-def capture_layer_calls(layers: Sequence[nn.Module]) -> Iterator[list[_LayerCall | None]]:
-    """Record the first call of each decoder layer: its hidden-state input and the remaining args/kwargs.
-    Yields a list filled during the forward pass (``None`` for a layer that was not called)."""
-    store: list[_LayerCall | None] = [None] * len(layers)
-    handles = []
-    for j, layer in enumerate(layers):
-        def pre(_m, args, kwargs, j=j):
-            if store[j] is not None:
-                return None
-            if args:
-                store[j] = _LayerCall(args[0], tuple(args[1:]), dict(kwargs), None)
-            else:
-                key = next((k for k in _HIDDEN_KEYS if k in kwargs), None)
-                if key is None:
-                    raise ReplayMismatch(f"decoder layer {j} got no hidden states argument")
-                rest = {k: v for k, v in kwargs.items() if k != key}
-                store[j] = _LayerCall(kwargs[key], (), rest, key)
-            return None
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    with registered(handles):
-        yield store
+    """A fast strategy does not reproduce the model on this architecture (its self-check failed, or the model
+    does not expose what the replay needs). The only exception that makes ``auto`` fall back to a slower
+    strategy: any other error in a fast path is a bug and propagates."""
 
 
 def _is_cache(x) -> bool:
@@ -118,38 +85,6 @@ def _expand(x, batch: int, reps: int, cache):
     return x
 
 
-def _cache_layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise ReplayMismatch("the KV cache has no per-layer objects (transformers < 4.56?)")
-    return layers
-
-
-def _snapshot(cache) -> list[dict]:
-    return [dict(vars(layer)) for layer in _cache_layers(cache)]
-
-
-def _restore(cache, snap: list[dict]) -> None:
-    for layer, state in zip(_cache_layers(cache), snap, strict=True):
-        layer.__dict__.clear()
-        layer.__dict__.update(state)
-
-
-@contextlib.contextmanager
-def _cache_restored(cache) -> Iterator[None]:
-    """Reset the cache layers to their state at entry when the block exits."""
-    snap = _snapshot(cache)
-    try:
-        yield
-    finally:
-        _restore(cache, snap)
-
-
-def _module_device(m: nn.Module, fallback: torch.device) -> torch.device:
-    p = next(m.parameters(), None)
-    return p.device if p is not None else fallback
-
-
 @dataclass
 class _Replicated:
     cache: object
@@ -176,10 +111,11 @@ class ChunkRunner:
         self.dev = input_device(self.model)
         self.B, self.W, self.T = batch.size, batch.prompt_width, batch.target_width
         self._rep: dict[int, _Replicated] = {}
-        self.calls: list[_LayerCall | None] = []
-        self.calls1: list[_LayerCall | None] = []  # layer calls of a clean pass over column p(x) alone (T > 1)
+        self.calls: list[LayerCall | None] = []
+        self.calls1: list[LayerCall | None] = []  # layer calls of a clean pass over column p(x) alone (T > 1)
         self.last_out: torch.Tensor | None = None  # clean output of the last decoder layer [B, T, d]
         self.cache = None
+        self._head32: tuple | None = None  # float32 copy of a half-precision LM head (weight, bias)
 
     # ---- clean passes ---------------------------------------------------------------------------------
     def _suffix_inputs(self, reps: int = 1, width: int | None = None) -> dict[str, torch.Tensor]:
@@ -200,8 +136,13 @@ class ChunkRunner:
     def prepare(self) -> ChunkRunner:
         """Run the prefix (KV cache) and the clean suffix; record layer inputs/arguments, contributions and
         the clean target log-probs."""
+        try:
+            return self._prepare()
+        except HiddenStatesNotFound as e:
+            raise ReplayMismatch(str(e)) from None
+
+    def _prepare(self) -> ChunkRunner:
         from ..hooks import capture_contributions
-        from .means import backbone
 
         zeros = torch.zeros(self.B, dtype=torch.long)
         if self.strategy == "full":
@@ -211,19 +152,20 @@ class ChunkRunner:
             self.clean_lp = self._lp_from_logits(logits, 1)
             return self
         b, w = self.batch, self.W
-        pre = backbone(self.model)(input_ids=b.input_ids[:, : w - 1].to(self.dev),
-                                   attention_mask=b.attention_mask[:, : w - 1].to(self.dev),
-                                   position_ids=b.position_ids[:, : w - 1].to(self.dev), use_cache=True)
-        self.cache = output_cache(pre)
-        if self.cache is None:
+        self.prefix = PrefixCache.build(self.model, b.input_ids[:, : w - 1], b.attention_mask[:, : w - 1],
+                                        b.position_ids[:, : w - 1])
+        if self.prefix is None:
             raise ReplayMismatch("the model returned no KV cache")
+        if getattr(self.prefix.cache, "layers", None) is None:
+            raise ReplayMismatch("the KV cache has no per-layer objects (transformers < 4.56?)")
+        self.cache = self.prefix.cache
         last: list[torch.Tensor] = []
 
         def keep_last(_m, _args, out):
             if not last:
                 last.append(out[0] if isinstance(out, tuple) else out)
 
-        with _cache_restored(self.cache), capture_layer_calls(self.arch.layers) as calls, \
+        with restored(self.cache), capture_layer_calls(self.arch.layers) as calls, \
                 capture_contributions(self.arch, zeros) as contrib, \
                 registered([self.arch.layers[-1].register_forward_hook(keep_last)]):
             logits = self.model(**self._suffix_inputs(), use_cache=True, **cache_kwargs(self.model, self.cache)).logits
@@ -233,7 +175,7 @@ class ChunkRunner:
         if self.T > 1:
             # the arguments of a call on column p(x) alone (mask, rotary embeddings, positions for one column):
             # the patched layer itself only needs recomputing there (see patched_logprobs)
-            with _cache_restored(self.cache), capture_layer_calls(self.arch.layers) as calls1:
+            with restored(self.cache), capture_layer_calls(self.arch.layers) as calls1:
                 backbone(self.model)(**self._suffix_inputs(width=1), use_cache=True,
                                      **cache_kwargs(self.model, self.cache))
             if any(c is None for c in calls1):
@@ -260,13 +202,22 @@ class ChunkRunner:
         """Last-layer output ``[B*R, T, d]`` -> final norm -> LM head on target rows -> ``[B*R, T]``."""
         mask, ids = self._rows(reps)
         rows = hidden[mask.to(hidden.device)]
+        # no device is read from parameters (``meta`` under offloading): the rows stay where the last layer
+        # put them, as in the model's own forward (accelerate's hooks move them where a module runs)
         norm, head = self.arch.final_norm, self.arch.lm_head
-        rows = norm(rows.to(_module_device(norm, rows.device)))
-        rows = rows.to(_module_device(head, rows.device))
+        rows = norm(rows)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
+        w = getattr(head, "weight", None)
+        if self._head32 is None and isinstance(head, torch.nn.Linear) and w.dtype != torch.float32 \
+                and w.device.type != "meta":  # the LM head in float32: bf16 rounds logits by ~0.01-0.1 nats
+            self._head32 = (w.float(), None if head.bias is None else head.bias.float())
         out = []
         for s in range(0, rows.shape[0], _HEAD_ROWS):
-            logits = head(rows[s:s + _HEAD_ROWS])
+            if self._head32 is not None:
+                w32, b32 = self._head32
+                logits = torch.nn.functional.linear(rows[s:s + _HEAD_ROWS].float().to(w32.device), w32, b32)
+            else:
+                logits = head(rows[s:s + _HEAD_ROWS])
             if cap:
                 logits = torch.tanh(logits.float() / cap) * cap
             out.append(token_logprobs(logits, ids[s:s + _HEAD_ROWS]).cpu())
@@ -277,9 +228,7 @@ class ChunkRunner:
     # ---- patched runs -----------------------------------------------------------------------------------
     def _replicated(self, reps: int) -> _Replicated:
         if reps not in self._rep:
-            cache = copy.deepcopy(self.cache)
-            if reps > 1:
-                cache.batch_repeat_interleave(reps)
+            cache = self.prefix.tiled(reps)
             rep = _Replicated(cache)
             for call in self.calls:
                 rep.args.append(_expand(call.args, self.B, reps, cache))
@@ -308,17 +257,18 @@ class ChunkRunner:
             return self._lp_from_logits(logits, reps)
         rep = self._replicated(reps)
         if strategy == "prefix":
-            with _cache_restored(rep.cache), self._edit(layer, delta, reps, 0):
+            with restored(rep.cache), self._edit(layer, delta, reps, 0):
                 logits = self.model(**self._suffix_inputs(reps), use_cache=True,
                                     **cache_kwargs(self.model, rep.cache)).logits
             return self._lp_from_logits(logits, reps)
-        with _cache_restored(rep.cache), self._edit(layer, delta, reps, 0):
+        with restored(rep.cache), self._edit(layer, delta, reps, 0):
             if self.T > 1 and self.calls1:
                 # Layer ``layer`` itself: positions after p(x) attend to K/V of the (unchanged) layer input and
                 # never see the patched attention output, so their outputs are the clean ones; only column
                 # p(x) runs (attention + MLP after the patch), on the one-column call's arguments.
-                h0 = self._call(layer, self.calls1[layer].hidden.repeat_interleave(reps, 0), rep.args1[layer],
-                                rep.kwargs1[layer])
+                call1 = self.calls1[layer]
+                h0 = call1(self.arch.layers[layer], call1.hidden.repeat_interleave(reps, 0), rep.args1[layer],
+                           rep.kwargs1[layer])
                 after = self.calls[layer + 1].hidden if layer + 1 < self.arch.n_layers else self.last_out
                 after = after[:, 1:].repeat_interleave(reps, 0)
                 h = torch.cat([h0, after.to(h0.device)], dim=1)
@@ -326,22 +276,23 @@ class ChunkRunner:
             else:
                 h, start = self.calls[layer].hidden.repeat_interleave(reps, 0), layer
             for j in range(start, self.arch.n_layers):
-                h = self._call(j, h, rep.args[j], rep.kwargs[j])
+                h = self.calls[j](self.arch.layers[j], h, rep.args[j], rep.kwargs[j])
         return self._lp_from_hidden(h, reps)
 
-    def _call(self, j: int, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Decoder layer ``j`` on hidden states ``h [rows, cols, d]`` with recorded (replicated) arguments."""
-        dev = _module_device(self.arch.layers[j], h.device)
-        key = self.calls[j].hidden_key
-        if key is None:
-            out = self.arch.layers[j](h.to(dev), *args, **kwargs)
-        else:
-            out = self.arch.layers[j](**{key: h.to(dev)}, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+    def patched_and_base(self, layer: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target log-probs ``[B*R, T]`` with ``delta [B, R, d]`` added (row ``b*R + r``) and those of a zero-patch
+        replica of each prompt from the same replay (the same code path and batch, so a zero patch gives a CIE
+        of exactly 0 in every dtype): one run over ``B*(R+1)`` rows, replica first."""
+        b, r, d = delta.shape
+        rows = torch.cat([torch.zeros(b, 1, d, dtype=torch.float32), delta.float()], 1).reshape(-1, d)
+        lp = self.patched_logprobs(layer, rows, r + 1).reshape(b, r + 1, -1)
+        return lp[:, 1:].reshape(b * r, -1), lp[:, :1].expand(-1, r, -1).reshape(b * r, -1)
 
     # ---- self-check -------------------------------------------------------------------------------------
     def tolerance(self) -> float:
-        return 1e-3 if self.lm.dtype == torch.float32 else 0.25
+        """Structural check only (a wrong replay is off by O(1) nats): the CIE subtracts a replica from the same
+        replay, not the clean forward."""
+        return 1e-4 if self.lm.dtype == torch.float32 else 0.25
 
     @torch.no_grad()
     def check(self, strategy: str) -> float:
@@ -379,7 +330,7 @@ def choose_strategy(runner: ChunkRunner, wanted: str) -> tuple[str, float, str |
     for s in order:
         try:
             return s, runner.check(s), ("; ".join(reasons) or None)
-        except (ReplayMismatch, RuntimeError, TypeError, ValueError, AttributeError) as e:
+        except ReplayMismatch as e:
             reasons.append(f"{s}: {e}")
             if wanted != "auto":
                 raise ConfigError(f"exact strategy '{wanted}' does not work on this model ({e}); use auto") from None
@@ -408,11 +359,9 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     ``first_token_logprob`` alone makes the suffix one column). Returns a :class:`~.sweep.Sweep`. Under
     torch.distributed the (chunk, head group) units are sharded and the result gathered (identical).
     ``checkpoint``: a file path to save finished units to (resumed when ``checkpoint_key`` matches)."""
-    from tqdm.auto import tqdm
-
-    from .distributed import assign, gather_units, is_main, rank_world
+    from .distributed import is_main
     from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
-    from .sweep import Checkpoint, Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
+    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, run_units, stack_metrics
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
@@ -425,59 +374,50 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     hc = _head_cost(arch)
     units = [(c, g) for c in range(len(chunks)) for g in range(len(groups))]
     costs = [len(chunks[c]) * len(groups[g][1]) * (arch.n_layers - groups[g][0] + hc) for c, g in units]
-    rank, world = rank_world()
-    owner = assign(costs, world)
-    table = new_table(len(units), batch_size, max(len(g[1]) for g in groups))
-    ckpt = Checkpoint(checkpoint, checkpoint_key, table)
-    resumed = ckpt.resumed
-    mine = [u for u in range(len(units)) if owner[u] == rank and not ckpt.done[u]]
-    need = sorted({units[u][0] for u in mine} | {0})
     n = len(prompts)
-    bar = tqdm(total=sum(len(groups[units[u][1]][1]) * len(chunks[units[u][0]]) for u in mine) / n,
-               desc="BAHA exact", unit="head", disable=not (progress and is_main()), leave=False,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} heads [{elapsed}<{remaining}]")
-    chosen, check_diff, reason = None, None, None
-    for c in need:
+    st: dict = {"chosen": None, "diff": None, "reason": None}
+
+    def prepare(c: int):
+        """The chunk's runner (strategy chosen and checked on chunk 0, prepared first on every rank)."""
         idx = chunks[c]
         batch = encode_aligned(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         if first_only:
             batch = batch.truncate_targets(1)
         try:
-            runner = ChunkRunner(lm, batch, chosen or ("layers" if strategy == "auto" else strategy)).prepare()
+            runner = ChunkRunner(lm, batch, st["chosen"] or ("layers" if strategy == "auto" else strategy)).prepare()
         except ReplayMismatch as e:
             if strategy not in ("auto", "full"):
                 raise ConfigError(f"exact strategy '{strategy}' does not work on this model ({e}); use auto") from None
             runner = ChunkRunner(lm, batch, "full").prepare()
-            reason = str(e)
-        if chosen is None:
-            chosen, check_diff, why = choose_strategy(runner, strategy if runner.strategy != "full" else "full")
-            reason = "; ".join(x for x in (reason, why) if x) or None
-            if reason and is_main():
-                warn_fallback(chosen, reason)
+            st["reason"] = str(e)
+        if st["chosen"] is None:
+            st["chosen"], st["diff"], why = choose_strategy(runner, strategy if runner.strategy != "full" else "full")
+            st["reason"] = "; ".join(x for x in (st["reason"], why) if x) or None
+            if st["reason"] and is_main():
+                warn_fallback(st["chosen"], st["reason"])
         if runner.strategy != "full":
-            runner.strategy = chosen
-        mask = batch.target_mask
-        clean = stack_metrics(metrics_from_logprobs(runner.clean_lp, mask), wanted)  # [B, M]
-        for u in mine:
-            if units[u][0] != c:
-                continue
-            layer, hidx = groups[units[u][1]]
-            hs = [heads[i][1] for i in hidx]
-            reps = len(hs)
-            a = runner.contrib[layer][:, hs]  # [B, R, d]
-            delta = (abar[layer, hs].float()[None] - a).reshape(-1, arch.d_model)
-            lp = runner.patched_logprobs(layer, delta, reps)
-            cie = stack_metrics(cie_from_logprobs(lp, runner.clean_lp.repeat_interleave(reps, 0),
-                                                  mask.repeat_interleave(reps, 0)), wanted)
-            table[u, : len(idx), 0] = clean
-            table[u, : len(idx), 1: 1 + reps] = cie.reshape(len(idx), reps, -1)
-            ckpt.mark(u)
-            bar.update(reps * len(idx) / n)
-    bar.close()
-    table = gather_units(table, owner)
-    ckpt.finish()
+            runner.strategy = st["chosen"]
+        return runner, stack_metrics(metrics_from_logprobs(runner.clean_lp, batch.target_mask), wanted)  # [B, M]
+
+    def work(state, u: int) -> torch.Tensor:
+        runner, clean = state
+        layer, hidx = groups[units[u][1]]
+        hs = [heads[i][1] for i in hidx]
+        delta = abar[layer, hs].float()[None] - runner.contrib[layer][:, hs]  # [B, R, d]
+        lp, base = runner.patched_and_base(layer, delta)
+        cie = stack_metrics(cie_from_logprobs(lp, base, runner.batch.target_mask.repeat_interleave(len(hs), 0)),
+                            wanted)
+        return torch.cat([clean[:, None], cie.reshape(runner.B, len(hs), -1)], dim=1)  # [B, 1 + R, M]
+
+    table = new_table(len(units), batch_size, max(len(g[1]) for g in groups))
+    table, run_info = run_units(
+        [c for c, _ in units], costs, table, work, prepare, always=(0,), checkpoint=checkpoint,
+        checkpoint_key=checkpoint_key, weights=[len(groups[g][1]) * len(chunks[c]) / n for c, g in units],
+        progress=progress, desc="BAHA exact", unit="head",
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} heads [{elapsed}<{remaining}]")
     clean_d, cie_d = assemble(table, [(chunks[c], groups[g][1]) for c, g in units], n, len(heads))
-    info = {"strategy": chosen, "check_max_abs_diff": check_diff, "fallback_reason": reason,
+    info = {"strategy": st["chosen"], "check_max_abs_diff": st["diff"], "fallback_reason": st["reason"],
             "batch_size": batch_size, "heads_per_pass": heads_per_pass, "metrics_computed": list(wanted),
-            "target_columns": 1 if first_only else "all", "world_size": world, "resumed_units": resumed}
+            "target_columns": 1 if first_only else "all", "world_size": run_info["world_size"],
+            "resumed_units": run_info["resumed_units"]}
     return Sweep(clean_d, cie_d, info)

@@ -13,19 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..forward import backbone, captured_pass
 from ..hooks import capture_contributions
-from ..models import input_device
-from ..prompts import encode_prompts, render_prompt
-from .distributed import assign, gather_units, is_main, ordered_sum, rank_world
+from ..prompts import render_prompt
+from .distributed import ordered_sum
 
-
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the LM head (``model.base_model``), or the model itself."""
-    bb = getattr(model, "base_model", None)
-    return bb if isinstance(bb, torch.nn.Module) and bb is not model else model
+__all__ = ["backbone", "contribution_sums", "length_order", "mean_contributions"]
 
 
 def length_order(tokenizer, prompts: Sequence[str]) -> list[int]:
@@ -40,6 +35,8 @@ def contribution_sums(lm, prompts: Sequence[str], batch_size: int = 16, progress
     """Per-batch sums of ``a_{l,h}`` over ``prompts``: float32 ``[n_batches, L, H, d]`` and the prompt count.
     Batches are length-sorted chunks of ``batch_size``; under torch.distributed each rank computes its share
     and the sums are gathered (identical to one process)."""
+    from .sweep import run_units
+
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size} must be >= 1")
     prompts = list(prompts)
@@ -48,25 +45,19 @@ def contribution_sums(lm, prompts: Sequence[str], batch_size: int = 16, progress
     arch = lm.arch
     order = length_order(lm.tokenizer, prompts)
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    rank, world = rank_world()
-    owner = assign([len(c) for c in chunks], world)
+
+    def work(_c, i: int) -> torch.Tensor:
+        _, store = captured_pass(lm, [prompts[j] for j in chunks[i]], lambda b: capture_contributions(arch, b.last_pos))
+        return torch.stack([store[layer].sum(0).to("cpu", torch.float32) for layer in range(arch.n_layers)])
+
     sums = torch.zeros(len(chunks), arch.n_layers, arch.n_heads, arch.d_model, dtype=torch.float32)
-    net, dev = backbone(lm.model), input_device(lm.model)
-    mine = [i for i in range(len(chunks)) if owner[i] == rank]
-    bar = tqdm(total=sum(len(chunks[i]) for i in mine), desc="mean contributions", unit="prompt",
-               disable=not (progress and is_main()), leave=False)
-    for i in mine:
-        batch = encode_prompts(lm.tokenizer, [prompts[j] for j in chunks[i]], padding_side="left").to(dev)
-        with capture_contributions(arch, batch.last_pos) as store:
-            net(**batch.model_inputs(), use_cache=False)
-        sums[i] = torch.stack([store[layer].sum(0).to("cpu", torch.float32) for layer in range(arch.n_layers)])
-        bar.update(len(chunks[i]))
-    bar.close()
-    return gather_units(sums, owner), len(prompts)
+    sums, _ = run_units(list(range(len(chunks))), [len(c) for c in chunks], sums, work,
+                        weights=[len(c) for c in chunks], progress=progress, desc="mean contributions", unit="prompt")
+    return sums, len(prompts)
 
 
 def mean_contributions(lm, prompts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """``abar``: the mean head contribution at ``p(x)`` over ``prompts`` (normally triggered prompts), float32
-    ``[L, H, d_model]``."""
+    ``[L, H, d_model]``. The one implementation: BAHA and the Backdoor Vector both call it."""
     sums, n = contribution_sums(lm, prompts, batch_size, progress)
     return ordered_sum(sums) / n

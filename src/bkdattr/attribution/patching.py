@@ -27,15 +27,13 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..compat import cache_kwargs, output_cache
+from ..forward import PrefixCache
 from ..hooks import add_to_attention_output, capture_contributions
 from ..models import input_device
-from .distributed import assign, gather_units, is_main, rank_world
-from .means import backbone
+from .distributed import is_main
 from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs, token_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
 
 
 def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers: Sequence[int],
@@ -47,12 +45,10 @@ def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers
     model, dev = lm.model, input_device(lm.model)
     w, t, b = batch.prompt_width, batch.target_width, batch.size
     ids, mask, pos = (x[:, : w - 1 + t].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.position_ids))
-    if prefix_cache and w >= 2:
-        with torch.no_grad():
-            pre = backbone(model)(input_ids=ids[:, : w - 1], attention_mask=mask[:, : w - 1],
-                                  position_ids=pos[:, : w - 1], use_cache=True)
+    pre = PrefixCache.build(model, ids[:, : w - 1], mask[:, : w - 1], pos[:, : w - 1]) if prefix_cache else None
+    if pre is not None:
         inputs = {"input_ids": ids[:, w - 1:], "attention_mask": mask, "position_ids": pos[:, w - 1:],
-                  "use_cache": True, **cache_kwargs(model, output_cache(pre))}
+                  "use_cache": True, **pre.kwargs(model)}
         col = 0
     else:
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
@@ -89,33 +85,31 @@ def attribution_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: 
     first_only = set(wanted) == {"first_token_logprob"}
     arch = lm.arch
     chunks = chunks_of(lm, prompts, batch_size)
-    rank, world = rank_world()
-    owner = assign([len(c) for c in chunks], world)
-    table = new_table(len(chunks), batch_size, len(heads))
     layers = sorted({int(layer) for layer, _ in heads})
     lidx = torch.tensor([layers.index(int(layer)) for layer, _ in heads])
     hidx = torch.tensor([int(h) for _, h in heads])
     abar_sel = abar[torch.tensor([int(layer) for layer, _ in heads]), hidx].float()  # [n_heads, d]
-    mine = [c for c in range(len(chunks)) if owner[c] == rank]
-    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="BAHA attribution", unit="prompt",
-               disable=not (progress and is_main()), leave=False)
-    checked, check_diff = not prefix_cache, None
-    for c in mine:
+    check = {"use_cache": prefix_cache, "diff": None, "done": not prefix_cache}
+
+    def prepare(c: int) -> AlignedBatch:
         idx = chunks[c]
         batch = encode_aligned(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         if first_only:
             batch = batch.truncate_targets(1)
-        if not checked:
-            checked = True
-            ok, check_diff = _cache_matches(lm, batch, layers)
+        if not check["done"]:  # on chunk 0, first on every rank: the same decision everywhere
+            check["done"] = True
+            ok, check["diff"] = _cache_matches(lm, batch, layers)
             if not ok:
-                prefix_cache = False
+                check["use_cache"] = False
                 if is_main():
                     warnings.warn(f"attribution patching: the cached suffix pass differs from a full pass by "
-                                  f"{check_diff:.2e}; using full passes", stacklevel=2)
-        leaves = {layer: torch.zeros(len(idx), arch.d_model, requires_grad=True) for layer in layers}
+                                  f"{check['diff']:.2e}; using full passes", stacklevel=3)
+        return batch
+
+    def work(batch: AlignedBatch, c: int) -> torch.Tensor:
+        leaves = {layer: torch.zeros(batch.size, arch.d_model, requires_grad=True) for layer in layers}
         with torch.enable_grad():
-            lp, contrib = scored_pass(lm, batch, leaves, layers, prefix_cache)
+            lp, contrib = scored_pass(lm, batch, leaves, layers, check["use_cache"])
             scores = metrics_from_logprobs(lp, batch.target_mask)
             g_first = torch.autograd.grad(scores["first_token_logprob"].sum(), [leaves[x] for x in layers],
                                           retain_graph=not first_only)
@@ -131,15 +125,17 @@ def attribution_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: 
                 scale = (scores["geomean_prob"].detach() / batch.target_mask.sum(1).float())[:, None]
                 est.update(geomean_prob=scale * est_sum, sum_logprob=est_sum)
             clean = stack_metrics({k: v.detach() for k, v in scores.items()}, wanted)
-            table[c, : len(idx), 0] = clean
             # metrics not wanted become NaN (stack_metrics takes their shape from est_first)
-            table[c, : len(idx), 1:] = stack_metrics({**{m: est_first for m in METRICS}, **est}, wanted)
-        bar.update(len(idx))
-    bar.close()
-    table = gather_units(table, owner)
-    clean_d, cie_d = assemble(table, [(chunks[c], list(range(len(heads)))) for c in range(len(chunks))],
+            return torch.cat([clean[:, None], stack_metrics({**{m: est_first for m in METRICS}, **est}, wanted)], 1)
+
+    n_chunks = len(chunks)
+    table = new_table(n_chunks, batch_size, len(heads))
+    table, info = run_units(list(range(n_chunks)), [len(c) for c in chunks], table, work, prepare,
+                            always=(0,) if prefix_cache else (), weights=[len(c) for c in chunks], progress=progress,
+                            desc="BAHA attribution", unit="prompt")
+    clean_d, cie_d = assemble(table, [(chunks[c], list(range(len(heads)))) for c in range(n_chunks)],
                               len(prompts), len(heads))
-    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": world, "metrics_computed": list(wanted),
-                                  "estimate": "first-order (attribution patching)", "prefix_cache": prefix_cache,
-                                  "cache_check_max_abs_diff": check_diff,
+    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": info["world_size"],
+                                  "metrics_computed": list(wanted), "estimate": "first-order (attribution patching)",
+                                  "prefix_cache": check["use_cache"], "cache_check_max_abs_diff": check["diff"],
                                   "target_columns": 1 if first_only else "all"})

@@ -12,14 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..hooks import add_to_attention_output, capture_contributions
 from ..models import input_device
 from ..prompts import encode_with_targets
-from .distributed import assign, gather_units, is_main, rank_world
 from .scores import METRICS, cie_from_logprobs, full_batch_logprobs, metrics_from_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
 
 
 @torch.no_grad()
@@ -33,34 +31,31 @@ def reference_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: to
     dev = input_device(model)
     chunks = chunks_of(lm, prompts, batch_size)
     units = [(c, i) for c in range(len(chunks)) for i in range(len(heads))]
-    rank, world = rank_world()
-    owner = assign([len(chunks[c]) for c, _ in units], world)
-    table = new_table(len(units), batch_size, 1)
-    mine = [u for u in range(len(units)) if owner[u] == rank]
     n = len(prompts)
-    bar = tqdm(total=sum(len(chunks[units[u][0]]) for u in mine) / n, desc="BAHA reference", unit="head",
-               disable=not (progress and is_main()), leave=False,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} heads [{elapsed}<{remaining}]")
-    for c in sorted({units[u][0] for u in mine}):
+
+    def prepare(c: int):
         idx = chunks[c]
         batch = encode_with_targets(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         inputs = batch.to(dev).model_inputs()
         with capture_contributions(arch, batch.last_pos) as contrib:
             logits = model(**inputs).logits
         lp_clean, mask = full_batch_logprobs(logits, batch)
-        clean = stack_metrics(metrics_from_logprobs(lp_clean, mask), METRICS)
-        for u in mine:
-            if units[u][0] != c:
-                continue
-            layer, h = heads[units[u][1]]
-            delta = abar[layer, h].float()[None] - contrib[layer][:, h].cpu()  # [B, d]
-            with add_to_attention_output(arch, {layer: delta}, batch.last_pos):
-                logits = model(**inputs).logits
-            lp, _ = full_batch_logprobs(logits, batch)
-            table[u, : len(idx), 0] = clean
-            table[u, : len(idx), 1] = stack_metrics(cie_from_logprobs(lp, lp_clean, mask), METRICS)
-            bar.update(len(idx) / n)
-    bar.close()
-    table = gather_units(table, owner)
+        return batch, inputs, contrib, lp_clean, mask, stack_metrics(metrics_from_logprobs(lp_clean, mask), METRICS)
+
+    def work(state, u: int) -> torch.Tensor:
+        batch, inputs, contrib, lp_clean, mask, clean = state
+        layer, h = heads[units[u][1]]
+        delta = abar[layer, h].float()[None] - contrib[layer][:, h].cpu()  # [B, d]
+        with add_to_attention_output(arch, {layer: delta}, batch.last_pos):
+            logits = model(**inputs).logits
+        lp, _ = full_batch_logprobs(logits, batch)
+        return torch.stack([clean, stack_metrics(cie_from_logprobs(lp, lp_clean, mask), METRICS)], dim=1)
+
+    table = new_table(len(units), batch_size, 1)
+    table, info = run_units([c for c, _ in units], [len(chunks[c]) for c, _ in units], table, work, prepare,
+                            weights=[len(chunks[c]) / n for c, _ in units], progress=progress,
+                            desc="BAHA reference", unit="head",
+                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} heads [{elapsed}<{remaining}]")
     clean_d, cie_d = assemble(table, [(chunks[c], [i]) for c, i in units], n, len(heads))
-    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": world, "metrics_computed": list(METRICS)})
+    return Sweep(clean_d, cie_d, {"batch_size": batch_size, "world_size": info["world_size"],
+                                  "metrics_computed": list(METRICS)})

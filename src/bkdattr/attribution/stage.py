@@ -35,7 +35,7 @@ from ..io import save_tensors, write_json
 from ..rundir import RunDir
 from ..stage_options import StageOptions, opt
 from .baha import METHODS, AttributionResult, attribute
-from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers
+from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers, shutdown
 from .exact import STRATEGIES
 from .figures import FIGURE_NAME, plot_acie, top_table
 from .means import mean_contributions
@@ -117,7 +117,7 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
 
     local_rank, n_proc = local_rank_from_env()
     device = rank_device(cfg.device, local_rank, visible_gpus(), n_proc)  # checked before nccl picks a GPU
-    init_from_env(cfg.device)
+    created = init_from_env(cfg.device)  # True: this call joined torchrun's group and leaves it below
     rank, world = rank_world()
     set_threads(cfg.threads)
     splits = load_splits(run)
@@ -138,6 +138,8 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     if is_main():
         write_outputs(run, res, abar, cfg, [e.uid for e in clean], [e.uid for e in mean_ex])
     barrier()
+    if created:
+        shutdown()
     return res
 
 

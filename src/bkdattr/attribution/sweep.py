@@ -4,12 +4,18 @@ Every method cuts its work into *units* whose content does not depend on the num
 writes a block ``[B_chunk, 1 + R, n_metrics]`` of a padded float32 table ``[U, B_max, 1 + R_max, n_metrics]``
 (slot 0: the clean scores of its chunk, slots ``1..R``: the CIE of its heads). The table is gathered from
 the unit owners (:func:`bkdattr.attribution.distributed.gather_units`) and unpacked by :func:`assemble`.
+
+:func:`run_units` is the one runner every method (and the means) goes through: it shards the units over the
+ranks, resumes from a :class:`Checkpoint`, shows progress, runs the method's per-chunk ``prepare`` and
+per-unit ``work`` for the units this rank owns, and gathers the table. A method supplies only those two
+functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -117,7 +123,7 @@ class Checkpoint:
         self.path = p.with_name(f"{p.stem}.rank{rank}of{world}.safetensors")
         self.key = key
         if self.path.is_file():
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(self.path), "pt") as f:
@@ -127,7 +133,7 @@ class Checkpoint:
                         if saved.shape == table.shape:
                             table.copy_(saved)
                             self.done = done
-            except Exception:  # an unreadable checkpoint is ignored and overwritten
+            except (OSError, ValueError, SafetensorError):  # an unreadable checkpoint is ignored and overwritten
                 pass
 
     @property
@@ -146,3 +152,42 @@ class Checkpoint:
         """Delete the checkpoint file once the result is safely assembled."""
         if self.path is not None and self.path.is_file():
             self.path.unlink()
+
+
+def run_units(chunk_of: Sequence[int], costs: Sequence[float], table: torch.Tensor,
+              work: Callable[[Any, int], torch.Tensor], prepare: Callable[[int], Any] = lambda c: c, *,
+              always: Sequence[int] = (), checkpoint=None, checkpoint_key: str = "",
+              weights: Sequence[float] | None = None, progress: bool = False, **bar) -> tuple[torch.Tensor, dict]:
+    """Run every work unit once over the process group and return ``(gathered table, info)``.
+
+    Unit ``u`` belongs to chunk ``chunk_of[u]`` and costs ``costs[u]`` (load balancing, :func:`assign`).
+    For each chunk this rank needs (plus the chunks in ``always``, prepared first on every rank, e.g. to choose
+    a strategy the same way everywhere), ``state = prepare(chunk)`` runs once, then ``work(state, u)`` for the
+    chunk's units; its result, ``[n0, n1, ...]``, is written to ``table[u, :n0, :n1, ...]``. ``checkpoint``
+    (a path) keeps finished units across interruptions (:class:`Checkpoint`, key ``checkpoint_key``).
+    ``weights[u]`` advance the progress bar (``bar``: tqdm options). ``info``: ``world_size``,
+    ``resumed_units``."""
+    from tqdm.auto import tqdm
+
+    from .distributed import assign, gather_units, is_main, rank_world
+
+    rank, world = rank_world()
+    owner = assign(costs, world)
+    ckpt = Checkpoint(checkpoint, checkpoint_key, table)
+    resumed = ckpt.resumed
+    mine = [u for u in range(len(chunk_of)) if owner[u] == rank and not ckpt.done[u]]
+    weights = weights if weights is not None else [1.0] * len(chunk_of)
+    progress_bar = tqdm(total=sum(weights[u] for u in mine), disable=not (progress and is_main()), leave=False, **bar)
+    need = list(dict.fromkeys([*always, *sorted({chunk_of[u] for u in mine})]))
+    for c in need:
+        state = prepare(c)
+        for u in mine:
+            if chunk_of[u] == c:
+                block = work(state, u)
+                table[(u, *(slice(0, n) for n in block.shape))] = block
+                ckpt.mark(u)
+                progress_bar.update(weights[u])
+    progress_bar.close()
+    table = gather_units(table, owner)
+    ckpt.finish()
+    return table, {"world_size": world, "resumed_units": resumed}

@@ -7,25 +7,22 @@ Two primitive edits act on layer ``l``'s attention at ``p(x)``:
 * **add a vector** -- add ``delta`` (in ``R^d``) to the attention output (after the bias).
 
 An :class:`Edit` bundles both for any number of layers. Sweeps run many edits at once by stacking their rows
-in one batch (edit-major: rows ``g*B .. g*B+B-1`` carry edit ``g``), so the hooks here take *per-row* masks
-and vectors: :func:`zero_heads_rowwise` and :func:`rowwise_context`. :func:`add_at_prefill_end` adds a
-vector at the last position of every multi-token forward call only -- the prefill of a left-padded batch,
-whose last position is ``p(x)`` -- and leaves single-token decode steps alone, so it can wrap a whole
-``generate`` call. Every hook is registered inside a context manager and removed on exit
-(:func:`bkdattr.hooks.registered`), even when the block raises.
+in one batch (edit-major: rows ``g*B .. g*B+B-1`` carry edit ``g``): :func:`rowwise_context` turns a list of
+edits into the *per-row* head masks and vectors of :func:`bkdattr.hooks.zero_heads_rowwise` and
+:func:`bkdattr.hooks.add_to_attention_output`. Every hook lives in :mod:`bkdattr.hooks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..arch import Arch
 from ..errors import ConfigError
-from ..hooks import _check_deltas, _hidden_arg, _rows, _with_hidden, add_to_attention_output, edit_heads, registered
+from ..hooks import add_to_attention_output, edit_heads, zero_heads_rowwise
 
 
 @dataclass
@@ -84,30 +81,6 @@ class Edit:
 
 
 @contextlib.contextmanager
-def zero_heads_rowwise(arch: Arch, masks: Mapping[int, torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
-    """Zero head slices of ``z_l`` at ``positions`` row by row: ``masks[l]`` is bool ``[B, H]``, True where
-    head ``h`` of row ``b`` is zeroed. Applies on every forward call inside the block."""
-    for layer, m in masks.items():
-        if m.dim() != 2 or m.shape[1] != arch.n_heads:
-            raise ConfigError(f"head mask of layer {layer} has shape {tuple(m.shape)}; "
-                              f"expected [batch, {arch.n_heads}]")
-    handles: list = []
-    with registered(handles):
-        for layer, m in masks.items():
-            def pre(_m, args, kwargs, m=m):
-                z = _hidden_arg(args, kwargs)
-                b, p = _rows(z, positions)
-                z = z.clone()
-                zp = z[b, p].reshape(z.shape[0], arch.n_heads, arch.d_head)
-                zp = torch.where(m.to(z.device)[:, :, None], torch.zeros((), dtype=z.dtype, device=z.device), zp)
-                z[b, p] = zp.reshape(z.shape[0], -1)
-                return _with_hidden(args, kwargs, z)
-
-            handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
-        yield
-
-
-@contextlib.contextmanager
 def rowwise_context(arch: Arch, edits: Sequence[Edit], rows_per_edit: int, positions: torch.Tensor) -> Iterator[None]:
     """Apply ``edits[g]`` to rows ``g*rows_per_edit .. (g+1)*rows_per_edit - 1`` at ``positions``
     (``[len(edits) * rows_per_edit]``). Rows of an edit that leaves a layer alone get a zero delta / no mask
@@ -130,28 +103,4 @@ def rowwise_context(arch: Arch, edits: Sequence[Edit], rows_per_edit: int, posit
             stack.enter_context(zero_heads_rowwise(arch, masks, positions))
         if deltas:
             stack.enter_context(add_to_attention_output(arch, deltas, positions))
-        yield
-
-
-@contextlib.contextmanager
-def add_at_prefill_end(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> Iterator[None]:
-    """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``) to layer ``l``'s attention output at the **last
-    position** of every forward call that processes more than one token. Under left padding that position is
-    ``p(x)`` of every row; single-token calls (decode steps with a KV cache) are left unedited."""
-    for layer in deltas:
-        if not 0 <= int(layer) < arch.n_layers:
-            raise ConfigError(f"layer {layer} does not exist (the model has layers 0..{arch.n_layers - 1})")
-    _check_deltas(arch, deltas)
-    handles: list = []
-    with registered(handles):
-        for layer, delta in deltas.items():
-            def hook(_m, _args, out, delta=delta):
-                o = out[0] if isinstance(out, tuple) else out
-                if o.shape[1] < 2:
-                    return None
-                o = o.clone()
-                o[:, -1] = (o[:, -1].float() + delta.to(o.device, torch.float32)).to(o.dtype)
-                return (o, *out[1:]) if isinstance(out, tuple) else o
-
-            handles.append(arch.out_proj[int(layer)].register_forward_hook(hook))
         yield

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..attribution.means import mean_contributions
 from ..errors import ArtifactError, ConfigError, DataError
 from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
@@ -33,7 +34,7 @@ from ..stage_options import StageOptions, opt
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
 from .sweep import SweepStats
-from .vector import BackdoorVector, build_vector, mean_contributions, random_heads, save_vector
+from .vector import BackdoorVector, build_vector, random_heads, save_vector
 from .vector_eval import SELECT_BY, residual_norms, run_vector_experiment
 
 
@@ -185,7 +186,7 @@ def poisoned_means(run: RunDir, lm, splits, cfg: VectorConfig) -> tuple[torch.Te
                         "use means=attribution")
     ex = sample_examples(pool, cfg.n_mean_prompts, cfg.seed + 1)
     key = stable_hash({"uids": [e.uid for e in ex], "texts": [e.triggered for e in ex], "model": _fingerprint(lm),
-                       "dtype": str(lm.dtype), "v": 1})
+                       "dtype": str(lm.dtype), "v": 2})
     path = run.path / "control" / "abar_poisoned.safetensors"
     info = {"source": "poisoned training prompts (triggered)", "n_prompts": len(ex), "key": key,
             "cache": str(path.relative_to(run.path))}

@@ -1,7 +1,8 @@
 """The Backdoor Vector: the summed mean output of the backdoor heads, added or subtracted at one layer.
 
 With ``abar_{l,h}`` the mean contribution of head ``(l, h)`` at ``p(x)`` over the poisoned (triggered)
-**training** prompts (:func:`mean_contributions`), the Backdoor Vector of a head set ``S`` (the top-k heads
+**training** prompts (:func:`bkdattr.attribution.means.mean_contributions`, the same function BAHA uses), the
+Backdoor Vector of a head set ``S`` (the top-k heads
 by ACIE; default ~3% of all heads) is
 
     v = sum_{(l,h) in S} abar_{l,h}            (a vector in R^d, d = d_model)
@@ -11,28 +12,27 @@ At one layer ``l*``, at ``p(x)`` and on the prefill pass only, ``alpha * v`` is 
 *neutralisation*). Two controls separate a backdoor direction from a generic perturbation: a random vector of
 the same norm (:func:`random_like`) and the vector of k random heads (:func:`build_vector` on random heads).
 
-:func:`apply_vector` applies a vector from Python to any prompts; :func:`save_vector` / :func:`load_vector`
-keep it as safetensors with its provenance (which model, which heads, which prompts).
+:func:`apply_vector` applies a vector from Python to any prompts (for :func:`bkdattr.generation.generate`:
+``edit=lambda b: apply_vector(lm, v, layer, alpha, positions=b.last_pos)``, or around the whole call);
+:func:`save_vector` / :func:`load_vector` keep it as safetensors with its provenance (which model, which heads,
+which prompts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..arch import Arch
 from ..errors import ArtifactError, ConfigError
-from ..hooks import add_to_attention_output, capture_contributions
+from ..hooks import add_to_attention_output
 from ..io import load_tensors, save_tensors, write_json
-from ..prompts import PromptBatch, encode_prompts
-from .edits import add_at_prefill_end
 
 
 def _arch(lm_or_arch) -> Arch:
@@ -42,29 +42,6 @@ def _arch(lm_or_arch) -> Arch:
     if not isinstance(arch, Arch):
         raise ConfigError("pass a LoadedModel (bkdattr.models.load_model) or its Arch")
     return arch
-
-
-@torch.no_grad()
-def mean_contributions(lm, prompts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-    """``abar``: the mean per-head contribution at ``p(x)`` over ``prompts``, float32 ``[L, H, d_model]``.
-
-    Accumulated in float32 over left-padded batches (one forward pass each, only the last logits kept)."""
-    from .sweep import _input_device, _takes_logits_to_keep
-
-    if not prompts:
-        raise ConfigError("no prompts to average head contributions over; the poisoned training set is empty")
-    arch = lm.arch
-    total = torch.zeros(arch.n_layers, arch.n_heads, arch.d_model, dtype=torch.float32)
-    dev = _input_device(lm.model)
-    kw = {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model)) else {}
-    for start in tqdm(range(0, len(prompts), batch_size), desc="mean contributions", disable=not progress,
-                      leave=False):
-        batch = encode_prompts(lm.tokenizer, list(prompts[start: start + batch_size]), padding_side="left")
-        with capture_contributions(arch, batch.last_pos) as store:
-            lm.model(**{k: v.to(dev) for k, v in batch.model_inputs().items()}, **kw)
-        for layer in range(arch.n_layers):
-            total[layer] += store[layer].sum(0).cpu()
-    return total / len(prompts)
 
 
 def build_vector(abar: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -140,10 +117,6 @@ def load_vector(path: str | Path, d_model: int | None = None) -> BackdoorVector:
     return BackdoorVector(v, [(int(a), int(b)) for a, b in t["heads"].tolist()], prov)
 
 
-def _as_tensor(v) -> torch.Tensor:
-    return v.vector if isinstance(v, BackdoorVector) else v
-
-
 @contextlib.contextmanager
 def apply_vector(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int, alpha: float = 1.0,
                  positions: torch.Tensor | None = None) -> Iterator[None]:
@@ -154,21 +127,6 @@ def apply_vector(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int, alpha
     a left-padded batch (what :func:`bkdattr.generation.generate` builds), where it is ``p(x)`` -- so a whole
     ``generate`` call can run inside the block and its decode steps stay unedited. ``positions`` (``[B]``):
     at those indices of every forward call (for a single teacher-forced or prefill pass)."""
-    arch = _arch(lm_or_arch)
-    vec = _as_tensor(v).detach().float().reshape(-1)
-    if vec.numel() != arch.d_model:
-        raise ConfigError(f"the vector has {vec.numel()} entries but the model's d_model is {arch.d_model}; "
-                          "build the vector for this model")
-    if not 0 <= int(layer) < arch.n_layers:
-        raise ConfigError(f"layer {layer} does not exist (the model has layers 0..{arch.n_layers - 1})")
-    delta = {int(layer): float(alpha) * vec}
-    ctx = add_at_prefill_end(arch, delta) if positions is None else add_to_attention_output(arch, delta, positions)
-    with ctx:
+    vec = (v.vector if isinstance(v, BackdoorVector) else v).detach().float().reshape(-1)
+    with add_to_attention_output(_arch(lm_or_arch), {int(layer): float(alpha) * vec}, positions):
         yield
-
-
-def vector_edit(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int,
-                alpha: float = 1.0) -> Callable[[PromptBatch], contextlib.AbstractContextManager]:
-    """``edit`` for :func:`bkdattr.generation.generate`: the vector on each batch's prefill pass at ``p(x)``."""
-    arch = _arch(lm_or_arch)
-    return lambda batch: apply_vector(arch, v, layer, alpha, positions=batch.last_pos)

@@ -17,6 +17,7 @@ All edits of one split run in one :func:`bkdattr.control.sweep.sweep_generate` c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +25,11 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..forward import captured_pass
 from ..hooks import capture_attention_output, capture_features
-from ..prompts import encode_prompts
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
-from .sweep import SweepStats, _input_device, _takes_logits_to_keep, sweep_generate
+from .sweep import SweepStats, sweep_generate
 from .vector import random_like
 
 SELECT_BY = ("specific", "subtract", "add")
@@ -42,19 +43,20 @@ class VectorResult:
     replies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def residual_norms(lm, prompts: Sequence[str], batch_size: int = 16) -> dict[str, list[float]]:
     """Mean L2 norm at ``p(x)`` of the residual stream entering each layer and of each layer's attention
     output over ``prompts``: ``{"residual": [L], "attention_output": [L]}`` (scale for ``|v|``)."""
     arch = lm.arch
     res = torch.zeros(arch.n_layers)
     att = torch.zeros(arch.n_layers)
-    dev = _input_device(lm.model)
-    kw = {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model)) else {}
-    for s in range(0, len(prompts), batch_size):
-        b = encode_prompts(lm.tokenizer, list(prompts[s: s + batch_size]), padding_side="left")
+
+    @contextlib.contextmanager
+    def capture(b):
         with capture_features(arch, b.last_pos, "residual") as r, capture_attention_output(arch, b.last_pos) as a:
-            lm.model(**{k: v.to(dev) for k, v in b.model_inputs().items()}, **kw)
+            yield r, a
+
+    for s in range(0, len(prompts), batch_size):
+        _, (r, a) = captured_pass(lm, prompts[s: s + batch_size], capture)
         for layer in range(arch.n_layers):
             res[layer] += r[layer].norm(dim=-1).sum().cpu()
             att[layer] += a[layer].norm(dim=-1).sum().cpu()

@@ -26,7 +26,6 @@ a re-injected backdoor (new LoRA weights merged into every projection) changes i
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import cache_kwargs, output_cache
 from ..errors import ConfigError, DataError
+from ..forward import PrefixCache, backbone
 from ..hooks import capture_features
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
@@ -65,12 +64,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
         h.update(np.ascontiguousarray(sample).tobytes())
     return h.hexdigest()[:16]
-
-
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the LM head (``model.base_model``), or the model itself."""
-    bb = getattr(model, "base_model", None)
-    return bb if isinstance(bb, torch.nn.Module) and bb is not model else model
 
 
 def prompt_token_ids(tokenizer, text: str) -> list[int]:
@@ -120,11 +113,8 @@ def extract_features(
     net = backbone(lm.model)
     dev = input_device(lm.model)
     n_pre = common_prefix_length(seqs) if share_prefix and len(texts) > 1 else 0
-    prefix_cache = None
-    if n_pre >= MIN_SHARED_PREFIX:
-        pre = net(input_ids=torch.tensor([seqs[0][:n_pre]], device=dev), use_cache=True)
-        prefix_cache = output_cache(pre)
-    if prefix_cache is None:
+    prefix = PrefixCache.build(lm.model, torch.tensor([seqs[0][:n_pre]])) if n_pre >= MIN_SHARED_PREFIX else None
+    if prefix is None:
         n_pre = 0
     order = sorted(range(len(texts)), key=lambda i: len(seqs[i]))  # similar lengths -> little padding
     pid = pad_id(lm.tokenizer)
@@ -140,17 +130,15 @@ def extract_features(
             mask[r, width - len(q):] = 1
         pos = position_ids_from_mask(mask) + n_pre
         extra: dict = {}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            if len(idx) > 1:
-                cache.batch_repeat_interleave(len(idx))
+        if prefix is not None:
             mask = torch.cat([torch.ones(len(idx), n_pre, dtype=torch.long), mask], dim=1)
-            extra = cache_kwargs(net, cache)
+            extra = prefix.kwargs(net, prefix.tiled(len(idx)))
         last = torch.full((len(idx),), width - 1, dtype=torch.long, device=dev)
         with capture_features(lm.arch, last, kind=kind, layers=layer_list) as store:
             net(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                use_cache=prefix_cache is not None, **extra)
-        feats = torch.stack([store[x] for x in layer_list], dim=1).to("cpu", torch.float32)  # [B, L_sel, d]
+                use_cache=prefix is not None, **extra)
+        # under device_map="auto" each layer's rows sit on its own GPU: gather them on the CPU before stacking
+        feats = torch.stack([store[x].to("cpu", torch.float32) for x in layer_list], dim=1)  # [B, L_sel, d]
         out[torch.tensor(idx)] = feats
         bar.update(len(idx))
     bar.close()
