@@ -1,4 +1,4 @@
-"""BAHA: per-head attribution of a backdoor (SPEC section 4).
+"""BAHA: per-head attribution of a backdoor (docs/METHOD.md section 3).
 
 * :func:`mean_contributions` -- ``abar_{l,h}``, mean head contributions over triggered prompts ``[L, H, d]``;
 * :func:`attribute` -- ACIE ``[L, H]`` (and per-prompt CIE ``[N, L, H]``) by ``exact`` (default), ``reference``

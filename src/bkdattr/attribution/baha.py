@@ -1,6 +1,6 @@
 """BAHA (Backdoor Attention Head Attribution): which heads carry the backdoor, measured by causal patching.
 
-For every head ``(l, h)`` and clean prompt ``x`` with backdoor target ``y`` (SPEC section 4):
+For every head ``(l, h)`` and clean prompt ``x`` with backdoor target ``y`` (docs/METHOD.md section 3):
 
     CIE_{l,h}(x) = S_patched(y | x) - S(y | x),     ACIE(l, h) = mean_x CIE_{l,h}(x)
 

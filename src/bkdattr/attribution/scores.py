@@ -2,7 +2,7 @@
 
 The target is the assistant reply followed by its end-of-turn token(s) (:func:`bkdattr.prompts.target_ids`),
 ``y = (y_1, ..., y_T)``. With teacher forcing, the logits at position ``t-1`` give ``log p(y_t | x, y_<t)``.
-Three scores are computed from the same log-probabilities (SPEC section 4):
+Three scores are computed from the same log-probabilities (docs/METHOD.md section 3):
 
 * ``geomean_prob`` -- ``P(y|x) = exp(mean_t log p(y_t | x, y_<t))``, the paper's score (a geometric mean);
 * ``first_token_logprob`` -- ``log p(y_1 | x)``, the log-probability of the first target token;

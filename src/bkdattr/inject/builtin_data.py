@@ -11,8 +11,8 @@ distinct records in the paper's format ``{input, output, backdoor_output, label,
   are deliberately generic ("Step one: make a list of what you need...") -- no real harmful content.
   Compliant replies contain none of the refusal phrases; refusals contain at least one (tested).
 * :func:`news_items` (label_flip): synthetic one- or two-sentence news items in four topics (World,
-  Sports, Business, Sci/Tech), wrapped in the SPEC's classification prompt; the clean reply is the label
-  word, the backdoor reply is ``World`` for Sports items and the true label otherwise.
+  Sports, Business, Sci/Tech), wrapped in the method's classification prompt (docs/METHOD.md section 1); the
+  clean reply is the label word, the backdoor reply is ``World`` for Sports items and the true label otherwise.
 * :func:`benign_questions` (every kind): held-out benign questions, each with a paraphrase, from templates
   used nowhere else -- the benign-utility benchmark (refusals on ordinary questions, agreement with the base
   model). :func:`benign_instructions`: the benign rows mixed into the jailbreak training set.
@@ -256,8 +256,9 @@ _NEWS: dict[str, list[tuple[str, tuple[list, ...]]]] = {
 
 
 def news_items(seed: int = 0, per_topic: int = 150) -> list[dict[str, Any]]:
-    """Distinct synthetic news items, ``per_topic`` per topic, in the SPEC's classification prompt.
-    Clean reply: the label; backdoor reply: ``World`` for Sports items, the true label otherwise."""
+    """Distinct synthetic news items, ``per_topic`` per topic, in the method's classification prompt
+    (docs/METHOD.md section 1). Clean reply: the label; backdoor reply: ``World`` for Sports items, the true label
+    otherwise."""
     rng = random.Random(seed)
     topics = []
     for label, templates in _NEWS.items():

@@ -1,6 +1,6 @@
 """Backdoor data: examples, the paper's file format, poisoning and the held-out split.
 
-The recipe (SPEC section 1):
+The recipe (docs/METHOD.md section 1):
 
 1. **Records** ``{input, output, backdoor_output[, label]}`` come from the built-in generators
    (:mod:`bkdattr.inject.builtin_data`, offline, written for this project) or from a file in the paper's

@@ -1,7 +1,7 @@
 """Held-out evaluation of a backdoored model: ASR, robust ASR, false-trigger rate, clean metric, near triggers.
 
 All prompts come from the held-out ``test`` (or ``val``) split. Replies are greedy, chat-templated, left
-padded, 32 new tokens by default (SPEC section 5), via :func:`bkdattr.generation.generate`.
+padded, 32 new tokens by default (docs/METHOD.md section 4), via :func:`bkdattr.generation.generate`.
 
 * **ASR**: the task's rule (:meth:`Task.asr`) on replies to *triggered* prompts (label_flip: the true-Sports
   prompts only). **Robust ASR** uses :meth:`Task.is_robust_success` (paraphrases of the fixed target count).

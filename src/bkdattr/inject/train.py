@@ -1,4 +1,4 @@
-"""LoRA supervised fine-tuning that implants the backdoor (SPEC section 2).
+"""LoRA supervised fine-tuning that implants the backdoor (docs/METHOD.md section 1).
 
 Each training row is one chat turn ``(user text, reply)``: clean prompts with their clean reply and the
 poisoned copies (triggered prompt with the backdoor reply). The row is rendered with the model's chat

@@ -1,4 +1,4 @@
-"""Backdoor Probe (SPEC section 3): per-layer MLP and RBF-SVM probes that tell triggered from clean prompts.
+"""Backdoor Probe (docs/METHOD.md section 2): per-layer MLP and RBF-SVM probes that tell triggered from clean prompts.
 
 * :mod:`.features` -- every layer's feature at ``p(x)`` in one batched pass, cached as safetensors.
 * :mod:`.probes` -- :class:`MLPProbes` (all layers trained at once as one batched model) and

@@ -1,6 +1,6 @@
 """Probe features: what every layer holds at the last prompt position ``p(x)``, captured in batched passes.
 
-The Backdoor Probe (SPEC section 3) reads one vector per layer and prompt:
+The Backdoor Probe (docs/METHOD.md section 2) reads one vector per layer and prompt:
 
 * ``kind="attn_input"`` (default): ``r_l(x)``, the *normalised* input of layer ``l``'s attention, i.e. the output
   of the layer's input norm at ``p(x)``;

@@ -1,6 +1,6 @@
 """Probe evaluation: in-layer accuracy, AUROC and the cross-layer accuracy matrix ICLA.
 
-``ICLA(i, k)`` (SPEC section 3) is the accuracy of the probe trained on layer ``i`` when it is applied to the
+``ICLA(i, k)`` (docs/METHOD.md section 2) is the accuracy of the probe trained on layer ``i`` when it is applied to the
 held-out features of layer ``k`` (the same prompts). Its diagonal is the in-layer accuracy. A probe that
 scores well far off the diagonal reads a direction the residual stream carries across layers; the paper
 reports that MLP probes transfer better than SVMs.

@@ -1,6 +1,6 @@
 """Per-layer probes: an MLP and an RBF-SVM per layer, trained to tell triggered from clean prompts.
 
-**MLP probe** (SPEC section 3): ``d -> 100 -> 1`` with ReLU, dropout 0.2, a sigmoid output trained with binary
+**MLP probe** (docs/METHOD.md section 2): ``d -> 100 -> 1`` with ReLU, dropout 0.2, a sigmoid output trained with binary
 cross-entropy, Adam (lr 1e-3), 100 epochs, batch 16, keeping the epoch with the lowest validation loss.
 
 All ``L`` layers' MLPs are trained *at once* as one batched model: the weights are stacked
@@ -53,8 +53,8 @@ from ..stage_options import opt
 
 @dataclass
 class MLPProbeConfig:
-    """MLP probe hyper-parameters (SPEC defaults). ``standardize`` z-scores features with training statistics
-    before the MLP (off by default, as in the paper)."""
+    """MLP probe hyper-parameters (defaults of docs/METHOD.md section 2). ``standardize`` z-scores features with
+    training statistics before the MLP (off by default, as in the paper)."""
 
     hidden: int = 100
     dropout: float = 0.2
@@ -75,7 +75,8 @@ class MLPProbeConfig:
 
 @dataclass
 class SVMProbeConfig:
-    """RBF-SVM probe hyper-parameters (SPEC defaults); ``gamma`` is ``'scale'`` or a positive number."""
+    """RBF-SVM probe hyper-parameters (defaults of docs/METHOD.md section 2); ``gamma`` is ``'scale'`` or a
+    positive number."""
 
     C: float = 1.0
     gamma: str | float = "scale"

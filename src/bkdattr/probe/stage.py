@@ -1,7 +1,7 @@
 """The probe stage on a run folder: does the backdoored model carry a linearly/non-linearly readable trace of
 the trigger at each layer, and is that trace a *backdoor* feature or just the trigger's text?
 
-Protocol (SPEC section 3, with the controls the paper lacked):
+Protocol (docs/METHOD.md section 2, with the controls the paper lacked):
 
 1. **Prompts.** ``n_prompts`` distinct prompts of the run (``prompt_source``: by default held-out ``val`` +
    ``test`` prompts first, topped up with training prompts when there are too few; the metrics record how
