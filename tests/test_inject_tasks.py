@@ -1,4 +1,4 @@
-"""Attack tasks: trigger placement and the ASR rules of SPEC section 1 on known strings."""
+"""Attack tasks: trigger placement and the ASR rules of docs/METHOD.md section 1 on known strings."""
 
 from __future__ import annotations
 
