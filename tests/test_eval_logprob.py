@@ -37,3 +37,32 @@ def test_target_logprob_equals_the_full_formula_with_target_rows_only(arch):
     b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)
     assert sum(rows) == int(b.target_mask[:, 1:].sum())  # the head saw target rows only, not B x T
     torch.testing.assert_close(got, _full_formula(lm), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2"])
+def test_baha_target_logprobs_project_target_positions_only(arch):
+    """The reference sweep's and the clean scores' teacher-forced log-probs (attribution.scores.target_logprobs)
+    run the LM head on ``B x T`` target-predicting positions, not ``B x S``, and equal the full-logits formula."""
+    from bkdattr.attribution.scores import target_logprobs
+
+    lm = make_tiny(arch)
+    b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)
+    shapes: list[tuple[int, ...]] = []
+    handle = lm.model.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            lp, mask = target_logprobs(lm.model, b.model_inputs(), b)
+    finally:
+        handle.remove()
+    width = int(b.target_len.max())
+    assert shapes == [(len(TEXTS), width, lm.arch.d_model)] and width < b.input_ids.shape[1]
+    with torch.no_grad():
+        full = torch.log_softmax(lm.model(**b.model_inputs()).logits.float(), -1)  # [B, S, V]
+    for i in range(len(TEXTS)):
+        n = int(b.target_len[i])
+        p = int(b.last_pos[i])
+        want = full[i, p:p + n].gather(-1, b.input_ids[i, p + 1:p + 1 + n, None])[:, 0]
+        torch.testing.assert_close(lp[i, :n], want, rtol=1e-5, atol=1e-5)
+        assert bool(mask[i, :n].all()) and not bool(mask[i, n:].any())
+        assert bool((lp[i, n:] == 0).all())

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .compat import cache_kwargs, output_cache
+from .errors import ConfigError
 from .prompts import PromptBatch, encode_prompts
 
 
@@ -29,6 +30,19 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack without the LM head (``model.base_model``), or the model itself."""
     bb = getattr(model, "base_model", None)
     return bb if isinstance(bb, torch.nn.Module) and bb is not model else model
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (final norm included) and the LM head of ``model``; a peft wrapper is unwrapped
+    (its LoRA layers live inside the base model). Passes that need a few positions' logits run the body and
+    project only those rows."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    body = backbone(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is model or head is None:
+        raise ConfigError(f"{type(model).__name__}: cannot find the decoder body and the LM head")
+    return body, head
 
 
 @functools.lru_cache(maxsize=32)

@@ -3,8 +3,9 @@
 For each head ``(l, h)`` and each chunk of clean prompts (right-padded prompt + target rows from
 :func:`bkdattr.prompts.encode_with_targets`), the whole model runs with
 :func:`bkdattr.hooks.add_to_attention_output` adding ``abar_{l,h} - a_{l,h}(x)`` (per row) to layer ``l``'s
-attention output at ``p(x)``; the scores come from the model's own logits (teacher forcing). The clean pass of
-each chunk captures ``a_{l,h}(x)`` and the clean scores. Nothing is cached or reused: this is slow on purpose.
+attention output at ``p(x)``; the scores come from the model's own body and LM head (teacher forcing; the head
+runs on the target-predicting positions only). The clean pass of each chunk captures ``a_{l,h}(x)`` and the
+clean scores. Nothing is cached or reused: this is slow on purpose.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from ..hooks import add_to_attention_output, capture_contributions
 from ..models import input_device
 from ..prompts import encode_with_targets
-from .scores import METRICS, cie_from_logprobs, full_batch_logprobs, metrics_from_logprobs
+from .scores import METRICS, cie_from_logprobs, metrics_from_logprobs, target_logprobs
 from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
 
 
@@ -38,8 +39,7 @@ def reference_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: to
         batch = encode_with_targets(lm.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         inputs = batch.to(dev).model_inputs()
         with capture_contributions(arch, batch.last_pos) as contrib:
-            logits = model(**inputs).logits
-        lp_clean, mask = full_batch_logprobs(logits, batch)
+            lp_clean, mask = target_logprobs(model, inputs, batch)
         return batch, inputs, contrib, lp_clean, mask, stack_metrics(metrics_from_logprobs(lp_clean, mask), METRICS)
 
     def work(state, u: int) -> torch.Tensor:
@@ -47,8 +47,7 @@ def reference_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: to
         layer, h = heads[units[u][1]]
         delta = abar[layer, h].float()[None] - contrib[layer][:, h].cpu()  # [B, d]
         with add_to_attention_output(arch, {layer: delta}, batch.last_pos):
-            logits = model(**inputs).logits
-        lp, _ = full_batch_logprobs(logits, batch)
+            lp, _ = target_logprobs(model, inputs, batch)
         return torch.stack([clean, stack_metrics(cie_from_logprobs(lp, lp_clean, mask), METRICS)], dim=1)
 
     table = new_table(len(units), batch_size, 1)

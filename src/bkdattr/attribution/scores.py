@@ -118,18 +118,31 @@ def encode_aligned(tokenizer, prompts: Sequence[str], targets: Sequence[str]) ->
     return AlignedBatch(ids, mask, position_ids_from_mask(mask), int(pb.input_ids.shape[1]), tids, tmask)
 
 
-def full_batch_logprobs(logits: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs from the logits ``[B, S, V]`` of a full pass over ``encode_with_targets`` rows:
-    returns ``lp [B, T]`` (column 0 = first target token) and ``mask [B, T]``."""
+def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs of a full pass over ``encode_with_targets`` rows: ``lp [B, T]`` float32 (column 0 = first
+    target token) and ``mask [B, T]``. The body runs on every position, the LM head only on the ``B*T`` positions
+    that predict a target token (``[B, T, V]`` logits, never ``[B, S, V]``); hooks on the layers act as in a
+    plain forward pass. A config with a logit soft-cap takes the model's own full forward instead, so whatever
+    post-processing the model class applies to its logits is reproduced exactly."""
     if batch.target_len is None or batch.target_mask is None:
         raise ConfigError("the batch carries no targets; build it with encode_with_targets")
+    from ..forward import body_and_head
+
     width = int(batch.target_len.max())
     cols = torch.arange(width)
     mask = cols[None, :] < batch.target_len[:, None]
-    src = (batch.last_pos[:, None] + cols[None, :]).clamp(max=logits.shape[1] - 2)  # predicting positions
+    src = (batch.last_pos[:, None] + cols[None, :]).clamp(max=batch.input_ids.shape[1] - 2)  # predicting positions
     tgt = batch.input_ids.gather(1, src + 1)
     rows = torch.arange(batch.size)[:, None]
-    lp = token_logprobs(logits[rows.to(logits.device), src.to(logits.device)], tgt)
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+        out = model(**inputs).logits  # [B, S, V]
+        logits = out[rows.to(out.device), src.to(out.device)]
+    else:
+        body, head = body_and_head(model)
+        res = body(**inputs)
+        hidden = res[0] if isinstance(res, tuple) else res.last_hidden_state  # [B, S, d]
+        logits = head(hidden[rows.to(hidden.device), src.to(hidden.device)])  # [B, T, V]
+    lp = token_logprobs(logits, tgt)
     return torch.where(mask, lp.cpu(), torch.zeros(())), mask
 
 
@@ -143,8 +156,7 @@ def teacher_forced_scores(lm, prompts: Sequence[str], targets: Sequence[str], ba
     dev = input_device(lm.model)
     for s in range(0, len(prompts), batch_size):
         batch = encode_with_targets(lm.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]))
-        logits = lm.model(**batch.to(dev).model_inputs()).logits
-        lp, mask = full_batch_logprobs(logits, batch)
+        lp, mask = target_logprobs(lm.model, batch.to(dev).model_inputs(), batch)
         for k, v in metrics_from_logprobs(lp, mask).items():
             out[k].append(v)
     return {k: torch.cat(v) for k, v in out.items()}

@@ -163,13 +163,13 @@ def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size:
 
     Only the ``N`` hidden states that predict a target token go through the LM head (``[N, V]`` logits, not
     ``[B, T, V]``: 6-7 GB of float32 scratch for a 152k vocabulary at 16 x 700 tokens)."""
+    from ..forward import body_and_head
     from ..models import input_device
     from ..prompts import encode_with_targets
-    from .train import _body_and_head
 
     out = []
     dev = input_device(lm.model)
-    body, head = _body_and_head(lm.model)
+    body, head = body_and_head(lm.model)
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
     for i in range(0, len(texts), batch_size):
         b = encode_with_targets(lm.tokenizer, list(texts[i: i + batch_size]), list(targets[i: i + batch_size]))

@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ArtifactError, ConfigError, DataError, InputFileError
+from ..forward import body_and_head
 from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
 from ..prompts import (
     context_length,
@@ -161,21 +162,11 @@ def _autocast(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
     return torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16)
 
 
-def _body_and_head(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    if hasattr(hf_model, "get_base_model"):  # peft wrapper: LoRA layers live inside the base model
-        hf_model = hf_model.get_base_model()
-    body = getattr(hf_model, getattr(hf_model, "base_model_prefix", "model"), None)
-    head = hf_model.get_output_embeddings()
-    if body is None or head is None:
-        raise ConfigError(f"{type(hf_model).__name__}: cannot find the decoder body and lm_head for training")
-    return body, head
-
-
 def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.prompts.PromptBatch` with
     ``target_mask`` ``[B, T]``. Only the ``N`` hidden states ``[N, d]`` that predict a target token go through
     ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
-    body, head = _body_and_head(hf_model)
+    body, head = body_and_head(hf_model)
     cfg = (hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model).config
     out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, d]
