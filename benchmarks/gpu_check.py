@@ -46,7 +46,7 @@ GIB = 1024**3
 #: the demo stages' tiny settings for the dry run (as tests/test_pipeline_e2e.py)
 TINY_SETS = [
     "inject.n_train=24", "inject.n_val=8", "inject.n_test=8", "inject.train_epochs=1", "inject.clean_max_tokens=4",
-    "inject.eval_n_near=2", "inject.eval_max_new_tokens=4", "inject.distill_batch_size=8",
+    "inject.eval_n_near=2", "inject.eval_max_new_tokens=4", "inject.distill_batch_size=8", "inject.target_asr=0",
     "probe.n_prompts=12", "probe.mlp={epochs: 2}",
     "attribute.n_prompts=4", "attribute.n_mean_prompts=8", "attribute.top_k=8",
     "ablate.n_prompts=4", "ablate.ks=[0,1]", "ablate.random_seeds=1", "ablate.max_new_tokens=4",
@@ -215,9 +215,10 @@ def _tiny_model_dir(work: Path, n_layers: int = 2) -> Path:
 
 
 def _demo_config(dry: bool, work: Path):
-    from bkdattr.pipeline import DEMO_SETS, load_config
+    from bkdattr.pipeline import load_config
+    from bkdattr.profiles import demo_sets
 
-    sets = [*DEMO_SETS, f"device={_device(dry)}", f"out={work / 'demo'}"]
+    sets = [*demo_sets(), f"device={_device(dry)}", f"out={work / 'demo'}"]
     if dry:
         sets += [f"model={_tiny_model_dir(work)}", *TINY_SETS]
     return load_config(None, sets)
