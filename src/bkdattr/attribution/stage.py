@@ -22,7 +22,6 @@ Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this stage an
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 
 from ..devices import local_rank_from_env, rank_device, visible_gpus
 from ..errors import ConfigError, DataError
+from ..inject.data import sample_examples
 from ..io import save_tensors, write_json
 from ..rundir import RunDir
 from ..stage_options import StageOptions, opt
@@ -87,13 +87,6 @@ class AttributeConfig(StageOptions):
             raise ConfigError("n_prompts must be >= 1 and n_mean_prompts >= 0 (0: every training prompt)")
 
 
-def _sample(items: list, n: int | None, seed: int) -> list:
-    if not n or n >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
-
-
 def select_examples(splits, cfg: AttributeConfig) -> tuple[list, list]:
     """``(clean attribution examples, examples whose triggered prompts give abar)`` for a run's splits."""
     task = splits.task
@@ -102,11 +95,11 @@ def select_examples(splits, cfg: AttributeConfig) -> tuple[list, list]:
     if not pool:
         raise DataError(f"no {cfg.prompt_split} prompt has a backdoor reply different from its clean reply; "
                         "choose another prompt_split")
-    clean = _sample(pool, cfg.n_prompts, cfg.seed)
+    clean = sample_examples(pool, cfg.n_prompts, cfg.seed)
     mean_pool = task.eval_subset(splits.train) or list(splits.train)
     if not mean_pool:
         raise DataError("the run has no training prompts to average triggered contributions over")
-    return clean, _sample(mean_pool, cfg.n_mean_prompts, cfg.seed + 1)
+    return clean, sample_examples(mean_pool, cfg.n_mean_prompts, cfg.seed + 1)
 
 
 def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:

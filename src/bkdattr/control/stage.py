@@ -19,7 +19,6 @@ Profiles (sizes per profile): :mod:`bkdattr.profiles`.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from ..attribution.means import mean_contributions
 from ..errors import ArtifactError, ConfigError, DataError
+from ..inject.data import sample_examples
 from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from ..rundir import RunDir, get_nested
 from ..stage_options import StageOptions, opt
@@ -114,14 +114,6 @@ class VectorConfig(_Options):
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------
-def sample_examples(examples: list, n: int | None, seed: int) -> list:
-    """A seeded sample of ``n`` examples in their original order (all when ``n`` is 0/None or too large)."""
-    if not n or n >= len(examples):
-        return list(examples)
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]
-
-
 def eval_examples(splits, split: str, n: int | None, seed: int) -> list:
     """Held-out examples of ``split`` (val | test) that enter the ASR, seeded sample of ``n``."""
     if split not in ("val", "test"):

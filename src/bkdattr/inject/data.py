@@ -550,6 +550,14 @@ def read_splits(data_dir: str | Path) -> Splits:
     return Splits(task, train, poisoned, val, test, meta=info.get("meta", {}))
 
 
+def sample_examples(examples: list, n: int | None, seed: int) -> list:
+    """A seeded sample of ``n`` examples in their original order (all when ``n`` is 0/None or too large)."""
+    if not n or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
 def load_splits(run: RunDir) -> Splits:
     """The splits of a run folder (``RUN/data``)."""
     return read_splits(run.data_dir)
