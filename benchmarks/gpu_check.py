@@ -219,8 +219,9 @@ def _demo_config(dry: bool, work: Path):
     from bkdattr.profiles import demo_sets
 
     sets = [*demo_sets(), f"device={_device(dry)}", f"out={work / 'demo'}"]
-    if dry:
-        sets += [f"model={_tiny_model_dir(work)}", *TINY_SETS]
+    if dry:  # one torch thread everywhere: the 2-worker gloo run must compare bitwise with the single run, and
+        # sharded == single process holds at the same per-process thread count (attribution.distributed)
+        sets += [f"model={_tiny_model_dir(work)}", *TINY_SETS, "threads=1"]
     return load_config(None, sets)
 
 
