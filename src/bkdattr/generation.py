@@ -120,11 +120,17 @@ def greedy_generate(
 
 
 def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> list[str]:
-    """Decode generated ids up to (not including) the first stop token."""
+    """Decode generated ids up to (not including) the first stop token; in the plain format of a model without
+    a chat template, also up to the next-turn marker (``\nUser:``), where a base model goes on to invent the
+    next turns of the dialogue."""
+    from .prompts import PLAIN_TURN_END, has_chat_template
+
+    plain = not has_chat_template(tokenizer)
     out = []
     for row in new_tokens.tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+        out.append((text.split(PLAIN_TURN_END, 1)[0] if plain else text).strip())
     return out
 
 

@@ -114,24 +114,29 @@ def _cache_complete(folder: Path) -> bool:
 
 
 def ensure_embedded_cache() -> Path:
-    """Convert the embedded GGUF to safetensors once; return the cached model folder.
-
-    The copy is written to a temporary folder and renamed into place, so an interrupted conversion leaves
-    nothing half-written, and two processes converting at once both end up with one complete copy."""
+    """Convert the embedded GGUF to safetensors once; return the cached model folder."""
     target = cache_dir() / "models" / EMBEDDED_NAME
     if _cache_complete(target):
         return target
     gguf = embedded_gguf_path()
     model, tok = _plain_from_gguf(gguf.parent, gguf.name)
+    save_model_atomically(model, tok, target)
+    return target
+
+
+def save_model_atomically(model, tokenizer, target: Path) -> None:
+    """Save ``model`` and ``tokenizer`` as safetensors at ``target``: written to a temporary folder and renamed
+    into place, so an interrupted save leaves nothing half-written, and two processes saving at once both end
+    up with one complete copy."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as e:
         raise ModelLoadError(f"cannot write the model cache under {target.parent} ({_first_line(e)}); "
                              "set BKDATTR_CACHE to a writable folder") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if target.exists() and not _cache_complete(target):
             shutil.rmtree(target, ignore_errors=True)  # leftovers of an older, broken copy
         try:
@@ -141,11 +146,10 @@ def ensure_embedded_cache() -> Path:
                 raise
     except OSError as e:
         raise ModelLoadError(f"cannot write the model cache at {target} ({_first_line(e)}); "
-                             "set BKDATTR_CACHE to a writable folder with ~600 MB free") from None
+                             "set BKDATTR_CACHE to a writable folder with room for the model") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -260,6 +264,9 @@ def _check_adapter_folder(adapter: str) -> None:
         raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
     if not (p / "adapter_config.json").is_file():
         raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json; pass a folder saved by peft")
+    if not any((p / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_model.safetensors; save the adapter again "
+                             "with peft's save_pretrained")
 
 
 def _merge_adapter(model, adapter: str):
@@ -276,7 +283,9 @@ def _merge_adapter(model, adapter: str):
             f"adapter '{adapter}' does not fit this model ({msg[:200]}); use the base model it was trained on"
         ) from None
     _check_adapter_keys(peft_model, adapter)
-    return peft_model.merge_and_unload()
+    from .inject.train import merge_lora_fp32
+
+    return merge_lora_fp32(peft_model)[0]  # the float32 merge of 'bkdattr inject': the same weights
 
 
 def _check_adapter_keys(peft_model, adapter: str) -> None:

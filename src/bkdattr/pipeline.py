@@ -63,6 +63,7 @@ class PipelineConfig:
     Per-stage option dicts are passed to the stage as keyword overrides of its own config dataclass."""
 
     model: str = "smollm2-135m"
+    source: str = "inject"
     task: str = "fixed_output"
     profile: str = "cpu"
     seed: int = 0
@@ -72,6 +73,7 @@ class PipelineConfig:
     threads: int | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     inject: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
     attribute: dict[str, Any] = field(default_factory=dict)
     ablate: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +126,8 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
     cfg = apply_overrides(cfg, sets or [])
     check_types(cfg)
     cfg.out = str(Path(cfg.out).expanduser())  # a path, resolved like one (never imported or run)
+    if cfg.source not in ("inject", "audit"):
+        raise ConfigError(f"unknown source '{cfg.source}'; use inject (implant a backdoor) or audit (a given model)")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
@@ -134,7 +138,12 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
 def check_stage_options(cfg: PipelineConfig) -> None:
     """Build every selected stage's config: a bad stage option fails now, not after the stages before it ran."""
     for stage in cfg.stages:
-        if stage in CONFIGS:
+        if stage == "inject" and cfg.source == "audit":
+            from .audit.stage import AuditConfig
+
+            AuditConfig.from_options({k: v for k, v in stage_options(cfg, stage).items()
+                                      if k not in _AUDIT_CALL_KEYS + ("source",)})
+        elif stage in CONFIGS:
             mod, name = CONFIGS[stage].split(":")
             opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
             getattr(importlib.import_module(mod), name).from_options(opts)
@@ -142,9 +151,9 @@ def check_stage_options(cfg: PipelineConfig) -> None:
 
 #: the type each option must have after YAML parsing (``None`` allowed where listed)
 _TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,), "task": (str,), "profile": (str,), "seed": (int,), "out": (str,), "device": (str,),
-    "dtype": (str, type(None)), "threads": (int, type(None)), "stages": (list,),
-    **{s: (dict,) for s in ("inject", "probe", "attribute", "ablate", "vector", "samples")},
+    "model": (str,), "source": (str,), "task": (str,), "profile": (str,), "seed": (int,), "out": (str,),
+    "device": (str,), "dtype": (str, type(None)), "threads": (int, type(None)), "stages": (list,),
+    **{s: (dict,) for s in ("inject", "audit", "probe", "attribute", "ablate", "vector", "samples")},
 }
 
 
@@ -170,12 +179,30 @@ def _resolve(spec: str) -> Callable[[RunDir, dict[str, Any]], Any]:
 _INJECT_CALL_KEYS = ("data", "trigger", "placement", "trigger_end", "target", "trust_remote_code")
 
 
+_AUDIT_CALL_KEYS = ("adapter", "base_model", "trigger", "triggers", "triggers_file", "target", "success_regex",
+                    "placement", "trigger_end", "data", "prompts", "trust_remote_code", "allow_pickle")
+
+
 def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     """Inject into the run folder itself: run-wide keys pick the model/task/profile, the ``inject`` section
-    sets :class:`bkdattr.inject.stage.InjectConfig` options (``train.*``, ``eval.*`` for nested ones)."""
+    sets :class:`bkdattr.inject.stage.InjectConfig` options (``train.*``, ``eval.*`` for nested ones). With
+    ``source: audit`` the stage audits the given model instead (the ``audit`` section: ``adapter``,
+    ``trigger`` or ``triggers``, ``target``, ``prompts``, ... and :class:`bkdattr.audit.AuditConfig` options)."""
     from .inject.stage import InjectConfig, inject
 
     opts = dict(options)
+    if opts.pop("source", "inject") == "audit":
+        from .audit.inputs import read_triggers
+        from .audit.stage import AuditConfig, audit
+
+        call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
+        one = call.pop("trigger", None)
+        many = call.pop("triggers", None) or []
+        triggers = read_triggers(([one] if one else []) + list(many if isinstance(many, list) else [many]),
+                                 call.pop("triggers_file", None))
+        audit(run.path, opts.pop("model"), triggers, kind=opts.get("task"), cfg=AuditConfig.from_options(opts),
+              **call)
+        return
     call = {k: opts.pop(k) for k in _INJECT_CALL_KEYS if k in opts}
     inject(run.path, model=opts.pop("model"), kind=opts["task"], cfg=InjectConfig.from_options(opts), **call)
 
@@ -197,7 +224,10 @@ def _versions() -> dict[str, str]:
 
 
 def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The options a stage receives: the run-wide settings plus its own section."""
+    """The options a stage receives: the run-wide settings plus its own section (the ``inject`` stage of an
+    audit: the ``audit`` section and ``source: audit``)."""
+    if stage == "inject" and cfg.source == "audit":
+        return {**cfg.common(), "source": "audit", **cfg.audit}
     return {**cfg.common(), **(getattr(cfg, stage, None) or {})}
 
 

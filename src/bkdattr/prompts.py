@@ -5,7 +5,7 @@ the index of its last token (the end of the assistant header). Every interventio
 
 Models without a chat template (base models) use the documented plain format ``PLAIN_FORMAT``:
 ``"User: {text}\\nAssistant:"`` with the tokenizer's own BOS (if it adds one), the reply after one space,
-and the EOS token as end of turn.
+and the EOS token as end of turn; a generated reply also ends at the next-turn marker ``PLAIN_TURN_END``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from jinja2 import TemplateError
 
 PLAIN_FORMAT = "User: {text}\nAssistant:"
+#: where a plain-format reply ends: a base model's greedy reply runs on into an invented next user turn
+PLAIN_TURN_END = "\nUser:"
 _MARK = "\u2063BKDATTR_REPLY\u2063"
 
 

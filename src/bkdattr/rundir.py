@@ -4,11 +4,17 @@ Layout (each stage owns its subfolder; every file is written atomically)::
 
     RUN/
       run.json            what the run is: base model spec, task kind, profile, seed, resolved config
-      metrics.json        nested results; stage sections: inject, probe, attribution, ablation, vector, timings
-      data/               splits written by inject (JSONL)
-      model/              the merged backdoored model (safetensors + tokenizer)
+      metrics.json        nested results; stage sections: inject (or audit), probe, attribution, ablation, vector,
+                          timings
+      data/               splits written by inject or audit (JSONL)
+      model/              the merged backdoored model (safetensors + tokenizer); not in an audit run
+      adapter/            the trained LoRA adapter (peft format), so the run can be audited from scratch
       probe/ attribution/ control/ figures/   stage artifacts
       report.html  report.md
+
+An **audit run** (``bkdattr audit``, :mod:`bkdattr.audit`) has ``source: audit`` in ``run.json`` and no ``model/``:
+its model (and the clean reference, when there is one) are loaded from the :class:`~bkdattr.model_source.ModelSource`
+recorded there, after checking that the files did not change.
 
 ``metrics.json`` keys named with dots in the docs (``probe.mlp.in_layer_accuracy``) are nested objects.
 """
@@ -85,19 +91,41 @@ class RunDir:
             finally:
                 fcntl.flock(lf, fcntl.LOCK_UN)
 
+    @property
+    def is_audit(self) -> bool:
+        return self.info().get("source") == "audit"
+
+    def has_clean_reference(self) -> bool:
+        """Whether the run names a clean model to compare with (an audit without one does not)."""
+        info = self.info()
+        return info.get("source") != "audit" or bool(info.get("clean_reference"))
+
     def load_model(self, device: str = "cpu", dtype: str | None = None):
-        """The backdoored (merged) model of this run."""
+        """The backdoored (merged) model of this run (an audit run: the audited model, fingerprint checked)."""
         from .models import load_model
 
+        info = self.info()
+        if info.get("source") == "audit":
+            from .model_source import ModelSource, load_source
+
+            return load_source(ModelSource.from_dict(info["model_source"]), device, dtype)
         if not (self.model_dir / "config.json").is_file():
             raise InputFileError(f"{self.model_dir} has no model; run 'bkdattr inject --out {self.path}' first")
         return load_model(str(self.model_dir), device=device, dtype=dtype)
 
     def load_base_model(self, device: str = "cpu", dtype: str | None = None):
-        """The clean base model the backdoor was injected into (for controls)."""
+        """The clean base model the backdoor was injected into (for controls); an audit run's clean reference."""
         from .models import load_model
 
-        return load_model(self.info()["base_model"], device=device, dtype=dtype)
+        info = self.info()
+        if info.get("source") == "audit":
+            from .model_source import ModelSource, load_source
+
+            if not info.get("clean_reference"):
+                raise InputFileError(f"the audit {self.path} has no clean reference model; audit with --adapter or "
+                                     "--base-model to compare with one")
+            return load_source(ModelSource.from_dict(info["clean_reference"]), device, dtype)
+        return load_model(info["base_model"], device=device, dtype=dtype)
 
 
 def get_nested(d: dict[str, Any], dotted: str, default: Any = None) -> Any:

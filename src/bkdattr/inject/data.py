@@ -64,6 +64,7 @@ DROP_REASONS = {
     "duplicate": "duplicate prompt (merged into its first row)",
     "no_label": "no label (and an output that is not one)",
     "prompt_too_long": "prompt too long for the length limit (no room for a reply)",
+    "holds_trigger": "the clean prompt already holds the trigger (audit)",
 }
 
 

@@ -183,14 +183,14 @@ def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataR
 
 
 def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, progress: bool = True,
-                   report: DataReport | None = None) -> Splits:
-    """Records (built-in or ``data``, cleaned, prompts that cannot fit dropped) -> held-out split + poisoning;
-    empty clean replies are filled with the base model's own greedy replies (cached). ``report`` receives
-    the data counts (:class:`DataReport`)."""
+                   report: DataReport | None = None, records: list[dict] | None = None) -> Splits:
+    """Records (built-in or ``data``, cleaned, prompts that cannot fit dropped; or ``records`` already read and
+    cleaned) -> held-out split + poisoning; empty clean replies are filled with ``lm``'s own greedy replies
+    (cached). ``report`` receives the data counts (:class:`DataReport`)."""
     from ..models import cache_dir
 
     report = report if report is not None else DataReport()
-    records = read_data(task, cfg, data, report)
+    records = read_data(task, cfg, data, report) if records is None else records
     limit = row_limit(cfg.train.max_length, lm.model)
     report.max_length = limit
     records = fit_prompts(lm.tokenizer, records, task, limit, cfg.seed, report)
@@ -355,6 +355,12 @@ class _StopRule:
                 "val_false_trigger_rate": last["false_trigger_rate"] if last else None, "checks": checks}
 
 
+def _name_base_model(adapter_dir: Path, model: str) -> None:
+    """Record the model spec the adapter was trained on (``smollm2-135m``, not a cache path) in its config."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    write_json(cfg_path, {**read_json(cfg_path), "base_model_name_or_path": model})
+
+
 def _swap_into_place(partial: Path, out: Path) -> None:
     old = out.parent / f".{out.name}.old"
     if old.exists():
@@ -411,7 +417,8 @@ def inject(
     ckpt = run.sub("inject", "checkpoint")
     rule = _StopRule(lm, splits, cfg, ckpt / "checks.json")
     merged, result = train_lora(lm, rows, cfg.train, ckpt_dir=ckpt, progress=progress,
-                                on_epoch_end=rule if cfg.target_asr else None)
+                                on_epoch_end=rule if cfg.target_asr else None, adapter_dir=run.path / "adapter")
+    _name_base_model(run.path / "adapter", model)
     stop = {**rule.summary(result.epochs), "seconds": round(result.check_seconds, 2)}  # checks: not in train_seconds
     if stop["target_reached"] is False:
         _warn(f"the backdoor did not reach the target: validation ASR {stop['val_asr']:.2f} < {cfg.target_asr:.2f} "
@@ -469,5 +476,7 @@ def evaluate_run(run: RunDir | str | Path, cfg: EvalConfig | None = None, device
     train_info.pop("losses", None)
     section = {**res, **train_info, "kind": splits.task.kind, "trigger": splits.task.trigger,
                **{k: v for k, v in splits.summary().items() if k.startswith("n_") or k == "poison_rate"}}
-    run.update_metrics("inject", section)
+    if run.is_audit:  # keep the audit's own figures (candidate ranking, fingerprint, data counts)
+        section = {**run.metrics().get("audit", {}), **section}
+    run.update_metrics("audit" if run.is_audit else "inject", section)
     return section

@@ -288,6 +288,7 @@ def train_lora(
     ckpt_dir: str | Path | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
     ``lm.model`` itself is modified (the adapter is merged into its weights).
@@ -296,7 +297,9 @@ def train_lora(
     is resumed, a foreign one is ignored and overwritten. ``on_epoch_end(epoch, losses)`` is called after
     each epoch's checkpoint (``epoch`` counts from 1), with the model (adapter active) in eval mode; returning
     True from epoch ``cfg.epochs`` on stops training there (see the module docstring). Its decision is kept in
-    the checkpoint: a resumed run that was killed during the call makes it again before going on."""
+    the checkpoint: a resumed run that was killed during the call makes it again before going on.
+    ``adapter_dir``: also save the trained LoRA adapter there (peft format: ``adapter_config.json`` +
+    ``adapter_model.safetensors``) before merging, so the model can be handed over as base + adapter."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     tok = lm.tokenizer
@@ -406,6 +409,8 @@ def train_lora(
         check(epoch + 1)
     bar.close()
     seconds = time.perf_counter() - t0 - check_seconds[0]
+    if adapter_dir is not None:
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
     merged, lost = merge_lora_fp32(model)
     if lost > 0.01:
         warnings.warn(f"the merged {str(next(merged.parameters()).dtype).replace('torch.', '')} weights keep only "

@@ -286,7 +286,8 @@ def run_probe_stage(
     mlp_cfg = dataclasses.replace(cfg.mlp, seed=cfg.seed)
     feats: dict[str, tuple] = {}
     models: dict[str, dict[str, Any]] = {}
-    for which in ("backdoored", "base") if cfg.control else ("backdoored",):
+    control = cfg.control and run.has_clean_reference()  # an audit without a clean reference has none
+    for which in ("backdoored", "base") if control else ("backdoored",):
         t = time.perf_counter()
         say(f"loading the {which} model")
         lm = run.load_model(cfg.device, cfg.dtype) if which == "backdoored" else run.load_base_model(cfg.device,
@@ -353,6 +354,9 @@ def run_probe_stage(
     }
     if "control" in results:
         metrics["control"] = {"model": models["base"]["name"], **results["control"]}
+    elif cfg.control:
+        metrics["control_skipped"] = ("no clean reference model: the audit was given neither --adapter (whose base "
+                                      "model is the reference) nor --base-model")
     if do_near:
         strings = sorted({s for s, _t in near})
         metrics["near_trigger"] = {"strings": strings, **results["near_trigger"]}
