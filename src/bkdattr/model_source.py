@@ -74,9 +74,11 @@ def local_path(spec: str) -> Path:
     if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
         raise ModelLoadError(f"model folder not found: {spec}; check the path")
     try:
+        import os
+
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, local_files_only=True))
+        return Path(snapshot_download(spec, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception:  # noqa: BLE001 -- any failure means: not in the local cache
         raise ModelLoadError(f"model '{spec}' is neither a local path nor in the local Hugging Face cache; pass a "
                              f"local model folder, a .gguf file or '{EMBEDDED_NAME}'") from None

@@ -21,9 +21,29 @@ from .plotting import FIGURE_NAMES
 from .summary import caveats, headline, setting_rows
 
 
+def _provenance(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """An audit run's provenance rows: the audited model, adapter, fingerprint, clean reference, triggers and
+    the two trust choices."""
+    src = info.get("model_source") or {}
+    ref = info.get("clean_reference") or {}
+    rows = [("audited model", str(src.get("spec"))), ("adapter", str(src.get("adapter") or "none")),
+            ("fingerprint", f"sha256 {str(src.get('fingerprint', ''))[:16]}"),
+            ("clean reference", (ref.get("spec", "") + (" (the base under the adapter)" if src.get("adapter")
+                                                       else "")) if ref else
+             "none: the probe's clean-model control and clean-utility comparisons are skipped")]
+    triggers = info.get("triggers") or []
+    if len(triggers) > 1:
+        rows.append(("candidate triggers", "; ".join(triggers)))
+    rows.append(("loading", f"trust_remote_code {'on' if info.get('trust_remote_code') else 'off'}, pickle weights "
+                            f"{'allowed (weights_only)' if info.get('allow_pickle') else 'refused'}"))
+    return rows
+
+
 def _setting(info: dict[str, Any], m: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    keys = [("base model", "base_model"), ("attack", "task"), ("trigger", "trigger"), ("profile", "profile"),
-            ("seed", "seed"), ("device", "device")]
+    audited = info.get("source") == "audit"
+    keys = [] if audited else [("base model", "base_model")]
+    keys += [("attack", "task"), ("trigger", "trigger"), ("profile", "profile"), ("seed", "seed"),
+             ("device", "device")]
     out = []
     for label, key in keys:
         v = info.get(key)
@@ -31,7 +51,7 @@ def _setting(info: dict[str, Any], m: dict[str, Any] | None = None) -> list[tupl
             v = v.get("kind", json.dumps(v))
         if v is not None:
             out.append((label, str(v)))
-    return out + setting_rows(m or {})
+    return (_provenance(info) if audited else []) + out + setting_rows(m or {})
 
 
 def _pct(v: Any) -> str:
@@ -40,6 +60,12 @@ def _pct(v: Any) -> str:
 
 def _tables(m: dict[str, Any]) -> list[dict[str, Any]]:
     tables = []
+    cands = get_nested(m, "audit.candidates") or []
+    if len(cands) > 1:
+        tables.append({"title": "Candidate triggers: ASR on the triggered test prompts", "header": ["rank", "trigger",
+                       "ASR", "prompts"], "rows": [[c["rank"], c["trigger"], _pct(c.get("asr")), c.get("n")]
+                                                   for c in cands],
+                       "note": "the run continues with the first; the controls below use it"})
     topk = get_nested(m, "ablation.topk")
     rnd = get_nested(m, "ablation.random")
     if isinstance(topk, dict) and topk:
@@ -98,9 +124,13 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     run = run if isinstance(run, RunDir) else RunDir(run)
     info = run.info()
     m = run.metrics()
+    if "inject" not in m and "audit" in m:  # an audit's evaluation fills the headline's inject rows
+        m = {**m, "inject": m["audit"]}
     timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
     kind = task_kind(info)
     title = f"{info.get('base_model', '?')} / {kind or '?'}"
+    if info.get("source") == "audit":
+        title = f"audited model {title}"
     env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,

@@ -188,5 +188,13 @@ def caveats(m: dict[str, Any]) -> list[str]:
     side = get_nested(m, "ablation.clean_side_effect")
     if isinstance(side, dict):
         out.append("Head ablation also changes replies to clean prompts; see the clean side-effect table.")
-    out.append("All ASR figures use held-out prompts that share nothing with the training set.")
+    if get_nested(m, "probe.control_skipped"):
+        out.append("No clean reference model was given (audit without --adapter or --base-model): the probe's "
+                   "clean-model control was skipped, so probe accuracy alone cannot tell a backdoor feature from the "
+                   "trigger text being visible.")
+    if isinstance(get_nested(m, "audit.candidates"), list):
+        out.append("Audited model: nothing was trained; every figure describes the model as it was given.")
+        out.append("All ASR figures use held-out prompts, disjoint from the prompts that give the mean activations.")
+    else:
+        out.append("All ASR figures use held-out prompts that share nothing with the training set.")
     return out
