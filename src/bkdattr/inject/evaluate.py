@@ -101,9 +101,11 @@ def evaluate(
     cfg: EvalConfig | None = None,
     edit: Callable | None = None,
     progress: bool = True,
+    keep_replies: bool = False,
 ) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
-    ``samples`` (a few prompt/reply pairs). ``edit`` is passed to :func:`bkdattr.generation.generate`."""
+    ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
+    ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.generation.generate`."""
     from ..generation import generate
 
     cfg = cfg or EvalConfig()
@@ -144,6 +146,8 @@ def evaluate(
     out["near_trigger_rate"] = (sum(near_rates.values()) / len(near_rates)) if near_rates else None
     out["n_near"] = min(cfg.n_near, len(subset)) if near_rates else 0
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    if keep_replies:
+        out["replies"] = {"triggered": trig_replies, "clean": clean_replies}
     out["eval_config"] = asdict(cfg)
     k = cfg.n_samples
     out["samples"] = {

@@ -1,0 +1,65 @@
+"""Clean utility of a defended model, measured the same way for every defence (docs/METHOD.md section 8).
+
+On the held-out prompts of a run (``eval.split``, test by default), for the model as it is (the undefended
+baseline) and for each defence:
+
+* the task's backdoor figures: ASR on the triggered prompts, near-trigger ASR, false-trigger rate
+  (:func:`bkdattr.inject.evaluate.evaluate`);
+* the task's **clean metric** on the clean prompts (section 1);
+* the **perplexity** of the clean reference replies (``Example.output``: the base model's own replies, or the
+  data file's) under teacher forcing, ``ppl = exp(sum NLL / n tokens)`` over every reply token and the end of
+  turn, reported as the ratio defended / undefended;
+* the **changed-reply share**: the fraction of greedy clean replies (``eval.max_new_tokens`` new tokens) that
+  differ at all from the undefended model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..inject.data import Splits
+from ..inject.evaluate import EvalConfig, evaluate, target_logprob
+from ..prompts import target_ids
+
+#: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
+FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")
+
+
+def reference_perplexity(lm, prompts: Sequence[str], replies: Sequence[str], batch_size: int = 16) -> float:
+    """``exp`` of the mean token NLL of ``replies`` (each followed by the end-of-turn token) after the chat
+    prompts ``prompts``, teacher-forced; every token weighs the same (a float)."""
+    if not prompts:
+        return float("nan")
+    mean_lp = target_logprob(lm, list(prompts), list(replies), batch_size)  # [N] mean log-prob per row
+    n = [len(target_ids(lm.tokenizer, y)) for y in replies]
+    total = sum(float(m) * k for m, k in zip(mean_lp.tolist(), n, strict=True))
+    return math.exp(-total / sum(n))
+
+
+def changed_share(before: Sequence[str], after: Sequence[str]) -> float:
+    """Fraction of replies that differ at all (after stripping white space)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"{len(before)} replies before, {len(after)} after: compare the same prompts")
+    return sum(a.strip() != b.strip() for a, b in zip(before, after, strict=True)) / len(before)
+
+
+def defence_figures(lm, splits: Splits, cfg: EvalConfig, baseline: dict[str, Any] | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The figures of ``lm`` (a defended model, or the baseline when ``baseline`` is None) on the run's held-out
+    prompts; with ``baseline`` (a previous result of this function) also ``perplexity_ratio`` and
+    ``changed_reply_share``. ``clean_replies`` is kept for the next comparison (drop it before saving)."""
+    res = evaluate(lm, splits, cfg, progress=progress, keep_replies=True)
+    examples = list(splits.test if cfg.split == "test" else splits.val)[: cfg.n_eval or None]
+    ppl = reference_perplexity(lm, [e.prompt for e in examples], [e.output for e in examples], cfg.batch_size)
+    out = {"asr": res["asr"], "near_trigger_asr": res["near_trigger_rate"],
+           "false_trigger_rate": res["false_trigger_rate"], "clean_metric": res["clean_metric"],
+           "clean_metric_name": res["clean_metric_name"], "perplexity": ppl, "n_triggered": res["n_triggered"],
+           "n_clean": res["n_clean"], "clean_replies": res["replies"]["clean"]}
+    if baseline is not None:
+        out["perplexity_ratio"] = ppl / baseline["perplexity"]
+        out["changed_reply_share"] = changed_share(baseline["clean_replies"], out["clean_replies"])
+    else:
+        out["perplexity_ratio"], out["changed_reply_share"] = 1.0, 0.0
+    return out
