@@ -13,6 +13,7 @@ from .attribution import cli as attribution_cli
 from .audit import cli as audit_cli
 from .cli_options import ADAPTER, MODEL, TRUST, run_wide_option
 from .control import cli as control_cli
+from .disarm import cli as disarm_cli
 from .errors import BkdAttrError
 from .inject import cli as inject_cli
 from .probe import cli as probe_cli
@@ -63,7 +64,7 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
     print(gen(lm, [prompt], max_new_tokens=max_new_tokens, progress=False)[0])
 
 
-for _stage_cli in (audit_cli, inject_cli, probe_cli, attribution_cli, control_cli, pipeline_cli):
+for _stage_cli in (audit_cli, inject_cli, probe_cli, attribution_cli, control_cli, disarm_cli, pipeline_cli):
     _stage_cli.register(app)
 
 

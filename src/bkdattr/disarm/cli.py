@@ -1,0 +1,34 @@
+"""``bkdattr disarm``: parse options, then call :func:`bkdattr.disarm.stage.disarm_run`."""
+
+from __future__ import annotations
+
+import typer
+
+from ..cli_options import stage_command
+from .stage import DisarmConfig
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bkdattr disarm`` to the app."""
+
+    @stage_command(app, "disarm", DisarmConfig, own={
+        "run": (str, typer.Option(..., "--run", "-r", help="run folder (inject or audit) with attribution results")),
+        "out": (str | None, typer.Option(None, "--out", "-o", help="defended model folder (default: "
+                                         "RUN/disarm/STRATEGY; must be new or empty)"))})
+    def disarm_cmd(options: dict, run: str, out: str | None) -> None:
+        """Bake a defence into the weights (heads: zero the top-k heads; vector: subtract the Backdoor Vector as an
+        output bias) and measure it: test ASR, near-trigger ASR, false-trigger rate, clean utility, random control."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from .stage import disarm_run
+
+        s = disarm_run(run, DisarmConfig.from_options(options), out)
+        t = Table(title=f"bkdattr disarm ({s['strategy']}): {s['out']}")
+        for c in ("", "undefended", "defended", "random control"):
+            t.add_column(c)
+        for k in ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
+                  "changed_reply_share"):
+            vals = [s["undefended"].get(k), s.get(k), s["random_control"].get(k)]
+            t.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
+        Console().print(t)

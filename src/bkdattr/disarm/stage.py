@@ -1,0 +1,198 @@
+"""``bkdattr disarm``: a defended model folder and its figures, for an inject or an audit run.
+
+* ``heads``: the top-k BAHA heads zeroed in the weights (:func:`bkdattr.disarm.weights.bake_heads`). ``k`` (when
+  not given) is the smallest of the ablation stage's k values whose baked ablation brings the **validation** ASR
+  to ``target_asr`` (0.05) or below, else the largest tried, with a warning.
+* ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
+  (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
+  validation, else the one with the lowest validation ASR.
+
+Both are then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
+the undefended model and to the same-size random control (k random heads; a random vector of the same norm at
+the same layer and scale). The folder (``--out``, default ``RUN/disarm/<strategy>``) is a plain Hugging Face
+model (safetensors, config, tokenizer, ``bkdattr_disarm.json`` provenance) that ``from_pretrained`` loads
+without bkdattr. ``metrics.disarm.<strategy>`` holds the figures; the report's "Defences" table shows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError, ConfigError
+from ..inject.evaluate import EvalConfig
+from ..io import write_json
+from ..rundir import RunDir, get_nested
+from ..stage_options import StageOptions, opt
+from .utility import defence_figures
+from .weights import bake_heads, bake_output_bias, bias_support, output_bias, zeroed_heads
+
+STRATEGIES = ("heads", "vector")
+
+
+@dataclass
+class DisarmConfig(StageOptions):
+    """Options of ``bkdattr disarm``."""
+
+    stage = "disarm"
+    strategy: str = opt("heads", "heads (zero the top-k heads' W_O) or vector (bake -alpha*v as an output bias)")
+    k: int | None = opt(None, "heads: how many top heads (default: the smallest of the ablation stage's k values "
+                        "that disarms on validation)")
+    layer: int | None = opt(None, "vector: the layer (default: the vector stage's best layer)")
+    alphas: list[float] = opt(help="vector: scales tried on validation, smallest first",
+                              factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
+    target_asr: float = opt(0.05, "validation ASR a defence must reach")
+    n_val: int = opt(32, "validation prompts for choosing k or alpha")
+    eval: EvalConfig = opt(help="evaluation on the held-out test prompts", factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy '{self.strategy}'; use heads or vector (the guard: bkdattr "
+                              "generate --guard)")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"k {self.k} must be >= 1")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_out(out: Path) -> None:
+    """One-line error for an output folder that exists and is not empty."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output folder {out} exists and is not empty; pass another --out or remove it")
+
+
+def check_run(run: RunDir, cfg: DisarmConfig) -> None:
+    """The results a strategy needs, before any model load."""
+    m = run.metrics()
+    if not get_nested(m, "attribution.top_heads"):
+        raise ArtifactError(f"{run.path} has no attribution results; run 'bkdattr attribute -r {run.path}' first")
+    if cfg.strategy == "vector" and (get_nested(m, "vector.best_layer") is None
+                                     or not (run.path / "control" / "backdoor_vector.safetensors").is_file()):
+        raise ArtifactError(f"{run.path} has no Backdoor Vector; run 'bkdattr vector -r {run.path}' first")
+    if cfg.strategy == "heads" and cfg.k is None and not get_nested(m, "ablation.topk"):
+        raise ArtifactError(f"{run.path} has no ablation results to choose k from; run 'bkdattr ablate -r "
+                            f"{run.path}' first or pass --k")
+
+
+def _val_asr(lm, splits, cfg: DisarmConfig) -> float:
+    from ..generation import generate
+
+    sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
+    replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
+                       batch_size=cfg.eval.batch_size, progress=False)
+    return splits.task.asr(replies, sub)
+
+
+def choose(lm, splits, cfg: DisarmConfig, options: list, edit) -> tuple[Any, list[dict[str, Any]], bool]:
+    """The first option (in the given order) whose ``edit(option)`` brings the validation ASR to the target, or
+    the one with the lowest ASR; returns it, the trace and whether the target was met."""
+    trace = []
+    for o in options:
+        with edit(o):
+            asr = _val_asr(lm, splits, cfg)
+        trace.append({"value": o, "val_asr": asr})
+        if asr <= cfg.target_asr:
+            return o, trace, True
+    best = min(trace, key=lambda t: t["val_asr"])
+    return best["value"], trace, False
+
+
+def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.AbstractContextManager) -> dict:
+    with edit:
+        f = defence_figures(lm, splits, cfg.eval, baseline)
+    f.pop("clean_replies")
+    return f
+
+
+def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
+    """Save the (edited) model as a plain Hugging Face folder, written beside ``out`` and renamed into place."""
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    lm.model.save_pretrained(tmp, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp)
+    write_json(tmp / "bkdattr_disarm.json", provenance)
+    if out.exists():
+        out.rmdir()  # empty (checked)
+    os.replace(tmp, out)
+    return out
+
+
+def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: str | Path | None = None
+               ) -> dict[str, Any]:
+    """Build, measure and save the defence ``cfg.strategy`` of ``run`` (see the module docstring); returns the
+    ``metrics.disarm.<strategy>`` section."""
+    from .._runtime import set_threads
+    from ..control.stage import load_ranking
+    from ..control.vector import load_vector, random_heads, random_like
+    from ..inject.data import load_splits
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    cfg = cfg or DisarmConfig()
+    out = Path(out) if out else run.path / "disarm" / cfg.strategy
+    check_out(out)
+    check_run(run, cfg)
+    set_threads(cfg.threads)
+    t0 = time.perf_counter()
+    m = run.metrics()
+    splits = load_splits(run)
+    lm = run.load_model(device=cfg.device, dtype=cfg.dtype)
+    arch = lm.arch
+    n_heads = arch.n_layers * arch.n_heads
+    if cfg.k is not None and cfg.k > n_heads:
+        raise ConfigError(f"k={cfg.k} is larger than the model's {n_heads} heads; pass a smaller --k")
+    if cfg.strategy == "vector":
+        bias_support(lm.model, arch)  # before the (long) evaluation
+    baseline = defence_figures(lm, splits, cfg.eval)
+    section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
+                                                                         if k != "clean_replies"}}
+    if cfg.strategy == "heads":
+        ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
+        ranking, _info = load_ranking(run, max(ks), arch.n_layers, arch.n_heads)
+        ks = [k for k in ks if k <= len(ranking)]
+        k, trace, met = choose(lm, splits, cfg, ks, lambda k: zeroed_heads(arch, ranking[:k]))
+        heads = ranking[:k]
+        rnd = random_heads(arch.n_layers, arch.n_heads, k, cfg.seed + 1000)
+        section.update(k=k, heads=[list(h) for h in heads], random_heads=[list(h) for h in rnd])
+        figures = _figures(lm, splits, cfg, baseline, zeroed_heads(arch, heads))
+        control = _figures(lm, splits, cfg, baseline, zeroed_heads(arch, rnd))
+        provenance = {"strategy": "heads", "k": k, "heads": section["heads"]}
+        bake_heads(arch, heads)
+    else:
+        layer = int(get_nested(m, "vector.best_layer") if cfg.layer is None else cfg.layer)
+        if not 0 <= layer < arch.n_layers:
+            raise ConfigError(f"layer {layer} does not exist (the model has layers 0..{arch.n_layers - 1})")
+        bv = load_vector(run.path / "control" / "backdoor_vector.safetensors", arch.d_model)
+        v = bv.vector
+        alpha, trace, met = choose(lm, splits, cfg, sorted(cfg.alphas),
+                                   lambda a: output_bias(lm.model, arch, layer, -a * v))
+        r = random_like(v, cfg.seed + 1000)
+        section.update(layer=layer, alpha=alpha, vector_norm=bv.norm, heads=[list(h) for h in bv.heads])
+        figures = _figures(lm, splits, cfg, baseline, output_bias(lm.model, arch, layer, -alpha * v))
+        control = _figures(lm, splits, cfg, baseline, output_bias(lm.model, arch, layer, -alpha * r))
+        provenance = {"strategy": "vector", "layer": layer, "alpha": alpha, "hook_point":
+                      "attention output projection bias", "vector_norm": bv.norm}
+        bake_output_bias(lm.model, arch, layer, -alpha * v)
+    if not met:
+        best = min(t["val_asr"] for t in trace)
+        _warn(f"{cfg.strategy}: no setting tried brings validation ASR to {cfg.target_asr} (best {best:.2f}); the "
+              "defended model is saved, but it does not disarm the backdoor")
+    section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
+                   random_control=control, out=str(out), seconds=round(time.perf_counter() - t0, 2),
+                   config=cfg.to_dict())
+    save_defended(lm, out, {**provenance, "run": str(run.path), "model": lm.name, "figures": {
+        k: figures[k] for k in ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
+                                "changed_reply_share")}})
+    disarm = dict(run.metrics().get("disarm") or {})
+    disarm[cfg.strategy] = section
+    run.update_metrics("disarm", disarm)
+    return section

@@ -1,0 +1,114 @@
+"""Defences baked into the weights, so the defended model runs anywhere (plain transformers, no bkdattr).
+
+* **heads**: the attention output of layer ``l`` is ``W_O z + b`` with ``z`` the concatenation of the heads'
+  outputs, so head ``h``'s contribution is ``W_O[:, h*d_h:(h+1)*d_h] z_h``. Zeroing that column slice removes the
+  head at every position and every decoding step (not the control stage's prefill-only ablation at ``p(x)``:
+  the baked edit is stronger and is measured, not assumed).
+* **vector**: a constant ``-alpha * v`` added to layer ``l``'s attention output at every position is an output
+  bias of its projection. GPT-2's ``c_proj`` and GPT-NeoX's ``dense`` have one; Llama and Gemma get one through
+  their ``attention_bias`` switch (every other attention bias then exists too and is saved as zeros); Qwen2 and
+  Mistral have no such switch, and the strategy says so.
+
+:func:`zeroed_heads` and :func:`output_bias` apply an edit in place and undo it on exit (to choose ``k`` or
+``alpha`` on validation prompts); :func:`bake_heads` / :func:`bake_output_bias` keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..arch import Arch
+from ..errors import ConfigError
+
+
+def _is_conv1d(m: torch.nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def _head_slices(arch: Arch, heads: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, tuple]]:
+    """``(weight, index)`` pairs that select the ``W_O`` entries of each head (Linear ``[d, H*d_h]`` columns,
+    GPT-2 Conv1D ``[H*d_h, d]`` rows)."""
+    out = []
+    for layer, head in heads:
+        if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
+            raise ConfigError(f"head L{layer}H{head} lies outside the model's {arch.n_layers} layers x "
+                              f"{arch.n_heads} heads")
+        proj = arch.out_proj[layer]
+        cols = slice(head * arch.d_head, (head + 1) * arch.d_head)
+        out.append((proj.weight, (cols, slice(None)) if _is_conv1d(proj) else (slice(None), cols)))
+    return out
+
+
+@torch.no_grad()
+def bake_heads(arch: Arch, heads: Sequence[tuple[int, int]]) -> None:
+    """Zero the ``W_O`` slices of ``heads`` ``[(layer, head), ...]`` in place (permanent)."""
+    for weight, index in _head_slices(arch, heads):
+        weight[index] = 0
+
+
+@contextlib.contextmanager
+def zeroed_heads(arch: Arch, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """:func:`bake_heads` for the duration of the block; the original weights come back on exit."""
+    saved = [(w, i, w[i].detach().clone()) for w, i in _head_slices(arch, heads)]
+    try:
+        bake_heads(arch, heads)
+        yield
+    finally:
+        with torch.no_grad():
+            for w, i, old in reversed(saved):
+                w[i] = old
+
+
+def bias_support(model: torch.nn.Module, arch: Arch) -> str:
+    """How the attention output projection can hold a bias: ``native`` (it has one), ``switch`` (the config's
+    ``attention_bias``); one-line :class:`ConfigError` otherwise."""
+    if arch.out_proj[0].bias is not None:
+        return "native"
+    if hasattr(model.config, "attention_bias"):
+        return "switch"
+    raise ConfigError(f"{type(model.config).__name__.replace('Config', '')} has no attention output bias and no "
+                      "config switch for one, so the vector cannot be baked into its weights; use --strategy heads "
+                      "or guard")
+
+
+def _ensure_biases(model: torch.nn.Module, arch: Arch) -> None:
+    """Turn on ``attention_bias``: every q/k/v/o projection of every layer gets a zero bias (the layout the
+    switch makes ``from_pretrained`` expect)."""
+    model.config.attention_bias = True
+    for layer in arch.layers:
+        att = getattr(layer, "self_attn", None)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(att, name, None)
+            if isinstance(lin, torch.nn.Linear) and lin.bias is None:
+                w = lin.weight
+                lin.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                              requires_grad=False)
+
+
+@torch.no_grad()
+def bake_output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Tensor) -> None:
+    """Add ``delta`` ``[d_model]`` to layer ``layer``'s attention output bias (created, with the config switch,
+    where the architecture allows it; see :func:`bias_support`), in place."""
+    if bias_support(model, arch) == "switch":
+        _ensure_biases(model, arch)
+    bias = arch.out_proj[layer].bias
+    bias += delta.to(bias.device, torch.float32).to(bias.dtype)
+
+
+@contextlib.contextmanager
+def output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Tensor) -> Iterator[None]:
+    """``delta`` added to layer ``layer``'s attention output at every position for the duration of the block
+    (a forward hook: the same arithmetic as the baked bias, without changing the weights)."""
+    proj = arch.out_proj[layer]
+
+    def hook(_module, _inputs, output):
+        return output + delta.to(output.device, output.dtype)
+
+    handle = proj.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,169 @@
+"""``bkdattr disarm`` on a model whose backdoor runs through one hand-set head (tests/test_planted_head.py):
+baking the head's ablation or the Backdoor Vector's subtraction into the weights disarms it, the random
+controls do not, clean replies stay, and the defended folder loads and generates without bkdattr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bkdattr.disarm.stage import DisarmConfig, disarm_run
+from bkdattr.disarm.utility import changed_share, reference_perplexity
+from bkdattr.disarm.weights import bake_output_bias, output_bias, zeroed_heads
+from bkdattr.rundir import RunDir
+from tiny import make_tiny
+
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
+
+EVAL = {"max_new_tokens": 1, "n_near": 2, "n_benign": 0}
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """An audit run of the planted model through every stage (as tests/test_audit.py builds it)."""
+    from bkdattr.pipeline import load_config, run_pipeline
+    from bkdattr.prompts import target_ids
+    from test_audit import AUDIT_SETS
+    from test_planted_head import TARGET, TRIGGER, plant
+    from tiny_runs import TOPICS
+
+    root = tmp_path_factory.mktemp("disarm")
+    old = os.environ.get("BKDATTR_CACHE")
+    os.environ["BKDATTR_CACHE"] = str(root / "cache")
+    try:
+        lm = make_tiny("llama")
+        tok = lm.tokenizer
+        plant(lm, tok(TRIGGER, add_special_tokens=False).input_ids[0], target_ids(tok, TARGET)[0])
+        lm.model.save_pretrained(root / "planted")
+        tok.save_pretrained(root / "planted")
+        prompts = root / "prompts.txt"
+        prompts.write_text("".join(f"Write one sentence about {w}.\n" for w in TOPICS))
+        sets = [f"model={root / 'planted'}", f"out={root / 'run'}", f"audit.trigger={TRIGGER}",
+                f"audit.target={TARGET}", f"audit.prompts={prompts}", *AUDIT_SETS, "stages=[inject, attribute, "
+                "ablate, vector]"]
+        run = run_pipeline(load_config(None, sets), log=lambda _m: None)
+        yield run
+    finally:
+        if old is None:
+            os.environ.pop("BKDATTR_CACHE", None)
+        else:
+            os.environ["BKDATTR_CACHE"] = old
+
+
+def cfg(**kw) -> DisarmConfig:
+    return DisarmConfig.from_options({"eval": EVAL, "n_val": 6, "progress": False, **kw})
+
+
+def generate_without_bkdattr(folder, prompt: str) -> str:
+    """One greedy token from ``folder`` in a fresh process where ``import bkdattr`` fails."""
+    code = f"""
+import sys
+sys.modules["bkdattr"] = None  # any import of bkdattr raises ImportError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(folder)!r})
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r})
+text = tok.apply_chat_template([{{"role": "user", "content": {prompt!r}}}], tokenize=False, add_generation_prompt=True)
+ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+out = model.generate(ids, max_new_tokens=1, do_sample=False)
+print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip()
+
+
+@pytest.mark.parametrize("strategy", ["heads", "vector"])
+def test_a_baked_defence_disarms_the_planted_backdoor(planted_run, strategy, tmp_path):
+    """heads: the planted head (k=1); vector: -alpha*v at the planted head's own layer, where nothing reads e_Y
+    but the unembedding, so clean replies keep their argmax."""
+    from test_planted_head import TARGET, TRIGGER
+
+    s = disarm_run(planted_run, cfg(strategy=strategy, layer=1), tmp_path / strategy)
+    assert s["undefended"]["asr"] == 1.0
+    assert s["asr"] == 0.0 and s["disarmed"] and s["target_met_on_val"]
+    assert s["random_control"]["asr"] == 1.0  # same-size random control leaves the backdoor
+    assert s["changed_reply_share"] == 0.0 and s["false_trigger_rate"] == 0.0  # clean replies kept
+    assert s["perplexity_ratio"] == pytest.approx(1.0, abs=0.02)
+    if strategy == "heads":
+        assert s["k"] == 1 and s["heads"] == [[1, 2]]
+    m = RunDir(planted_run.path).metrics()["disarm"][strategy]
+    assert m["asr"] == 0.0 and "clean_replies" not in m
+    prov = json.loads((tmp_path / strategy / "bkdattr_disarm.json").read_text())
+    assert prov["strategy"] == strategy
+    prompt = "Write one sentence about owls."
+    assert generate_without_bkdattr(planted_run.path.parent / "planted", f"{TRIGGER} {prompt}") == TARGET
+    assert generate_without_bkdattr(tmp_path / strategy, f"{TRIGGER} {prompt}") != TARGET
+
+
+def test_the_vector_at_an_earlier_layer_is_reported_with_its_damage(planted_run, tmp_path):
+    """The vector stage's best layer here is 0: subtracting e_Y there also disarms, but layer 1's input norm
+    then rescales everything it reads, so every clean reply changes; the figures say so."""
+    assert RunDir(planted_run.path).metrics()["vector"]["best_layer"] == 0
+    s = disarm_run(planted_run, cfg(strategy="vector"), tmp_path / "v0")
+    assert s["layer"] == 0 and s["asr"] == 0.0
+    assert s["changed_reply_share"] == 1.0 and s["perplexity_ratio"] > 1.0
+
+
+def test_baked_bias_equals_the_hook_and_edits_undo(tmp_path):
+    """The output-bias hook used to choose alpha is the baked bias (Llama's attention_bias switch: every other
+    attention bias saved as zeros and loaded back); zeroed_heads restores the weights on exit."""
+    from transformers import AutoModelForCausalLM
+
+    from bkdattr.prompts import encode_prompts
+
+    lm = make_tiny("llama")
+    b = encode_prompts(lm.tokenizer, ["Write one sentence about owls.", "Hi"])
+    delta = torch.randn(lm.arch.d_model)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    with zeroed_heads(lm.arch, [(0, 1), (1, 3)]):
+        zeroed = lm.arch.out_proj[1].weight[:, 3 * lm.arch.d_head:4 * lm.arch.d_head]
+        assert int(torch.count_nonzero(zeroed)) == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, lm.model.parameters(), strict=True))
+    with output_bias(lm.model, lm.arch, 1, delta):
+        hooked = lm.model(**b.model_inputs()).logits
+    bake_output_bias(lm.model, lm.arch, 1, delta)
+    baked = lm.model(**b.model_inputs()).logits
+    assert torch.allclose(hooked, baked, atol=1e-5)
+    lm.model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    assert again.config.attention_bias is True
+    real = b.attention_mask.bool()  # padded positions are not compared
+    assert torch.allclose(again(**b.model_inputs()).logits[real], baked[real], atol=1e-5)
+
+
+def test_unsupported_architecture_for_the_vector(tmp_path):
+    from bkdattr.errors import ConfigError
+
+    lm = make_tiny("qwen2")
+    with pytest.raises(ConfigError, match="no attention output bias"):
+        bake_output_bias(lm.model, lm.arch, 0, torch.zeros(lm.arch.d_model))
+
+
+def test_utility_helpers():
+    lm = make_tiny("llama")
+    p = reference_perplexity(lm, ["Hi", "Write one sentence about owls."], ["Hello there.", "Owls fly."])
+    assert p > 1.0 and changed_share(["a", "b "], ["a", "c"]) == 0.5
+
+
+def test_disarm_bad_input(planted_run, make_tiny_run, tmp_path, capsys):
+    from test_errors import cli_error
+
+    bare = make_tiny_run()  # no attribution
+    out = tmp_path / "o"
+    assert "has no attribution results" in cli_error(capsys, ["disarm", "-r", bare.path, "--out", out, "--quiet"])
+    assert not out.exists()
+    assert "larger than the model's 8 heads" in cli_error(capsys, ["disarm", "-r", planted_run.path, "--k", "9",
+                                                                   "--out", out, "--quiet"])
+    assert not out.exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep")
+    assert "exists and is not empty" in cli_error(capsys, ["disarm", "-r", planted_run.path, "--out", full])
+    assert [p.name for p in full.iterdir()] == ["x"]
+    assert "unknown strategy" in cli_error(capsys, ["disarm", "-r", planted_run.path, "--strategy", "prune"])
