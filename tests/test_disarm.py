@@ -108,6 +108,12 @@ def test_the_vector_at_an_earlier_layer_is_reported_with_its_damage(planted_run,
     s = disarm_run(planted_run, cfg(strategy="vector"), tmp_path / "v0")
     assert s["layer"] == 0 and s["asr"] == 0.0
     assert s["changed_reply_share"] == 1.0 and s["perplexity_ratio"] > 1.0
+    from bkdattr.report.html import build_report
+
+    html, md = build_report(planted_run)
+    text = html.read_text()
+    assert "Defences: held-out test prompts" in text and "vector (layer 0, alpha" in text
+    assert "The vector defence disarms the backdoor but changes 100% of clean replies" in md.read_text()
 
 
 def test_baked_bias_equals_the_hook_and_edits_undo(tmp_path):

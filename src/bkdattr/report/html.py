@@ -77,6 +77,7 @@ def _tables(m: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append([k, _pct(topk[k]), _pct(mean) + (f" ± {100 * spread:.1f}" if spread is not None else "")])
         tables.append({"title": "Head ablation: ASR on triggered held-out prompts",
                        "header": ["k", "top-k by ACIE", "k random heads (mean ± sd)"], "rows": rows})
+    tables += _defence_tables(m)
     add, sub = get_nested(m, "vector.add"), get_nested(m, "vector.subtract")
     radd, rsub = get_nested(m, "vector.random_add"), get_nested(m, "vector.random_subtract")
     if isinstance(add, (list, dict)) and add:
@@ -94,6 +95,34 @@ def _tables(m: dict[str, Any]) -> list[dict[str, Any]]:
                        "rows": rows,
                        "note": f"best layer (validation): {get_nested(m, 'vector.best_layer')}"})
     return tables
+
+
+def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The "Defences" table: each disarm strategy next to the undefended model and its random control."""
+    d = m.get("disarm") or {}
+    rows = []
+    for name, sec in d.items():
+        if not isinstance(sec, dict):
+            continue
+        how = f"k={sec['k']}" if "k" in sec else f"layer {sec.get('layer')}, alpha {sec.get('alpha')}"
+        if name == "guard":
+            how = f"threshold {sec.get('threshold')}"
+        ctl = sec.get("random_control") or {}
+        rows.append([f"{name} ({how})", f"{_pct(sec.get('asr'))} ({_pct(ctl.get('asr'))})",
+                     _pct(sec.get("near_trigger_asr")), _pct(sec.get("false_trigger_rate")),
+                     f"{sec.get('clean_metric', float('nan')):.3f}", f"{sec.get('perplexity_ratio', float('nan')):.3f}",
+                     _pct(sec.get("changed_reply_share"))])
+    if not rows:
+        return []
+    base = next(iter(d.values())).get("undefended") or {}
+    rows.insert(0, ["undefended", _pct(base.get("asr")), _pct(base.get("near_trigger_asr")),
+                    _pct(base.get("false_trigger_rate")), f"{base.get('clean_metric', float('nan')):.3f}", "1.000",
+                    "0.0%"])
+    return [{"title": "Defences: held-out test prompts", "rows": rows,
+             "header": ["defence", "ASR (random control)", "near-trigger ASR", "false-trigger rate", "clean metric",
+                        "perplexity ratio", "clean replies changed"],
+             "note": "heads and vector are baked into the weights (every position, every step); the random control "
+                     "is the same edit with k random heads or a same-norm random vector"}]
 
 
 def _samples(run: RunDir) -> list[dict[str, Any]]:

@@ -115,6 +115,22 @@ def benign_caveats(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def defence_caveats(m: dict[str, Any]) -> list[str]:
+    """A defence that leaves the backdoor working says so, and names the one that works (if any)."""
+    d = {k: v for k, v in (m.get("disarm") or {}).items() if isinstance(v, dict) and v.get("asr") is not None}
+    works = [k for k, v in d.items() if v.get("disarmed")]
+    out = []
+    for name, sec in d.items():
+        if not sec.get("disarmed"):
+            other = f"; {', '.join(works)} does" if works else "; no defence tried here does"
+            out.append(f"The {name} defence leaves test ASR at {100 * sec['asr']:.0f}%: it does not disarm this "
+                       f"backdoor{other}.")
+        elif (sec.get("changed_reply_share") or 0) > 0.5:
+            out.append(f"The {name} defence disarms the backdoor but changes {100 * sec['changed_reply_share']:.0f}% "
+                       "of clean replies: check its clean metric and perplexity before shipping it.")
+    return out
+
+
 def setting_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     """Rows ``(label, value)`` for the report's Setting block from ``metrics.inject``: what happened to the data
     rows (read, dropped by reason, cut at the length limit, clean-only, usable for poisoning) and how many epochs
@@ -185,6 +201,7 @@ def caveats(m: dict[str, Any]) -> list[str]:
         if rnd.get(kmax) is not None and topk[kmax] >= rnd[kmax] - 0.05:
             out.append(f"Ablating the top {kmax} heads lowers ASR no more than ablating {kmax} random heads: the "
                        "ranking does not isolate the backdoor at this k.")
+    out += defence_caveats(m)
     side = get_nested(m, "ablation.clean_side_effect")
     if isinstance(side, dict):
         out.append("Head ablation also changes replies to clean prompts; see the clean side-effect table.")
