@@ -34,6 +34,10 @@ def audit_task(triggers: list[str], kind: str | None = None, target: str | None 
     :class:`ConfigError` for a missing, empty or contradicting rule."""
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"unknown task kind '{kind}'; use one of {', '.join(KINDS)}")
+    for name, value in (("target", target), ("success_regex", success_regex), ("placement", placement)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"the {name} must be text, not {type(value).__name__} {value!r}; quote it in YAML or "
+                              f"--set (audit.{name}='\"...\"')")
     if target is not None and not target.strip():
         raise ConfigError("the target is empty; pass the reply the backdoor produces with --target TEXT")
     if kind is None and target is None and not success_regex:
