@@ -173,3 +173,37 @@ def test_disarm_bad_input(planted_run, make_tiny_run, tmp_path, capsys):
     assert "exists and is not empty" in cli_error(capsys, ["disarm", "-r", planted_run.path, "--out", full])
     assert [p.name for p in full.iterdir()] == ["x"]
     assert "unknown strategy" in cli_error(capsys, ["disarm", "-r", planted_run.path, "--strategy", "prune"])
+
+
+def test_the_exported_vector_and_its_recipe_reproduce_bkdattrs_edit(planted_run, tmp_path, capsys):
+    """The documented few-line forward hook (bkdattr.disarm.export) gives the logits of bkdattr's own edit."""
+    from safetensors import safe_open
+
+    from bkdattr.cli import main
+    from bkdattr.control.vector import apply_vector
+    from bkdattr.prompts import encode_prompts
+
+    path = tmp_path / "v.safetensors"
+    assert main(["export-vector", "-r", str(planted_run.path), "-o", str(path), "--layer", "1"]) == 0
+    with safe_open(str(path), "pt") as f:
+        v, meta = f.get_tensor("vector"), f.metadata()
+    assert meta["module"] == "model.layers.1.self_attn.o_proj" and meta["layer"] == "1"
+    alpha = float(meta["scale"])
+    lm = planted_run.load_model()
+    b = encode_prompts(lm.tokenizer, ["cf Write one sentence about owls.", "Write one sentence about tea."])
+    with apply_vector(lm, v, 1, -alpha):
+        ours = lm.model(**b.model_inputs()).logits[:, -1]
+
+    def subtract(module, inputs, output):  # the recipe, as documented
+        if output.shape[1] > 1:
+            output[:, -1] -= alpha * v.to(output.dtype)
+        return output
+
+    handle = lm.model.get_submodule(meta["module"]).register_forward_hook(subtract)
+    try:
+        theirs = lm.model(**b.model_inputs()).logits[:, -1]
+    finally:
+        handle.remove()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    plain = lm.model(**b.model_inputs()).logits[:, -1]
+    assert not torch.allclose(plain, theirs, atol=1e-3)  # the edit does something

@@ -32,3 +32,14 @@ def register(app: typer.Typer) -> None:
             vals = [s["undefended"].get(k), s.get(k), s["random_control"].get(k)]
             t.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
         Console().print(t)
+
+    @app.command("export-vector")
+    def export_vector_cmd(run: str = typer.Option(..., "--run", "-r", help="run folder with a Backdoor Vector"),
+                          out: str = typer.Option(..., "--out", "-o", help="safetensors file to write"),
+                          layer: int | None = typer.Option(None, "--layer", help="default: the best layer"),
+                          scale: float | None = typer.Option(None, "--scale", help="default: the vector stage's "
+                                                              "alpha")) -> None:
+        """Write the Backdoor Vector with the metadata a plain forward hook needs (module, position, scale)."""
+        from .export import export_vector
+
+        print(export_vector(run, out, layer, scale))
