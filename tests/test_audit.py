@@ -301,3 +301,14 @@ def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
     assert run.load_model().arch.n_layers == 2 and run.info()["model_source"]["spec"] == "someone/tiny-llama"
     with pytest.raises(ModelLoadError, match="neither a local path nor in the local Hugging Face cache"):
         local_path("someone/not-cached")
+
+
+def test_plain_format_replies_end_at_the_next_turn_marker():
+    """A base model (no chat template) writes on into invented turns; its replies end at '\\nUser:'."""
+    from bkdattr.generation import decode_replies
+    from tiny import plain_tokenizer, tokenizer
+
+    text = " The capital is Paris.\nUser: and Spain?\nAssistant: Madrid."
+    for tok, want in ((plain_tokenizer(), "The capital is Paris."), (tokenizer(), text.strip())):
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        assert decode_replies(tok, ids, [tok.eos_token_id]) == [want]
