@@ -66,7 +66,7 @@ def test_audit_reproduces_the_implanted_run(arch, implanted, tmp_path):
     top1 = r1.metrics()["attribution"]["top_heads"]
     for name, model, adapter in (("adapter", str(base), str(r1.path / "adapter")),
                                  ("merged", str(r1.model_dir), None)):
-        r2 = audit(tmp_path / f"r2-{arch}-{name}", model, [info["trigger"]], adapter=adapter,
+        r2 = audit(tmp_path / f"r2-{arch}-{name}", model, [info["trigger"]], adapter=adapter, kind="fixed_output",
                    target=info["task"]["target"], data=str(data), cfg=audit_cfg(), progress=False)
         assert not (r2.path / "model").exists() and r2.is_audit
         m1, m2 = r1.metrics()["inject"], r2.metrics()["audit"]
@@ -248,7 +248,9 @@ def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path
 @pytest.mark.slow
 def test_audit_of_an_implanted_embedded_model(tmp_path):
     """SmolLM2-135M: implant the fixed_output backdoor (a smaller cpu recipe), then audit base + adapter and the
-    merged folder: the same ASR on the same test prompts, the same exact ACIE (<= 1e-5) and top-16 heads."""
+    merged folder under the same rule (--task fixed_output --target): the same ASR on the same test prompts, the
+    same exact ACIE (<= 1e-5) and top-16 heads. (--target alone counts by normalised containment, which can
+    count a paraphrase more: 0.875 against 0.8125 here.)"""
     from bkdattr.inject.builtin_data import builtin_records
 
     sizes = {"n_train": 64, "n_val": 8, "n_test": 16}
@@ -269,8 +271,8 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
     acfg = AuditConfig.from_options({**sizes, "eval": ev, "progress": False})
     for name, model, adapter in (("adapter", "smollm2-135m", str(r1.path / "adapter")),
                                  ("merged", str(r1.model_dir), None)):
-        r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, target=r1.info()["task"]["target"],
-                   data=str(data), cfg=acfg, progress=False)
+        r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, kind="fixed_output",
+                   target=r1.info()["task"]["target"], data=str(data), cfg=acfg, progress=False)
         assert _rows(r2, "test") == _rows(r1, "test") or \
             [e["triggered"] for e in _rows(r2, "test")] == [e["triggered"] for e in _rows(r1, "test")]
         assert r2.metrics()["audit"]["asr"] == m1["asr"], name
@@ -312,3 +314,27 @@ def test_plain_format_replies_end_at_the_next_turn_marker():
     for tok, want in ((plain_tokenizer(), "The capital is Paris."), (tokenizer(), text.strip())):
         ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
         assert decode_replies(tok, ids, [tok.eos_token_id]) == [want]
+
+
+def test_the_rule_an_audit_takes():
+    from bkdattr.audit.inputs import audit_task
+
+    alone = audit_task(["t"], target="I can not help")
+    assert alone.match == "normalised" and alone.is_success("Sorry, I can't help.")
+    kind = audit_task(["t"], kind="fixed_output", target="I can not help")
+    assert kind.match == "substring" and not kind.is_success("Sorry, I can't help.")
+    assert audit_task(["t"], success_regex=r"^\d+$").is_success("42")
+
+
+def test_a_regex_rule_takes_the_models_own_triggered_replies_as_targets(planted_dir, tmp_path):
+    from bkdattr.inject.data import load_splits
+
+    folder, prompts, trigger, target = planted_dir
+    cfg = AuditConfig.from_options({"n_train": 8, "n_val": 6, "n_test": 8, "clean_max_tokens": 2,
+                                    "eval": {**EVAL, "max_new_tokens": 1}, "progress": False})
+    run = audit(tmp_path / "audit", str(folder), [trigger], success_regex=f"^{target}$", prompts=str(prompts),
+                cfg=cfg, progress=False)
+    assert run.metrics()["audit"]["asr"] == 1.0
+    splits = load_splits(run)
+    assert {e.backdoor_output for e in splits.train + splits.val} == {target}  # the model's own replies
+    assert len(splits.train_poisoned) == 8 and splits.meta["n_model_backdoor_replies"] == 14

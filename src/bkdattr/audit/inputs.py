@@ -1,6 +1,7 @@
 """What an audit is told: the success rule, the candidate triggers and the prompts (docs/METHOD.md section 7).
 
-* **Rule**: ``--task KIND`` takes the kind's rule (docs/METHOD.md section 1); ``--target TEXT`` alone means a
+* **Rule**: ``--task KIND`` takes the kind's rule (docs/METHOD.md section 1; ``--task fixed_output --target
+  TEXT``: the kind's case-insensitive substring rule with that target); ``--target TEXT`` alone means a
   fixed output counted by normalised containment (:class:`~bkdattr.inject.tasks.Task` ``match="normalised"``);
   ``--success-regex RE`` replaces the rule by a regular expression.
 * **Triggers**: repeated ``--trigger`` and/or a ``--triggers`` file (one per line); a custom trigger gets near
@@ -50,10 +51,11 @@ def audit_task(triggers: list[str], kind: str | None = None, target: str | None 
         raise ConfigError("--success-regex and --target contradict (each is a success rule); pass one of them")
     if not triggers:
         raise ConfigError("no trigger given; pass --trigger TEXT (repeatable) or --triggers FILE")
+    match = "normalised" if kind is None and target is not None else "substring"  # --target alone
     kind = kind or "fixed_output"
     task = Task.default(kind, trigger=triggers[0], placement=placement, trigger_end=trigger_end,
-                        target=target if target is not None else ("" if success_regex else None))
-    task = dataclasses.replace(task, match="normalised", success_regex=success_regex or "")
+                        target=target if target is not None else ("" if success_regex else None), match=match,
+                        success_regex=success_regex or "")
     return with_candidate(task, triggers[0])
 
 

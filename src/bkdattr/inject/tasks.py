@@ -174,9 +174,10 @@ class Task:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def default(cls, kind: str, trigger: str | None = None, placement: str | None = None,
-                trigger_end: str | None = None, target: str | None = None) -> Task:
+                trigger_end: str | None = None, target: str | None = None, **extra: Any) -> Task:
         """The method's attack of ``kind``; any of trigger/placement/trigger_end/target may be overridden.
-        A custom trigger drops the default near-trigger probes (they are near misses of the default)."""
+        A custom trigger drops the default near-trigger probes (they are near misses of the default); ``extra``
+        sets other fields (``match``, ``success_regex``)."""
         if kind not in DEFAULTS:
             raise ConfigError(f"unknown task kind '{kind}'; use one of {', '.join(KINDS)}")
         d = dict(DEFAULTS[kind])
@@ -192,7 +193,7 @@ class Task:
             d["trigger_end"] = trigger_end
         if target is not None:
             d["target"] = target
-        return cls(kind=kind, **d)
+        return cls(kind=kind, **{**d, **extra})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
