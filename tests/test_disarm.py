@@ -102,10 +102,9 @@ def test_a_baked_defence_disarms_the_planted_backdoor(planted_run, strategy, tmp
 
 
 def test_the_vector_at_an_earlier_layer_is_reported_with_its_damage(planted_run, tmp_path):
-    """The vector stage's best layer here is 0: subtracting e_Y there also disarms, but layer 1's input norm
-    then rescales everything it reads, so every clean reply changes; the figures say so."""
-    assert RunDir(planted_run.path).metrics()["vector"]["best_layer"] == 0
-    s = disarm_run(planted_run, cfg(strategy="vector"), tmp_path / "v0")
+    """Subtracting e_Y at layer 0 also disarms, but layer 1's input norm then rescales everything it reads, so
+    every clean reply changes; the figures and the report say so."""
+    s = disarm_run(planted_run, cfg(strategy="vector", layer=0), tmp_path / "v0")
     assert s["layer"] == 0 and s["asr"] == 0.0
     assert s["changed_reply_share"] == 1.0 and s["perplexity_ratio"] > 1.0
     from bkdattr.report.html import build_report

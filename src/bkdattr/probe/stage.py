@@ -9,7 +9,8 @@ Protocol (docs/METHOD.md section 2, with the controls the paper lacked):
    held-out ones are preferred: the model never saw them.
 2. **Split by prompt**, seeded, 60/20/20: a prompt's clean, triggered and near-trigger versions always land in
    the same split, so a probe is never tested on a variant of a prompt it was trained on.
-3. **Features** of every layer at ``p(x)`` (:mod:`.features`, cached under ``RUN/probe/features/``).
+3. **Features** of every layer at ``p(x)`` (:mod:`.features`, cached under ``RUN/probe/features/``; an audit
+   run's under ``$BKDATTR_CACHE/features/``, so the run stays small).
 4. **Four probe settings**, each with an MLP and an SVM per layer, accuracy/AUROC on the test split and both
    ICLA matrices:
 
@@ -28,7 +29,8 @@ Protocol (docs/METHOD.md section 2, with the controls the paper lacked):
    ``near_triggers``, assigned to prompts in turn (seeded) and inserted exactly where the trigger goes (same
    per-prompt seed). The main probe's *fire rate* on near-trigger test prompts is reported too.
 
-Artifacts: ``RUN/probe/{setting}_{mlp.safetensors,svm.npz}`` (probes), ``RUN/probe/prompts.json`` (the prompts,
+Artifacts: ``RUN/probe/{setting}_{mlp.safetensors,svm.npz}`` (probes; the near-trigger settings' only with
+``save_near_trigger_probes``), ``RUN/probe/prompts.json`` (the prompts,
 their split and near string), ``RUN/probe/features/*.safetensors`` (cache); metrics section ``probe``;
 figures ``probe_icla_mlp.png``, ``probe_icla_svm.png``, ``probe_accuracy.png``.
 """
@@ -75,6 +77,8 @@ class ProbeStageConfig(StageOptions):
     prompt_source: str = opt("heldout_first", "heldout_first, heldout, all or train")
     control: bool = opt(True, "also probe the clean base model")
     near_trigger: bool = opt(True, "also probe trigger vs near-trigger prompts (when the task has near triggers)")
+    save_near_trigger_probes: bool = opt(False, "also save the near-trigger settings' probe weights (their "
+                                                "figures are always in metrics.probe; ~45 MB on the embedded model)")
     batch_size: int = opt(16, "prompts per forward pass during feature capture")
     mlp: MLPProbeConfig = opt(help="MLP probe hyper-parameters", factory=MLPProbeConfig)
     svm: SVMProbeConfig = opt(help="SVM probe hyper-parameters", factory=SVMProbeConfig)
@@ -241,6 +245,12 @@ def _near_prompts(task: Any, examples: Sequence[Any], seed: int, run_seed: int) 
     return out
 
 
+def _global_features() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / "features"
+
+
 def _model_features(
     lm: Any, texts: list[str], cfg: ProbeStageConfig, cache_dir: Path, tag: str
 ) -> tuple[torch.Tensor, bool, str]:
@@ -274,7 +284,8 @@ def run_probe_stage(
         raise DataError("a triggered prompt of this run lacks the trigger; rerun 'bkdattr inject' for this run")
     texts = clean + trig + [t for _s, t in near]
     probe_dir = run.path / "probe"
-    cache_dir = probe_dir / "features"
+    # an audit run holds no bulky artifacts: its feature cache lives under $BKDATTR_CACHE (same keys)
+    cache_dir = probe_dir / "features" if not run.is_audit else _global_features()
     write_json(probe_dir / "prompts.json", [
         {"uid": e.uid, "split": SPLIT_NAMES[int(p)], "prompt": e.prompt, "triggered": e.triggered,
          **({"near_trigger": near[i][0], "near_prompt": near[i][1]} if do_near else {})}
@@ -316,8 +327,9 @@ def run_probe_stage(
         for p in (mlp, svm):
             p.meta.update(setting=setting, kind=cfg.kind, model=models[which]["name"],
                           model_fingerprint=models[which]["fingerprint"])
-        mlp.save(probe_dir / f"{setting}_mlp.safetensors")
-        svm.save(probe_dir / f"{setting}_svm.npz")
+        if not setting.startswith("near_trigger") or cfg.save_near_trigger_probes:
+            mlp.save(probe_dir / f"{setting}_mlp.safetensors")
+            svm.save(probe_dir / f"{setting}_svm.npz")
         probes[setting] = (mlp, svm)
         results[setting] = res
         timings[f"probes_{setting}"] = time.perf_counter() - t
