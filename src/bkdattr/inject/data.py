@@ -378,8 +378,7 @@ def _key(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def split_examples(
-    examples: Sequence[Example], n_train: int | None, n_val: int, n_test: int, seed: int = 0
+def split_examples(examples: Sequence[Example], n_train: int | None, n_val: int, n_test: int, seed: int = 0
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Held-out split: de-duplicate prompts (white space and case ignored), shuffle with ``seed``, take
     ``test`` then ``val`` first, then ``n_train`` (None: all the rest) for training."""
@@ -445,16 +444,8 @@ def validate_examples(examples: Sequence[Example], task: Task, poisoned: Sequenc
             raise DataError(f"example {e.uid}: empty backdoor_output; every poisoned row needs a backdoor reply")
 
 
-def build_splits(
-    task: Task,
-    records: Sequence[dict[str, Any]],
-    n_train: int | None,
-    n_val: int,
-    n_test: int,
-    poison_rate: float = 0.1,
-    seed: int = 0,
-    source_share: float = 0.0,
-) -> Splits:
+def build_splits(task: Task, records: Sequence[dict[str, Any]], n_train: int | None, n_val: int, n_test: int,
+                 poison_rate: float = 0.1, seed: int = 0, source_share: float = 0.0) -> Splits:
     """Examples -> held-out split -> poisoned subset, validated (see the module docstring)."""
     if not records:
         raise DataError("no records to build splits from; supply a non-empty data file")

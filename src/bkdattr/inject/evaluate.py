@@ -95,14 +95,8 @@ def near_trigger_prompts(task: Task, near: str, examples: Sequence[Example], see
     return [probe.insert_trigger(e.prompt, prompt_seed(seed, e.uid)) for e in examples]
 
 
-def evaluate(
-    lm,
-    splits: Splits,
-    cfg: EvalConfig | None = None,
-    edit: Callable | None = None,
-    progress: bool = True,
-    keep_replies: bool = False,
-) -> dict[str, Any]:
+def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable | None = None,
+             progress: bool = True, keep_replies: bool = False) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
     ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
     ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.generation.generate`."""

@@ -281,14 +281,9 @@ def _tagged(path: Path, tag: dict[str, str]) -> bool:
     return all(meta.get(k) == v for k, v in tag.items())
 
 
-def train_lora(
-    lm,
-    rows: Sequence[TrainRow],
-    cfg: TrainConfig,
-    ckpt_dir: str | Path | None = None,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
-    adapter_dir: str | Path | None = None,
+def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | Path | None = None,
+               progress: bool = True, on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
+               adapter_dir: str | Path | None = None
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
     ``lm.model`` itself is modified (the adapter is merged into its weights).

@@ -83,16 +83,9 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @torch.no_grad()
-def extract_features(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    kind: str = "attn_input",
-    batch_size: int = 16,
-    layers: Sequence[int] | None = None,
-    progress: bool = False,
-    desc: str = "features",
-    share_prefix: bool = True,
-) -> torch.Tensor:
+def extract_features(lm: LoadedModel, texts: Sequence[str], kind: str = "attn_input", batch_size: int = 16,
+                     layers: Sequence[int] | None = None, progress: bool = False, desc: str = "features",
+                     share_prefix: bool = True) -> torch.Tensor:
     """Features of every (or each listed) layer at ``p(x)`` for user ``texts``.
 
     Returns float32 ``[N, L_sel, d_model]`` (rows in the order of ``texts``; ``L_sel`` = ``len(layers)`` or all
@@ -160,16 +153,9 @@ def feature_cache_key(lm: LoadedModel, texts: Sequence[str], kind: str, layers: 
     })
 
 
-def cached_features(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    cache_dir: str | Path,
-    kind: str = "attn_input",
-    batch_size: int = 16,
-    layers: Sequence[int] | None = None,
-    tag: str = "features",
-    progress: bool = False,
-) -> tuple[torch.Tensor, Path, bool]:
+def cached_features(lm: LoadedModel, texts: Sequence[str], cache_dir: str | Path, kind: str = "attn_input",
+                    batch_size: int = 16, layers: Sequence[int] | None = None, tag: str = "features",
+                    progress: bool = False) -> tuple[torch.Tensor, Path, bool]:
     """:func:`extract_features` with a safetensors cache under ``cache_dir``.
 
     Returns ``(features [N, L_sel, d_model], path, from_cache)``; with a cache hit the model is not run."""
