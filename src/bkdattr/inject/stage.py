@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._runtime import versions
 from ..errors import ConfigError, DataError
 from ..io import read_json, write_json
 from ..rundir import RunDir
@@ -116,17 +116,6 @@ def profile_config(profile: str, kind: str = "fixed_output", **overrides: Any) -
     """The :class:`InjectConfig` of ``profile`` for ``kind`` with ``overrides`` (``train.epochs`` or
     ``train_epochs`` for nested fields)."""
     return InjectConfig.from_options({**overrides, "profile": profile, "task": kind})
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
 
 
 def _warn(message: str) -> None:
