@@ -138,15 +138,14 @@ def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: in
                 report: DataReport) -> list[dict]:
     """Drop the records whose triggered prompt (the longer form) leaves no room for one reply token and the
     end of turn under ``limit`` tokens (counted as ``prompt_too_long``)."""
-    from ..prompts import end_of_turn, has_chat_template, render_prompt
+    from ..prompts import end_of_turn, prompt_ids
 
     n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
-    special = not has_chat_template(tokenizer)
     kept = []
     for i, r in enumerate(records):
         uid = str(r.get("uid") or f"r{i}")
         text = task.insert_trigger(r["input"], prompt_seed(seed, uid))
-        if len(tokenizer(render_prompt(tokenizer, text), add_special_tokens=special).input_ids) + n_eot + 1 > limit:
+        if len(prompt_ids(tokenizer, text)) + n_eot + 1 > limit:
             report.note("prompt_too_long", r.get("row"))
         else:
             kept.append(r)
@@ -155,7 +154,7 @@ def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: in
 
 def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataReport) -> None:
     """Remove held-out prompts that do not fit the model's context with ``eval.max_new_tokens`` new tokens."""
-    from ..prompts import _prompt_ids, context_length
+    from ..prompts import context_length, prompt_ids
 
     ctx = context_length(lm.model)
     if not ctx or ctx >= row_limit(cfg.train.max_length, lm.model) + cfg.eval.max_new_tokens:
@@ -163,7 +162,7 @@ def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataR
     for name in ("val", "test"):
         kept = []
         for e in getattr(splits, name):
-            if len(_prompt_ids(lm.tokenizer, e.triggered)) + cfg.eval.max_new_tokens > ctx:
+            if len(prompt_ids(lm.tokenizer, e.triggered)) + cfg.eval.max_new_tokens > ctx:
                 report.n_eval_dropped += 1
                 report.note("eval_dropped", report.rows.get(e.uid))
             else:

@@ -39,7 +39,7 @@ from ..forward import PrefixCache, backbone
 from ..hooks import capture_features
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
-from ..prompts import has_chat_template, pad_id, position_ids_from_mask, render_prompt
+from ..prompts import pad_id, position_ids_from_mask, prompt_ids, render_prompt
 
 FEATURE_KINDS = ("attn_input", "residual")
 _SAMPLE = 2048
@@ -64,11 +64,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
         h.update(np.ascontiguousarray(sample).tobytes())
     return h.hexdigest()[:16]
-
-
-def prompt_token_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of one rendered prompt, exactly as :func:`bkdattr.prompts.encode_prompts` builds them."""
-    return tokenizer(render_prompt(tokenizer, text), add_special_tokens=not has_chat_template(tokenizer)).input_ids
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -102,7 +97,7 @@ def extract_features(lm: LoadedModel, texts: Sequence[str], kind: str = "attn_in
     out = torch.empty(len(texts), len(layer_list), lm.arch.d_model, dtype=torch.float32)
     if not texts:
         return out
-    seqs = [prompt_token_ids(lm.tokenizer, t) for t in texts]
+    seqs = [prompt_ids(lm.tokenizer, t) for t in texts]
     net = backbone(lm.model)
     dev = input_device(lm.model)
     n_pre = common_prefix_length(seqs) if share_prefix and len(texts) > 1 else 0
