@@ -149,10 +149,8 @@ def encode_with_targets(
     if max_length is not None:
         for i, s in enumerate(seqs):
             if len(s) > max_length:
-                raise DataError(
-                    f"row {i}: prompt + target is {len(s)} tokens, longer than the limit {max_length}; "
-                    "shorten the target or raise max_length"
-                )
+                raise DataError(f"row {i}: prompt + target is {len(s)} tokens, longer than the limit {max_length}; "
+                                "shorten the target or raise max_length")
     ids, mask = _pad(seqs, pad_id(tokenizer), padding_side)
     width = ids.shape[1]
     tmask = torch.zeros_like(mask, dtype=torch.bool)
