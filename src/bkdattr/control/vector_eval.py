@@ -165,9 +165,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
 
     a_s = _fmt(alpha)
     m: dict[str, Any] = {
-        "alpha": float(alpha),
-        "layers": list(layers),
-        "select_by": select_by,
+        "alpha": float(alpha), "layers": list(layers), "select_by": select_by,
         "add": {str(k): x for k, x in add.items()},
         "subtract": {str(k): x for k, x in sub.items()},
         "random_add": {str(k): x for k, x in radd.items()},
@@ -202,8 +200,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
             "add": {"vector": dose("add", "v"), "random": dose("add", f"r{min(rand)}")},
             "subtract": {"vector": dose("sub", "v"), "random": dose("sub", f"r{min(rand)}")},
         },
-        "n_val": len(val),
-        "n_test": len(test),
+        "n_val": len(val), "n_test": len(test),
     }
     if random_heads_vector is not None:
         m["random_heads_test_asr_at_best_layer"] = {"add": tsc["rh+"]["asr"], "subtract": tst["rh-"]["asr"],
