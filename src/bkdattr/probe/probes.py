@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_npz, load_tensors, save_npz, save_tensors
+from ..io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
 from ..stage_options import opt
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,11 +216,8 @@ class MLPProbes(_Stack):
     @classmethod
     def load(cls, path: str | Path) -> MLPProbes:
         """Read probes written by :meth:`save`."""
-        from safetensors import safe_open
-
         t = load_tensors(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = tensor_metadata(path)
         if meta.get("format") != "bkdattr.mlp_probes.v1" or any(k not in t for k in ("w1", "b1", "w2", "b2")):
             raise ArtifactError(f"{path} is not a bkdattr MLP probe file; rerun 'bkdattr probe'")
         return cls(t["w1"], t["b1"], t["w2"], t["b2"], t["mean"], t["std"], json.loads(meta["standardize"]),
