@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..forward import PrefixCache, backbone
-from ..hooks import capture_features
+from ..hooks import capture_features, check_layers
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
 from ..prompts import pad_id, position_ids_from_mask, prompt_ids, render_prompt
@@ -90,10 +90,7 @@ def extract_features(lm: LoadedModel, texts: Sequence[str], kind: str = "attn_in
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size} must be >= 1")
     texts = list(texts)
-    layer_list = list(range(lm.arch.n_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layer_list if not 0 <= x < lm.arch.n_layers]
-    if bad:
-        raise ConfigError(f"layer {bad[0]} out of range: the model has {lm.arch.n_layers} layers (0-based)")
+    layer_list = check_layers(lm.arch, layers)
     out = torch.empty(len(texts), len(layer_list), lm.arch.d_model, dtype=torch.float32)
     if not texts:
         return out
