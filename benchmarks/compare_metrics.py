@@ -9,7 +9,7 @@ Walks both JSON trees in step and reports:
 * for floats, the absolute difference; a table of the largest difference per top-level section, and every
   float path whose difference exceeds ``--tol``.
 
-Timings (``*seconds*``, ``timings``, ``eval_seconds``...) differ on every run and are left out by default
+Timings (paths holding ``seconds``, ``timing`` or ``elapsed``) differ on every run and are left out by default
 (``--keep-timings`` compares them too); ``--ignore`` leaves out further path prefixes. Exit status 1 when a
 common continuous figure differs by more than ``--tol`` or a common discrete value differs, else 0.
 """
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TIMING_WORDS = ("seconds", "timings", "elapsed")
+TIMING_WORDS = ("seconds", "timing", "elapsed")
 
 
 def walk(a: Any, b: Any, path: str = "") -> Iterator[tuple[str, str, Any, Any]]:
