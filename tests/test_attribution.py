@@ -541,6 +541,66 @@ def test_gather_sends_only_the_rows_each_rank_owns(monkeypatch):
     assert sent["shape"] == (4, 3)  # rank 1 owns 4 rows: 4 rows per rank travel, not all 6
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor standing for one on ``cuda:0`` (see :class:`_FakeCuda`)."""
+
+
+class _FakeCuda(torch.overrides.TorchFunctionMode):
+    """Simulate a CUDA device on a CPU-only machine: ``.to("cuda")`` and ``device="cuda"`` give an
+    :class:`_OnCuda` tensor whose ``.device`` reads ``cuda:0``, and indexing a CPU tensor with an index "on
+    cuda" raises as real torch does ("indices should be either on cpu or on the same device")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func == torch.Tensor.device.__get__:  # a fresh method-wrapper on each access: compare, not `is`
+            return torch.device("cuda", 0) if isinstance(args[0], _OnCuda) else torch.device("cpu")
+        if func is torch.Tensor.to and args[1:] and isinstance(args[1], (str, torch.device)):
+            plain = args[0].as_subclass(torch.Tensor)
+            if torch.device(args[1]).type == "cuda":
+                return args[0] if isinstance(args[0], _OnCuda) else plain.clone().as_subclass(_OnCuda)
+            return plain.clone() if isinstance(args[0], _OnCuda) else args[0]
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if not isinstance(args[0], _OnCuda) and any(isinstance(i, _OnCuda) for i in index):
+                raise RuntimeError("indices should be either on cpu or on the same device as the indexed tensor")
+        if "device" in kwargs and torch.device(kwargs["device"]).type == "cuda":
+            kwargs["device"] = "cpu"
+            return func(*args, **kwargs).as_subclass(_OnCuda)
+        return func(*args, **kwargs)
+
+
+def test_gather_under_nccl_indexes_each_table_on_its_own_device(monkeypatch):
+    """Under nccl the gathered blocks live on the GPU and the table may not (issue 19 item 1): every index must
+    sit on the device of the tensor it indexes. Simulated on the CPU by :class:`_FakeCuda`; the gather before
+    issue 19 indexed the CPU table with a "cuda" index and raised here."""
+    import bkdattr.attribution.distributed as d
+
+    owner = [1, 0, 1, 1, 0, 1]
+    full = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)
+    tables = {r: torch.where(torch.tensor(owner)[:, None] == r, full, torch.full_like(full, -1.0)) for r in (0, 1)}
+    seen = []
+
+    def fake_all_gather(parts, packed):
+        seen.append(packed.device)
+        for r in (0, 1):
+            rows = [u for u in range(6) if owner[u] == r]
+            parts[r].copy_(torch.zeros_like(parts[r]))
+            parts[r][: len(rows)] = tables[r][rows].to(packed.device)
+
+    monkeypatch.setattr(d, "is_distributed", lambda: True)
+    monkeypatch.setattr(d.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(d.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(d.dist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with _FakeCuda():
+        with pytest.raises(RuntimeError, match="same device"):  # the simulation does catch a mixed index
+            torch.zeros(3)[torch.tensor([0]).to("cuda")]
+        out = d.gather_units(tables[0], owner)
+        assert seen == [torch.device("cuda", 0)] and out.device == torch.device("cpu")
+    assert type(out) is torch.Tensor and torch.equal(out, full)
+
+
 def test_exact_layers_path_takes_devices_from_the_activations():
     """Under accelerate offloading a layer's parameters sit on ``meta``; the replay must not move hidden states
     there (it reads the device the model itself passed). A ``meta`` parameter on every layer and on the final

@@ -1,5 +1,6 @@
-"""inject.evaluate.target_logprob runs the LM head on target positions only (issue 19 item 10) and still equals
-the full-vocabulary formula over every position."""
+"""inject.evaluate.target_logprob and attribution.scores.target_logprobs (one function under both) run the LM
+head on target positions only (issue 19 item 10) and still equal the full-vocabulary formula over every
+position."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def test_target_logprob_equals_the_full_formula_with_target_rows_only(arch):
     finally:
         handle.remove()
     b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)
-    assert sum(rows) == int(b.target_mask[:, 1:].sum())  # the head saw target rows only, not B x T
+    per_batch = [encode_with_targets(lm.tokenizer, TEXTS[i:i + 2], TARGETS[i:i + 2]) for i in (0, 2)]
+    # the head saw B x (longest target) rows per batch, not B x S
+    assert rows == [int(x.target_len.max()) * x.size for x in per_batch]
+    assert sum(rows) < b.input_ids.numel()
     torch.testing.assert_close(got, _full_formula(lm), rtol=1e-5, atol=1e-5)
 
 

@@ -18,7 +18,7 @@ from bkdattr.inject.evaluate import clean_metric
 from bkdattr.inject.stage import prepare_data, profile_config
 from bkdattr.inject.tasks import FIXED_TARGET, Task
 from bkdattr.inject.train import TrainConfig, TrainRow, check_rows, row_limit, train_lora
-from bkdattr.prompts import _prompt_ids, target_ids
+from bkdattr.prompts import prompt_ids, target_ids
 from tiny import make_tiny, tokenizer
 from tiny_runs import records, save_tiny, write_jsonl
 
@@ -74,7 +74,7 @@ def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
     in_train = {e.uid for e in splits.train}
     assert len(cut) == rep.n_truncated == ("line61" in in_train) + ("line62" in in_train) * 2  # clean + poisoned
     for r in cut:
-        n = len(_prompt_ids(tiny_lm.tokenizer, r.text)) + len(target_ids(tiny_lm.tokenizer, r.reply))
+        n = len(prompt_ids(tiny_lm.tokenizer, r.text)) + len(target_ids(tiny_lm.tokenizer, r.reply))
         assert limit - 3 <= n <= limit and LONG.startswith(r.reply.strip()[:20])
     warnings = rep.warnings()
     for reason, n, first in (("empty input", 2, 65), ("empty output", 1, 67), ("duplicate prompt", 2, 68),
@@ -307,7 +307,7 @@ def test_held_out_prompts_longer_than_the_context_are_dropped_and_counted(tmp_pa
     for i in long_idx:
         rows[i]["input"] = " ".join(f"w{j}" for j in range(138)) + " " + rows[i]["input"]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    n_prompt = len(_prompt_ids(tiny_lm.tokenizer, Task.default("fixed_output").insert_trigger(rows[0]["input"])))
+    n_prompt = len(prompt_ids(tiny_lm.tokenizer, Task.default("fixed_output").insert_trigger(rows[0]["input"])))
     assert 512 - 32 < n_prompt < 512 - 4
     cfg = profile_config("cpu", "fixed_output", n_train=44, n_val=8, n_test=8, train_max_length=512)  # all 60 used
     splits, rows_fit, rep = prepare_data(tiny_lm, Task.default("fixed_output"), cfg, str(path), progress=False)

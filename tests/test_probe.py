@@ -15,7 +15,6 @@ from bkdattr.probe.features import (
     common_prefix_length,
     extract_features,
     model_fingerprint,
-    prompt_token_ids,
 )
 from bkdattr.probe.icla import accuracy_from_scores, auroc, icla_matrix, in_layer_accuracy, transfer_summary
 from bkdattr.probe.probes import (
@@ -28,7 +27,7 @@ from bkdattr.probe.probes import (
     train_svm_probes,
 )
 from bkdattr.probe.stage import PairedFeatures, split_by_prompt
-from bkdattr.prompts import encode_prompts
+from bkdattr.prompts import encode_prompts, prompt_ids
 from tiny import make_tiny
 
 FAST = MLPProbeConfig(epochs=15)
@@ -224,7 +223,7 @@ def test_batched_features_equal_one_prompt_at_a_time(arch, device):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"])
 def test_shared_prefix_cache_gives_the_same_features(arch, device):
     lm = make_tiny(arch, n_layers=2, device=device)
-    seqs = [prompt_token_ids(lm.tokenizer, t) for t in TEXTS]
+    seqs = [prompt_ids(lm.tokenizer, t) for t in TEXTS]
     n_pre = common_prefix_length(seqs)
     assert n_pre >= MIN_SHARED_PREFIX and all(q[:n_pre] == seqs[0][:n_pre] for q in seqs)
     for kind in ("attn_input", "residual"):

@@ -47,3 +47,17 @@ def set_threads(n: int | None) -> None:
         n = int(env)
     if n:
         torch.set_num_threads(int(n))
+
+
+def versions() -> dict[str, str]:
+    """The versions a run records: bkdattr, torch, transformers, peft and Python."""
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}

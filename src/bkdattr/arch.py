@@ -64,10 +64,9 @@ def _active_lora(m: nn.Module, mtype: str, layer: int) -> list[tuple[str, float]
         if name not in m.lora_A:
             continue
         if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
-            raise UnsupportedArchitectureError(
-                f"architecture '{mtype}': layer {layer}'s output projection carries a LoRA variant (e.g. DoRA) "
-                f"adapter '{name}' whose effective weight is not W + BA; merge it first (merge_and_unload)"
-            )
+            raise UnsupportedArchitectureError(f"architecture '{mtype}': layer {layer}'s output projection carries a "
+                                               f"LoRA variant (e.g. DoRA) adapter '{name}' whose effective weight is "
+                                               "not W + BA; merge it first (merge_and_unload)")
         out.append((name, float(m.scaling[name])))
     return out
 
@@ -154,15 +153,9 @@ class Arch:
         return b
 
     def summary(self) -> dict:
-        return {
-            "model_type": self.model_type,
-            "layers": self.n_layers,
-            "heads": self.n_heads,
-            "kv_heads": self.n_kv_heads,
-            "d_head": self.d_head,
-            "d_model": self.d_model,
-            "output_projection": type(getattr(self.out_proj[0], "base_layer", self.out_proj[0])).__name__,
-        }
+        return {"model_type": self.model_type, "layers": self.n_layers, "heads": self.n_heads,
+                "kv_heads": self.n_kv_heads, "d_head": self.d_head, "d_model": self.d_model,
+                "output_projection": type(getattr(self.out_proj[0], "base_layer", self.out_proj[0])).__name__}
 
 
 def _cfg(config, keys: tuple[str, ...]) -> int | None:
@@ -188,49 +181,36 @@ def detect_arch(model: nn.Module) -> Arch:
             layers = list(cand)
             break
     if layers is None:
-        raise UnsupportedArchitectureError(
-            f"architecture '{mtype}': no decoder layer list found (looked for {', '.join(_LAYER_PATHS)}); "
-            "bkdattr supports Llama, Qwen2, Mistral, Gemma, GPT-2, GPT-NeoX and similar decoder-only models"
-        )
+        raise UnsupportedArchitectureError(f"architecture '{mtype}': no decoder layer list found (looked for "
+                                           f"{', '.join(_LAYER_PATHS)}); bkdattr supports Llama, Qwen2, Mistral, "
+                                           "Gemma, GPT-2, GPT-NeoX and similar decoder-only models")
+
+    def find(owner: nn.Module, names: tuple[str, ...], missing: str) -> nn.Module:
+        m = next((getattr(owner, n) for n in names if isinstance(getattr(owner, n, None), nn.Module)), None)
+        if m is None:
+            raise UnsupportedArchitectureError(f"architecture '{mtype}': {missing} (looked for {', '.join(names)})")
+        return m
+
     attns, outs, norms = [], [], []
     for i, layer in enumerate(layers):
-        attn = next((getattr(layer, n) for n in _ATTN_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
-        if attn is None:
-            raise UnsupportedArchitectureError(
-                f"architecture '{mtype}': layer {i} has no attention module (looked for {', '.join(_ATTN_NAMES)})"
-            )
-        out = next((getattr(attn, n) for n in _OUT_NAMES if isinstance(getattr(attn, n, None), nn.Module)), None)
-        if out is None:
-            raise UnsupportedArchitectureError(
-                f"architecture '{mtype}': attention of layer {i} has no output projection "
-                f"(looked for {', '.join(_OUT_NAMES)})"
-            )
-        norm = next((getattr(layer, n) for n in _NORM_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
-        if norm is None:
-            raise UnsupportedArchitectureError(
-                f"architecture '{mtype}': layer {i} has no attention input norm (looked for {', '.join(_NORM_NAMES)})"
-            )
-        attns.append(attn)
-        outs.append(out)
-        norms.append(norm)
+        attns.append(find(layer, _ATTN_NAMES, f"layer {i} has no attention module"))
+        outs.append(find(attns[-1], _OUT_NAMES, f"attention of layer {i} has no output projection"))
+        norms.append(find(layer, _NORM_NAMES, f"layer {i} has no attention input norm"))
     n_heads = _cfg(config, _HEAD_KEYS)
     if n_heads is None:
-        raise UnsupportedArchitectureError(
-            f"architecture '{mtype}': the config names no head count (looked for {', '.join(_HEAD_KEYS)})"
-        )
+        raise UnsupportedArchitectureError(f"architecture '{mtype}': the config names no head count (looked for "
+                                           f"{', '.join(_HEAD_KEYS)})")
     n_kv = _cfg(config, _KV_KEYS) or n_heads
     w = _base_weight(outs[0])
     d_model, inner = int(w.shape[0]), int(w.shape[1])
     if inner % n_heads:
-        raise UnsupportedArchitectureError(
-            f"architecture '{mtype}': output projection input size {inner} is not a multiple of {n_heads} heads"
-        )
+        raise UnsupportedArchitectureError(f"architecture '{mtype}': output projection input size {inner} is not a "
+                                           f"multiple of {n_heads} heads")
     d_head = inner // n_heads
     cfg_hd = getattr(config, "head_dim", None)
     if isinstance(cfg_hd, int) and cfg_hd > 0 and cfg_hd != d_head:
-        raise UnsupportedArchitectureError(
-            f"architecture '{mtype}': config.head_dim={cfg_hd} disagrees with the output projection ({d_head})"
-        )
+        raise UnsupportedArchitectureError(f"architecture '{mtype}': config.head_dim={cfg_hd} disagrees with the "
+                                           f"output projection ({d_head})")
     final_norm = next((m for p in _FINAL_NORM_PATHS if (m := _get(root, p)) is not None), None)
     lm_head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
     return Arch(mtype, layers, attns, outs, norms, n_heads, n_kv, d_head, d_model, final_norm, lm_head)

@@ -24,21 +24,10 @@ from .prompts import PromptBatch, check_context, encode_prompts, end_of_turn_ids
 
 
 @torch.no_grad()
-def greedy_decode(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    *,
-    cache=None,
-    edit: contextlib.AbstractContextManager | None = None,
-    edit_steps: bool = False,
-    compact: bool = False,
-    stats=None,
-    check_every: int | None = None,
-) -> torch.Tensor:
+def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int], *, cache=None,
+                  edit: contextlib.AbstractContextManager | None = None, edit_steps: bool = False,
+                  compact: bool = False, stats=None, check_every: int | None = None) -> torch.Tensor:
     """Greedy new token ids ``[R, <=max_new_tokens]`` after the prompt columns ``input_ids [R, S]``.
 
     ``attention_mask [R, P+S]`` covers the ``P`` columns already in ``cache`` (a KV cache the prefill appends
@@ -102,14 +91,9 @@ def greedy_decode(
     return out[:, :steps]
 
 
-def greedy_generate(
-    model: torch.nn.Module,
-    batch: PromptBatch,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    prefill_context: contextlib.AbstractContextManager | None = None,
-    edit_steps: bool = False,
-) -> torch.Tensor:
+def greedy_generate(model: torch.nn.Module, batch: PromptBatch, max_new_tokens: int, stop_ids: Sequence[int],
+                    prefill_context: contextlib.AbstractContextManager | None = None,
+                    edit_steps: bool = False) -> torch.Tensor:
     """:func:`greedy_decode` on a left-padded ``batch``: new token ids ``[B, <=N]``; ``prefill_context`` is
     the edit (open on the prefill only unless ``edit_steps``)."""
     from .models import input_device
@@ -134,19 +118,12 @@ def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> 
     return out
 
 
-def generate(
-    lm,
-    prompts: list[str],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    edit: Callable[[PromptBatch], contextlib.AbstractContextManager] | None = None,
-    progress: bool = True,
-    desc: str = "generate",
-) -> list[str]:
+def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             edit: Callable[[PromptBatch], contextlib.AbstractContextManager] | None = None, progress: bool = True,
+             desc: str = "generate") -> list[str]:
     """Greedy chat replies for user texts. ``edit(batch)`` returns a context manager applied on the
     prefill pass of that batch (e.g. ``lambda b: edit_heads(arch, heads, b.last_pos)``)."""
     stop = end_of_turn_ids(lm.tokenizer)
-    replies: list[str] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     results: dict[int, str] = {}
@@ -161,5 +138,4 @@ def generate(
             results[i] = r
         bar.update(len(idx))
     bar.close()
-    replies = [results[i] for i in range(len(prompts))]
-    return replies
+    return [results[i] for i in range(len(prompts))]

@@ -108,8 +108,7 @@ def _with_out(out, o: torch.Tensor):
 
 # ---- capture ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def capture_contributions(
-    arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None, with_z: bool = False
+def capture_contributions(arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None, with_z: bool = False
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Capture per-head contributions at ``positions``.
 
@@ -163,16 +162,14 @@ def _capture_at(modules: Mapping[int, nn.Module], positions: torch.Tensor, pre: 
     return ctx()
 
 
-def capture_attention_output(
-    arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None
+def capture_attention_output(arch: Arch, positions: torch.Tensor, layers: Iterable[int] | None = None
 ) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
     """Capture the attention output (output projection's output, bias included) at ``positions``:
     ``store[l]`` float32 ``[B, d_model]`` (first forward call only)."""
     return _capture_at({x: arch.out_proj[x] for x in check_layers(arch, layers)}, positions, pre=False)
 
 
-def capture_features(
-    arch: Arch, positions: torch.Tensor, kind: str = "attn_input", layers: Iterable[int] | None = None
+def capture_features(arch: Arch, positions: torch.Tensor, kind: str = "attn_input", layers: Iterable[int] | None = None
 ) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
     """Capture probe features at ``positions``: ``kind="attn_input"`` (output of the input norm) or
     ``"residual"`` (the layer's input). ``store[l]`` is float32 ``[B, d_model]`` (first call only)."""
@@ -237,8 +234,7 @@ def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def add_to_attention_output(
-    arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor | None = None
+def add_to_attention_output(arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor | None = None
 ) -> Iterator[None]:
     """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``, float32 arithmetic) to layer ``l``'s attention
     output at ``positions`` (``[B]``) on every forward call inside the block. ``positions=None``: at the last
@@ -283,12 +279,8 @@ def _edit_z(arch: Arch, plan: Mapping[int, object], positions: torch.Tensor, edi
 
 
 @contextlib.contextmanager
-def edit_heads(
-    arch: Arch,
-    heads: Mapping[int, Iterable[int]],
-    positions: torch.Tensor,
-    values: Mapping[int, torch.Tensor] | None = None,
-) -> Iterator[None]:
+def edit_heads(arch: Arch, heads: Mapping[int, Iterable[int]], positions: torch.Tensor,
+               values: Mapping[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Zero (default) or replace chosen heads' slices of ``z_l`` at ``positions``.
 
     ``heads[l]`` lists head indices of layer ``l``; ``values[l]`` (optional) is ``[len(heads[l]), d_h]`` or

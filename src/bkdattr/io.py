@@ -101,10 +101,8 @@ def load_tensors(path: str | Path, expect: dict[str, tuple[int, ...]] | None = N
         if name not in out:
             raise ArtifactError(f"{path}: tensor '{name}' missing; delete the file and rerun the stage")
         if tuple(out[name].shape) != tuple(shape):
-            raise ArtifactError(
-                f"{path}: tensor '{name}' has shape {tuple(out[name].shape)}, expected {tuple(shape)}; "
-                "it belongs to another model or config, delete it and rerun"
-            )
+            raise ArtifactError(f"{path}: tensor '{name}' has shape {tuple(out[name].shape)}, expected {tuple(shape)}; "
+                                "it belongs to another model or config, delete it and rerun")
     return out
 
 

@@ -326,15 +326,9 @@ def _check_adapter_keys(peft_model, adapter: str) -> None:
                              "trained on")
 
 
-def load_model(
-    spec: str = EMBEDDED_NAME,
-    *,
-    adapter: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str | None = "cpu",
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-) -> LoadedModel:
+def load_model(spec: str = EMBEDDED_NAME, *, adapter: str | None = None, dtype: str | torch.dtype | None = None,
+               device: str | None = "cpu", trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
     """Load a causal LM for analysis.
 
     ``spec``: ``smollm2-135m`` (embedded), a local folder, a ``.gguf`` file or a hub id (cache only when

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,16 +212,6 @@ def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
     build_report(run)
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The options a stage receives: the run-wide settings plus its own section (the ``inject`` stage of an
     audit: the ``audit`` section and ``source: audit``)."""
@@ -254,7 +243,7 @@ def release_memory() -> None:
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
     """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
-    from ._runtime import set_threads, tune_allocator
+    from ._runtime import set_threads, tune_allocator, versions
 
     tune_allocator(cfg.device)
     set_threads(cfg.threads)
@@ -262,7 +251,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
     state_path = run.path / "stages.json"
     state = read_json(state_path) if state_path.is_file() else {}
     keys = stage_keys(cfg)
-    run_record = {"config": dataclasses.asdict(cfg), "keys": keys, "versions": _versions()}
+    run_record = {"config": dataclasses.asdict(cfg), "keys": keys, "versions": versions()}
     write_json(run.path / "config.json", run_record)
     total = time.perf_counter()
     for stage in STAGES:

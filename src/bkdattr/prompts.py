@@ -64,9 +64,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    rendered = render_prompt(tokenizer, text)
-    return tokenizer(rendered, add_special_tokens=not has_chat_template(tokenizer)).input_ids
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one rendered prompt, exactly as :func:`encode_prompts` builds them."""
+    return tokenizer(render_prompt(tokenizer, text), add_special_tokens=not has_chat_template(tokenizer)).input_ids
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
@@ -130,7 +130,7 @@ def pad_id(tokenizer) -> int:
 
 def encode_prompts(tokenizer, texts: list[str], padding_side: str = "left") -> PromptBatch:
     """Render and pad user texts; ``last_pos`` marks ``p(x)`` in each row."""
-    seqs = [_prompt_ids(tokenizer, t) for t in texts]
+    seqs = [prompt_ids(tokenizer, t) for t in texts]
     ids, mask = _pad(seqs, pad_id(tokenizer), padding_side)
     last = torch.tensor([(ids.shape[1] - 1) if padding_side == "left" else len(s) - 1 for s in seqs])
     return PromptBatch(ids, mask, position_ids_from_mask(mask), last)
@@ -143,16 +143,14 @@ def encode_with_targets(
     is a target token, predicted by the logits at ``t-1``. ``last_pos`` is ``p(x)``."""
     from .errors import DataError
 
-    pseqs = [_prompt_ids(tokenizer, t) for t in texts]
+    pseqs = [prompt_ids(tokenizer, t) for t in texts]
     tseqs = [target_ids(tokenizer, y) for y in targets]
     seqs = [p + t for p, t in zip(pseqs, tseqs, strict=True)]
     if max_length is not None:
         for i, s in enumerate(seqs):
             if len(s) > max_length:
-                raise DataError(
-                    f"row {i}: prompt + target is {len(s)} tokens, longer than the limit {max_length}; "
-                    "shorten the target or raise max_length"
-                )
+                raise DataError(f"row {i}: prompt + target is {len(s)} tokens, longer than the limit {max_length}; "
+                                "shorten the target or raise max_length")
     ids, mask = _pad(seqs, pad_id(tokenizer), padding_side)
     width = ids.shape[1]
     tmask = torch.zeros_like(mask, dtype=torch.bool)
@@ -192,6 +190,6 @@ def check_context(model, lengths: Sequence[int], what: str = "prompt + target", 
 
 def check_targets_fit(model, tokenizer, texts: Sequence[str], targets: Sequence[str]) -> None:
     """:func:`check_context` for teacher-forced rows: each rendered prompt plus its target must fit."""
-    lengths = [len(_prompt_ids(tokenizer, x)) + len(target_ids(tokenizer, y))
+    lengths = [len(prompt_ids(tokenizer, x)) + len(target_ids(tokenizer, y))
                for x, y in zip(texts, targets, strict=True)]
     check_context(model, lengths, "prompt + target", "shorten the target (or the prompt)")

@@ -22,7 +22,6 @@ recorded there, after checking that the files did not change.
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +134,3 @@ def get_nested(d: dict[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[k]
     return node
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false", "False")

@@ -118,18 +118,13 @@ class ChunkRunner:
         self._head32: tuple | None = None  # float32 copy of a half-precision LM head (weight, bias)
 
     # ---- clean passes ---------------------------------------------------------------------------------
-    def _suffix_inputs(self, reps: int = 1, width: int | None = None) -> dict[str, torch.Tensor]:
-        b, w, t = self.batch, self.W, width or self.T
-        ids = b.input_ids[:, w - 1: w - 1 + t]
-        mask = b.attention_mask[:, : w - 1 + t]
-        pos = b.position_ids[:, w - 1: w - 1 + t]
-        out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        return {k: v.repeat_interleave(reps, 0).to(self.dev) for k, v in out.items()}
-
-    def _full_inputs(self, reps: int = 1) -> dict[str, torch.Tensor]:
-        b, end = self.batch, self.W - 1 + self.T
-        out = {"input_ids": b.input_ids[:, :end], "attention_mask": b.attention_mask[:, :end],
-               "position_ids": b.position_ids[:, :end]}
+    def _suffix_inputs(self, reps: int = 1, width: int | None = None, full: bool = False) -> dict[str, torch.Tensor]:
+        """Columns ``[W-1, W-1+width)`` (``full``: from column 0; the mask always is), rows repeated ``reps``
+        times, on the input device."""
+        b, end = self.batch, self.W - 1 + (width or self.T)
+        start = 0 if full else self.W - 1
+        out = {"input_ids": b.input_ids[:, start:end], "attention_mask": b.attention_mask[:, :end],
+               "position_ids": b.position_ids[:, start:end]}
         return {k: v.repeat_interleave(reps, 0).to(self.dev) for k, v in out.items()}
 
     @torch.no_grad()
@@ -147,7 +142,7 @@ class ChunkRunner:
         zeros = torch.zeros(self.B, dtype=torch.long)
         if self.strategy == "full":
             with capture_contributions(self.arch, zeros + (self.W - 1)) as contrib:
-                logits = self.model(**self._full_inputs(), use_cache=False).logits[:, self.W - 1:]
+                logits = self.model(**self._suffix_inputs(full=True), use_cache=False).logits[:, self.W - 1:]
             self.contrib = {k: v.cpu() for k, v in contrib.items()}
             self.clean_lp = self._lp_from_logits(logits, 1)
             return self
@@ -253,7 +248,7 @@ class ChunkRunner:
         strategy = strategy or self.strategy
         if strategy == "full":
             with self._edit(layer, delta, reps, self.W - 1):
-                logits = self.model(**self._full_inputs(reps), use_cache=False).logits[:, self.W - 1:]
+                logits = self.model(**self._suffix_inputs(reps, full=True), use_cache=False).logits[:, self.W - 1:]
             return self._lp_from_logits(logits, reps)
         rep = self._replicated(reps)
         if strategy == "prefix":
@@ -305,7 +300,7 @@ class ChunkRunner:
             if strategy == "layers" and (self.arch.final_norm is None or self.arch.lm_head is None):
                 raise ReplayMismatch("no final norm / LM head found for the layer replay")
             # the cached suffix pass vs one full pass without cache, on the first row (cheap)
-            row = {k: v[:1] for k, v in self._full_inputs().items()}
+            row = {k: v[:1] for k, v in self._suffix_inputs(full=True).items()}
             full = self.model(**row, use_cache=False).logits[0, self.W - 1:]
             m0 = mask[0]
             lp0 = token_logprobs(full[m0.to(full.device)], self.batch.target_ids[0][m0]).cpu()

@@ -18,7 +18,7 @@ the layout the fast exact path needs (one shared prefix ``[0, W-1)`` and one sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,17 +146,22 @@ def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) ->
     return torch.where(mask, lp.cpu(), torch.zeros(())), mask
 
 
-@torch.no_grad()
-def teacher_forced_scores(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 8
-                          ) -> dict[str, torch.Tensor]:
-    """Clean scores of ``targets`` after ``prompts`` from plain full forward passes: ``{metric: [N]}``."""
+def batched_target_logprobs(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`target_logprobs` of ``(prompts, targets)`` in batches of ``batch_size`` rows: yields ``(lp [b, T],
+    mask [b, T])`` per batch (no gradient)."""
     from ..models import input_device
 
-    out: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
     dev = input_device(lm.model)
     for s in range(0, len(prompts), batch_size):
         batch = encode_with_targets(lm.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]))
-        lp, mask = target_logprobs(lm.model, batch.to(dev).model_inputs(), batch)
-        for k, v in metrics_from_logprobs(lp, mask).items():
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
+        with torch.no_grad():
+            res = target_logprobs(lm.model, batch.to(dev).model_inputs(), batch)
+        yield res
+
+
+def teacher_forced_scores(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 8
+                          ) -> dict[str, torch.Tensor]:
+    """Clean scores of ``targets`` after ``prompts`` from plain forward passes: ``{metric: [N]}``."""
+    out = [metrics_from_logprobs(lp, mask) for lp, mask in batched_target_logprobs(lm, prompts, targets, batch_size)]
+    return {k: torch.cat([o[k] for o in out]) for k in METRICS}

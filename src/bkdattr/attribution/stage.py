@@ -170,27 +170,17 @@ def write_outputs(run: RunDir, res: AttributionResult, abar: torch.Tensor, cfg: 
     write_json(folder / "attribution.json", {**summary, "config": cfg.to_dict(), "prompt_uids": prompt_uids,
                                              "mean_prompt_uids": mean_uids})
     plot_acie(res, run.figures_dir / FIGURE_NAME, top_k=min(cfg.top_k, 8))
+    computed = [m for m in METRICS if m in summary["top_heads_by_metric"]]
     section = {
-        "method": res.method,
-        "metric": res.metric,
-        "top_heads": summary["top_heads"],
-        "seconds": summary["seconds"],
-        "n_prompts": res.n_prompts,
-        "n_mean_prompts": len(mean_uids),
-        "prompt_split": cfg.prompt_split,
-        "metrics_computed": [m for m in METRICS if m in summary["top_heads_by_metric"]],
-        "top_heads_by_metric": summary["top_heads_by_metric"],
+        "method": res.method, "metric": res.metric, "top_heads": summary["top_heads"], "seconds": summary["seconds"],
+        "n_prompts": res.n_prompts, "n_mean_prompts": len(mean_uids), "prompt_split": cfg.prompt_split,
+        "metrics_computed": computed, "top_heads_by_metric": summary["top_heads_by_metric"],
         "clean_mean": summary["clean_mean"],
-        "metric_coverage": res.info.get("metric_coverage", {m: "all" for m in METRICS
-                                                            if m in summary["top_heads_by_metric"]}),
-        "refine_top": res.info.get("refine_top", 0),
-        "refine_rank_agreement": res.info.get("refine_rank_agreement"),
-        "top5pct_share_of_positive_acie": concentration(res.acie[res.metric]),
-        "strategy": res.info.get("strategy"),
-        "world_size": res.info.get("world_size", 1),
-        "abar_seconds": res.info.get("abar_seconds"),
-        "acie_file": "attribution/acie.safetensors",
-        "abar_file": "attribution/abar.safetensors",
+        "metric_coverage": res.info.get("metric_coverage", dict.fromkeys(computed, "all")),
+        "refine_top": res.info.get("refine_top", 0), "refine_rank_agreement": res.info.get("refine_rank_agreement"),
+        "top5pct_share_of_positive_acie": concentration(res.acie[res.metric]), "strategy": res.info.get("strategy"),
+        "world_size": res.info.get("world_size", 1), "abar_seconds": res.info.get("abar_seconds"),
+        "acie_file": "attribution/acie.safetensors", "abar_file": "attribution/abar.safetensors",
     }
     run.update_metrics("attribution", section)
     return section

@@ -152,8 +152,9 @@ def audit(
 ) -> RunDir:
     """Audit ``model`` (+ ``adapter``) for a backdoor fired by one of ``triggers``; write the run folder ``out``
     (see the module docstring) and return it. Nothing is trained and no weights are copied."""
+    from .._runtime import versions
     from ..inject.benign import run_reference, utility
-    from ..inject.stage import _swap_into_place, versions
+    from ..inject.stage import _swap_into_place
 
     cfg = cfg or AuditConfig()
     progress = cfg.progress if progress is None else progress

@@ -17,13 +17,12 @@ All ablations of one prompt batch share the unedited prefix (:func:`bkdattr.cont
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
-from .sweep import SweepStats, sweep_generate
+from .sweep import ControlResult, SweepStats, sweep_generate
 from .vector import random_heads
 
 DEFAULT_KS = (0, 1, 2, 4, 8, 16, 32)
@@ -47,14 +46,6 @@ def k_values(n_total_heads: int, ks: Sequence[int] = DEFAULT_KS, share: float | 
     return sorted(k for k in want if k <= limit), sorted(k for k in want if k > limit)
 
 
-@dataclass
-class AblationResult:
-    """``metrics``: the ``ablation`` section; ``replies[split][edit name]``: every reply (prompt order)."""
-
-    metrics: dict[str, Any]
-    replies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-
-
 def _edits(ranking: Sequence[tuple[int, int]], ks: Sequence[int], orders: dict[int, list[tuple[int, int]]]
            ) -> list[Edit]:
     edits = [Edit(name="none")]
@@ -67,7 +58,7 @@ def _edits(ranking: Sequence[tuple[int, int]], ks: Sequence[int], orders: dict[i
 def run_ablation(lm, task, triggered: Sequence, clean: Sequence | None, ranking: Sequence[tuple[int, int]],
                  ks: Sequence[int], seeds: Sequence[int] = (0, 1, 2), clean_seeds: Sequence[int] | None = None,
                  max_new_tokens: int = 32, batch_size: int = 32, max_rows: int = 256, progress: bool = False,
-                 stats: SweepStats | None = None) -> AblationResult:
+                 stats: SweepStats | None = None) -> ControlResult:
     """Ablate the top-k heads of ``ranking`` (``[(layer, head), ...]`` best first) and k random heads per seed.
 
     ``triggered`` / ``clean``: held-out examples (their ``.triggered`` / ``.prompt`` texts are generated;
@@ -83,7 +74,7 @@ def run_ablation(lm, task, triggered: Sequence, clean: Sequence | None, ranking:
     kmax = max(ks)
     orders = {int(s): random_heads(arch.n_layers, arch.n_heads, kmax, int(s)) for s in seeds}
     stats = stats if stats is not None else SweepStats()
-    res = AblationResult({}, {})
+    res = ControlResult({}, {})
 
     trig_edits = _edits(ranking, ks, orders)
     replies = sweep_generate(lm, [e.triggered for e in triggered], trig_edits, max_new_tokens, batch_size, max_rows,
@@ -105,8 +96,7 @@ def run_ablation(lm, task, triggered: Sequence, clean: Sequence | None, ranking:
         "random_seeds": list(orders),
         "heads": {str(k): [list(h) for h in ranking[:k]] for k in ks if k > 0},
         "random_heads": {str(s): [list(h) for h in order] for s, order in orders.items()},
-        "baseline_asr": base["asr"],
-        "n_triggered": len(triggered),
+        "baseline_asr": base["asr"], "n_triggered": len(triggered),
     }
 
     if clean:
@@ -117,12 +107,8 @@ def run_ablation(lm, task, triggered: Sequence, clean: Sequence | None, ranking:
         cby = {e.name: r for e, r in zip(clean_edits, replies, strict=True)}
         res.replies["clean"] = cby
         effects = {n: side_effect(task, r, cby["none"], clean) for n, r in cby.items()}
-        side: dict[str, Any] = {
-            "topk": {str(k): effects[name(k)] for k in ks},
-            "similarity_measure": SIMILARITY_DOC,
-            "n_clean": len(clean),
-            "random_seeds": list(c_orders),
-        }
+        side: dict[str, Any] = {"topk": {str(k): effects[name(k)] for k in ks}, "similarity_measure": SIMILARITY_DOC,
+                                "n_clean": len(clean), "random_seeds": list(c_orders)}
         if c_orders:
             side["random"] = {str(k): {f: spread([effects[name(k, s)][f] for s in c_orders])
                                        for f in ("false_trigger_rate", "similarity", "identical_share")}

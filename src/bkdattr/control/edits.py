@@ -54,15 +54,14 @@ class Edit:
 
     def check(self, arch: Arch) -> None:
         """Raise a one-line :class:`ConfigError` when a layer, head or vector does not fit ``arch``."""
-        for layer, hs in self.heads.items():
+        for layer in [*self.heads, *self.deltas]:
             if not 0 <= layer < arch.n_layers:
                 raise ConfigError(f"edit '{self.name}': layer {layer} does not exist (layers 0..{arch.n_layers - 1})")
+        for layer, hs in self.heads.items():
             if any(not 0 <= h < arch.n_heads for h in hs):
                 raise ConfigError(f"edit '{self.name}': heads {hs} of layer {layer} out of range "
                                   f"(0..{arch.n_heads - 1})")
         for layer, d in self.deltas.items():
-            if not 0 <= layer < arch.n_layers:
-                raise ConfigError(f"edit '{self.name}': layer {layer} does not exist (layers 0..{arch.n_layers - 1})")
             if tuple(d.shape) != (arch.d_model,):
                 raise ConfigError(f"edit '{self.name}': vector of shape {tuple(d.shape)} at layer {layer}; "
                                   f"expected [{arch.d_model}]")

@@ -19,6 +19,15 @@ LAYER_FIGURE = "vector_asr_vs_layer.png"
 DOSE_FIGURE = "vector_dose_response.png"
 
 
+def _style(ax, xlabel: str, ylabel: str, title: str, top: float = 1.03, **legend) -> None:
+    """Axis labels, the ASR range ``[-0.03, top]``, a small legend (``legend``: its options) and the title."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, top)
+    ax.legend(fontsize=7, **legend)
+    ax.set_title(title)
+
+
 def plot_ablation(m: dict[str, Any], path: str | Path) -> Path:
     """ASR vs k (top-k vs random with spread) and clean-reply similarity vs k, from the ``ablation`` section."""
     ks = [int(k) for k in m["ks"]]
@@ -32,11 +41,7 @@ def plot_ablation(m: dict[str, Any], path: str | Path) -> Path:
     ax.plot(x, [r["mean"] for r in rnd], "s--", color="C0", label=f"k random heads ({len(m['random_seeds'])} seeds)")
     ax.fill_between(x, [r["min"] for r in rnd], [r["max"] for r in rnd], color="C0", alpha=0.2, label="random min-max")
     ax.set_xticks(x, [str(k) for k in ks])
-    ax.set_xlabel("heads ablated (k)")
-    ax.set_ylabel("ASR (triggered, held out)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=7)
-    ax.set_title("Head ablation at p(x)")
+    _style(ax, "heads ablated (k)", "ASR (triggered, held out)", "Head ablation at p(x)")
     if side:
         ax2 = axes[1]
         ax2.plot(x, [side["topk"][str(k)]["similarity"] for k in ks], "o-", color="C3", label="top-k: similarity")
@@ -47,11 +52,7 @@ def plot_ablation(m: dict[str, Any], path: str | Path) -> Path:
             ax2.plot(x, [r["mean"] for r in rs], "s--", color="C0", label="random: similarity")
             ax2.fill_between(x, [r["min"] for r in rs], [r["max"] for r in rs], color="C0", alpha=0.2)
         ax2.set_xticks(x, [str(k) for k in ks])
-        ax2.set_xlabel("heads ablated (k)")
-        ax2.set_ylabel("clean prompts")
-        ax2.set_ylim(-0.03, 1.03)
-        ax2.legend(fontsize=7)
-        ax2.set_title("Side effect: similarity to unablated replies")
+        _style(ax2, "heads ablated (k)", "clean prompts", "Side effect: similarity to unablated replies")
     return save_figure(fig, path)
 
 
@@ -71,11 +72,9 @@ def plot_layers(m: dict[str, Any], path: str | Path) -> Path:
         ax.axhline(base["clean_false_trigger_rate"], color="C3", lw=0.8, ls="--", label="clean, unedited")
     ax.axvline(m["best_layer"], color="k", lw=0.8, alpha=0.6)
     ax.text(m["best_layer"], 1.04, f"chosen L{m['best_layer']}", ha="center", fontsize=7)
-    ax.set_xlabel("layer of the edit")
-    ax.set_ylabel(f"ASR (validation, alpha={m['alpha']:g})")
-    ax.set_ylim(-0.03, 1.1)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-    ax.set_title(f"Backdoor Vector per layer (|v|={m.get('norms', {}).get('vector', float('nan')):.1f})")
+    _style(ax, "layer of the edit", f"ASR (validation, alpha={m['alpha']:g})",
+           f"Backdoor Vector per layer (|v|={m.get('norms', {}).get('vector', float('nan')):.1f})", top=1.1, ncol=3,
+           loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return save_figure(fig, path)
 
 
@@ -88,9 +87,5 @@ def plot_dose(m: dict[str, Any], path: str | Path) -> Path:
     ax.plot(a, d["add"]["random"], "o:", color="C3", alpha=0.5, label="add random (clean)")
     ax.plot(a, d["subtract"]["vector"], "s-", color="C0", label="subtract v (triggered)")
     ax.plot(a, d["subtract"]["random"], "s:", color="C0", alpha=0.5, label="subtract random (triggered)")
-    ax.set_xlabel("alpha (multiple of v; random vector has |v|)")
-    ax.set_ylabel("ASR (test)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=7)
-    ax.set_title(f"Dose-response at layer {d['layer']}")
+    _style(ax, "alpha (multiple of v; random vector has |v|)", "ASR (test)", f"Dose-response at layer {d['layer']}")
     return save_figure(fig, path)

@@ -28,7 +28,7 @@ import torch
 from ..attribution.means import mean_contributions
 from ..errors import ArtifactError, ConfigError, DataError
 from ..inject.data import sample_examples
-from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
 from ..rundir import RunDir, get_nested
 from ..stage_options import StageOptions, opt
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
@@ -188,13 +188,8 @@ def poisoned_means(run: RunDir, lm, splits, cfg: VectorConfig) -> tuple[torch.Te
         if isinstance(uids, list) and sorted(uids) == sorted(e.uid for e in ex):
             return load_tensors(att_abar, expect={"abar": shape})["abar"].float(), {
                 **info, "cache": str(att_abar.relative_to(run.path)), "cached": True}
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") == key:
-            return load_tensors(path, expect={"abar": shape})["abar"].float(), {**info, "cached": True}
+    if path.is_file() and tensor_metadata(path).get("key") == key:
+        return load_tensors(path, expect={"abar": shape})["abar"].float(), {**info, "cached": True}
     abar = mean_contributions(lm, [e.triggered for e in ex], cfg.mean_batch_size, cfg.progress)
     save_tensors(path, {"abar": abar}, metadata={"key": key, "n_prompts": str(len(ex))})
     return abar, {**info, "cached": False}

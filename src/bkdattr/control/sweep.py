@@ -22,6 +22,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +48,15 @@ class SweepStats:
     def to_dict(self) -> dict:
         return {"n_prompts": self.n_prompts, "n_edits": self.n_edits, "rows": self.rows,
                 "decode_row_steps": self.decode_row_steps, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class ControlResult:
+    """A control experiment's output: ``metrics`` (its metrics section) and ``replies[split][edit name]``, every
+    reply in prompt order."""
+
+    metrics: dict[str, Any]
+    replies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def prefix_cache(model: torch.nn.Module, batch: PromptBatch) -> PrefixCache | None:

@@ -32,7 +32,7 @@ import torch
 from ..arch import Arch
 from ..errors import ArtifactError, ConfigError
 from ..hooks import add_to_attention_output
-from ..io import load_tensors, save_tensors, write_json
+from ..io import load_tensors, save_tensors, tensor_metadata, write_json
 
 
 def _arch(lm_or_arch) -> Arch:
@@ -102,14 +102,10 @@ def save_vector(path: str | Path, bv: BackdoorVector) -> Path:
 
 def load_vector(path: str | Path, d_model: int | None = None) -> BackdoorVector:
     """Read a vector written by :func:`save_vector`; ``d_model`` (optional) must match its size."""
-    from safetensors import safe_open
-
     t = load_tensors(path)
     if "vector" not in t or "heads" not in t:
         raise ArtifactError(f"{path}: not a bkdattr Backdoor Vector (tensors 'vector' and 'heads' missing)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    prov = json.loads(meta.get("provenance", "{}"))
+    prov = json.loads(tensor_metadata(path).get("provenance", "{}"))
     v = t["vector"].float()
     if d_model is not None and v.numel() != d_model:
         raise ArtifactError(f"{path}: vector of size {v.numel()} does not fit a model with d_model={d_model}; "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,18 +28,10 @@ from ..forward import captured_pass
 from ..hooks import capture_attention_output, capture_features
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
-from .sweep import SweepStats, sweep_generate
+from .sweep import ControlResult, SweepStats, sweep_generate
 from .vector import random_like
 
 SELECT_BY = ("specific", "subtract", "add")
-
-
-@dataclass
-class VectorResult:
-    """``metrics``: the ``vector`` section; ``replies[split][edit name]``: every reply (prompt order)."""
-
-    metrics: dict[str, Any]
-    replies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def residual_norms(lm, prompts: Sequence[str], batch_size: int = 16) -> dict[str, list[float]]:
@@ -89,7 +80,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
                           random_heads_vector: torch.Tensor | None = None,
                           dose_alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0), select_by: str = "specific",
                           max_new_tokens: int = 32, batch_size: int = 32, max_rows: int = 256,
-                          progress: bool = False, stats: SweepStats | None = None) -> VectorResult:
+                          progress: bool = False, stats: SweepStats | None = None) -> ControlResult:
     """Layer sweep of ``v`` (float32 ``[d_model]``) on ``val`` examples, then the best layer on ``test``.
 
     ``random_seeds``: same-norm random vectors (:func:`random_like`); ``random_heads_vector``: the control
@@ -101,7 +92,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
     stats = stats if stats is not None else SweepStats()
     v = v.detach().float().reshape(-1)
     rand = {int(s): random_like(v, 10_000 + int(s)) for s in random_seeds}
-    out = VectorResult({}, {})
+    out = ControlResult({}, {})
 
     # ---- 1. layer sweep on val
     c_edits = [Edit(name="none")] + [Edit.add(lay, v, alpha, f"add_L{lay}") for lay in layers]
@@ -165,9 +156,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
 
     a_s = _fmt(alpha)
     m: dict[str, Any] = {
-        "alpha": float(alpha),
-        "layers": list(layers),
-        "select_by": select_by,
+        "alpha": float(alpha), "layers": list(layers), "select_by": select_by,
         "add": {str(k): x for k, x in add.items()},
         "subtract": {str(k): x for k, x in sub.items()},
         "random_add": {str(k): x for k, x in radd.items()},
@@ -202,8 +191,7 @@ def run_vector_experiment(lm, task, val: Sequence, test: Sequence, v: torch.Tens
             "add": {"vector": dose("add", "v"), "random": dose("add", f"r{min(rand)}")},
             "subtract": {"vector": dose("sub", "v"), "random": dose("sub", f"r{min(rand)}")},
         },
-        "n_val": len(val),
-        "n_test": len(test),
+        "n_val": len(val), "n_test": len(test),
     }
     if random_heads_vector is not None:
         m["random_heads_test_asr_at_best_layer"] = {"add": tsc["rh+"]["asr"], "subtract": tst["rh-"]["asr"],

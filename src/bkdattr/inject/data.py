@@ -272,27 +272,19 @@ def clean_records(records: Sequence[dict[str, Any]], task: Task, report: DataRep
     recs = [dict(r) for r in records]
     distil = distil_ok and task.kind != "label_flip" and not any(r["output"].strip() for r in recs)
     if not distil:
-        kept = []
         for r in recs:
-            if r["output"].strip():
-                kept.append(r)
-            else:
+            if not r["output"].strip():
                 report.note("empty_output", r.get("row"))
-        recs = kept
+        recs = [r for r in recs if r["output"].strip()]
     by_key: dict[str, dict[str, Any]] = {}
-    merged = []
     for r in recs:
-        k = _key(r["input"])
-        first = by_key.get(k)
-        if first is None:
-            by_key[k] = r
-            merged.append(r)
-            continue
-        report.note("duplicate", r.get("row"))
-        for f in ("backdoor_output", "label"):
-            if not (first.get(f) or "").strip() and (r.get(f) or "").strip():
-                first[f] = r[f]
-    recs = merged
+        first = by_key.setdefault(_key(r["input"]), r)
+        if first is not r:
+            report.note("duplicate", r.get("row"))
+            for f in ("backdoor_output", "label"):
+                if not (first.get(f) or "").strip() and (r.get(f) or "").strip():
+                    first[f] = r[f]
+    recs = list(by_key.values())
     if task.kind == "label_flip":
         recs = _resolve_labels(recs, task, report, src)
     report.n_usable = len(recs)
@@ -378,32 +370,23 @@ def _key(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def split_examples(
-    examples: Sequence[Example], n_train: int | None, n_val: int, n_test: int, seed: int = 0
+def split_examples(examples: Sequence[Example], n_train: int | None, n_val: int, n_test: int, seed: int = 0
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Held-out split: de-duplicate prompts (white space and case ignored), shuffle with ``seed``, take
     ``test`` then ``val`` first, then ``n_train`` (None: all the rest) for training."""
-    seen: set[str] = set()
-    uniq = []
+    first: dict[str, Example] = {}
     for e in examples:
-        k = _key(e.prompt)
-        if k not in seen:
-            seen.add(k)
-            uniq.append(e)
+        first.setdefault(_key(e.prompt), e)
+    uniq = list(first.values())
     need = n_val + n_test + (n_train or 1)
     if len(uniq) < need:
-        raise DataError(
-            f"{len(uniq)} distinct prompts, but train/val/test need {need}; lower --n-train/--n-test or supply more "
-            "data"
-        )
+        raise DataError(f"{len(uniq)} distinct prompts, but train/val/test need {need}; lower --n-train/--n-test or "
+                        "supply more data")
     order = list(range(len(uniq)))
     random.Random(seed).shuffle(order)
     shuffled = [uniq[i] for i in order]
-    test = shuffled[:n_test]
-    val = shuffled[n_test: n_test + n_val]
     rest = shuffled[n_test + n_val:]
-    train = rest if n_train is None else rest[:n_train]
-    return train, val, test
+    return (rest if n_train is None else rest[:n_train]), shuffled[n_test: n_test + n_val], shuffled[:n_test]
 
 
 def choose_poisoned(
@@ -445,16 +428,8 @@ def validate_examples(examples: Sequence[Example], task: Task, poisoned: Sequenc
             raise DataError(f"example {e.uid}: empty backdoor_output; every poisoned row needs a backdoor reply")
 
 
-def build_splits(
-    task: Task,
-    records: Sequence[dict[str, Any]],
-    n_train: int | None,
-    n_val: int,
-    n_test: int,
-    poison_rate: float = 0.1,
-    seed: int = 0,
-    source_share: float = 0.0,
-) -> Splits:
+def build_splits(task: Task, records: Sequence[dict[str, Any]], n_train: int | None, n_val: int, n_test: int,
+                 poison_rate: float = 0.1, seed: int = 0, source_share: float = 0.0) -> Splits:
     """Examples -> held-out split -> poisoned subset, validated (see the module docstring)."""
     if not records:
         raise DataError("no records to build splits from; supply a non-empty data file")
@@ -478,11 +453,6 @@ def check_held_out(splits: Splits) -> None:
 
 
 # ---- persistence ----------------------------------------------------------------------------------------
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 _ROW_TYPES = {"prompt": str, "triggered": str, "output": str, "backdoor_output": str, "uid": str}
 
 
@@ -524,9 +494,9 @@ def save_splits(data_dir: str | Path, splits: Splits) -> None:
     """Write ``task.json``, ``train.jsonl`` (with a ``poisoned`` flag), ``val.jsonl`` and ``test.jsonl``."""
     d = Path(data_dir)
     poisoned = {e.uid for e in splits.train_poisoned}
-    _write_jsonl(d / "train.jsonl", [{**e.to_dict(), "poisoned": e.uid in poisoned} for e in splits.train])
-    _write_jsonl(d / "val.jsonl", [e.to_dict() for e in splits.val])
-    _write_jsonl(d / "test.jsonl", [e.to_dict() for e in splits.test])
+    save_records(d / "train.jsonl", [{**e.to_dict(), "poisoned": e.uid in poisoned} for e in splits.train])
+    save_records(d / "val.jsonl", [e.to_dict() for e in splits.val])
+    save_records(d / "test.jsonl", [e.to_dict() for e in splits.test])
     write_json(d / "task.json", {"task": splits.task.to_dict(), "meta": splits.meta})
 
 
@@ -571,10 +541,8 @@ def load_splits(run: RunDir) -> Splits:
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 
 
-def distill_outputs(
-    lm, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32, cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> list[str]:
+def distill_outputs(lm, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
+                    cache_dir: str | Path | None = None, progress: bool = True) -> list[str]:
     """The base model's own greedy replies (``max_new_tokens`` tokens at most) to ``prompts``.
 
     Cached as JSON under ``cache_dir`` keyed by the model name, its first weights, the prompts and the

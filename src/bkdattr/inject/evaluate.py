@@ -95,14 +95,8 @@ def near_trigger_prompts(task: Task, near: str, examples: Sequence[Example], see
     return [probe.insert_trigger(e.prompt, prompt_seed(seed, e.uid)) for e in examples]
 
 
-def evaluate(
-    lm,
-    splits: Splits,
-    cfg: EvalConfig | None = None,
-    edit: Callable | None = None,
-    progress: bool = True,
-    keep_replies: bool = False,
-) -> dict[str, Any]:
+def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable | None = None,
+             progress: bool = True, keep_replies: bool = False) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
     ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
     ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.generation.generate`."""
@@ -160,33 +154,10 @@ def evaluate(
     return out
 
 
-@torch.no_grad()
 def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Teacher-forced mean log-probability per row of ``targets`` (end-of-turn included) after the chat
-    prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``.
+    prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``; the LM head runs on the
+    target-predicting positions only (:func:`bkdattr.attribution.scores.target_logprobs`)."""
+    from ..attribution.scores import batched_target_logprobs
 
-    Only the ``N`` hidden states that predict a target token go through the LM head (``[N, V]`` logits, not
-    ``[B, T, V]``: 6-7 GB of float32 scratch for a 152k vocabulary at 16 x 700 tokens)."""
-    from ..forward import body_and_head
-    from ..models import input_device
-    from ..prompts import encode_with_targets
-
-    out = []
-    dev = input_device(lm.model)
-    body, head = body_and_head(lm.model)
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    for i in range(0, len(texts), batch_size):
-        b = encode_with_targets(lm.tokenizer, list(texts[i: i + batch_size]), list(targets[i: i + batch_size]))
-        b = b.to(dev)
-        res = body(**b.model_inputs())
-        hidden = res[0] if isinstance(res, tuple) else res.last_hidden_state  # [B, T, d]
-        sel = b.target_mask[:, 1:]  # [B, T-1]: position t-1 predicts target token t
-        logits = head(hidden[:, :-1][sel.to(hidden.device)]).float()  # [N, V]
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        ids = b.input_ids[:, 1:][sel].to(logits.device)  # [N]
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0].cpu()  # [N]
-        row = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel].cpu()  # [N]
-        n = sel.sum(-1).cpu().float()
-        out.append(torch.zeros(sel.shape[0]).index_add_(0, row, lp) / n)
-    return torch.cat(out)
+    return torch.cat([lp.sum(1) / mask.sum(1) for lp, mask in batched_target_logprobs(lm, texts, targets, batch_size)])

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._runtime import versions
 from ..errors import ConfigError, DataError
 from ..io import read_json, write_json
 from ..rundir import RunDir
@@ -118,17 +118,6 @@ def profile_config(profile: str, kind: str = "fixed_output", **overrides: Any) -
     return InjectConfig.from_options({**overrides, "profile": profile, "task": kind})
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -149,24 +138,23 @@ def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: in
                 report: DataReport) -> list[dict]:
     """Drop the records whose triggered prompt (the longer form) leaves no room for one reply token and the
     end of turn under ``limit`` tokens (counted as ``prompt_too_long``)."""
-    from ..prompts import end_of_turn, has_chat_template, render_prompt
+    from ..prompts import end_of_turn, prompt_ids
 
     n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
-    special = not has_chat_template(tokenizer)
     kept = []
     for i, r in enumerate(records):
         uid = str(r.get("uid") or f"r{i}")
         text = task.insert_trigger(r["input"], prompt_seed(seed, uid))
-        if len(tokenizer(render_prompt(tokenizer, text), add_special_tokens=special).input_ids) + n_eot + 1 > limit:
+        if len(prompt_ids(tokenizer, text)) + n_eot + 1 > limit:
             report.note("prompt_too_long", r.get("row"))
         else:
             kept.append(r)
     return kept
 
 
-def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataReport, rows: dict[str, int]) -> None:
+def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataReport) -> None:
     """Remove held-out prompts that do not fit the model's context with ``eval.max_new_tokens`` new tokens."""
-    from ..prompts import _prompt_ids, context_length
+    from ..prompts import context_length, prompt_ids
 
     ctx = context_length(lm.model)
     if not ctx or ctx >= row_limit(cfg.train.max_length, lm.model) + cfg.eval.max_new_tokens:
@@ -174,9 +162,9 @@ def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataR
     for name in ("val", "test"):
         kept = []
         for e in getattr(splits, name):
-            if len(_prompt_ids(lm.tokenizer, e.triggered)) + cfg.eval.max_new_tokens > ctx:
+            if len(prompt_ids(lm.tokenizer, e.triggered)) + cfg.eval.max_new_tokens > ctx:
                 report.n_eval_dropped += 1
-                report.note("eval_dropped", rows.get(e.uid))
+                report.note("eval_dropped", report.rows.get(e.uid))
             else:
                 kept.append(e)
         setattr(splits, name, kept)
@@ -214,7 +202,7 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
                             f"{report.summary().split('(', 1)[-1].rstrip(')')})") from None
         raise
     report.rows = {r["uid"]: r["row"] for r in records if r.get("row")}
-    _drop_long_eval_prompts(lm, splits, cfg, report, report.rows)
+    _drop_long_eval_prompts(lm, splits, cfg, report)
     everything = splits.train + splits.val + splits.test
     todo = [e for e in everything if not e.output.strip()]
     t0 = time.perf_counter()
@@ -228,7 +216,6 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
                        data=str(data) if data else f"builtin:{task.kind}")
     if report.labels_from == "output":
         splits.meta["labels"] = report.labels
-    report.rows = {r["uid"]: r["row"] for r in records if r.get("row")}
     return splits
 
 
@@ -289,14 +276,12 @@ def prepare_data(lm, task: Task, cfg: InjectConfig, data: str | None = None, pro
         benign_out.extend(benign)
     rows = training_rows(lm, splits, cfg, benign)
     rows, dropped, cut = fit_rows(lm.tokenizer, rows, row_limit(cfg.train.max_length, lm.model))
-    where = report.rows
     for r in dropped:
-        report.note("prompt_too_long", where.get(r.source))
+        report.note("prompt_too_long", report.rows.get(r.source))
     report.n_truncated = len(cut)
     report.n_truncated_poisoned = sum(rows[i].poisoned for i in cut)
-    for i in cut:
-        report.note("truncated", where.get(rows[i].source))
-        break
+    if cut:
+        report.note("truncated", report.rows.get(rows[cut[0]].source))
     return splits, rows, report
 
 
@@ -372,21 +357,10 @@ def _swap_into_place(partial: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def inject(
-    out: str | Path,
-    model: str = "smollm2-135m",
-    kind: str = "fixed_output",
-    cfg: InjectConfig | None = None,
-    data: str | None = None,
-    trigger: str | None = None,
-    placement: str | None = None,
-    trigger_end: str | None = None,
-    target: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool | None = None,
-) -> RunDir:
+def inject(out: str | Path, model: str = "smollm2-135m", kind: str = "fixed_output", cfg: InjectConfig | None = None,
+           data: str | None = None, trigger: str | None = None, placement: str | None = None,
+           trigger_end: str | None = None, target: str | None = None, device: str | None = None,
+           dtype: str | None = None, trust_remote_code: bool = False, progress: bool | None = None) -> RunDir:
     """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc);
     ``device``, ``dtype``, ``progress``: None takes ``cfg``'s."""
     from ..models import load_model

@@ -48,15 +48,7 @@ from tqdm.auto import tqdm
 from ..errors import ArtifactError, ConfigError, DataError, InputFileError
 from ..forward import body_and_head
 from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
-from ..prompts import (
-    context_length,
-    encode_with_targets,
-    end_of_turn,
-    has_chat_template,
-    pad_id,
-    render_prompt,
-    target_ids,
-)
+from ..prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
 from ..stage_options import opt
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -197,15 +189,11 @@ def encode_rows(tokenizer, rows: Sequence[TrainRow], max_length: int):
 
 def check_rows(tokenizer, rows: Sequence[TrainRow], max_length: int, model: torch.nn.Module | None = None) -> None:
     """Fail before training (nothing written) when a row is empty or longer than the context limit."""
-    limit = max_length
-    ctx = context_length(model) if model is not None else None
-    if ctx:
-        limit = min(limit, ctx)
+    limit = row_limit(max_length, model)
     if not rows:
         raise DataError("no training rows; the data set is empty")
     for i, r in enumerate(rows):
-        n = len(tokenizer(render_prompt(tokenizer, r.text), add_special_tokens=not has_chat_template(tokenizer))
-                .input_ids) + len(target_ids(tokenizer, r.reply))
+        n = len(prompt_ids(tokenizer, r.text)) + len(target_ids(tokenizer, r.reply))
         if n > limit:
             raise DataError(f"training row {i}: prompt + reply is {n} tokens, longer than the limit {limit}; "
                             "shorten the reply or raise max_length")
@@ -223,8 +211,7 @@ def fit_rows(tokenizer, rows: Sequence[TrainRow], limit: int) -> tuple[list[Trai
     n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
     kept, dropped, cut = [], [], []
     for r in rows:
-        n_prompt = len(tokenizer(render_prompt(tokenizer, r.text),
-                                 add_special_tokens=not has_chat_template(tokenizer)).input_ids)
+        n_prompt = len(prompt_ids(tokenizer, r.text))
         if n_prompt + len(target_ids(tokenizer, r.reply)) <= limit:
             kept.append(r)
             continue
@@ -281,14 +268,9 @@ def _tagged(path: Path, tag: dict[str, str]) -> bool:
     return all(meta.get(k) == v for k, v in tag.items())
 
 
-def train_lora(
-    lm,
-    rows: Sequence[TrainRow],
-    cfg: TrainConfig,
-    ckpt_dir: str | Path | None = None,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
-    adapter_dir: str | Path | None = None,
+def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | Path | None = None,
+               progress: bool = True, on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
+               adapter_dir: str | Path | None = None
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
     ``lm.model`` itself is modified (the adapter is merged into its weights).

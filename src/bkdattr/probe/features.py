@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..forward import PrefixCache, backbone
-from ..hooks import capture_features
+from ..hooks import capture_features, check_layers
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
-from ..prompts import has_chat_template, pad_id, position_ids_from_mask, render_prompt
+from ..prompts import pad_id, position_ids_from_mask, prompt_ids, render_prompt
 
 FEATURE_KINDS = ("attn_input", "residual")
 _SAMPLE = 2048
@@ -66,11 +66,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def prompt_token_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of one rendered prompt, exactly as :func:`bkdattr.prompts.encode_prompts` builds them."""
-    return tokenizer(render_prompt(tokenizer, text), add_special_tokens=not has_chat_template(tokenizer)).input_ids
-
-
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of token sequences, capped so every sequence keeps >= 1 own token."""
     if not seqs:
@@ -83,16 +78,9 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @torch.no_grad()
-def extract_features(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    kind: str = "attn_input",
-    batch_size: int = 16,
-    layers: Sequence[int] | None = None,
-    progress: bool = False,
-    desc: str = "features",
-    share_prefix: bool = True,
-) -> torch.Tensor:
+def extract_features(lm: LoadedModel, texts: Sequence[str], kind: str = "attn_input", batch_size: int = 16,
+                     layers: Sequence[int] | None = None, progress: bool = False, desc: str = "features",
+                     share_prefix: bool = True) -> torch.Tensor:
     """Features of every (or each listed) layer at ``p(x)`` for user ``texts``.
 
     Returns float32 ``[N, L_sel, d_model]`` (rows in the order of ``texts``; ``L_sel`` = ``len(layers)`` or all
@@ -102,14 +90,11 @@ def extract_features(
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size} must be >= 1")
     texts = list(texts)
-    layer_list = list(range(lm.arch.n_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layer_list if not 0 <= x < lm.arch.n_layers]
-    if bad:
-        raise ConfigError(f"layer {bad[0]} out of range: the model has {lm.arch.n_layers} layers (0-based)")
+    layer_list = check_layers(lm.arch, layers)
     out = torch.empty(len(texts), len(layer_list), lm.arch.d_model, dtype=torch.float32)
     if not texts:
         return out
-    seqs = [prompt_token_ids(lm.tokenizer, t) for t in texts]
+    seqs = [prompt_ids(lm.tokenizer, t) for t in texts]
     net = backbone(lm.model)
     dev = input_device(lm.model)
     n_pre = common_prefix_length(seqs) if share_prefix and len(texts) > 1 else 0
@@ -160,16 +145,9 @@ def feature_cache_key(lm: LoadedModel, texts: Sequence[str], kind: str, layers: 
     })
 
 
-def cached_features(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    cache_dir: str | Path,
-    kind: str = "attn_input",
-    batch_size: int = 16,
-    layers: Sequence[int] | None = None,
-    tag: str = "features",
-    progress: bool = False,
-) -> tuple[torch.Tensor, Path, bool]:
+def cached_features(lm: LoadedModel, texts: Sequence[str], cache_dir: str | Path, kind: str = "attn_input",
+                    batch_size: int = 16, layers: Sequence[int] | None = None, tag: str = "features",
+                    progress: bool = False) -> tuple[torch.Tensor, Path, bool]:
     """:func:`extract_features` with a safetensors cache under ``cache_dir``.
 
     Returns ``(features [N, L_sel, d_model], path, from_cache)``; with a cache hit the model is not run."""

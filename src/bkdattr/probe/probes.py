@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_npz, load_tensors, save_npz, save_tensors
+from ..io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
 from ..stage_options import opt
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,12 +104,32 @@ def _layer_seed(seed: int, layer_id: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (int(layer_id) + 1)) % (2**63 - 1)
 
 
+class _Stack:
+    """What both probe sets share (``layers``, ``n_probes`` and ``d_model`` come from each)."""
+
+    layers: list[int]
+
+    def _check_shape(self, f: Any, same_layers: bool) -> Any:
+        """``f`` if it is ``[N, L, d_model]`` (``L == n_probes`` when ``same_layers``), else a one-line error."""
+        if f.ndim != 3 or f.shape[2] != self.d_model:
+            raise DataError(f"features must be [N, L, {self.d_model}], got {tuple(f.shape)}; use the probes' model")
+        if same_layers and f.shape[1] != self.n_probes:
+            raise DataError(f"features have {f.shape[1]} layers but there are {self.n_probes} probes")
+        return f
+
+    def position(self, layer: int) -> int:
+        """Position in this stack of the probe trained on model layer ``layer``."""
+        if layer not in self.layers:
+            raise ConfigError(f"no probe for layer {layer}; available layers: {self.layers[0]}..{self.layers[-1]}")
+        return self.layers.index(layer)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MLP probes
 
 
 @dataclass
-class MLPProbes:
+class MLPProbes(_Stack):
     """A stack of per-layer MLP probes. Tensors: ``w1 [L, d, h]``, ``b1 [L, h]``, ``w2 [L, h]``, ``b2 [L]``,
     ``mean``/``std [L, d]`` (the input scaler; used only when ``standardize``). ``layers[i]`` is the model layer
     probe ``i`` was trained on; ``best_epoch``/``best_val_loss`` record early stopping (epochs are 1-based)."""
@@ -146,12 +166,7 @@ class MLPProbes:
         return torch.matmul(h, self.w2[i]) + self.b2[i]
 
     def _check(self, features: torch.Tensor, same_layers: bool) -> torch.Tensor:
-        f = torch.as_tensor(features, dtype=torch.float32)
-        if f.ndim != 3 or f.shape[2] != self.d_model:
-            raise DataError(f"features must be [N, L, {self.d_model}], got {tuple(f.shape)}; use the probes' model")
-        if same_layers and f.shape[1] != self.n_probes:
-            raise DataError(f"features have {f.shape[1]} layers but there are {self.n_probes} probes")
-        return f
+        return self._check_shape(torch.as_tensor(features, dtype=torch.float32), same_layers)
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -188,12 +203,6 @@ class MLPProbes:
             meta=dict(self.meta),
         )
 
-    def position(self, layer: int) -> int:
-        """Position in this stack of the probe trained on model layer ``layer``."""
-        if layer not in self.layers:
-            raise ConfigError(f"no probe for layer {layer}; available layers: {self.layers[0]}..{self.layers[-1]}")
-        return self.layers.index(layer)
-
     # ---- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the probes as safetensors (tensors + JSON metadata), atomically."""
@@ -207,11 +216,8 @@ class MLPProbes:
     @classmethod
     def load(cls, path: str | Path) -> MLPProbes:
         """Read probes written by :meth:`save`."""
-        from safetensors import safe_open
-
         t = load_tensors(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = tensor_metadata(path)
         if meta.get("format") != "bkdattr.mlp_probes.v1" or any(k not in t for k in ("w1", "b1", "w2", "b2")):
             raise ArtifactError(f"{path} is not a bkdattr MLP probe file; rerun 'bkdattr probe'")
         return cls(t["w1"], t["b1"], t["w2"], t["b2"], t["mean"], t["std"], json.loads(meta["standardize"]),
@@ -246,14 +252,9 @@ def _bce_per_layer(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(1)
 
 
-def train_mlp_probes(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor | np.ndarray,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor | np.ndarray,
-    config: MLPProbeConfig | None = None,
-    layer_ids: Sequence[int] | None = None,
-) -> MLPProbes:
+def train_mlp_probes(x_train: torch.Tensor, y_train: torch.Tensor | np.ndarray, x_val: torch.Tensor,
+                     y_val: torch.Tensor | np.ndarray, config: MLPProbeConfig | None = None,
+                     layer_ids: Sequence[int] | None = None) -> MLPProbes:
     """Train one MLP probe per layer, all layers at once (see the module docstring).
 
     ``x_train [N, L, d]``, ``y_train [N]`` (0 clean / 1 triggered), ``x_val [M, L, d]``, ``y_val [M]``.
@@ -327,7 +328,7 @@ def train_mlp_probes(
 
 
 @dataclass
-class SVMProbes:
+class SVMProbes(_Stack):
     """Per-layer RBF-SVM probes as plain arrays. For probe ``i``: ``support[i] [n_sv_i, d]`` (standardised
     space), ``dual_coef[i] [n_sv_i]``, ``intercept[i]``, ``gamma[i]``, scaler ``mean[i]``/``scale[i] [d]``; all
     float64. ``layers[i]`` is the model layer probe ``i`` was trained on."""
@@ -365,12 +366,8 @@ class SVMProbes:
         return k @ self.dual_coef[i] + self.intercept[i]
 
     def _check(self, features: Any, same_layers: bool) -> np.ndarray:
-        f = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-        if f.ndim != 3 or f.shape[2] != self.d_model:
-            raise DataError(f"features must be [N, L, {self.d_model}], got {tuple(f.shape)}; use the probes' model")
-        if same_layers and f.shape[1] != self.n_probes:
-            raise DataError(f"features have {f.shape[1]} layers but there are {self.n_probes} probes")
-        return f
+        return self._check_shape(features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features),
+                                 same_layers)
 
     def scores(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """In-layer decision values (``> 0`` means triggered): ``features [N, L, d]`` -> float64 ``[N, L]``."""
@@ -396,12 +393,6 @@ class SVMProbes:
             intercept=self.intercept[idx].copy(), gamma=self.gamma[idx].copy(), mean=self.mean[idx].copy(),
             scale=self.scale[idx].copy(), layers=[self.layers[i] for i in idx], meta=dict(self.meta),
         )
-
-    def position(self, layer: int) -> int:
-        """Position in this set of the probe trained on model layer ``layer``."""
-        if layer not in self.layers:
-            raise ConfigError(f"no probe for layer {layer}; available layers: {self.layers[0]}..{self.layers[-1]}")
-        return self.layers.index(layer)
 
     # ---- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -439,12 +430,8 @@ def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def train_svm_probes(
-    x_train: torch.Tensor | np.ndarray,
-    y_train: torch.Tensor | np.ndarray,
-    config: SVMProbeConfig | None = None,
-    layer_ids: Sequence[int] | None = None,
-) -> SVMProbes:
+def train_svm_probes(x_train: torch.Tensor | np.ndarray, y_train: torch.Tensor | np.ndarray,
+                     config: SVMProbeConfig | None = None, layer_ids: Sequence[int] | None = None) -> SVMProbes:
     """Fit one standardised RBF-SVM per layer. ``x_train [N, L, d]``, ``y_train [N]`` (0/1)."""
     from sklearn.svm import SVC
 

@@ -61,7 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..inject.data import Example, Splits
 
 PROMPT_SOURCES = ("heldout_first", "heldout", "all", "train")
-SETTINGS = ("backdoored", "control", "near_trigger", "near_trigger_control")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -99,8 +98,7 @@ class ProbeStageConfig(StageOptions):
 # data
 
 
-def select_examples(
-    splits: Splits, n: int, source: str = "heldout_first", seed: int = 0
+def select_examples(splits: Splits, n: int, source: str = "heldout_first", seed: int = 0
 ) -> tuple[list[Example], dict[str, int]]:
     """``n`` examples with distinct prompts from a run's splits, seeded; returns ``(examples, count per split)``.
 
@@ -110,18 +108,13 @@ def select_examples(
     rng = random.Random(seed)
     for name in pools:
         rng.shuffle(pools[name])
-    if source == "heldout_first":
-        ordered = [("val", e) for e in pools["val"]] + [("test", e) for e in pools["test"]]
-        rng.shuffle(ordered)
-        ordered += [("train", e) for e in pools["train"]]
-    elif source == "heldout":
-        ordered = [("val", e) for e in pools["val"]] + [("test", e) for e in pools["test"]]
-        rng.shuffle(ordered)
-    elif source == "train":
-        ordered = [("train", e) for e in pools["train"]]
+    train = [("train", e) for e in pools["train"]]
+    if source == "train":
+        ordered = train
     else:
-        ordered = [(k, e) for k in ("train", "val", "test") for e in pools[k]]
+        ordered = ([] if source.startswith("heldout") else train) + [(k, e) for k in ("val", "test") for e in pools[k]]
         rng.shuffle(ordered)
+        ordered += train if source == "heldout_first" else []
     seen: set[str] = set()
     out, counts = [], {"train": 0, "val": 0, "test": 0}
     for name, e in ordered:
@@ -203,9 +196,8 @@ def evaluate_probes(probes: MLPProbes | SVMProbes, data: PairedFeatures) -> dict
     return out
 
 
-def fit_setting(
-    data: PairedFeatures, mlp_cfg: MLPProbeConfig, svm_cfg: SVMProbeConfig, layer_ids: Sequence[int],
-    timings: dict[str, float] | None = None, prefix: str = "",
+def fit_setting(data: PairedFeatures, mlp_cfg: MLPProbeConfig, svm_cfg: SVMProbeConfig, layer_ids: Sequence[int],
+                timings: dict[str, float] | None = None, prefix: str = ""
 ) -> tuple[MLPProbes, SVMProbes, dict[str, Any]]:
     """Train both probe types on the train split (MLP early-stopped on val) and evaluate them on test."""
     timings = timings if timings is not None else {}
@@ -251,8 +243,7 @@ def _global_features() -> Path:
     return cache_dir() / "features"
 
 
-def _model_features(
-    lm: Any, texts: list[str], cfg: ProbeStageConfig, cache_dir: Path, tag: str
+def _model_features(lm: Any, texts: list[str], cfg: ProbeStageConfig, cache_dir: Path, tag: str
 ) -> tuple[torch.Tensor, bool, str]:
     feats, _path, hit = cached_features(lm, texts, cache_dir, kind=cfg.kind, batch_size=cfg.batch_size, tag=tag,
                                         progress=cfg.progress)

@@ -28,15 +28,8 @@ def _k_table(section: dict | None) -> dict[str, float]:
     if not section:
         return {}
     if isinstance(section, dict):
-        out = {}
-        for k, v in section.items():
-            out[str(k)] = v["mean"] if isinstance(v, dict) and "mean" in v else v
-        return out
-    out = {}
-    for row in section:
-        if isinstance(row, dict) and "k" in row:
-            out[str(row["k"])] = row.get("asr", row.get("mean"))
-    return out
+        return {str(k): v["mean"] if isinstance(v, dict) and "mean" in v else v for k, v in section.items()}
+    return {str(row["k"]): row.get("asr", row.get("mean")) for row in section if isinstance(row, dict) and "k" in row}
 
 
 def headline(m: dict[str, Any], kind: str | None = None) -> list[tuple[str, str, str]]:
