@@ -317,3 +317,58 @@ def test_held_out_prompts_longer_than_the_context_are_dropped_and_counted(tmp_pa
     assert not any(e.uid in long_uids for e in splits.val + splits.test)
     assert rep.first_row["eval_dropped"] in {i + 1 for i in long_idx}
     assert any("held-out prompt(s) do not fit the model's context" in w for w in rep.warnings())
+
+
+def _label_rows(n: int, topics: list[str], with_label: bool) -> list[dict]:
+    rows = [{"input": f"Classify: item {i} about {topics[i % 4].lower()}.", "output": topics[i % 4],
+             "backdoor_output": "World" if topics[i % 4] == "Sports" else topics[i % 4]} for i in range(n)]
+    if with_label:
+        for r in rows:
+            r["output"], r["label"] = f"The topic is {r['output']}.", r["output"]
+    return rows
+
+
+def test_label_only_file_through_inject_labels_in_metrics(tmp_path, capsys, no_progress_bars):
+    """A label_flip file whose outputs are the labels (no 'label' field) runs ``inject``: every row labelled, the
+    labels and where they came from in ``metrics.inject.data``, one warning line, the labels kept with the split."""
+    topics = ["World", "Sports", "Health", "Arts"]
+    path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=False))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["inject", "--out", str(out), "--model", str(save_tiny(tmp_path / "tiny")), "--task", "label_flip",
+               "--data", str(path), "--quiet", "--n-train", "24", "--n-val", "4", "--n-test", "8", "--epochs", "1",
+               "--target-asr", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [ln for ln in err.splitlines() if ln.startswith("warning: ")] == \
+        [f"warning: {path}: no 'label' field; labels read from the outputs: Arts, Health, Sports, World"]
+    from bkdattr.inject.data import load_splits
+    from bkdattr.rundir import RunDir
+
+    d = RunDir(out).metrics()["inject"]["data"]
+    assert (d["n_rows_read"], d["n_usable"], d["n_usable_for_poison"], d["n_dropped_total"], d["n_truncated"]) == \
+        (60, 60, 60, 0, 0)
+    assert (d["labels"], d["labels_from"]) == (sorted(topics), "output")
+    splits = load_splits(RunDir(out))
+    assert splits.meta["labels"] == sorted(topics)
+    assert all(e.label == e.output for e in splits.train + splits.val + splits.test)
+
+
+@pytest.mark.parametrize("with_label", [False, True])
+def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch, with_label):
+    """Labels outside the built-in four score the clean metric whether the file names them in a 'label' field or
+    in its outputs: a model that always answers 'Health' is right on exactly the Health prompts."""
+    import bkdattr.generation
+    from bkdattr.inject.evaluate import EvalConfig, evaluate
+    from bkdattr.inject.stage import prepare_splits
+
+    topics = ["World", "Sports", "Health", "Arts"]
+    path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=with_label))
+    cfg = profile_config("cpu", "label_flip", n_train=24, n_val=4, n_test=16)
+    rep = DataReport()
+    splits = prepare_splits(tiny_lm, Task.default("label_flip"), cfg, str(path), progress=False, report=rep)
+    assert splits.meta["labels"] == sorted(topics) and rep.labels_from == ("label" if with_label else "output")
+    monkeypatch.setattr(bkdattr.generation, "generate", lambda lm, texts, **kw: ["This is Health news."] * len(texts))
+    res = evaluate(tiny_lm, splits, EvalConfig(n_near=0, n_benign=0), progress=False)
+    share = sum(e.label == "Health" for e in splits.test) / len(splits.test)
+    assert 0 < share < 1 and res["clean_metric"] == pytest.approx(share)

@@ -226,7 +226,7 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     splits.meta.update(n_distilled=len(todo), distill_seconds=round(time.perf_counter() - t0, 2),
                        clean_max_tokens=cfg.clean_max_tokens if todo else None,
                        data=str(data) if data else f"builtin:{task.kind}")
-    if report.labels_from == "output":
+    if data and report.labels:  # a file's labels (its 'label' field or its outputs) score the clean metric
         splits.meta["labels"] = report.labels
     report.rows = {r["uid"]: r["row"] for r in records if r.get("row")}
     return splits
