@@ -294,9 +294,9 @@ def prepare_data(lm, task: Task, cfg: InjectConfig, data: str | None = None, pro
         report.note("prompt_too_long", where.get(r.source))
     report.n_truncated = len(cut)
     report.n_truncated_poisoned = sum(rows[i].poisoned for i in cut)
-    for i in cut:
-        report.note("truncated", where.get(rows[i].source))
-        break
+    cut_rows = sorted(where[rows[i].source] for i in cut if rows[i].source in where)
+    if cut_rows:  # the first in the file, as for the other reasons (training order is shuffled)
+        report.note("truncated", cut_rows[0])
     return splits, rows, report
 
 
