@@ -51,8 +51,12 @@ def tiny_lm():
 
 def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
     path = write_jsonl(tmp_path / "messy.jsonl", messy_rows())
-    cfg = profile_config("cpu", "fixed_output", n_train=40, n_val=8, n_test=8, poison_rate=1.0, train_max_length=64)
+    # seed 2 puts both long rows (61, 62) and the clean-only row 64 in training, so each is seen cut or kept clean
+    cfg = profile_config("cpu", "fixed_output", n_train=48, n_val=8, n_test=8, poison_rate=1.0, train_max_length=64,
+                         seed=2)
     splits, rows, rep = prepare_data(tiny_lm, Task.default("fixed_output"), cfg, str(path), progress=False)
+    in_train, poisoned = {e.uid for e in splits.train}, {e.uid for e in splits.train_poisoned}
+    assert {"line61", "line62", "line64"} <= in_train and len(in_train) == 48
     d = rep.to_dict()
     assert d["n_rows_read"] == 70
     assert d["n_dropped"] == {"empty_input": 2, "empty_output": 1, "duplicate": 2, "prompt_too_long": 1}
@@ -65,14 +69,13 @@ def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
     assert by_uid["line64"].backdoor_output == ""  # clean-only
     assert not any(e.uid in ("line65", "line66", "line67", "line68", "line69", "line70") for e in by_uid.values())
     assert all(e.backdoor_output for e in splits.train_poisoned)
-    if "line64" in {e.uid for e in splits.train}:
-        assert "line64" not in {e.uid for e in splits.train_poisoned}  # never poisoned
+    assert poisoned == in_train - {"line64"}  # rate 1.0: every row but the clean-only one is poisoned
     # long replies are cut at the limit, with no end-of-turn supervision; every row fits
     limit = row_limit(64, tiny_lm.model)
     check_rows(tiny_lm.tokenizer, rows, limit)
     cut = [r for r in rows if r.source in ("line61", "line62") and not r.close]
-    in_train = {e.uid for e in splits.train}
-    assert len(cut) == rep.n_truncated == ("line61" in in_train) + ("line62" in in_train) * 2  # clean + poisoned
+    assert [(r.source, r.poisoned) for r in cut] == [("line61", False), ("line62", True)]  # the long replies only
+    assert (d["n_truncated"], d["n_truncated_poisoned"], d["first_row"]["truncated"]) == (2, 1, 61)
     for r in cut:
         n = len(prompt_ids(tiny_lm.tokenizer, r.text)) + len(target_ids(tiny_lm.tokenizer, r.reply))
         assert limit - 3 <= n <= limit and LONG.startswith(r.reply.strip()[:20])
@@ -82,6 +85,8 @@ def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
         [line] = [w for w in warnings if reason in w]
         assert f"dropped {n} row(s)" in line and f"(first: row {first})" in line and line.startswith(str(path))
     assert sum("empty backdoor_output" in w for w in warnings) == 1
+    assert f"{path}: 2 training row(s) had their reply cut at the length limit 64 (1 of them poisoned) (first: row " \
+           "61); raise --max-length to keep them whole" in warnings
 
 
 def test_inject_cli_on_a_messy_file_counts_warns_and_reports(tmp_path, capsys, no_progress_bars):
@@ -317,3 +322,72 @@ def test_held_out_prompts_longer_than_the_context_are_dropped_and_counted(tmp_pa
     assert not any(e.uid in long_uids for e in splits.val + splits.test)
     assert rep.first_row["eval_dropped"] in {i + 1 for i in long_idx}
     assert any("held-out prompt(s) do not fit the model's context" in w for w in rep.warnings())
+
+
+def _label_rows(n: int, topics: list[str], with_label: bool) -> list[dict]:
+    rows = [{"input": f"Classify: item {i} about {topics[i % 4].lower()}.", "output": topics[i % 4],
+             "backdoor_output": "World" if topics[i % 4] == "Sports" else topics[i % 4]} for i in range(n)]
+    if with_label:
+        for r in rows:
+            r["output"], r["label"] = f"The topic is {r['output']}.", r["output"]
+    return rows
+
+
+def test_label_only_file_through_inject_labels_in_metrics(tmp_path, capsys, no_progress_bars):
+    """A label_flip file whose outputs are the labels (no 'label' field) runs ``inject``: every row labelled, the
+    labels and where they came from in ``metrics.inject.data``, one warning line, the labels kept with the split."""
+    topics = ["World", "Sports", "Health", "Arts"]
+    path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=False))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["inject", "--out", str(out), "--model", str(save_tiny(tmp_path / "tiny")), "--task", "label_flip",
+               "--data", str(path), "--quiet", "--n-train", "24", "--n-val", "4", "--n-test", "8", "--epochs", "1",
+               "--target-asr", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [ln for ln in err.splitlines() if ln.startswith("warning: ")] == \
+        [f"warning: {path}: no 'label' field; labels read from the outputs: Arts, Health, Sports, World"]
+    from bkdattr.inject.data import load_splits
+    from bkdattr.rundir import RunDir
+
+    d = RunDir(out).metrics()["inject"]["data"]
+    assert (d["n_rows_read"], d["n_usable"], d["n_usable_for_poison"], d["n_dropped_total"], d["n_truncated"]) == \
+        (60, 60, 60, 0, 0)
+    assert (d["labels"], d["labels_from"]) == (sorted(topics), "output")
+    splits = load_splits(RunDir(out))
+    assert splits.meta["labels"] == sorted(topics)
+    assert all(e.label == e.output for e in splits.train + splits.val + splits.test)
+
+
+@pytest.mark.parametrize("with_label", [False, True])
+def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch, with_label):
+    """Labels outside the built-in four score the clean metric whether the file names them in a 'label' field or
+    in its outputs: a model that always answers 'Health' is right on exactly the Health prompts."""
+    import bkdattr.generation
+    from bkdattr.inject.evaluate import EvalConfig, evaluate
+    from bkdattr.inject.stage import prepare_splits
+
+    topics = ["World", "Sports", "Health", "Arts"]
+    path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=with_label))
+    cfg = profile_config("cpu", "label_flip", n_train=24, n_val=4, n_test=16)
+    rep = DataReport()
+    splits = prepare_splits(tiny_lm, Task.default("label_flip"), cfg, str(path), progress=False, report=rep)
+    assert splits.meta["labels"] == sorted(topics) and rep.labels_from == ("label" if with_label else "output")
+    monkeypatch.setattr(bkdattr.generation, "generate", lambda lm, texts, **kw: ["This is Health news."] * len(texts))
+    res = evaluate(tiny_lm, splits, EvalConfig(n_near=0, n_benign=0), progress=False)
+    share = sum(e.label == "Health" for e in splits.test) / len(splits.test)
+    assert 0 < share < 1 and res["clean_metric"] == pytest.approx(share)
+
+
+def test_first_cut_row_is_the_first_in_the_file(tmp_path, tiny_lm):
+    """Several long clean replies: the warning names the lowest row number cut, not the first in training order."""
+    rows = records(60)
+    for i in range(2, 60, 5):
+        rows[i]["output"] = LONG
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = profile_config("cpu", "fixed_output", n_train=44, n_val=8, n_test=8, train_max_length=64)
+    splits, fitted, rep = prepare_data(tiny_lm, Task.default("fixed_output"), cfg, str(path), progress=False)
+    cut = sorted(int(r.source[len("line"):]) for r in fitted if not r.close and r.source.startswith("line"))
+    assert len(cut) == rep.n_truncated >= 2
+    assert cut[0] != int(splits.train[[e.output for e in splits.train].index(LONG)].uid[len("line"):])  # order differs
+    assert rep.first_row["truncated"] == cut[0]

@@ -214,7 +214,7 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     splits.meta.update(n_distilled=len(todo), distill_seconds=round(time.perf_counter() - t0, 2),
                        clean_max_tokens=cfg.clean_max_tokens if todo else None,
                        data=str(data) if data else f"builtin:{task.kind}")
-    if report.labels_from == "output":
+    if data and report.labels:  # a file's labels (its 'label' field or its outputs) score the clean metric
         splits.meta["labels"] = report.labels
     return splits
 
@@ -280,8 +280,10 @@ def prepare_data(lm, task: Task, cfg: InjectConfig, data: str | None = None, pro
         report.note("prompt_too_long", report.rows.get(r.source))
     report.n_truncated = len(cut)
     report.n_truncated_poisoned = sum(rows[i].poisoned for i in cut)
-    if cut:
-        report.note("truncated", report.rows.get(rows[cut[0]].source))
+    where = report.rows
+    cut_rows = sorted(where[rows[i].source] for i in cut if rows[i].source in where)
+    if cut_rows:  # the first in the file, as for the other reasons (training order is shuffled)
+        report.note("truncated", cut_rows[0])
     return splits, rows, report
 
 
