@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     est = attribute(lm, prompts, targets, abar, "attribution", METRIC, heads, **kw)
     ref = ex.cie[METRIC]
     n = len(heads)
+    print(f"exact {ex.seconds:.1f} s, attribution {est.seconds:.1f} s for {n} heads", flush=True)
     out.update(exact_s=ex.seconds, exact_s_per_head=ex.seconds / n, exact_strategy=ex.info.get("strategy"),
                attribution_s=est.seconds, attribution_s_per_head=est.seconds / n,
                ratio_attribution_vs_exact=ex.seconds / est.seconds,
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             import nnsight
 
             cie, s = nnsight_cie(lm, prompts, targets, abar, heads, args.batch_size, args.teacher_force)
+            print(f"nnsight {s:.1f} s", flush=True)
             out.update(nnsight_version=nnsight.__version__, nnsight_s=s, nnsight_s_per_head=s / n,
                        ratio_exact_vs_nnsight=s / ex.seconds, ratio_attribution_vs_nnsight=s / est.seconds,
                        max_abs_diff_nnsight=max_diff(cie, ref, heads))
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
             cie, s = transformer_lens_cie(bridge, lm, prompts, targets, abar, heads, args.batch_size,
                                           args.teacher_force)
             del bridge
+            print(f"transformer_lens {s:.1f} s", flush=True)
             out.update(transformer_lens_s=s, transformer_lens_s_per_head=s / n,
                        ratio_exact_vs_transformer_lens=s / ex.seconds,
                        ratio_attribution_vs_transformer_lens=s / est.seconds,
