@@ -54,8 +54,12 @@ def ensure_run(run: str | None = None, stages: Sequence[str] = ("inject",), task
     if threads:
         items.append(f"threads={threads}")
     if dry_run:
-        state = "reused" if (out / "stages.json").is_file() else "created"
-        print(f"bench run: {out} ({state}; stages {', '.join(stages)})")
+        import json
+
+        done = json.loads((out / "stages.json").read_text()) if (out / "stages.json").is_file() else {}
+        state = "reused" if done else "created"
+        todo = [s for s in stages if s not in done]
+        print(f"bench run: {out} ({state}; stages {', '.join(stages)}; not run yet: {', '.join(todo) or 'none'})")
         return out
     from bkdattr.pipeline import load_config, run_pipeline
 
