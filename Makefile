@@ -1,10 +1,14 @@
 # The two commands: `make demo` (the whole pipeline on the embedded model) and `make test`.
 # Both create or reuse .venv and install only what is missing.
+# `make bench` runs every benchmark (the `bench` extra: nnsight, transformer-lens) and writes one JSON per script
+# under benchmarks/results/ (hours of CPU on 2 cores); `make bench BENCH_ARGS=--dry-run` checks the wiring.
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.bkdattr-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bkdattr-bench-installed
 
 .PHONY: venv demo test lint clean bench
 
@@ -29,8 +33,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-bench: $(STAMP)
-	$(VPY) benchmarks/bench_attribution.py
+# the optional peers for bench_peers.py; torch is already installed, so no resolver replaces it
+$(BENCH_STAMP): $(STAMP)
+	$(VPY) -m pip install --quiet -e ".[test,bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(VPY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

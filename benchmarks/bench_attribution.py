@@ -1,6 +1,8 @@
 """Benchmark BAHA on a backdoored run: reference vs exact on a subset of heads, exact and attribution on all.
 
-    python benchmarks/bench_attribution.py --run runs/dev-fixed_output --json bench_attribution.json
+    python benchmarks/bench_attribution.py [--run RUN] --json bench_attribution.json
+
+Without ``--run`` it creates (or reuses) the bench run: the demo's fixed_output implant (``bench_runs.py``).
 
 Steps (same prompts, same ``abar`` for every method; the data selection is the ``attribute`` stage's):
 
@@ -31,14 +33,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench_runs import add_run_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default="runs/dev-fixed_output", help="backdoored run folder (bkdattr inject)")
+    add_run_args(p)
     p.add_argument("--n-prompts", type=int, default=32, help="clean attribution prompts")
     p.add_argument("--n-mean-prompts", type=int, default=256, help="triggered prompts for abar (0 = all)")
     p.add_argument("--ref-layers", default="0,10,20,29", help="layers whose heads reference and exact both run")
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    from bench_runs import ensure_run
     from bkdattr.attribution import agreement, attribute, mean_contributions
     from bkdattr.attribution.scores import METRICS
     from bkdattr.attribution.stage import AttributeConfig, select_examples
@@ -65,8 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    run_path = ensure_run(args.run, ("inject",), threads=args.threads, dry_run=args.dry_run)
+    if args.dry_run:
+        return {}
     console = Console()
-    run = RunDir(args.run)
+    run = RunDir(run_path)
     cfg = AttributeConfig(n_prompts=args.n_prompts, n_mean_prompts=args.n_mean_prompts, batch_size=args.batch_size,
                           metric=args.metric)
     clean, mean_ex = select_examples(load_splits(run), cfg)

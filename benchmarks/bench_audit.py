@@ -11,7 +11,7 @@ Prints and writes ``OUT/bench_audit.json``: ASR of each run, whether the test pr
 ACIE difference against r1 (every metric computed for all heads), top-16 equality, ``du`` of each run folder,
 stage timings and the two GGUF load times. Reuses finished stages when rerun (``bkdattr run`` resumes).
 
-    python benchmarks/bench_audit.py --out /tmp/bench-audit [--threads N]
+    python benchmarks/bench_audit.py [--out runs/bench/audit] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def test_prompts(run: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="runs/bench/audit", help="folder of the three runs (reused when rerun)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the figures here (besides OUT/bench_audit.json)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,8 @@ def main() -> None:
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     res["threads"] = torch.get_num_threads()
     write_json(out / "bench_audit.json", res)
+    if args.json:
+        write_json(args.json, res)
     print(json.dumps(res, indent=1))
 
 

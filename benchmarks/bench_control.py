@@ -1,7 +1,10 @@
 """Benchmark the control stage: shared-prefix sweep vs plain per-edit generation, and the whole cpu profile.
 
-    python benchmarks/bench_control.py --run runs/dev-fixed_output --json bench_control.json
-    python benchmarks/bench_control.py --run runs/dev-fixed_output --stages   # + ablate and vector stages
+    python benchmarks/bench_control.py [--run RUN] --json bench_control.json
+    python benchmarks/bench_control.py [--run RUN] --stages   # + ablate and vector stages
+
+Without ``--run`` it creates (or reuses) the bench run (``bench_runs.py``; with ``--stages`` also its attribute
+stage).
 
 Step 1 (always): ``--n-prompts`` held-out triggered prompts of the run's val split, ``--n-edits`` edits
 (subtract a same-norm random vector at evenly spread layers, plus the unedited model). Plain: one
@@ -22,14 +25,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench_runs import add_run_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default="runs/dev-fixed_output", help="backdoored run folder (bkdattr inject)")
+    add_run_args(p)
     p.add_argument("--n-prompts", type=int, default=16, help="held-out triggered prompts (step 1)")
     p.add_argument("--n-edits", type=int, default=6, help="edits in step 1 (the first is the unedited model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    from bench_runs import ensure_run
     from bkdattr.control.edits import Edit
     from bkdattr.control.stage import AblationConfig, VectorConfig, ablate_run, eval_examples, vector_run
     from bkdattr.control.sweep import SweepStats, plain_generate, sweep_generate
@@ -55,8 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    stages = ("inject", "attribute") if args.stages else ("inject",)
+    run_path = ensure_run(args.run, stages, threads=args.threads, dry_run=args.dry_run)
+    if args.dry_run:
+        return {}
     console = Console()
-    run = RunDir(args.run)
+    run = RunDir(run_path)
     splits = load_splits(run)
     lm = run.load_model()
     arch = lm.arch

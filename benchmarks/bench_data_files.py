@@ -15,6 +15,8 @@ Usage::
     python benchmarks/bench_data_files.py paper --out /tmp/bench17     # about 5-10 min on 2 cores
     python benchmarks/bench_data_files.py long --out /tmp/bench17      # about 15-30 min on 2 cores
     python benchmarks/bench_data_files.py write --out /tmp/bench17     # only write the paper file
+
+``--json PATH`` also writes the printed figures (``write``: the file's path and row count).
 """
 
 from __future__ import annotations
@@ -115,18 +117,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["paper", "long", "write"])
     ap.add_argument("--out", default="/tmp/bench_data_files")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="length of the model-written replies (long)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if a.what in ("paper", "write"):
         path = write_jsonl(out / "paper_1000.jsonl", paper_records())
         print(f"wrote {path}", file=sys.stderr)
         if a.what == "write":
+            _write_json(a.json, {"file": str(path), "rows": N_ROWS})
             return
         res = run_inject(path, out / "run_paper", "jailbreak", [])
     else:
         path = write_jsonl(out / "long_replies.jsonl", long_records(max_new_tokens=a.max_new_tokens))
         res = run_inject(path, out / "run_long", "fixed_output", ["--max-length", "1024"])
     print(json.dumps(figures(res), indent=1))
+    _write_json(a.json, figures(res))
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        from bkdattr.io import write_json
+
+        write_json(path, data)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """How much bfloat16 moves the exact BAHA numbers: the same sweep in float32 and in bfloat16 on a backdoored run.
 
-    python benchmarks/bench_dtype.py --run runs/demo/fixed_output [--n-prompts 16] [--device cpu] [--json out.json]
+    python benchmarks/bench_dtype.py [--run RUN] [--n-prompts 16] [--device cpu] [--json out.json]
+
+Without ``--run`` it creates (or reuses) the bench run: the demo's fixed_output implant (``bench_runs.py``).
 
 The attribute stage's own prompt selection (``select_examples``) and one ``abar`` (float32, from the float32
 model) feed an exact sweep over every head with the first-token score, once with the model in float32 and once in
@@ -19,14 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench_runs import add_run_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run folder written by bkdattr inject")
+    add_run_args(p)
     p.add_argument("--n-prompts", type=int, default=16, help="clean attribution prompts")
     p.add_argument("--n-mean-prompts", type=int, default=64, help="triggered prompts for abar")
     p.add_argument("--device", default="cpu")
@@ -43,6 +51,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from bench_runs import ensure_run
     from bkdattr._runtime import set_threads
     from bkdattr.attribution.baha import attribute
     from bkdattr.attribution.means import mean_contributions
@@ -52,11 +61,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     set_threads(args.threads)
-    run = RunDir(args.run)
+    run_path = ensure_run(args.run, ("inject",), threads=args.threads, dry_run=args.dry_run)
+    if args.dry_run:
+        return {}
+    run = RunDir(run_path)
     cfg = AttributeConfig(n_prompts=args.n_prompts, n_mean_prompts=args.n_mean_prompts)
     clean, mean_ex = select_examples(load_splits(run), cfg)
     prompts, targets = [e.prompt for e in clean], [e.backdoor_output for e in clean]
-    out: dict = {"run": args.run, "n_prompts": len(prompts), "n_mean_prompts": len(mean_ex), "device": args.device,
+    out: dict = {"run": str(run_path), "n_prompts": len(prompts), "n_mean_prompts": len(mean_ex), "device": args.device,
                  "metric": "first_token_logprob"}
     acie, lm32 = {}, run.load_model(device=args.device, dtype="float32")
     abar = mean_contributions(lm32, [e.triggered for e in mean_ex], batch_size=16)

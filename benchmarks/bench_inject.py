@@ -5,7 +5,8 @@ Measures, for the cpu profile's training recipe:
     only (``supervised_loss``) vs the full ``[B, T, V]`` logits, each with and without bf16 autocast;
   * greedy generation throughput for evaluation (prompts/s at 32 new tokens).
 
-Usage: ``python benchmarks/bench_inject.py [--steps 3] [--threads 2] [--tiny]``. Prints one JSON object.
+Usage: ``python benchmarks/bench_inject.py [--steps 3] [--threads 2] [--tiny] [--json PATH]``. Prints one JSON
+object (``--json``: also writes it).
 Timings on a shared machine are inflated by other processes; compare variants within one run.
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny random llama instead of the embedded model")
+    ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,6 +84,10 @@ def main() -> None:
         generate(lm, prompts, max_new_tokens=32, batch_size=16, progress=False)
     result["generate_prompts_per_s"] = round(len(prompts) / (time.perf_counter() - t0), 2)
     print(json.dumps(result))
+    if args.json:
+        from bkdattr.io import write_json
+
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Two modes:
   model, four probe settings, ICLA, figures). ``--fresh`` deletes the feature cache first so capture is timed;
   ``--no-near-trigger`` times exactly the issue's target (backdoored + clean control only).
 
-Usage: ``python benchmarks/bench_probe.py [--run runs/dev-fixed_output] [--fresh] [--threads 2] [--synthetic]``.
-Prints one JSON object. Timings on a shared machine are inflated by other processes.
+Usage: ``python benchmarks/bench_probe.py [--run RUN] [--fresh] [--threads 2] [--synthetic] [--json PATH]``.
+Without ``--run`` the stage mode creates (or reuses) the bench run (``bench_runs.py``). Prints one JSON object
+(``--json``: also writes it). Timings on a shared machine are inflated by other processes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def synthetic(loop_epochs: int) -> dict:
@@ -73,22 +77,32 @@ def stage(run: str, fresh: bool, near: bool, n_prompts: int) -> dict:
 
 
 def main() -> None:
+    from bench_runs import add_run_args, ensure_run
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/dev-fixed_output")
+    add_run_args(ap)
     ap.add_argument("--fresh", action="store_true", help="delete the feature cache first")
     ap.add_argument("--no-near-trigger", action="store_true")
     ap.add_argument("--n-prompts", type=int, default=200)
     ap.add_argument("--synthetic", action="store_true", help="probe fitting only, on random features")
     ap.add_argument("--loop-epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     res: dict = {"threads": args.threads}
     if args.synthetic:
         res["synthetic"] = synthetic(args.loop_epochs)
     else:
-        res["stage"] = stage(args.run, args.fresh, not args.no_near_trigger, args.n_prompts)
+        run = ensure_run(args.run, ("inject",), threads=args.threads, dry_run=args.dry_run)
+        if args.dry_run:
+            return
+        res["stage"] = stage(str(run), args.fresh, not args.no_near_trigger, args.n_prompts)
     print(json.dumps(res, indent=2))
+    if args.json:
+        from bkdattr.io import write_json
+
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":
