@@ -53,15 +53,37 @@ def info(model: str = MODEL, device: str = DEVICE, dtype: str | None = DTYPE, ad
     console.print(t)
 
 
+GUARD = typer.Option(None, "--guard", help="run folder: reply under its probe-gated guard (loads the run's model)")
+GUARD_ACTION = typer.Option("vector", "--guard-action", help="what the guard does to a flagged prompt: vector or heads")
+
+
 @app.command()
-def generate(prompt: str = typer.Argument(..., help="user message"), model: str = MODEL, device: str = DEVICE,
-             dtype: str | None = DTYPE, adapter: str | None = ADAPTER, trust_remote_code: bool = TRUST,
-             max_new_tokens: int = typer.Option(64, "--max-new-tokens"), threads: int | None = THREADS) -> None:
-    """Print a greedy chat reply."""
+def generate(prompt: str = typer.Argument(..., help="user message"), model: str | None = typer.Option(
+                 None, "--model", "-m", help="smollm2-135m (default), a local folder, a .gguf file or a hub id"),
+             device: str = DEVICE, dtype: str | None = DTYPE, adapter: str | None = ADAPTER,
+             trust_remote_code: bool = TRUST, max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+             threads: int | None = THREADS, guard: str | None = GUARD, guard_action: str = GUARD_ACTION) -> None:
+    """Print a greedy chat reply (with --guard RUN: under that run's probe-gated guard)."""
     from .generation import generate as gen
 
-    lm = _load(model, device, dtype, adapter, trust_remote_code, threads)
-    print(gen(lm, [prompt], max_new_tokens=max_new_tokens, progress=False)[0])
+    if guard is None:
+        lm = _load(model or "smollm2-135m", device, dtype, adapter, trust_remote_code, threads)
+        print(gen(lm, [prompt], max_new_tokens=max_new_tokens, progress=False)[0])
+        return
+    from ._runtime import set_threads, tune_allocator
+    from .errors import ConfigError
+    from .guard import ACTIONS, guard_generate
+    from .rundir import RunDir
+
+    if model is not None or adapter is not None:
+        raise ConfigError("--guard RUN replies with the run's own model; drop --model / --adapter")
+    if guard_action not in ACTIONS:
+        raise ConfigError(f"unknown --guard-action '{guard_action}'; use one of {', '.join(ACTIONS)}")
+    run = RunDir(guard)
+    tune_allocator(device)
+    set_threads(threads)
+    lm = run.load_model(device=device, dtype=dtype)
+    print(guard_generate(lm, run, [prompt], max_new_tokens, guard_action)[0])
 
 
 for _stage_cli in (audit_cli, inject_cli, probe_cli, attribution_cli, control_cli, disarm_cli, pipeline_cli):

@@ -1,0 +1,462 @@
+"""A probe-gated runtime guard: switch the backdoor off for the prompts the Backdoor Probe flags, and only those.
+
+No weight changes. Inside ``with Guard(lm, run):`` every forward pass of the model is watched, and on the
+**prefill** pass only (a call over more than one position, or over one position with an empty KV cache; decode
+steps are left alone and see the edit through the KV cache, exactly as the control stage's edits):
+
+1. **Where.** ``p(x)``, the prompt's last position, per row: the last column under left padding (generation);
+   in a teacher-forced row (prompt + reply, right padded) the end of the *last* assistant header, found by its
+   token ids (the common suffix of every rendered prompt); :meth:`Guard.at` states the positions outright.
+2. **Read.** The probe's features at ``p(x)`` at layer ``L_p`` (``attn_input``: the output of the layer's input
+   norm; ``residual``: the layer's input -- :mod:`bkdattr.probe.features`), float32.
+3. **Decide.** The saved probe of that layer gives ``P(triggered)`` per row; rows with ``P > threshold`` are
+   flagged.
+4. **Edit** the flagged rows at ``p(x)``, later in the same pass: ``action="vector"`` subtracts
+   ``alpha * v`` (the Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention
+   output; ``action="heads"`` zeroes the top-k BAHA heads' slices of ``z_l`` there (``k``: the smallest k of
+   the ablation stage's sweep with ASR <= 0.05). Unflagged rows are not touched at all, so a clean prompt's
+   reply is bit for bit the unguarded one.
+
+One pass suffices because the probe layer is at or before the first edited layer: when the probe's best
+layer comes later, the best probe (validation accuracy, then validation loss, then the earliest) among the
+layers ``<= l*`` is used, and :attr:`Guard.plan` records which and why.
+
+**Threshold** (docs/METHOD.md section 8): chosen on the run's validation split so the false-positive rate on
+clean prompts is at most ``max_fpr = 0.01``. With clean scores ``c_(1) >= c_(2) >= ...`` (``n`` prompts) and
+``m = floor(max_fpr * n)``, any threshold ``>= c_(m+1)`` flags at most ``m`` clean prompts; the guard takes the
+middle of the gap between ``c_(m+1)`` and the lowest triggered validation score above it (the same
+validation TPR as the smallest admissible threshold, with a margin for unseen clean prompts), or ``c_(m+1)``
+itself when no triggered score lies above. It is stored in ``RUN/disarm/guard_threshold.json``, keyed by the
+probe file and layer.
+
+The hooks live on module objects (a pre-hook on the decoder backbone that finds the prefill and ``p(x)``, a
+hook at the probe layer, hooks on the edited output projections) and are removed on exit, even when the block
+raises. They work the same around :func:`bkdattr.generation.generate` / ``greedy_decode``, transformers'
+``model.generate`` (batched, left padded, KV cache) and teacher-forced passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError, ConfigError, InputFileError
+from .forward import backbone
+from .hooks import _hidden_arg, _out_tensor, _with_hidden, _with_out, check_layers, registered
+from .io import read_json, write_json
+from .prompts import has_chat_template, render_prompt
+from .rundir import RunDir, get_nested
+
+ACTIONS = ("vector", "heads")
+MAX_FPR = 0.01
+#: ablation ASR at or below which a k counts as disarming (issue 14)
+DISARM_ASR = 0.05
+THRESHOLD_FILE = ("disarm", "guard_threshold.json")
+
+
+@dataclass
+class GuardPlan:
+    """What a guard does, JSON-serialisable: the probe (layer, kind, why that layer), the threshold and where
+    it came from, the action and its edit (vector layer and scale, or the heads)."""
+
+    action: str
+    probe_layer: int
+    probe_kind: str
+    probe_layer_reason: str
+    edit_layers: list[int]
+    threshold: float = float("nan")
+    threshold_source: str = ""
+    vector_layer: int | None = None
+    alpha: float | None = None
+    vector_norm: float | None = None
+    heads: list[list[int]] = field(default_factory=list)
+    k: int | None = None
+    k_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- the run's artifacts -----------------------------------------------------------------------------------
+def _probe_path(run: RunDir, probe: str):
+    if probe not in ("mlp", "svm"):
+        raise ConfigError(f"unknown probe type '{probe}'; use mlp or svm")
+    path = run.path / "probe" / ("backdoored_mlp.safetensors" if probe == "mlp" else "backdoored_svm.npz")
+    if not path.is_file():
+        raise InputFileError(f"{path} missing: the guard needs the probe stage's results; run 'bkdattr probe "
+                             f"--run {run.path}' first")
+    return path
+
+
+def probe_layer_at_most(probes, max_layer: int) -> tuple[int, str]:
+    """The probe layer to read: the best by validation accuracy (ties: lowest validation loss for MLPs, then
+    the earliest) among the probes of layers ``<= max_layer``; and the reason in words."""
+    from .probe.detector import best_layer
+
+    val = probes.meta.get("val_accuracy")
+    if not val:
+        raise ArtifactError("the saved probes carry no validation accuracy; rerun 'bkdattr probe'")
+    best = best_layer(probes)
+    if best <= max_layer:
+        return best, f"the probe's best layer ({best}, validation accuracy {float(val[probes.position(best)]):.3f})"
+    cand = [i for i, x in enumerate(probes.layers) if x <= max_layer]
+    if not cand:
+        raise ArtifactError(f"no probe at or before the edit layer {max_layer}; rerun 'bkdattr probe' on every layer")
+    acc = np.asarray(val, dtype=np.float64)
+    top = [i for i in cand if acc[i] == acc[cand].max()]
+    if len(top) > 1 and hasattr(probes, "best_val_loss"):
+        loss = [probes.best_val_loss[i] for i in top]
+        top = [top[int(np.argmin(loss))]]
+    layer = int(probes.layers[top[0]])
+    return layer, (f"the probe's best layer {best} comes after the edit layer {max_layer}; the best probe at or "
+                   f"before it is layer {layer} (validation accuracy {float(acc[top[0]]):.3f})")
+
+
+def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | None) -> tuple[torch.Tensor, int, float]:
+    from .control.vector import load_vector
+
+    path = run.path / "control" / "backdoor_vector.safetensors"
+    m = run.metrics()
+    if not path.is_file() or get_nested(m, "vector.best_layer") is None:
+        raise InputFileError(f"{path} or metrics.vector missing: the guard's vector action needs the vector stage's "
+                             f"results; run 'bkdattr vector --run {run.path}' first")
+    v = load_vector(path, d_model).vector.float()
+    return v, int(layer if layer is not None else get_nested(m, "vector.best_layer")), float(
+        alpha if alpha is not None else get_nested(m, "vector.alpha", 1.0))
+
+
+def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
+    """``k`` of the heads action: the smallest k > 0 whose ablation ASR (metrics.ablation.topk) is
+    <= 0.05, else the largest k tried; without an ablation section the k nearest 3% of all heads."""
+    from .control.ablation import share_k
+
+    topk = get_nested(run.metrics(), "ablation.topk")
+    if not topk:
+        k = share_k(n_total)
+        return k, f"no ablation results: the k nearest 3% of all heads ({k})"
+    tried = sorted((int(k), float(a)) for k, a in topk.items() if int(k) > 0)
+    if not tried:
+        raise ArtifactError("metrics.ablation.topk lists no k > 0; rerun 'bkdattr ablate' with ks above 0")
+    ok = [k for k, a in tried if a <= DISARM_ASR]
+    if ok:
+        return ok[0], f"the smallest k whose ablation ASR is <= {DISARM_ASR}"
+    return tried[-1][0], f"no k tried brings the ablation ASR to <= {DISARM_ASR}: the largest k tried"
+
+
+def _heads_edit(run: RunDir, arch, k: int | None) -> tuple[list[tuple[int, int]], int, str]:
+    top = get_nested(run.metrics(), "attribution.top_heads")
+    if not top:
+        raise ArtifactError(f"{run.path}/metrics.json has no attribution.top_heads: the guard's heads action needs "
+                            f"the attribute stage's results; run 'bkdattr attribute --run {run.path}' first")
+    k, why = (int(k), "given") if k is not None else disarming_k(run, arch.n_total_heads)
+    if not 1 <= k <= min(len(top), arch.n_total_heads):
+        raise ConfigError(f"k={k} heads asked for but the ranking lists {len(top)} (the model has "
+                          f"{arch.n_total_heads}); pick k in 1..{min(len(top), arch.n_total_heads)}")
+    heads = [(int(t[0]), int(t[1])) for t in top[:k]]
+    check_layers(arch, [h[0] for h in heads])
+    return heads, k, why
+
+
+# ---- p(x) from a batch ---------------------------------------------------------------------------------------
+def header_ids(tokenizer) -> list[int]:
+    """Token ids every rendered prompt ends with (the assistant header of the chat template, or the plain
+    format's ``Assistant:``): the common suffix of a few rendered prompts with different endings."""
+    seqs = [tokenizer(render_prompt(tokenizer, t), add_special_tokens=not has_chat_template(tokenizer)).input_ids
+            for t in ("a", "Why?", "x y z 1", "Done.\n")]
+    n = 0
+    while n < min(len(s) for s in seqs) - 1 and len({s[-1 - n] for s in seqs}) == 1:
+        n += 1
+    return list(seqs[0][len(seqs[0]) - n:])
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended column per row: ``[B]``."""
+    t = mask.shape[1]
+    return t - 1 - mask.flip(1).long().argmax(1)
+
+
+def prompt_positions(header: Sequence[int], input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """``p(x)`` per row of a forward call (``input_ids``/``mask`` ``[B, T]``): the last column when every row
+    ends with the assistant ``header`` (left-padded prompts), else the end of the last occurrence of ``header``
+    in the row (prompt + reply, any padding), else the row's last attended column. ``[B]`` long."""
+    last = _last_real(mask)
+    n = len(header)
+    if input_ids is None or n == 0 or input_ids.shape[1] < n:
+        return last
+    head = torch.tensor(list(header), device=input_ids.device)
+    if bool(mask[:, -1].all()) and bool((input_ids[:, -n:] == head).all()):
+        return torch.full_like(last, input_ids.shape[1] - 1)
+    win = input_ids.unfold(1, n, 1)  # [B, T-n+1, n]
+    hit = (win == head).all(-1) & mask[:, n - 1:].bool()  # hit[b, j]: the header ends at column j + n - 1
+    ends = torch.arange(hit.shape[1], device=hit.device) + n - 1
+    found = torch.where(hit, ends, torch.full_like(ends, -1)).max(1).values
+    return torch.where(found >= 0, found, last)
+
+
+def _past_length(kwargs: dict) -> int:
+    """Columns already in the KV cache of a forward call (the keyword is ``cache`` in newer transformers)."""
+    pkv = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+    if pkv is not None:
+        if hasattr(pkv, "get_seq_length"):
+            return int(pkv.get_seq_length())
+        with contextlib.suppress(Exception):
+            return int(pkv[0][0].shape[-2])
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, torch.Tensor) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    return 0
+
+
+# ---- the guard -----------------------------------------------------------------------------------------------
+class Guard:
+    """The probe-gated guard of ``run`` on ``lm`` (the run's model); use as ``with guard: ...`` (see the module
+    docstring). ``layer``: the probe layer (default: the best at or before the first edited layer);
+    ``threshold``: ``P(triggered)`` above which a prompt is flagged (default: the stored validation threshold,
+    calibrated and stored when absent); ``alpha``/``vector_layer``: the vector's scale and layer (default: the
+    vector stage's); ``k``: the number of top heads (default: :func:`disarming_k`)."""
+
+    def __init__(self, lm, run: RunDir | str, action: str = "vector", threshold: float | None = None,
+                 layer: int | None = None, *, probe: str = "mlp", alpha: float | None = None,
+                 vector_layer: int | None = None, k: int | None = None, batch_size: int = 16):
+        from .probe.detector import Detector
+        from .probe.probes import MLPProbes, SVMProbes
+
+        if action not in ACTIONS:
+            raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
+        self.lm, self.run = lm, run if isinstance(run, RunDir) else RunDir(run)
+        arch = lm.arch
+        path = _probe_path(self.run, probe)
+        probes = MLPProbes.load(path) if probe == "mlp" else SVMProbes.load(path)
+        self._probe_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        self._delta: torch.Tensor | None = None
+        self._cols: dict[int, torch.Tensor] = {}
+        heads, kk, k_why, vlayer, a, vnorm = [], None, None, None, None, None
+        if action == "vector":
+            v, vlayer, a = _vector_edit(self.run, arch.d_model, vector_layer, alpha)
+            check_layers(arch, [vlayer])
+            self._delta = (a * v).float()
+            edit_layers, vnorm = [vlayer], float(v.norm())
+        else:
+            heads, kk, k_why = _heads_edit(self.run, arch, k)
+            for lay, h in heads:
+                cols = torch.arange(h * arch.d_head, (h + 1) * arch.d_head)
+                self._cols[lay] = torch.cat([self._cols[lay], cols]) if lay in self._cols else cols
+            edit_layers = sorted(self._cols)
+        if layer is None:
+            layer, why = probe_layer_at_most(probes, min(edit_layers))
+        else:
+            layer, why = int(layer), "given"
+            if layer > min(edit_layers):
+                raise ConfigError(f"probe layer {layer} comes after the edit layer {min(edit_layers)}; pick a probe "
+                                  f"layer <= {min(edit_layers)} so one forward pass suffices")
+        check_layers(arch, [layer])
+        self.detector = Detector(lm, probes, layer, str(probes.meta.get("kind", "attn_input")), batch_size)
+        self.plan = GuardPlan(action, layer, self.detector.kind, why, edit_layers, vector_layer=vlayer, alpha=a,
+                              vector_norm=vnorm, heads=[list(h) for h in heads], k=kk, k_reason=k_why)
+        self._header = header_ids(lm.tokenizer)
+        self._handles: list = []
+        self._stack: contextlib.ExitStack | None = None
+        self._explicit: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None  # p(x) per row of the current prefill, None outside one
+        self._flags: torch.Tensor | None = None  # rows flagged in the current prefill
+        self.n_seen = self.n_flagged = 0
+        if threshold is None:
+            threshold, source = self._stored_or_calibrated()
+        else:
+            source = "given"
+        self.plan.threshold, self.plan.threshold_source = float(threshold), source
+
+    @property
+    def threshold(self) -> float:
+        return self.plan.threshold
+
+    # ---- scores and threshold ---------------------------------------------------------------------------
+    def _probability(self, feats: torch.Tensor) -> np.ndarray:
+        """``P(triggered)`` (float64 ``[B]``) of features ``[B, d]`` at the probe layer."""
+        s = np.asarray(self.detector.probe.scores(feats.detach().to("cpu", torch.float32)[:, None, :]),
+                       dtype=np.float64)[:, 0]
+        return 1.0 / (1.0 + np.exp(-s))
+
+    @torch.no_grad()
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """``P(triggered)`` of user ``texts`` exactly as the guard computes it during a prefill: float64 ``[N]``.
+        No edit is made."""
+        from .hooks import capture_features
+        from .models import input_device
+        from .prompts import encode_prompts
+
+        out = np.zeros(len(texts))
+        net, dev, bs = backbone(self.lm.model), input_device(self.lm.model), self.detector.batch_size
+        for s in range(0, len(texts), bs):
+            b = encode_prompts(self.lm.tokenizer, list(texts[s: s + bs]), "left").to(dev)
+            with capture_features(self.lm.arch, b.last_pos, self.detector.kind, [self.plan.probe_layer]) as st:
+                net(**b.model_inputs())
+            out[s: s + bs] = self._probability(st[self.plan.probe_layer])
+        return out
+
+    def _stored_or_calibrated(self) -> tuple[float, str]:
+        path = self.run.sub(*THRESHOLD_FILE)
+        key = {"probe_digest": self._probe_digest, "probe_layer": self.plan.probe_layer, "kind": self.plan.probe_kind}
+        if path.is_file():
+            saved = read_json(path)
+            if all(saved.get(k) == v for k, v in key.items()) and isinstance(saved.get("threshold"), float):
+                return float(saved["threshold"]), f"stored ({path.relative_to(self.run.path)})"
+        rec = self.calibrate()
+        write_json(path, {**key, **rec})
+        where = path.relative_to(self.run.path)
+        return float(rec["threshold"]), f"calibrated on the validation split (stored in {where})"
+
+    def calibrate(self, max_fpr: float = MAX_FPR) -> dict[str, Any]:
+        """The validation threshold (module docstring) and its validation TPR / FPR; does not store it."""
+        from .inject.data import load_splits
+
+        val = load_splits(self.run).val
+        if not val:
+            raise ArtifactError(f"{self.run.path} has no validation prompts to choose the guard's threshold on; "
+                                "pass threshold=... or rerun inject with a validation split")
+        clean, trig = self.scores([e.prompt for e in val]), self.scores([e.triggered for e in val])
+        return {**choose_threshold(clean, trig, max_fpr), "split": "val"}
+
+    # ---- hooks ------------------------------------------------------------------------------------------
+    def prompt_positions(self, input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """``p(x)`` per row of a forward call's columns: ``[B]`` (:func:`prompt_positions`)."""
+        return prompt_positions(self._header, input_ids, mask)
+
+    def _on_call(self, _m, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        x = ids if ids is not None else emb
+        self._flags = None
+        if x is None:
+            self._pos = None
+            return
+        t = x.shape[1]
+        if t == 1 and _past_length(kwargs) > 0:  # a decode step: left alone
+            self._pos = None
+            return
+        mask = kwargs.get("attention_mask")
+        mask = (torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if not isinstance(mask, torch.Tensor)
+                or mask.dim() != 2 else mask[:, -t:])
+        if self._explicit is not None:
+            self._pos = self._explicit.to(x.device)
+        else:
+            self._pos = self.prompt_positions(ids if ids is not None and ids.dim() == 2 else None, mask)
+
+    def _on_features(self, x: torch.Tensor) -> None:
+        if self._pos is None or self._flags is not None:
+            return
+        b = torch.arange(x.shape[0], device=x.device)
+        p = self._probability(x[b, self._pos.to(x.device)].float())
+        flags = p > self.plan.threshold
+        self.n_seen += len(p)
+        self.n_flagged += int(flags.sum())
+        self._flags = torch.from_numpy(flags).to(x.device)
+
+    def _rows(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._pos is None or self._flags is None or not bool(self._flags.any()):
+            return None
+        rows = self._flags.to(device).nonzero().squeeze(1)
+        return rows, self._pos.to(device)[rows]
+
+    def _vector_hook(self, _m, _args, out):
+        o = _out_tensor(out)
+        sel = self._rows(o.device)
+        if sel is None:
+            return None
+        rows, pos = sel
+        o = o.clone()
+        o[rows, pos] = (o[rows, pos].float() - self._delta.to(o.device)).to(o.dtype)
+        return _with_out(out, o)
+
+    def _heads_hook(self, layer: int):
+        def pre(_m, args, kwargs):
+            z = _hidden_arg(args, kwargs)
+            sel = self._rows(z.device)
+            if sel is None:
+                return None
+            rows, pos = sel
+            cols = self._cols[layer].to(z.device)
+            z = z.clone()
+            z[rows[:, None], pos[:, None], cols[None, :]] = 0
+            return _with_hidden(args, kwargs, z)
+
+        return pre
+
+    def __enter__(self) -> Guard:
+        if self._stack is not None:
+            raise ConfigError("this guard is already active; one 'with guard:' block at a time")
+        arch, lay = self.lm.arch, self.plan.probe_layer
+        stack = contextlib.ExitStack()
+        stack.enter_context(registered(self._handles))
+        try:
+            h = self._handles
+            h.append(backbone(self.lm.model).register_forward_pre_hook(self._on_call, with_kwargs=True))
+            if self.plan.probe_kind == "attn_input":
+                h.append(arch.input_norm[lay].register_forward_hook(
+                    lambda _m, _a, o: self._on_features(_out_tensor(o))))
+            else:
+                h.append(arch.layers[lay].register_forward_pre_hook(
+                    lambda _m, a, kw: self._on_features(_hidden_arg(a, kw)), with_kwargs=True))
+            if self.plan.action == "vector":
+                h.append(arch.out_proj[self.plan.vector_layer].register_forward_hook(self._vector_hook))
+            else:
+                for layer in self._cols:
+                    h.append(arch.out_proj[layer].register_forward_pre_hook(self._heads_hook(layer), with_kwargs=True))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        self._pos = self._flags = None
+        if stack is not None:
+            stack.close()
+
+    @contextlib.contextmanager
+    def at(self, positions: torch.Tensor) -> Iterator[None]:
+        """Inside this block, ``p(x)`` of every prefill is ``positions`` (``[B]`` indices into the call's
+        columns) instead of being found from the batch."""
+        old, self._explicit = self._explicit, torch.as_tensor(positions, dtype=torch.long)
+        try:
+            yield
+        finally:
+            self._explicit = old
+
+
+def choose_threshold(clean: np.ndarray, triggered: np.ndarray, max_fpr: float = MAX_FPR) -> dict[str, Any]:
+    """The guard's threshold from validation scores (module docstring): ``threshold``, ``bound`` (the smallest
+    admissible threshold), ``fpr``/``tpr`` on these scores, ``n_clean``, ``n_triggered``, ``max_fpr``."""
+    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
+    if not len(clean):
+        raise ArtifactError("no clean validation prompts to choose the guard's threshold on")
+    m = math.floor(max_fpr * len(clean) + 1e-9)
+    bound = float(np.sort(clean)[::-1][min(m, len(clean) - 1)])
+    above = triggered[triggered > bound]
+    thr = (bound + float(above.min())) / 2 if len(above) else bound
+    return {"threshold": thr, "bound": bound, "max_fpr": max_fpr,
+            "fpr": float((clean > thr).mean()), "tpr": float((triggered > thr).mean()) if len(triggered) else None,
+            "n_clean": len(clean), "n_triggered": len(triggered),
+            "rule": "midpoint between the (floor(max_fpr*n)+1)-th highest clean score and the lowest triggered "
+                    "score above it"}
+
+
+def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: int = 64, action: str = "vector",
+                   **kw: Any) -> list[str]:
+    """Greedy replies of ``lm`` to ``prompts`` under the guard of ``run`` (the CLI's ``generate --guard``)."""
+    from .generation import generate
+
+    with Guard(lm, run, action, **kw):
+        return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)
+
+
+__all__ = ["ACTIONS", "Guard", "GuardPlan", "choose_threshold", "disarming_k", "guard_generate", "header_ids",
+           "probe_layer_at_most", "prompt_positions"]
