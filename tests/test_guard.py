@@ -246,6 +246,20 @@ def test_evaluate_guard_figures(guarded):
     assert isinstance(res["overhead"], float) and res["t_plain_s"] > 0 and res["guard"]["probe_layer"] == 1
 
 
+def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(guarded, tmp_path):
+    from bkdattr.disarm.stage import DisarmConfig, disarm_run
+    from bkdattr.report.html import build_report
+
+    cfg = DisarmConfig.from_options({"strategy": "guard", "eval": {"max_new_tokens": 1, "n_near": 2, "n_benign": 0},
+                                     "progress": False})
+    s = disarm_run(guarded.run, cfg, tmp_path / "unused")
+    assert s["asr"] == 0.0 and s["disarmed"] and s["undefended"]["asr"] == 1.0
+    assert guarded.run.metrics()["disarm"]["guard"]["false_positive_rate"] == 0.0
+    assert not (tmp_path / "unused").exists()  # no weights are written for the guard
+    html, _md = build_report(guarded.run)
+    assert "guard (probe L1, threshold" in html.read_text()
+
+
 # ---- the CLI -------------------------------------------------------------------------------------------------
 def test_cli_generate_with_a_guard(guarded, capsys):
     from bkdattr.cli import main

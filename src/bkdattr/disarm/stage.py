@@ -33,7 +33,7 @@ from ..stage_options import StageOptions, opt
 from .utility import defence_figures
 from .weights import bake_heads, bake_output_bias, bias_support, output_bias, zeroed_heads
 
-STRATEGIES = ("heads", "vector")
+STRATEGIES = ("heads", "vector", "guard")
 
 
 @dataclass
@@ -41,7 +41,9 @@ class DisarmConfig(StageOptions):
     """Options of ``bkdattr disarm``."""
 
     stage = "disarm"
-    strategy: str = opt("heads", "heads (zero the top-k heads' W_O) or vector (bake -alpha*v as an output bias)")
+    strategy: str = opt("heads", "heads (zero the top-k heads' W_O), vector (bake -alpha*v as an output bias) or "
+                        "guard (no weight change: a probe-gated edit at p(x), bkdattr.guard)")
+    guard_action: str = opt("vector", "guard: the edit on flagged prompts, vector or heads")
     k: int | None = opt(None, "heads: how many top heads (default: the smallest of the ablation stage's k values "
                         "that disarms on validation)")
     layer: int | None = opt(None, "vector: the layer (default: the vector stage's best layer)")
@@ -54,8 +56,7 @@ class DisarmConfig(StageOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy '{self.strategy}'; use heads or vector (the guard: bkdattr "
-                              "generate --guard)")
+            raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"k {self.k} must be >= 1")
 
@@ -75,7 +76,9 @@ def check_run(run: RunDir, cfg: DisarmConfig) -> None:
     m = run.metrics()
     if not get_nested(m, "attribution.top_heads"):
         raise ArtifactError(f"{run.path} has no attribution results; run 'bkdattr attribute -r {run.path}' first")
-    if cfg.strategy == "vector" and (get_nested(m, "vector.best_layer") is None
+    if cfg.strategy == "guard" and not (run.path / "probe" / "backdoored_mlp.safetensors").is_file():
+        raise ArtifactError(f"{run.path} has no probe results; run 'bkdattr probe -r {run.path}' first")
+    if cfg.strategy in ("vector", "guard") and (get_nested(m, "vector.best_layer") is None
                                      or not (run.path / "control" / "backdoor_vector.safetensors").is_file()):
         raise ArtifactError(f"{run.path} has no Backdoor Vector; run 'bkdattr vector -r {run.path}' first")
     if cfg.strategy == "heads" and cfg.k is None and not get_nested(m, "ablation.topk"):
@@ -155,6 +158,13 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     baseline = defence_figures(lm, splits, cfg.eval)
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
+    if cfg.strategy == "guard":  # no weights to save: the figures only
+        from .guard_eval import evaluate_guard
+
+        section.update(evaluate_guard(run, lm, cfg.eval, baseline, action=cfg.guard_action),
+                       disarmed=None, seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+        section["disarmed"] = section["asr"] <= cfg.target_asr
+        return _record(run, cfg.strategy, section)
     if cfg.strategy == "heads":
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
         ranking, _info = load_ranking(run, max(ks), arch.n_layers, arch.n_heads)
@@ -192,7 +202,11 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     save_defended(lm, out, {**provenance, "run": str(run.path), "model": lm.name, "figures": {
         k: figures[k] for k in ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
                                 "changed_reply_share")}})
+    return _record(run, cfg.strategy, section)
+
+
+def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
     disarm = dict(run.metrics().get("disarm") or {})
-    disarm[cfg.strategy] = section
+    disarm[strategy] = section
     run.update_metrics("disarm", disarm)
     return section

@@ -106,7 +106,10 @@ def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         how = f"k={sec['k']}" if "k" in sec else f"layer {sec.get('layer')}, alpha {sec.get('alpha')}"
         if name == "guard":
-            how = f"threshold {sec.get('threshold')}"
+            plan = sec.get("guard") or {}
+            how = (f"probe L{plan.get('probe_layer')}, threshold {plan.get('threshold', float('nan')):.3f}, "
+                   f"TPR {_pct(sec.get('true_positive_rate'))}, FPR {_pct(sec.get('false_positive_rate'))}, "
+                   f"overhead {_pct(sec.get('overhead'))}")
         ctl = sec.get("random_control") or {}
         rows.append([f"{name} ({how})", f"{_pct(sec.get('asr'))} ({_pct(ctl.get('asr'))})",
                      _pct(sec.get("near_trigger_asr")), _pct(sec.get("false_trigger_rate")),
