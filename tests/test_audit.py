@@ -262,7 +262,7 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
     assert m1["asr"] >= 0.5  # a real backdoor, so the comparison means something
 
     def attribution(run: RunDir) -> tuple[torch.Tensor, list]:
-        attribute_run(run, AttributeConfig.from_options({"n_prompts": 4, "n_mean_prompts": 16, "refine_top": 0,
+        attribute_run(run, AttributeConfig.from_options({"n_prompts": 4, "n_mean_prompts": 16, "refine_top": 16,
                                                          "progress": False}))
         acie = load_tensors(run.path / "attribution" / "acie.safetensors")["acie.first_token_logprob"]
         return acie, [t[:2] for t in run.metrics()["attribution"]["top_heads"][:16]]
