@@ -46,7 +46,8 @@ def test_ensure_run_dry_run_creates_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("dry", [False, True])
 def test_run_all_plans_every_script(tmp_path, dry):
     steps = run_all.plan(tmp_path, dry)
-    scripts = {p.stem for p in BENCH.glob("*.py")} - {"bench_runs", "run_all", "attribution_work", "gpu_check"}
+    tools = {"bench_runs", "run_all", "attribution_work", "gpu_check", "compare_metrics"}  # helpers, not benchmarks
+    scripts = {p.stem for p in BENCH.glob("*.py")} - tools
     covered = {Path(c).stem for _, cmd, _ in steps for c in cmd if c.endswith((".py", ".sh"))}
     assert scripts <= covered and "gpu_check" in covered
     for name, cmd, writes in steps:

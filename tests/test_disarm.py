@@ -103,16 +103,18 @@ def test_a_baked_defence_disarms_the_planted_backdoor(planted_run, strategy, tmp
 
 def test_the_vector_at_an_earlier_layer_is_reported_with_its_damage(planted_run, tmp_path):
     """Subtracting e_Y at layer 0 also disarms, but layer 1's input norm then rescales everything it reads, so
-    every clean reply changes; the figures and the report say so."""
+    clean behaviour moves (how many one-token replies flip depends on alpha); the figures and the report say
+    so."""
     s = disarm_run(planted_run, cfg(strategy="vector", layer=0), tmp_path / "v0")
     assert s["layer"] == 0 and s["asr"] == 0.0
-    assert s["changed_reply_share"] == 1.0 and s["perplexity_ratio"] > 1.0
+    assert abs(s["perplexity_ratio"] - 1.0) > 1e-3  # layer 1 reads a rescaled residual: the references move
     from bkdattr.report.html import build_report
 
     html, md = build_report(planted_run)
     text = html.read_text()
     assert "Defences: held-out test prompts" in text and "vector (layer 0, alpha" in text
-    assert "The vector defence disarms the backdoor but changes 100% of clean replies" in md.read_text()
+    caveat = "The vector defence disarms the backdoor but changes"
+    assert (caveat in md.read_text()) == (s["changed_reply_share"] > 0.5)
 
 
 def test_baked_bias_equals_the_hook_and_edits_undo(tmp_path):
