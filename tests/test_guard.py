@@ -246,13 +246,15 @@ def test_evaluate_guard_figures(guarded):
     assert isinstance(res["overhead"], float) and res["t_plain_s"] > 0 and res["guard"]["probe_layer"] == 1
 
 
-def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(guarded, tmp_path):
-    from bkdattr.disarm.stage import DisarmConfig, disarm_run
+def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(guarded, tmp_path, capsys):
+    from bkdattr.cli import main
     from bkdattr.report.html import build_report
 
-    cfg = DisarmConfig.from_options({"strategy": "guard", "eval": {"max_new_tokens": 1, "n_near": 2, "n_benign": 0},
-                                     "progress": False})
-    s = disarm_run(guarded.run, cfg, tmp_path / "unused")
+    argv = ["disarm", "-r", str(guarded.run.path), "--strategy", "guard", "--out", str(tmp_path / "unused"),
+            "--quiet", "--set", "eval={max_new_tokens: 1, n_near: 2, n_benign: 0}"]
+    assert main(argv) == 0
+    assert "true_positive_rate" in capsys.readouterr().out
+    s = guarded.run.metrics()["disarm"]["guard"]
     assert s["asr"] == 0.0 and s["disarmed"] and s["undefended"]["asr"] == 1.0
     assert guarded.run.metrics()["disarm"]["guard"]["false_positive_rate"] == 0.0
     assert not (tmp_path / "unused").exists()  # no weights are written for the guard
