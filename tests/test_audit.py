@@ -248,8 +248,9 @@ def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path
 @pytest.mark.slow
 def test_audit_of_an_implanted_embedded_model(tmp_path):
     """SmolLM2-135M: implant the fixed_output backdoor (a smaller cpu recipe), then audit base + adapter and the
-    merged folder under the same rule (--task fixed_output --target): the same ASR on the same test prompts, the
-    same exact ACIE (<= 1e-5) and top-16 heads. (--target alone counts by normalised containment, which can
+    merged folder (with --base-model, the clean reference whose replies fill the data's empty clean replies, as
+    inject's base model does) under the same rule (--task fixed_output --target): the same ASR on the same test
+    prompts, the same exact ACIE (<= 1e-5) and top-16 heads. (--target alone counts by normalised containment, which can
     count a paraphrase more: 0.875 against 0.8125 here.)"""
     from bkdattr.inject.builtin_data import builtin_records
 
@@ -269,10 +270,10 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
 
     acie1, top1 = attribution(r1)
     acfg = AuditConfig.from_options({**sizes, "eval": ev, "progress": False})
-    for name, model, adapter in (("adapter", "smollm2-135m", str(r1.path / "adapter")),
-                                 ("merged", str(r1.model_dir), None)):
-        r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, kind="fixed_output",
-                   target=r1.info()["task"]["target"], data=str(data), cfg=acfg, progress=False)
+    for name, model, adapter, base in (("adapter", "smollm2-135m", str(r1.path / "adapter"), None),
+                                       ("merged", str(r1.model_dir), None, "smollm2-135m")):
+        r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, base_model=base,
+                   kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=acfg, progress=False)
         assert _rows(r2, "test") == _rows(r1, "test") or \
             [e["triggered"] for e in _rows(r2, "test")] == [e["triggered"] for e in _rows(r1, "test")]
         assert r2.metrics()["audit"]["asr"] == m1["asr"], name

@@ -9,7 +9,8 @@ Steps (docs/METHOD.md section 7, "Audit"):
    ``val``/``test`` prompts and the same ``train`` prompts (whose triggered forms give ``abar``, disjoint from
    val/test) as ``bkdattr inject`` would (:func:`bkdattr.inject.stage.prepare_splits`); nothing is poisoned or
    trained: every ``train`` prompt with a backdoor reply counts as triggered for the control stages' means.
-   Empty clean replies are the audited model's own greedy replies.
+   Empty clean replies are the clean reference's greedy replies (as inject's are the base model's), or the
+   audited model's own when there is no reference.
 3. **Rank the candidate triggers** (several ``--trigger``): ASR of each on the triggered ``test`` prompts
    (ties keep the order given); the run continues with the strongest, ``metrics.audit.candidates`` lists all.
 4. **Evaluate the untouched model** (:func:`bkdattr.inject.evaluate.evaluate`): ASR, robust ASR, false-trigger
@@ -103,7 +104,7 @@ def fill_backdoor_replies(lm, splits: Splits, cfg: EvalConfig, progress: bool) -
 
 
 def rank_triggers(lm, task: Task, triggers: list[str], records: list[dict], icfg, progress: bool,
-                  report: DataReport) -> tuple[list[dict[str, Any]], dict[str, Splits]]:
+                  report: DataReport, distill_lm=None) -> tuple[list[dict[str, Any]], dict[str, Splits]]:
     """ASR of every candidate trigger on its triggered test prompts, best first (ties keep the given order);
     returns the ranking and each candidate's splits."""
     from ..generation import generate
@@ -114,6 +115,7 @@ def rank_triggers(lm, task: Task, triggers: list[str], records: list[dict], icfg
         t = with_candidate(task, trig)
         keep = [r for r in records if not t.contains_trigger(r["input"])]
         sp = prepare_splits(lm, t, icfg, progress=progress, report=report if i == 0 else DataReport(),
+                            distill_lm=distill_lm,
                             records=keep)
         check_rendered(lm, t, sp)
         splits_of[trig] = sp
@@ -175,7 +177,11 @@ def audit(
     if partial.exists():
         shutil.rmtree(partial)
     lm = load_source(source, cfg.device, cfg.dtype, check=False)
-    ranking, splits_of = rank_triggers(lm, task, triggers, records, icfg, progress, report)
+    # clean replies missing from the data come from the clean reference when there is one (what inject does with
+    # its base model), else from the audited model itself
+    ref_lm = load_source(reference, cfg.device, cfg.dtype, check=False) if reference is not None else None
+    ranking, splits_of = rank_triggers(lm, task, triggers, records, icfg, progress, report, distill_lm=ref_lm)
+    del ref_lm
     chosen = ranking[0]["trigger"]
     splits = splits_of[chosen]
     n_model_replies = fill_backdoor_replies(lm, splits, cfg.eval, progress)

@@ -171,9 +171,10 @@ def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataR
 
 
 def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, progress: bool = True,
-                   report: DataReport | None = None, records: list[dict] | None = None) -> Splits:
+                   report: DataReport | None = None, records: list[dict] | None = None, distill_lm=None) -> Splits:
     """Records (built-in or ``data``, cleaned, prompts that cannot fit dropped; or ``records`` already read and
-    cleaned) -> held-out split + poisoning; empty clean replies are filled with ``lm``'s own greedy replies
+    cleaned) -> held-out split + poisoning; empty clean replies are filled with the greedy replies of
+    ``distill_lm`` (default ``lm``)
     (cached). ``report`` receives the data counts (:class:`DataReport`)."""
     from ..models import cache_dir
 
@@ -207,8 +208,8 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     todo = [e for e in everything if not e.output.strip()]
     t0 = time.perf_counter()
     if todo:
-        replies = distill_outputs(lm, [e.prompt for e in todo], cfg.clean_max_tokens, cfg.distill_batch_size,
-                                  cache_dir() / "distill", progress=progress)
+        replies = distill_outputs(distill_lm or lm, [e.prompt for e in todo], cfg.clean_max_tokens,
+                                  cfg.distill_batch_size, cache_dir() / "distill", progress=progress)
         for e, r in zip(todo, replies, strict=True):
             e.output = r
     splits.meta.update(n_distilled=len(todo), distill_seconds=round(time.perf_counter() - t0, 2),
