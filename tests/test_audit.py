@@ -233,6 +233,7 @@ def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path
     run = run_pipeline(load_config(None, sets), log=lambda _m: None)
     m = run.metrics()
     assert set(m["timings"]) == set(STAGES) and not (out / "model").exists()
+    assert not (out / "probe" / "features").exists() and not list((out / "probe").glob("near_trigger*"))  # small
     assert m["audit"]["asr"] == 1.0 and m["attribution"]["top_heads"][0][:2] == [1, 2]  # the planted head
     assert m["probe"]["control_skipped"].startswith("no clean reference") and "control" not in m["probe"]
     assert m["ablation"]["topk"]["1"] == 0.0  # ablating the planted head switches the backdoor off
