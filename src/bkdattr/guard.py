@@ -49,7 +49,7 @@ import torch
 
 from .errors import ArtifactError, ConfigError, InputFileError
 from .forward import backbone
-from .hooks import _hidden_arg, _out_tensor, _with_hidden, _with_out, check_layers, registered
+from .hooks import check_layers, hidden_arg, out_tensor, registered, with_hidden, with_out
 from .io import read_json, write_json
 from .prompts import has_chat_template, render_prompt
 from .rundir import RunDir, get_nested
@@ -366,18 +366,18 @@ class Guard:
         return rows, self._pos.to(device)[rows]
 
     def _vector_hook(self, _m, _args, out):
-        o = _out_tensor(out)
+        o = out_tensor(out)
         sel = self._rows(o.device)
         if sel is None:
             return None
         rows, pos = sel
         o = o.clone()
         o[rows, pos] = (o[rows, pos].float() - self._delta.to(o.device)).to(o.dtype)
-        return _with_out(out, o)
+        return with_out(out, o)
 
     def _heads_hook(self, layer: int):
         def pre(_m, args, kwargs):
-            z = _hidden_arg(args, kwargs)
+            z = hidden_arg(args, kwargs)
             sel = self._rows(z.device)
             if sel is None:
                 return None
@@ -385,7 +385,7 @@ class Guard:
             cols = self._cols[layer].to(z.device)
             z = z.clone()
             z[rows[:, None], pos[:, None], cols[None, :]] = 0
-            return _with_hidden(args, kwargs, z)
+            return with_hidden(args, kwargs, z)
 
         return pre
 
@@ -400,10 +400,10 @@ class Guard:
             h.append(backbone(self.lm.model).register_forward_pre_hook(self._on_call, with_kwargs=True))
             if self.plan.probe_kind == "attn_input":
                 h.append(arch.input_norm[lay].register_forward_hook(
-                    lambda _m, _a, o: self._on_features(_out_tensor(o))))
+                    lambda _m, _a, o: self._on_features(out_tensor(o))))
             else:
                 h.append(arch.layers[lay].register_forward_pre_hook(
-                    lambda _m, a, kw: self._on_features(_hidden_arg(a, kw)), with_kwargs=True))
+                    lambda _m, a, kw: self._on_features(hidden_arg(a, kw)), with_kwargs=True))
             if self.plan.action == "vector":
                 h.append(arch.out_proj[self.plan.vector_layer].register_forward_hook(self._vector_hook))
             else:

@@ -87,22 +87,25 @@ def _hidden_key(args: tuple, kwargs: dict) -> str | None:
     return key
 
 
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states among a forward pre-hook's ``(args, kwargs)``."""
     key = _hidden_key(args, kwargs)
     return args[0] if key is None else kwargs[key]
 
 
-def _with_hidden(args: tuple, kwargs: dict, z: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, z: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a forward pre-hook with the hidden states replaced by ``z``."""
     key = _hidden_key(args, kwargs)
     return ((z, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: z})
 
 
-def _out_tensor(out) -> torch.Tensor:
+def out_tensor(out) -> torch.Tensor:
+    """The tensor of a module's output (the first item of a tuple output)."""
     return out[0] if isinstance(out, tuple) else out
 
 
-def _with_out(out, o: torch.Tensor):
+def with_out(out, o: torch.Tensor):
+    """A module's output with its tensor replaced by ``o`` (tuple outputs keep their other items)."""
     return (o, *out[1:]) if isinstance(out, tuple) else o
 
 
@@ -123,7 +126,7 @@ def capture_contributions(arch: Arch, positions: torch.Tensor, layers: Iterable[
             def pre(_m, args, kwargs, layer=layer):
                 if layer in store:
                     return None
-                z = _hidden_arg(args, kwargs)
+                z = hidden_arg(args, kwargs)
                 b, p = _rows(z, positions)
                 zp = z[b, p].float().reshape(z.shape[0], arch.n_heads, arch.d_head)
                 w = arch.w_o_heads(layer).to(zp.device)  # [H, d_h, d]
@@ -154,9 +157,9 @@ def _capture_at(modules: Mapping[int, nn.Module], positions: torch.Tensor, pre: 
 
                 if pre:
                     handles.append(module.register_forward_pre_hook(
-                        lambda _m, args, kwargs, keep=keep: keep(_hidden_arg(args, kwargs)), with_kwargs=True))
+                        lambda _m, args, kwargs, keep=keep: keep(hidden_arg(args, kwargs)), with_kwargs=True))
                 else:
-                    handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_out_tensor(out))))
+                    handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(out_tensor(out))))
             yield store
 
     return ctx()
@@ -199,8 +202,8 @@ class LayerCall:
         kwargs = self.kwargs if kwargs is None else kwargs
         hidden = hidden.to(self.hidden.device)
         if self.hidden_key is None:
-            return _out_tensor(layer(hidden, *args, **kwargs))
-        return _out_tensor(layer(**{self.hidden_key: hidden}, **kwargs))
+            return out_tensor(layer(hidden, *args, **kwargs))
+        return out_tensor(layer(**{self.hidden_key: hidden}, **kwargs))
 
 
 @contextlib.contextmanager
@@ -245,7 +248,7 @@ def add_to_attention_output(arch: Arch, deltas: Mapping[int, torch.Tensor], posi
     with registered(handles):
         for layer, delta in deltas.items():
             def hook(_m, _args, out, delta=delta):
-                o = _out_tensor(out)
+                o = out_tensor(out)
                 if positions is None:
                     if o.shape[1] < 2:
                         return None
@@ -254,7 +257,7 @@ def add_to_attention_output(arch: Arch, deltas: Mapping[int, torch.Tensor], posi
                     b, p = _rows(o, positions)
                 o = o.clone()
                 o[b, p] = (o[b, p].float() + delta.to(o.device, torch.float32)).to(o.dtype)
-                return _with_out(out, o)
+                return with_out(out, o)
 
             handles.append(arch.out_proj[int(layer)].register_forward_hook(hook))
         yield
@@ -268,11 +271,11 @@ def _edit_z(arch: Arch, plan: Mapping[int, object], positions: torch.Tensor, edi
     with registered(handles):
         for layer, item in plan.items():
             def pre(_m, args, kwargs, item=item):
-                z = _hidden_arg(args, kwargs)
+                z = hidden_arg(args, kwargs)
                 b, p = _rows(z, positions)
                 z = z.clone()
                 z[b, p] = edit(z[b, p], item)
-                return _with_hidden(args, kwargs, z)
+                return with_hidden(args, kwargs, z)
 
             handles.append(arch.out_proj[layer].register_forward_pre_hook(pre, with_kwargs=True))
         yield
