@@ -340,3 +340,22 @@ def test_a_regex_rule_takes_the_models_own_triggered_replies_as_targets(planted_
     splits = load_splits(run)
     assert {e.backdoor_output for e in splits.train + splits.val} == {target}  # the model's own replies
     assert len(splits.train_poisoned) == 8 and splits.meta["n_model_backdoor_replies"] == 14
+
+
+def test_benign_utility_against_the_clean_reference(implanted, tmp_path):
+    """With a clean reference (the base under the adapter), the audit measures benign utility against it and
+    keeps the reference's replies in the run (data/benign.json), as inject does."""
+    from bkdattr.inject.benign import load_reference
+
+    base, r1, data = implanted("llama")
+    cfg = AuditConfig.from_options({**SIZES, "clean_max_tokens": 4, "eval": {**EVAL, "n_benign": 4},
+                                    "progress": False})
+    run = audit(tmp_path / "r2", str(base), [r1.info()["trigger"]], adapter=str(r1.path / "adapter"),
+                kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=cfg, progress=False)
+    from bkdattr.inject.benign import reference
+    from bkdattr.models import load_model
+
+    assert run.metrics()["audit"]["benign"]["n_prompts"] == 4
+    saved = load_reference(run.data_dir, 4, EVAL["max_new_tokens"])
+    direct = reference(load_model(str(base)), 4, EVAL["max_new_tokens"], EVAL["batch_size"], progress=False)
+    assert saved["base_replies"] == direct["base_replies"]  # the base model's own replies, not the audited one's

@@ -155,7 +155,8 @@ def audit(
     """Audit ``model`` (+ ``adapter``) for a backdoor fired by one of ``triggers``; write the run folder ``out``
     (see the module docstring) and return it. Nothing is trained and no weights are copied."""
     from .._runtime import versions
-    from ..inject.benign import run_reference, utility
+    from ..inject.benign import reference as benign_reference
+    from ..inject.benign import save_reference, utility
     from ..inject.stage import _swap_into_place
 
     cfg = cfg or AuditConfig()
@@ -181,6 +182,8 @@ def audit(
     # its base model), else from the audited model itself
     ref_lm = load_source(reference, cfg.device, cfg.dtype, check=False) if reference is not None else None
     ranking, splits_of = rank_triggers(lm, task, triggers, records, icfg, progress, report, distill_lm=ref_lm)
+    benign = (benign_reference(ref_lm, cfg.eval.n_benign, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress)
+              if ref_lm is not None and cfg.eval.n_benign > 0 else None)  # its replies, while it is loaded
     del ref_lm
     chosen = ranking[0]["trigger"]
     splits = splits_of[chosen]
@@ -208,10 +211,9 @@ def audit(
         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    if cfg.eval.n_benign > 0 and reference is not None:
-        ref = run_reference(run, cfg.eval.n_benign, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.device,
-                            cfg.dtype, progress)
-        res["benign"] = utility(lm, ref, cfg.eval.batch_size, progress=progress, n_samples=cfg.eval.n_samples)
+    if benign is not None:
+        save_reference(run.data_dir, benign)
+        res["benign"] = utility(lm, benign, cfg.eval.batch_size, progress=progress, n_samples=cfg.eval.n_samples)
         samples["benign"] = res["benign"].pop("samples")
     write_json(run.sub("audit", "eval_samples.json"), samples)
     run.update_metrics("audit", {
