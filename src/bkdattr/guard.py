@@ -151,17 +151,14 @@ def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
 
 
 def _heads_edit(run: RunDir, arch, k: int | None) -> tuple[list[tuple[int, int]], int, str]:
-    top = get_nested(run.metrics(), "attribution.top_heads")
-    if not top:
-        raise ArtifactError(f"{run.path}/metrics.json has no attribution.top_heads: the guard's heads action needs "
-                            f"the attribute stage's results; run 'bkdattr attribute --run {run.path}' first")
+    from .control.stage import load_ranking
+
     k, why = (int(k), "given") if k is not None else disarming_k(run, arch.n_total_heads)
-    if not 1 <= k <= min(len(top), arch.n_total_heads):
-        raise ConfigError(f"k={k} heads asked for but the ranking lists {len(top)} (the model has "
-                          f"{arch.n_total_heads}); pick k in 1..{min(len(top), arch.n_total_heads)}")
-    heads = [(int(t[0]), int(t[1])) for t in top[:k]]
-    check_layers(arch, [h[0] for h in heads])
-    return heads, k, why
+    ranking, _info = load_ranking(run, 0, arch.n_layers, arch.n_heads)  # the listed heads, checked against this model
+    if not 1 <= k <= len(ranking):
+        raise ConfigError(f"k={k} heads asked for but the ranking lists {len(ranking)} (the model has "
+                          f"{arch.n_total_heads}); pick k in 1..{len(ranking)}")
+    return ranking[:k], k, why
 
 
 # ---- p(x) from a batch ---------------------------------------------------------------------------------------

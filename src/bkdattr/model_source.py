@@ -29,9 +29,11 @@ from .models import (
     EMBEDDED_NAME,
     LoadedModel,
     cache_dir,
+    check_adapter_folder,
     digest_file,
     ensure_embedded_cache,
     load_model,
+    looks_like_path,
     save_model_atomically,
 )
 
@@ -79,7 +81,7 @@ def local_path(spec: str) -> Path:
         return p
     if spec.lower().endswith(".gguf"):
         raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+    if looks_like_path(spec):
         raise ModelLoadError(f"model folder not found: {spec}; check the path")
     try:
         import os
@@ -138,12 +140,8 @@ def check_source(spec: str, adapter: str | None, allow_pickle: bool) -> None:
     if path.is_dir():
         check_weights(path, "model folder", allow_pickle)
     if adapter:
-        a = Path(adapter).expanduser()
-        if not a.is_dir():
-            raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
-        if not (a / "adapter_config.json").is_file():
-            raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json; pass a folder saved by peft")
-        check_weights(a, "adapter folder", allow_pickle)
+        check_adapter_folder(adapter, weights=False)  # the weights are checked here, pickle rule included
+        check_weights(Path(adapter).expanduser(), "adapter folder", allow_pickle)
 
 
 def open_source(spec: str, adapter: str | None = None, *, trust_remote_code: bool = False,
@@ -176,8 +174,8 @@ def cached_copy(source: ModelSource) -> Path | None:
 
 def load_source(source: ModelSource, device: str | None = "cpu", dtype: str | None = None,
                 check: bool = True) -> LoadedModel:
-    """The model of ``source`` (fingerprint checked first); a merged adapter or a GGUF file is converted once
-    into the cache (:func:`cached_copy`) and read from there afterwards."""
+    """The model of ``source`` (fingerprint checked first); a merged adapter is built once into the cache
+    (:func:`cached_copy`) and read from there afterwards (a GGUF file: :func:`bkdattr.models.gguf_cache`)."""
     if check:
         verify(source)
     spec, adapter = source.spec, source.adapter

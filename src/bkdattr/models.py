@@ -190,7 +190,7 @@ def gguf_cache(spec: str) -> Path:
     return target
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
     """True for specs that can only be file-system paths (a hub id is ``name`` or ``org/name``)."""
     return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or "\\" in spec
 
@@ -213,7 +213,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
                                  "or a file whose name ends in .gguf")
         if not (Path(path) / "config.json").is_file():
             raise ModelLoadError(f"model folder '{path}' has no config.json; pass a folder saved with save_pretrained")
-    elif _looks_like_path(path):
+    elif looks_like_path(path):
         raise ModelLoadError(f"model folder not found: {path}; check the path")
     from safetensors import SafetensorError
 
@@ -277,13 +277,15 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return best[:limit]
 
 
-def _check_adapter_folder(adapter: str) -> None:
+def check_adapter_folder(adapter: str, weights: bool = True) -> None:
+    """One-line :class:`ModelLoadError` for a missing adapter folder, one without ``adapter_config.json`` and
+    (``weights``) one without ``adapter_model.safetensors``/``.bin``."""
     p = Path(adapter).expanduser()
     if not p.is_dir():
         raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
     if not (p / "adapter_config.json").is_file():
         raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json; pass a folder saved by peft")
-    if not any((p / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+    if weights and not any((p / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
         raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_model.safetensors; save the adapter again "
                              "with peft's save_pretrained")
 
@@ -291,7 +293,7 @@ def _check_adapter_folder(adapter: str) -> None:
 def _merge_adapter(model, adapter: str):
     from peft import PeftModel
 
-    _check_adapter_folder(adapter)
+    check_adapter_folder(adapter)
     try:
         with warnings.catch_warnings():  # peft calls a deprecated transformers helper
             warnings.simplefilter("ignore", FutureWarning)
@@ -337,7 +339,7 @@ def load_model(spec: str = EMBEDDED_NAME, *, adapter: str | None = None, dtype: 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if adapter:
-        _check_adapter_folder(adapter)  # fail before the (slow) model load
+        check_adapter_folder(adapter)  # fail before the (slow) model load
     placed = _device_map(device) is not None  # from_pretrained puts the weights on the device itself
     if spec == EMBEDDED_NAME:
         path = str(ensure_embedded_cache())

@@ -22,13 +22,13 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from .stage import disarm_run
+        from .utility import FIGURES
 
         s = disarm_run(run, DisarmConfig.from_options(options), out)
         t = Table(title=f"bkdattr disarm ({s['strategy']}): {s.get('out') or 'no weights written (runtime guard)'}")
         for c in ("", "undefended", "defended", "random control"):
             t.add_column(c)
-        for k in ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
-                  "changed_reply_share"):
+        for k in FIGURES:
             vals = [s["undefended"].get(k), s.get(k), (s.get("random_control") or {}).get(k)]
             t.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
         for k in ("true_positive_rate", "false_positive_rate", "overhead"):

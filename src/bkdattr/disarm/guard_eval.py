@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from ..guard import Guard
-from ..inject.evaluate import EvalConfig
+from ..inject.evaluate import EvalConfig, held_out
 from ..rundir import RunDir
 from .utility import defence_figures
 
@@ -66,7 +66,7 @@ def evaluate_guard(run: RunDir | str, lm, cfg: EvalConfig, baseline: dict[str, A
     run = run if isinstance(run, RunDir) else RunDir(run)
     guard = guard if guard is not None else Guard(lm, run, action)
     splits = load_splits(run)
-    examples = list(splits.test if cfg.split == "test" else splits.val)[: cfg.n_eval or None]
+    examples = held_out(splits, cfg)
     n_flagged0 = guard.n_flagged
     with guard:
         out = defence_figures(lm, splits, cfg, baseline, progress)

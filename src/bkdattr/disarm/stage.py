@@ -30,7 +30,7 @@ from ..inject.evaluate import EvalConfig
 from ..io import write_json
 from ..rundir import RunDir, get_nested
 from ..stage_options import StageOptions, opt
-from .utility import defence_figures
+from .utility import FIGURES, defence_figures
 from .weights import bake_heads, bake_output_bias, bias_support, output_bias, zeroed_heads
 
 STRATEGIES = ("heads", "vector", "guard")
@@ -161,9 +161,9 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     if cfg.strategy == "guard":  # no weights to save: the figures only
         from .guard_eval import evaluate_guard
 
-        section.update(evaluate_guard(run, lm, cfg.eval, baseline, action=cfg.guard_action),
-                       disarmed=None, seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
-        section["disarmed"] = section["asr"] <= cfg.target_asr
+        figures = evaluate_guard(run, lm, cfg.eval, baseline, action=cfg.guard_action)
+        section.update(figures, disarmed=figures["asr"] <= cfg.target_asr,
+                       seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
         return _record(run, cfg.strategy, section)
     if cfg.strategy == "heads":
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
@@ -199,9 +199,8 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
                    random_control=control, out=str(out), seconds=round(time.perf_counter() - t0, 2),
                    config=cfg.to_dict())
-    save_defended(lm, out, {**provenance, "run": str(run.path), "model": lm.name, "figures": {
-        k: figures[k] for k in ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
-                                "changed_reply_share")}})
+    save_defended(lm, out, {**provenance, "run": str(run.path), "model": lm.name,
+                            "figures": {k: figures[k] for k in FIGURES}})
     return _record(run, cfg.strategy, section)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..inject.data import Splits
-from ..inject.evaluate import EvalConfig, evaluate, target_logprob
+from ..inject.evaluate import EvalConfig, evaluate, held_out, target_logprob
 from ..prompts import target_ids
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
@@ -51,7 +51,7 @@ def defence_figures(lm, splits: Splits, cfg: EvalConfig, baseline: dict[str, Any
     prompts; with ``baseline`` (a previous result of this function) also ``perplexity_ratio`` and
     ``changed_reply_share``. ``clean_replies`` is kept for the next comparison (drop it before saving)."""
     res = evaluate(lm, splits, cfg, progress=progress, keep_replies=True)
-    examples = list(splits.test if cfg.split == "test" else splits.val)[: cfg.n_eval or None]
+    examples = held_out(splits, cfg)
     ppl = reference_perplexity(lm, [e.prompt for e in examples], [e.output for e in examples], cfg.batch_size)
     out = {"asr": res["asr"], "near_trigger_asr": res["near_trigger_rate"],
            "false_trigger_rate": res["false_trigger_rate"], "clean_metric": res["clean_metric"],

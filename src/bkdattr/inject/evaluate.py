@@ -95,6 +95,13 @@ def near_trigger_prompts(task: Task, near: str, examples: Sequence[Example], see
     return [probe.insert_trigger(e.prompt, prompt_seed(seed, e.uid)) for e in examples]
 
 
+def held_out(splits: Splits, cfg: EvalConfig) -> list[Example]:
+    """The held-out examples an evaluation uses: ``cfg.split`` (test or val), the first ``cfg.n_eval`` (None:
+    all)."""
+    examples = list(splits.test if cfg.split == "test" else splits.val)
+    return examples if cfg.n_eval is None else examples[: cfg.n_eval]
+
+
 def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable | None = None,
              progress: bool = True, keep_replies: bool = False) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
@@ -104,9 +111,7 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
 
     cfg = cfg or EvalConfig()
     task = splits.task
-    examples = list(splits.test if cfg.split == "test" else splits.val)
-    if cfg.n_eval is not None:
-        examples = examples[: cfg.n_eval]
+    examples = held_out(splits, cfg)
     subset = task.eval_subset(examples)
     t0 = time.perf_counter()
 
