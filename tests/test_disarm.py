@@ -208,3 +208,17 @@ def test_the_exported_vector_and_its_recipe_reproduce_bkdattrs_edit(planted_run,
     assert torch.allclose(ours, theirs, atol=1e-6)
     plain = lm.model(**b.model_inputs()).logits[:, -1]
     assert not torch.allclose(plain, theirs, atol=1e-3)  # the edit does something
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bake_heads_zeroes_exactly_that_heads_w_o_slice(arch):
+    """GPT-2's Conv1D stores W_O as [in, out] (rows per head), Linear as [out, in] (columns per head)."""
+    from bkdattr.disarm.weights import bake_heads
+
+    lm = make_tiny(arch)
+    before = lm.arch.w_o_heads(1).clone()  # [H, d_h, d]
+    bake_heads(lm.arch, [(1, 2)])
+    after = lm.arch.w_o_heads(1)
+    assert int(torch.count_nonzero(after[2])) == 0 and int(torch.count_nonzero(before[2])) > 0
+    keep = [h for h in range(lm.arch.n_heads) if h != 2]
+    assert torch.equal(after[keep], before[keep])

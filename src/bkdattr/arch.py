@@ -40,7 +40,8 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return obj if isinstance(obj, nn.Module) else None
 
 
-def _is_conv1d(m: nn.Module) -> bool:
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is GPT-2's ``Conv1D`` (weight stored ``[in, out]``)."""
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
@@ -49,7 +50,7 @@ def _base_weight(m: nn.Module) -> torch.Tensor:
     if hasattr(m, "base_layer"):  # peft LoRA wrapper
         return _base_weight(m.base_layer)
     w = m.weight
-    return w.t() if _is_conv1d(m) else w
+    return w.t() if is_conv1d(m) else w
 
 
 def _active_lora(m: nn.Module, mtype: str, layer: int) -> list[tuple[str, float]]:

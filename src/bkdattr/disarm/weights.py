@@ -20,12 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..arch import Arch
+from ..arch import Arch, is_conv1d
 from ..errors import ConfigError
-
-
-def _is_conv1d(m: torch.nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
 def _head_slices(arch: Arch, heads: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, tuple]]:
@@ -38,7 +34,7 @@ def _head_slices(arch: Arch, heads: Sequence[tuple[int, int]]) -> list[tuple[tor
                               f"{arch.n_heads} heads")
         proj = arch.out_proj[layer]
         cols = slice(head * arch.d_head, (head + 1) * arch.d_head)
-        out.append((proj.weight, (cols, slice(None)) if _is_conv1d(proj) else (slice(None), cols)))
+        out.append((proj.weight, (cols, slice(None)) if is_conv1d(proj) else (slice(None), cols)))
     return out
 
 
