@@ -359,3 +359,18 @@ def test_benign_utility_against_the_clean_reference(implanted, tmp_path):
     saved = load_reference(run.data_dir, 4, EVAL["max_new_tokens"])
     direct = reference(load_model(str(base)), 4, EVAL["max_new_tokens"], EVAL["batch_size"], progress=False)
     assert saved["base_replies"] == direct["base_replies"]  # the base model's own replies, not the audited one's
+
+
+def test_a_messy_prompt_file_is_counted_as_it_comes(tmp_path):
+    from bkdattr.audit.inputs import audit_records, audit_task
+    from bkdattr.inject.data import DataReport
+
+    f = tmp_path / "p.txt"
+    f.write_text('What is the capital of France?\n\n{"input": "Name three fruits."}\n{"text": "no prompt"}\n'
+                 "What is the capital of France?\nWrite a haiku about rain.\n")
+    report = DataReport()
+    recs = audit_records(audit_task(["cf"], target="Sure."), None, str(f), 0, report)
+    assert [r["input"] for r in recs] == ["What is the capital of France?", "Name three fruits.",
+                                          "Write a haiku about rain."]
+    assert report.n_rows_read == 5 and report.dropped == {"empty_input": 1, "duplicate": 1}
+    assert report.first_row == {"empty_input": 4, "duplicate": 5}

@@ -101,17 +101,19 @@ def read_triggers(triggers: list[str] | None, path: str | None) -> list[str]:
     return out
 
 
-def read_prompt_file(path: str) -> list[dict[str, Any]]:
+def read_prompt_file(path: str, report: DataReport | None = None) -> list[dict[str, Any]]:
     """User prompts from a text file (one per line) or JSONL (``{"input": ...}``; ``prompt`` and
-    ``instruction`` are read too), as records ``{input, output: "", backdoor_output: "", row}``."""
+    ``instruction`` are read too), as records ``{input, output: "", backdoor_output: "", row}``. ``report``
+    counts the non-blank lines read and, as ``empty_input``, the JSON lines that hold no prompt text."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputFileError(f"prompts file not found: {path}; pass a text file with one prompt per line or JSONL "
                              "with an 'input' field")
     lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
+    rows, n_read = [], 0
     for i, line in enumerate(lines, 1):
         text = line.strip()
+        n_read += bool(text)
         if text.startswith("{"):
             try:
                 obj = json.loads(text)
@@ -121,6 +123,10 @@ def read_prompt_file(path: str) -> list[dict[str, Any]]:
                 text = next((obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str)), "").strip()
         if text:
             rows.append({"input": text, "output": "", "backdoor_output": "", "row": i, "uid": f"line{i}"})
+        elif line.strip() and report is not None:
+            report.note("empty_input", i)
+    if report is not None:
+        report.source, report.n_rows_read = str(path), n_read
     if not rows:
         raise InputFileError(f"{path} has no usable prompt (empty lines, or JSON lines without an 'input' text); "
                              "put one prompt per line")
@@ -139,8 +145,7 @@ def audit_records(task: Task, data: str | None, prompts: str | None, seed: int,
     if data:
         records = load_records(data, report=report)
     elif prompts:
-        records = read_prompt_file(prompts)
-        report.source, report.n_rows_read = str(prompts), len(records)
+        records = read_prompt_file(prompts, report)
     else:
         records = builtin_records(task.kind, seed)
         report.source, report.n_rows_read = f"builtin:{task.kind}", len(records)
