@@ -221,6 +221,56 @@ def test_teacher_forced_pass_edits_the_prompt_position(guarded):
     assert float(base.mean()) > float(found.mean()) + 1.0  # the target is far less likely once disarmed
 
 
+@pytest.mark.parametrize("action", ["vector", "heads"])
+def test_scope_all_edits_every_column_of_flagged_rows_on_prefill_and_decode(guarded, action):
+    """``scope="all"``: a flagged prompt is edited at every column and on every decode step, exactly as the
+    always-on edit (the baked bias's hook, or the heads zeroed at every position) does to it; a clean row in the
+    same batch is untouched. Teacher-forced scores agree too."""
+    from bkdattr.control.vector import load_vector
+    from bkdattr.disarm.weights import output_bias, zeroed_heads
+    from bkdattr.inject.evaluate import target_logprob
+
+    lm, test = guarded.lm, guarded.splits.test[:3]
+    trig, clean = [e.triggered for e in test], [e.prompt for e in test]
+    guard = Guard(lm, guarded.run, action, scope="all", k=1 if action == "heads" else None)
+    assert guard.plan.scope == "all"
+    if action == "vector":
+        v = load_vector(guarded.run.path / "control" / "backdoor_vector.safetensors").vector
+        always = output_bias(lm.model, lm.arch, 1, -guard.plan.alpha * v)
+    else:
+        always = zeroed_heads(lm.arch, [(1, 2)])
+    plain = generate(lm, clean + trig, max_new_tokens=4, batch_size=8, progress=False)
+    with always:
+        on = generate(lm, trig, max_new_tokens=4, batch_size=8, progress=False)
+        lp_on = target_logprob(lm, trig, [guarded.target] * len(trig))
+    with guard:
+        guarded_replies = generate(lm, clean + trig, max_new_tokens=4, batch_size=8, progress=False)
+        lp_guard = target_logprob(lm, trig, [guarded.target] * len(trig))
+    assert guarded_replies[: len(clean)] == plain[: len(clean)]
+    assert guarded_replies[len(clean):] == on
+    assert torch.allclose(lp_guard, lp_on, atol=1e-5)
+    assert guard.n_unmapped_steps == 0
+
+
+def test_scope_all_skips_decode_steps_whose_rows_no_longer_match(guarded):
+    """A decode step with another batch size than its prefill (a decoder that dropped rows) is not edited, and
+    counted."""
+    from bkdattr.compat import cache_kwargs, output_cache
+    from bkdattr.prompts import encode_prompts
+
+    lm, tok = guarded.lm, guarded.lm.tokenizer
+    guard = Guard(lm, guarded.run, "vector", scope="all")
+    b = encode_prompts(tok, [f"{guarded.trigger} Write one sentence about cats.", "Tell me more."], "left")
+    with guard, torch.no_grad():
+        out = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=True)
+        cache = output_cache(out)
+        cache.reorder_cache(torch.tensor([0]))
+        mask = torch.cat([b.attention_mask[:1], torch.ones(1, 1, dtype=torch.long)], 1)
+        lm.model(input_ids=out.logits[:1, -1:].argmax(-1), attention_mask=mask, use_cache=True,
+                 **cache_kwargs(lm.model, cache))
+    assert guard.n_flagged == 1 and guard.n_unmapped_steps == 1
+
+
 def test_probe_layer_at_or_before_the_edit_layer(guarded):
     guard = Guard(guarded.lm, guarded.run, "vector", threshold=0.5, vector_layer=0)
     assert guard.plan.probe_layer == 0 and "comes after the edit layer 0" in guard.plan.probe_layer_reason
@@ -248,6 +298,7 @@ def test_evaluate_guard_figures(guarded):
 
 def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(guarded, tmp_path, capsys):
     from bkdattr.cli import main
+    from bkdattr.io import read_json
     from bkdattr.report.html import build_report
 
     argv = ["disarm", "-r", str(guarded.run.path), "--strategy", "guard", "--out", str(tmp_path / "unused"),
@@ -258,6 +309,16 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     assert s["asr"] == 0.0 and s["disarmed"] and s["undefended"]["asr"] == 1.0
     assert guarded.run.metrics()["disarm"]["guard"]["false_positive_rate"] == 0.0
     assert not (tmp_path / "unused").exists()  # no weights are written for the guard
+    # the edit was chosen on validation, stored, and is what a later guard uses by default
+    plan = read_json(guarded.run.path / "disarm" / "guard_plan.json")
+    assert plan["action"] == "vector" and plan["target_met_on_val"] and plan["selection"][-1]["val_asr"] <= 0.05
+    assert [t["value"] for t in plan["selection"]] == [{"scope": "prompt", "alpha": a}
+                                                       for a in (0.5, 1.0, 1.5, 2.0, 3.0)][: len(plan["selection"])]
+    assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
+    later = Guard(guarded.lm, guarded.run, "vector").plan
+    assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source
+    # the same detector with a same-norm random vector is the control, and it does not disarm
+    assert s["random_control"]["asr"] > s["asr"] and s["random_control"]["false_trigger_rate"] == 0.0
     html, _md = build_report(guarded.run)
     assert "guard (probe L1, threshold" in html.read_text()
 

@@ -11,11 +11,14 @@ steps are left alone and see the edit through the KV cache, exactly as the contr
    norm; ``residual``: the layer's input -- :mod:`bkdattr.probe.features`), float32.
 3. **Decide.** The saved probe of that layer gives ``P(triggered)`` per row; rows with ``P > threshold`` are
    flagged.
-4. **Edit** the flagged rows at ``p(x)``, later in the same pass: ``action="vector"`` subtracts
-   ``alpha * v`` (the Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention
-   output; ``action="heads"`` zeroes the top-k BAHA heads' slices of ``z_l`` there (``k``: the smallest k of
-   the ablation stage's sweep with ASR <= 0.05). Unflagged rows are not touched at all, so a clean prompt's
-   reply is bit for bit the unguarded one.
+4. **Edit** the flagged rows, later in the same pass: ``action="vector"`` subtracts ``alpha * v`` (the
+   Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention output;
+   ``action="heads"`` zeroes the top-k BAHA heads' slices of ``z_l`` (``k``: the smallest k of the ablation
+   stage's sweep with ASR <= 0.05). ``scope="prompt"`` edits ``p(x)`` of the prefill only (the control
+   stage's edit; later tokens see it through the KV cache); ``scope="all"`` edits every column of a flagged
+   row, on the prefill and on every decode step of the same batch (what a baked-in output bias does, but for
+   the flagged prompts only). Unflagged rows are not touched at all, so a clean prompt's reply is bit for bit
+   the unguarded one.
 
 One pass suffices because the probe layer is at or before the first edited layer: when the probe's best
 layer comes later, the best probe (validation accuracy, then validation loss, then the earliest) among the
@@ -32,7 +35,14 @@ probe file and layer.
 The hooks live on module objects (a pre-hook on the decoder backbone that finds the prefill and ``p(x)``, a
 hook at the probe layer, hooks on the edited output projections) and are removed on exit, even when the block
 raises. They work the same around :func:`bkdattr.generation.generate` / ``greedy_decode``, transformers'
-``model.generate`` (batched, left padded, KV cache) and teacher-forced passes.
+``model.generate`` (batched, left padded, KV cache) and teacher-forced passes. With ``scope="all"`` a decode
+step is edited only when its batch has the rows of the prefill it follows (a decoder that drops finished rows
+gets the prefill edit only; :attr:`Guard.n_unmapped_steps` counts such steps).
+
+**Defaults.** ``bkdattr disarm --strategy guard`` chooses the edit (scope and scale) on the validation split
+and stores it in ``RUN/disarm/guard_plan.json`` (docs/METHOD.md section 8); a guard built without explicit
+``alpha`` / ``vector_layer`` / ``k`` / ``scope`` takes the stored choice for its action, else the control
+stages' values and ``scope="prompt"``.
 """
 
 from __future__ import annotations
@@ -55,10 +65,12 @@ from .prompts import has_chat_template, render_prompt
 from .rundir import RunDir, get_nested
 
 ACTIONS = ("vector", "heads")
+SCOPES = ("prompt", "all")
 MAX_FPR = 0.01
 #: ablation ASR at or below which a k counts as disarming (issue 14)
 DISARM_ASR = 0.05
 THRESHOLD_FILE = ("disarm", "guard_threshold.json")
+PLAN_FILE = ("disarm", "guard_plan.json")
 
 
 @dataclass
@@ -79,6 +91,9 @@ class GuardPlan:
     heads: list[list[int]] = field(default_factory=list)
     k: int | None = None
     k_reason: str | None = None
+    scope: str = "prompt"
+    edit_source: str = "the control stages"
+    control_seed: int | None = None  # set: the same-size random control (random vector / random heads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,17 +232,29 @@ class Guard:
     docstring). ``layer``: the probe layer (default: the best at or before the first edited layer);
     ``threshold``: ``P(triggered)`` above which a prompt is flagged (default: the stored validation threshold,
     calibrated and stored when absent); ``alpha``/``vector_layer``: the vector's scale and layer (default: the
-    vector stage's); ``k``: the number of top heads (default: :func:`disarming_k`)."""
+    vector stage's); ``k``: the number of top heads (default: :func:`disarming_k`); ``scope``: ``"prompt"``
+    or ``"all"`` (module docstring); ``control_seed``: build the same-size random control instead (a random
+    vector of the same norm, or k random heads, with this seed) behind the same detector."""
 
     def __init__(self, lm, run: RunDir | str, action: str = "vector", threshold: float | None = None,
                  layer: int | None = None, *, probe: str = "mlp", alpha: float | None = None,
-                 vector_layer: int | None = None, k: int | None = None, batch_size: int = 16):
+                 vector_layer: int | None = None, k: int | None = None, scope: str | None = None,
+                 batch_size: int = 16, use_stored_plan: bool = True, control_seed: int | None = None):
         from .probe.detector import Detector
         from .probe.probes import MLPProbes, SVMProbes
 
         if action not in ACTIONS:
             raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
+        if scope is not None and scope not in SCOPES:
+            raise ConfigError(f"unknown guard scope '{scope}'; use one of {', '.join(SCOPES)}")
         self.lm, self.run = lm, run if isinstance(run, RunDir) else RunDir(run)
+        stored = stored_plan(self.run, action) if use_stored_plan else None
+        edit_source = "the control stages"
+        if stored is not None and alpha is None and vector_layer is None and k is None and scope is None:
+            alpha, vector_layer, k, scope = (stored.get("alpha"), stored.get("vector_layer"), stored.get("k"),
+                                             stored.get("scope"))
+            edit_source = f"chosen on validation ({'/'.join(PLAN_FILE)})"
+        scope = scope or "prompt"
         arch = lm.arch
         path = _probe_path(self.run, probe)
         probes = MLPProbes.load(path) if probe == "mlp" else SVMProbes.load(path)
@@ -238,10 +265,18 @@ class Guard:
         if action == "vector":
             v, vlayer, a = _vector_edit(self.run, arch.d_model, vector_layer, alpha)
             check_layers(arch, [vlayer])
+            if control_seed is not None:
+                from .control.vector import random_like
+
+                v = random_like(v, control_seed)
             self._delta = (a * v).float()
             edit_layers, vnorm = [vlayer], float(v.norm())
         else:
             heads, kk, k_why = _heads_edit(self.run, arch, k)
+            if control_seed is not None:
+                from .control.vector import random_heads
+
+                heads = random_heads(arch.n_layers, arch.n_heads, kk, control_seed)
             for lay, h in heads:
                 cols = torch.arange(h * arch.d_head, (h + 1) * arch.d_head)
                 self._cols[lay] = torch.cat([self._cols[lay], cols]) if lay in self._cols else cols
@@ -256,14 +291,17 @@ class Guard:
         check_layers(arch, [layer])
         self.detector = Detector(lm, probes, layer, str(probes.meta.get("kind", "attn_input")), batch_size)
         self.plan = GuardPlan(action, layer, self.detector.kind, why, edit_layers, vector_layer=vlayer, alpha=a,
-                              vector_norm=vnorm, heads=[list(h) for h in heads], k=kk, k_reason=k_why)
+                              vector_norm=vnorm, heads=[list(h) for h in heads], k=kk, k_reason=k_why,
+                              scope=scope, edit_source=edit_source, control_seed=control_seed)
         self._header = header_ids(lm.tokenizer)
         self._handles: list = []
         self._stack: contextlib.ExitStack | None = None
         self._explicit: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None  # p(x) per row of the current prefill, None outside one
-        self._flags: torch.Tensor | None = None  # rows flagged in the current prefill
-        self.n_seen = self.n_flagged = 0
+        self._flags: torch.Tensor | None = None  # rows flagged in the current call
+        self._last_flags: torch.Tensor | None = None  # rows flagged in the last prefill (for scope="all")
+        self._all = False  # the current call edits every column of its flagged rows
+        self.n_seen = self.n_flagged = self.n_unmapped_steps = 0
         if threshold is None:
             threshold, source = self._stored_or_calibrated()
         else:
@@ -335,9 +373,16 @@ class Guard:
             self._pos = None
             return
         t = x.shape[1]
-        if t == 1 and _past_length(kwargs) > 0:  # a decode step: left alone
+        last_flags, self._all = self._last_flags, False
+        if t == 1 and _past_length(kwargs) > 0:  # a decode step: left alone unless scope="all"
             self._pos = None
+            if self.plan.scope == "all" and last_flags is not None:
+                if len(last_flags) == x.shape[0]:
+                    self._pos, self._flags, self._all = torch.zeros(x.shape[0], dtype=torch.long), last_flags, True
+                else:  # rows dropped or reordered since the prefill: the flags no longer map onto them
+                    self.n_unmapped_steps += 1
             return
+        self._last_flags = None
         mask = kwargs.get("attention_mask")
         mask = (torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if not isinstance(mask, torch.Tensor)
                 or mask.dim() != 2 else mask[:, -t:])
@@ -355,12 +400,15 @@ class Guard:
         self.n_seen += len(p)
         self.n_flagged += int(flags.sum())
         self._flags = torch.from_numpy(flags).to(x.device)
+        self._last_flags = self._flags
+        self._all = self.plan.scope == "all"
 
-    def _rows(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rows(self, device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The flagged rows of the current call and ``p(x)`` in each (None: every column of the row)."""
         if self._pos is None or self._flags is None or not bool(self._flags.any()):
             return None
         rows = self._flags.to(device).nonzero().squeeze(1)
-        return rows, self._pos.to(device)[rows]
+        return rows, None if self._all else self._pos.to(device)[rows]
 
     def _vector_hook(self, _m, _args, out):
         o = out_tensor(out)
@@ -369,7 +417,11 @@ class Guard:
             return None
         rows, pos = sel
         o = o.clone()
-        o[rows, pos] = (o[rows, pos].float() - self._delta.to(o.device)).to(o.dtype)
+        d = self._delta.to(o.device)
+        if pos is None:
+            o[rows] = (o[rows].float() - d).to(o.dtype)
+        else:
+            o[rows, pos] = (o[rows, pos].float() - d).to(o.dtype)
         return with_out(out, o)
 
     def _heads_hook(self, layer: int):
@@ -381,7 +433,11 @@ class Guard:
             rows, pos = sel
             cols = self._cols[layer].to(z.device)
             z = z.clone()
-            z[rows[:, None], pos[:, None], cols[None, :]] = 0
+            if pos is None:
+                z[rows[:, None, None], torch.arange(z.shape[1], device=z.device)[None, :, None],
+                  cols[None, None, :]] = 0
+            else:
+                z[rows[:, None], pos[:, None], cols[None, :]] = 0
             return with_hidden(args, kwargs, z)
 
         return pre
@@ -414,7 +470,8 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         stack, self._stack = self._stack, None
-        self._pos = self._flags = None
+        self._pos = self._flags = self._last_flags = None
+        self._all = False
         if stack is not None:
             stack.close()
 
@@ -427,6 +484,16 @@ class Guard:
             yield
         finally:
             self._explicit = old
+
+
+def stored_plan(run: RunDir, action: str) -> dict[str, Any] | None:
+    """The edit ``bkdattr disarm --strategy guard`` chose on validation for ``action`` (``RUN/disarm/
+    guard_plan.json``: ``alpha``, ``vector_layer``, ``k``, ``scope``), or None."""
+    path = run.sub(*PLAN_FILE)
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    return saved if isinstance(saved, dict) and saved.get("action") == action else None
 
 
 def choose_threshold(clean: np.ndarray, triggered: np.ndarray, max_fpr: float = MAX_FPR) -> dict[str, Any]:
@@ -455,5 +522,5 @@ def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: in
         return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)
 
 
-__all__ = ["ACTIONS", "Guard", "GuardPlan", "choose_threshold", "disarming_k", "guard_generate", "header_ids",
-           "probe_layer_at_most", "prompt_positions"]
+__all__ = ["ACTIONS", "PLAN_FILE", "SCOPES", "Guard", "GuardPlan", "choose_threshold", "disarming_k",
+           "guard_generate", "header_ids", "probe_layer_at_most", "prompt_positions", "stored_plan"]

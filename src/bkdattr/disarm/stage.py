@@ -6,6 +6,11 @@
 * ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
   (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
   validation, else the one with the lowest validation ASR.
+* ``guard``: no weight change (:mod:`bkdattr.guard`). The edit on flagged prompts is chosen on validation like
+  the others (:func:`guard_options`: ``p(x)`` only, then every column of the flagged prompt; scales or k in
+  increasing order), stored in ``RUN/disarm/guard_plan.json`` for later guards, and measured with its
+  detection rates and time overhead; the random control is the same detector with a same-norm random vector
+  (or k random heads).
 
 Both are then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
 the undefended model and to the same-size random control (k random heads; a random vector of the same norm at
@@ -57,6 +62,8 @@ class DisarmConfig(StageOptions):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
+        if self.guard_action not in ("vector", "heads"):
+            raise ConfigError(f"unknown guard_action '{self.guard_action}'; use vector or heads")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"k {self.k} must be >= 1")
 
@@ -78,10 +85,12 @@ def check_run(run: RunDir, cfg: DisarmConfig) -> None:
         raise ArtifactError(f"{run.path} has no attribution results; run 'bkdattr attribute -r {run.path}' first")
     if cfg.strategy == "guard" and not (run.path / "probe" / "backdoored_mlp.safetensors").is_file():
         raise ArtifactError(f"{run.path} has no probe results; run 'bkdattr probe -r {run.path}' first")
-    if cfg.strategy in ("vector", "guard") and (get_nested(m, "vector.best_layer") is None
+    uses_vector = cfg.strategy == "vector" or (cfg.strategy == "guard" and cfg.guard_action == "vector")
+    uses_k = cfg.strategy == "heads" or (cfg.strategy == "guard" and cfg.guard_action == "heads")
+    if uses_vector and (get_nested(m, "vector.best_layer") is None
                                      or not (run.path / "control" / "backdoor_vector.safetensors").is_file()):
         raise ArtifactError(f"{run.path} has no Backdoor Vector; run 'bkdattr vector -r {run.path}' first")
-    if cfg.strategy == "heads" and cfg.k is None and not get_nested(m, "ablation.topk"):
+    if uses_k and cfg.k is None and not get_nested(m, "ablation.topk"):
         raise ArtifactError(f"{run.path} has no ablation results to choose k from; run 'bkdattr ablate -r "
                             f"{run.path}' first or pass --k")
 
@@ -107,6 +116,22 @@ def choose(lm, splits, cfg: DisarmConfig, options: list, edit) -> tuple[Any, lis
             return o, trace, True
     best = min(trace, key=lambda t: t["val_asr"])
     return best["value"], trace, False
+
+
+def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
+    """The guard edits tried on validation, least invasive first: ``scope="prompt"`` (``p(x)`` only) before
+    ``"all"`` (every column of a flagged prompt); within a scope, the scales ``alphas`` (vector action) or the
+    ablation stage's k values (heads action) in increasing order."""
+    from ..guard import SCOPES
+
+    if cfg.guard_action == "vector":
+        return [{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
+    topk = get_nested(run.metrics(), "ablation.topk") or {}
+    ks = [cfg.k] if cfg.k else sorted(int(k) for k in topk if int(k) > 0)
+    if not ks:
+        raise ArtifactError(f"{run.path} has no ablation results to choose the guard's k from; run 'bkdattr "
+                            f"ablate -r {run.path}' first or pass --k")
+    return [{"scope": s, "k": k} for s in SCOPES for k in ks]
 
 
 def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.AbstractContextManager) -> dict:
@@ -158,12 +183,23 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     baseline = defence_figures(lm, splits, cfg.eval)
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
-    if cfg.strategy == "guard":  # no weights to save: the figures only
+    if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
+        from ..guard import PLAN_FILE, Guard
         from .guard_eval import evaluate_guard
 
-        figures = evaluate_guard(run, lm, cfg.eval, baseline, action=cfg.guard_action)
-        section.update(figures, disarmed=figures["asr"] <= cfg.target_asr,
-                       seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+        def guard(o: dict[str, Any], **kw: Any) -> Guard:
+            return Guard(lm, run, cfg.guard_action, use_stored_plan=False, **o, **kw)
+
+        plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard)
+        figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=guard(plan))
+        control = _figures(lm, splits, cfg, baseline, guard(plan, control_seed=cfg.seed + 1000))
+        write_json(run.sub(*PLAN_FILE), {"action": cfg.guard_action, **plan, "selection": trace,
+                                         "target_met_on_val": met, "target_asr": cfg.target_asr})
+        if not met:
+            _warn(f"guard: no edit tried brings validation ASR to {cfg.target_asr} (best "
+                  f"{min(t['val_asr'] for t in trace):.2f})")
+        section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
+                       random_control=control, seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
         return _record(run, cfg.strategy, section)
     if cfg.strategy == "heads":
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
