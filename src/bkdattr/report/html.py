@@ -107,7 +107,9 @@ def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
         how = f"k={sec['k']}" if "k" in sec else f"layer {sec.get('layer')}, alpha {sec.get('alpha')}"
         if name == "guard":
             plan = sec.get("guard") or {}
+            edit = (f"alpha {plan.get('alpha')}" if plan.get("action") == "vector" else f"k={plan.get('k')}")
             how = (f"probe L{plan.get('probe_layer')}, threshold {plan.get('threshold', float('nan')):.3f}, "
+                   f"{edit} at {'p(x)' if plan.get('scope', 'prompt') == 'prompt' else 'every position'}, "
                    f"TPR {_pct(sec.get('true_positive_rate'))}, FPR {_pct(sec.get('false_positive_rate'))}, "
                    f"overhead {_pct(sec.get('overhead'))}")
         ctl = sec.get("random_control") or {}
@@ -124,8 +126,9 @@ def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"title": "Defences: held-out test prompts", "rows": rows,
              "header": ["defence", "ASR (random control)", "near-trigger ASR", "false-trigger rate", "clean metric",
                         "perplexity ratio", "clean replies changed"],
-             "note": "heads and vector are baked into the weights (every position, every step); the random control "
-                     "is the same edit with k random heads or a same-norm random vector"}]
+             "note": "heads and vector are baked into the weights (every position, every step); the guard edits "
+                     "flagged prompts only; the random control is the same edit with k random heads or a same-norm "
+                     "random vector (for the guard: behind the same detector)"}]
 
 
 def _samples(run: RunDir) -> list[dict[str, Any]]:
