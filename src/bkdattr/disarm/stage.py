@@ -22,8 +22,6 @@ without bkdattr. ``metrics.disarm.<strategy>`` holds the figures; the report's "
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -142,16 +140,12 @@ def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.Abs
 
 
 def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
-    """Save the (edited) model as a plain Hugging Face folder, written beside ``out`` and renamed into place."""
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    lm.model.save_pretrained(tmp, safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp)
-    write_json(tmp / "bkdattr_disarm.json", provenance)
-    if out.exists():
-        out.rmdir()  # empty (checked)
-    os.replace(tmp, out)
+    """Save the (edited) model as a plain Hugging Face folder with ``bkdattr_disarm.json``, written beside
+    ``out`` and renamed into place."""
+    from ..models import save_model_atomically
+
+    save_model_atomically(lm.model, lm.tokenizer, out, {"bkdattr_disarm.json": provenance},
+                          what="the defended model", fix="pass a writable --out")
     return out
 
 
