@@ -48,6 +48,7 @@ def plan(out: Path, dry: bool) -> list[tuple[str, list[str], bool]]:
             ("bench_data_files", [*s("bench_data_files"), "write", "--out", str(out / "data_files"),
                                   *j("bench_data_files")], True),
             ("bench_audit", [*s("bench_audit"), "--help"], False),
+            ("bench_disarm", [*s("bench_disarm"), "--dry-run"], False),
             ("bench_demo", [*s("bench_demo"), "--help"], False),
             ("gpu_check", [*gpu_check, "--dry-run", "--skip", "pytest", "--skip", "nccl"], True),
         ]
@@ -64,6 +65,7 @@ def plan(out: Path, dry: bool) -> list[tuple[str, list[str], bool]]:
                               *j("bench_data_files")], True),
         ("bench_audit", [*s("bench_audit"), "--out", "runs/bench/audit", *j("bench_audit")], True),
         ("bench_demo", [*s("bench_demo"), "--out", "runs/bench/demo", *j("bench_demo")], True),
+        ("bench_disarm", [*s("bench_disarm"), *j("bench_disarm")], True),
         ("gpu_check", gpu_check if cuda else [*gpu_check, "--dry-run"], True),
     ]
 
