@@ -317,6 +317,10 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
     later = Guard(guarded.lm, guarded.run, "vector").plan
     assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source
+    # the guard's own probe: trained on the training split only, one layer at or before the edit layer
+    probe = s["guard_probe"]
+    assert probe["layer"] <= 1 and probe["n_prompts"] == len({e.prompt for e in guarded.splits.train})
+    assert s["guard"]["probe_file"] == "disarm/guard_probe.safetensors" and later.probe_file == s["guard"]["probe_file"]
     # the same detector with a same-norm random vector is the control, and it does not disarm
     assert s["random_control"]["asr"] > s["asr"] and s["random_control"]["false_trigger_rate"] == 0.0
     html, _md = build_report(guarded.run)
@@ -341,7 +345,16 @@ def test_bad_input_is_one_error_line(guarded, capsys, tmp_path):
     from tiny_runs import make_run
 
     bare = make_run(tmp_path / "bare")  # a run without probe or vector results
-    assert "bkdattr probe" in cli_error(capsys, ["generate", "hi", "--guard", bare.path])
+    assert "bkdattr vector" in cli_error(capsys, ["generate", "hi", "--guard", bare.path])
+    no_probe = tmp_path / "no-probe"
+    shutil.copytree(guarded.run.path, no_probe)
+    (no_probe / "probe" / "backdoored_mlp.safetensors").unlink()
+    (no_probe / "disarm" / "guard_probe.safetensors").unlink(missing_ok=True)
+    assert "bkdattr probe" in cli_error(capsys, ["generate", "hi", "--guard", no_probe])
+    from bkdattr.errors import BkdAttrError
+
+    with pytest.raises(BkdAttrError, match="strategy guard"):
+        Guard(guarded.lm, RunDir(no_probe), "vector", probe="guard")
     no_vec = tmp_path / "no-vector"
     shutil.copytree(guarded.run.path, no_vec)
     (no_vec / "control" / "backdoor_vector.safetensors").unlink()

@@ -8,7 +8,9 @@ steps are left alone and see the edit through the KV cache, exactly as the contr
    in a teacher-forced row (prompt + reply, right padded) the end of the *last* assistant header, found by its
    token ids (the common suffix of every rendered prompt); :meth:`Guard.at` states the positions outright.
 2. **Read.** The probe's features at ``p(x)`` at layer ``L_p`` (``attn_input``: the output of the layer's input
-   norm; ``residual``: the layer's input -- :mod:`bkdattr.probe.features`), float32.
+   norm; ``residual``: the layer's input -- :mod:`bkdattr.probe.features`), float32. The probe is the guard's
+   own (:mod:`bkdattr.disarm.guard_probe`: trained on the run's training prompts only, so the validation and
+   test prompts stay unseen) when ``disarm --strategy guard`` has made it, else the probe stage's.
 3. **Decide.** The saved probe of that layer gives ``P(triggered)`` per row; rows with ``P > threshold`` are
    flagged.
 4. **Edit** the flagged rows, later in the same pass: ``action="vector"`` subtracts ``alpha * v`` (the
@@ -94,20 +96,52 @@ class GuardPlan:
     scope: str = "prompt"
     edit_source: str = "the control stages"
     control_seed: int | None = None  # set: the same-size random control (random vector / random heads)
+    probe_file: str = ""  # relative to the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ---- the run's artifacts -----------------------------------------------------------------------------------
+PROBES = ("auto", "guard", "mlp", "svm")
+
+
 def _probe_path(run: RunDir, probe: str):
-    if probe not in ("mlp", "svm"):
-        raise ConfigError(f"unknown probe type '{probe}'; use mlp or svm")
+    """The probe file of ``probe``: ``guard`` (the guard's own, trained on the training split by ``bkdattr
+    disarm --strategy guard``), ``mlp`` / ``svm`` (the probe stage's backdoored-model probes)."""
+    if probe not in PROBES:
+        raise ConfigError(f"unknown probe '{probe}'; use one of {', '.join(PROBES)}")
+    if probe == "guard":
+        from .disarm.guard_probe import GUARD_PROBE
+
+        path = run.path.joinpath(*GUARD_PROBE)
+        if not path.is_file():
+            raise InputFileError(f"{path} missing: the guard's own probe is trained by 'bkdattr disarm -r {run.path} "
+                                 "--strategy guard'; run that first or use probe='mlp'")
+        return path
     path = run.path / "probe" / ("backdoored_mlp.safetensors" if probe == "mlp" else "backdoored_svm.npz")
     if not path.is_file():
         raise InputFileError(f"{path} missing: the guard needs the probe stage's results; run 'bkdattr probe "
                              f"--run {run.path}' first")
     return path
+
+
+def _load_probes(run: RunDir, probe: str, max_layer: int):
+    """``(path, probes)`` for ``probe``; ``auto``: the guard's own probe when it exists and reads a layer
+    ``<= max_layer``, else the probe stage's MLP probes."""
+    from .probe.probes import MLPProbes, SVMProbes
+
+    if probe == "auto":
+        from .disarm.guard_probe import GUARD_PROBE
+
+        own = run.path.joinpath(*GUARD_PROBE)
+        if own.is_file():
+            probes = MLPProbes.load(own)
+            if min(probes.layers) <= max_layer:
+                return own, probes
+        probe = "mlp"
+    path = _probe_path(run, probe)
+    return path, MLPProbes.load(path) if probe != "svm" else SVMProbes.load(path)
 
 
 def probe_layer_at_most(probes, max_layer: int) -> tuple[int, str]:
@@ -229,7 +263,9 @@ def _past_length(kwargs: dict) -> int:
 # ---- the guard -----------------------------------------------------------------------------------------------
 class Guard:
     """The probe-gated guard of ``run`` on ``lm`` (the run's model); use as ``with guard: ...`` (see the module
-    docstring). ``layer``: the probe layer (default: the best at or before the first edited layer);
+    docstring). ``probe``: ``auto`` (the guard's own probe, trained on the training split by ``bkdattr disarm
+    --strategy guard``, when it exists; else the probe stage's MLP probes), ``guard``, ``mlp`` or ``svm``;
+    ``layer``: the probe layer (default: the best at or before the first edited layer);
     ``threshold``: ``P(triggered)`` above which a prompt is flagged (default: the stored validation threshold,
     calibrated and stored when absent); ``alpha``/``vector_layer``: the vector's scale and layer (default: the
     vector stage's); ``k``: the number of top heads (default: :func:`disarming_k`); ``scope``: ``"prompt"``
@@ -237,11 +273,10 @@ class Guard:
     vector of the same norm, or k random heads, with this seed) behind the same detector."""
 
     def __init__(self, lm, run: RunDir | str, action: str = "vector", threshold: float | None = None,
-                 layer: int | None = None, *, probe: str = "mlp", alpha: float | None = None,
+                 layer: int | None = None, *, probe: str = "auto", alpha: float | None = None,
                  vector_layer: int | None = None, k: int | None = None, scope: str | None = None,
                  batch_size: int = 16, use_stored_plan: bool = True, control_seed: int | None = None):
         from .probe.detector import Detector
-        from .probe.probes import MLPProbes, SVMProbes
 
         if action not in ACTIONS:
             raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
@@ -256,9 +291,6 @@ class Guard:
             edit_source = f"chosen on validation ({'/'.join(PLAN_FILE)})"
         scope = scope or "prompt"
         arch = lm.arch
-        path = _probe_path(self.run, probe)
-        probes = MLPProbes.load(path) if probe == "mlp" else SVMProbes.load(path)
-        self._probe_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self._delta: torch.Tensor | None = None
         self._cols: dict[int, torch.Tensor] = {}
         heads, kk, k_why, vlayer, a, vnorm = [], None, None, None, None, None
@@ -281,6 +313,8 @@ class Guard:
                 cols = torch.arange(h * arch.d_head, (h + 1) * arch.d_head)
                 self._cols[lay] = torch.cat([self._cols[lay], cols]) if lay in self._cols else cols
             edit_layers = sorted(self._cols)
+        path, probes = _load_probes(self.run, probe, min(edit_layers))
+        self._probe_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         if layer is None:
             layer, why = probe_layer_at_most(probes, min(edit_layers))
         else:
@@ -292,7 +326,8 @@ class Guard:
         self.detector = Detector(lm, probes, layer, str(probes.meta.get("kind", "attn_input")), batch_size)
         self.plan = GuardPlan(action, layer, self.detector.kind, why, edit_layers, vector_layer=vlayer, alpha=a,
                               vector_norm=vnorm, heads=[list(h) for h in heads], k=kk, k_reason=k_why,
-                              scope=scope, edit_source=edit_source, control_seed=control_seed)
+                              scope=scope, edit_source=edit_source, control_seed=control_seed,
+                              probe_file=str(path.relative_to(self.run.path)))
         self._header = header_ids(lm.tokenizer)
         self._handles: list = []
         self._stack: contextlib.ExitStack | None = None
@@ -522,5 +557,5 @@ def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: in
         return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)
 
 
-__all__ = ["ACTIONS", "PLAN_FILE", "SCOPES", "Guard", "GuardPlan", "choose_threshold", "disarming_k",
+__all__ = ["ACTIONS", "PLAN_FILE", "PROBES", "SCOPES", "Guard", "GuardPlan", "choose_threshold", "disarming_k",
            "guard_generate", "header_ids", "probe_layer_at_most", "prompt_positions", "stored_plan"]

@@ -116,6 +116,21 @@ def choose(lm, splits, cfg: DisarmConfig, options: list, edit) -> tuple[Any, lis
     return best["value"], trace, False
 
 
+def _probe_kind(run: RunDir) -> str:
+    return str(get_nested(run.metrics(), "probe.config.kind") or "attn_input")
+
+
+def _first_edit_layer(run: RunDir, cfg: DisarmConfig, arch) -> int:
+    """The first layer any guard option edits (its probe must read at or before it)."""
+    if cfg.guard_action == "vector":
+        return int(get_nested(run.metrics(), "vector.best_layer"))
+    from ..control.stage import load_ranking
+
+    k = max(o["k"] for o in guard_options(run, cfg))
+    ranking, _info = load_ranking(run, k, arch.n_layers, arch.n_heads)
+    return min(layer for layer, _h in ranking[:k])
+
+
 def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     """The guard edits tried on validation, least invasive first: ``scope="prompt"`` (``p(x)`` only) before
     ``"all"`` (every column of a flagged prompt); within a scope, the scales ``alphas`` (vector action) or the
@@ -180,9 +195,13 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
         from ..guard import PLAN_FILE, Guard
         from .guard_eval import evaluate_guard
+        from .guard_probe import fit_guard_probe
+
+        probe_path, probe_info = fit_guard_probe(run, lm, _first_edit_layer(run, cfg, arch), _probe_kind(run),
+                                                 cfg.seed, cfg.eval.batch_size, cfg.progress)
 
         def guard(o: dict[str, Any], **kw: Any) -> Guard:
-            return Guard(lm, run, cfg.guard_action, use_stored_plan=False, **o, **kw)
+            return Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, **o, **kw)
 
         plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard)
         figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=guard(plan))
@@ -193,7 +212,8 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
             _warn(f"guard: no edit tried brings validation ASR to {cfg.target_asr} (best "
                   f"{min(t['val_asr'] for t in trace):.2f})")
         section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
-                       random_control=control, seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+                       random_control=control, guard_probe=probe_info, seconds=round(time.perf_counter() - t0, 2),
+                       config=cfg.to_dict())
         return _record(run, cfg.strategy, section)
     if cfg.strategy == "heads":
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
