@@ -139,7 +139,7 @@ def test_memory_estimate_qwen_gqa():
     assert 16.5 * GB < m.total < 19.5 * GB
 
 
-@pytest.mark.parametrize("free_gb, fits, full", [(80, True, True), (40, True, True), (24, True, False),
+@pytest.mark.parametrize("free_gb, fits, full", [(80, True, True), (40, True, False), (24, True, False),
                                                  (10, False, False)])
 def test_suggest_exact_batch_by_free_memory(free_gb, fits, full):
     m = LLAMA7B
