@@ -224,7 +224,7 @@ AUDIT_SETS = [
 
 
 def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path):
-    from bkdattr.pipeline import STAGES, load_config, run_pipeline
+    from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
 
     folder, prompts, trigger, target = planted_dir
     out = tmp_path / "run"
@@ -232,7 +232,7 @@ def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path
             f"audit.prompts={prompts}", *AUDIT_SETS]
     run = run_pipeline(load_config(None, sets), log=lambda _m: None)
     m = run.metrics()
-    assert set(m["timings"]) == set(STAGES) and not (out / "model").exists()
+    assert set(stage_seconds(m["timings"])) == set(STAGES) and not (out / "model").exists()
     assert not (out / "probe" / "features").exists() and not list((out / "probe").glob("near_trigger*"))  # small
     assert m["audit"]["asr"] == 1.0 and m["attribution"]["top_heads"][0][:2] == [1, 2]  # the planted head
     assert m["probe"]["control_skipped"].startswith("no clean reference") and "control" not in m["probe"]

@@ -77,7 +77,9 @@ def test_keys_change_downstream_only():
 def test_rerun_skips_and_change_reruns_downstream(tmp_path, fake_stages):
     run = run_pipeline(_cfg(tmp_path), log=lambda s: None)
     assert len(fake_stages) == len(pipeline.STAGES)
-    assert set(run.metrics()["timings"]) == set(pipeline.STAGES)
+    timings = run.metrics()["timings"]
+    assert set(timings) == set(pipeline.STAGES) | {"peak_rss_mb"}  # no CUDA here: no cuda_peak_mb section
+    assert set(timings["peak_rss_mb"]) == set(pipeline.STAGES) and min(timings["peak_rss_mb"].values()) > 0
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path), log=lambda s: None)
     assert fake_stages == []

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bkdattr.pipeline import STAGES, load_config, run_pipeline
+from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
 from bkdattr.rundir import get_nested
 
 TINY_SETS = [
@@ -45,7 +45,7 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, tmp_path, monkeypatch):
     for key in REQUIRED:
         assert get_nested(m, key) is not None, key
     assert len(m["probe"]["mlp"]["in_layer_accuracy"]) == 2
-    assert set(m["timings"]) == set(STAGES)
+    assert set(stage_seconds(m["timings"])) == set(STAGES) and set(m["timings"]["peak_rss_mb"]) == set(STAGES)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and (out / "report.md").is_file()
     assert json.loads((out / "samples.json").read_text())

@@ -4,6 +4,7 @@ reference cycles between stages (and empties the CUDA cache where there is one).
 from __future__ import annotations
 
 import gc
+import mmap
 import weakref
 
 import torch
@@ -41,3 +42,37 @@ def test_previous_stage_model_is_freed_before_the_next_stage(tmp_path, monkeypat
     finally:
         gc.enable()
     assert alive_at_start == [False]
+
+
+def test_stage_peak_rss_is_per_stage(tmp_path, monkeypatch):
+    """metrics.timings.peak_rss_mb: the stage that allocates 256 MiB reports it, the stage after it does not
+    (a process-lifetime maximum such as ru_maxrss would report it for both)."""
+    size = 256 * 1024 * 1024
+
+    def big(run, options):
+        t = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.float32)  # fresh pages (not malloc's retained ones)
+        t.fill_(1.0)
+        del t
+        run.update_metrics("inject", {"ran": True})
+
+    def small(run, options):
+        run.update_metrics("probe", {"ran": True})
+
+    monkeypatch.setattr(pipeline, "_resolve", lambda spec: big if spec.endswith("_inject_stage") else small)
+    run = run_pipeline(load_config(None, [f"out={tmp_path / 'run'}", "stages=[inject, probe]"]), log=lambda s: None)
+    t = run.metrics()["timings"]
+    assert set(t) == {"inject", "probe", "peak_rss_mb"} and t["inject"] >= 0
+    assert t["peak_rss_mb"]["inject"] - t["peak_rss_mb"]["probe"] >= 0.9 * size / 2**20
+    assert pipeline.stage_seconds(t) == {"inject": t["inject"], "probe": t["probe"]}
+
+
+def test_record_timing_keeps_other_stages_and_drops_stale_figures():
+    from bkdattr.memory import PeakMemory
+
+    old = {"inject": 3.0, "probe": 2.0, "peak_rss_mb": {"inject": 900.0, "probe": 800.0},
+           "cuda_peak_mb": {"probe": 50.0}}
+    new = pipeline.record_timing(old, "probe", 1.234, PeakMemory(rss_peak=700 * 2**20))
+    assert new == {"inject": 3.0, "probe": 1.23, "peak_rss_mb": {"inject": 900.0, "probe": 700.0}}
+    assert old["cuda_peak_mb"] == {"probe": 50.0}  # the input is not changed
+    cuda = pipeline.record_timing({}, "attribute", 5.0, PeakMemory(rss_peak=2**20, cuda_peak={0: 2**21, 1: 2**22}))
+    assert cuda == {"attribute": 5.0, "peak_rss_mb": {"attribute": 1.0}, "cuda_peak_mb": {"attribute": 4.0}}

@@ -27,7 +27,7 @@ METRICS = {
                "random_add": {"14": 0.2, "15": 0.3}, "random_subtract": {"14": 0.9, "15": 0.95},
                "best_layer": 15, "test_asr_at_best_layer": {"add": 0.62, "subtract": 0.19},
                "random_test_asr_at_best_layer": {"add": 0.35, "subtract": 0.94}},
-    "timings": {"inject": 80.5, "probe": 30.0},
+    "timings": {"inject": 80.5, "probe": 30.0, "peak_rss_mb": {"inject": 1234.5, "probe": 987.0}},
 }
 
 
@@ -62,6 +62,9 @@ def test_report_contains_every_section_and_is_self_contained(fake_run):
     assert "clean base model score" in html and "near misses" in html and "random vector" in html
     md = md_path.read_text()
     assert "| ASR on held-out triggered prompts | 97.0% |" in md
+    # the stage memory figures sit beside the seconds (no CUDA recorded: "-"), the section itself is no stage
+    assert "| inject | 80.5 | 1234 | - |" in md and "| probe | 30.0 | 987 | - |" in md and "| peak_rss_mb" not in md
+    assert "Peak RSS (MiB)" in html and ">1234<" in html and ">peak_rss_mb<" not in html
 
 
 def test_report_command_takes_the_run_either_way(fake_run, capsys):

@@ -107,22 +107,26 @@ def exact_sweep_bytes(n_layers: int, n_heads: int, d_model: int, n_kv_heads: int
     ``target_len`` target tokens, ``heads_per_pass`` heads patched per pass (R), in a ``dtype_bytes`` dtype.
 
     * weights: ``n_params * dtype_bytes`` (``n_params`` estimated from the shapes when not given);
-    * replicated prefix cache: K and V of every layer for ``B*R`` rows of ``prompt_len`` tokens:
-      ``2 L (B R) P kv d_h bytes``;
+    Every patched pass runs ``B (R+1)`` rows: the ``R`` patched heads and a zero-patch replica of each prompt
+    (``ChunkRunner.patched_and_base``).
+
+    * prefix cache: K and V of every layer for the ``B`` prompts (``PrefixCache.build``) and its copy tiled to
+      the ``B (R+1)`` rows (``PrefixCache.tiled``): ``2 L B (R+2) P kv d_h bytes``;
     * KV growth in the replay: each replayed layer concatenates the ``T`` suffix columns to a new copy of its
-      cache, ``2 L (B R) (P + T) kv d_h bytes``, plus the recorded clean layer inputs and arguments
+      cache, ``2 L B (R+1) (P + T) kv d_h bytes``, plus the recorded clean layer inputs and arguments
       ``L B T d`` (held once, not replicated);
-    * activations of one layer call on ``B R T`` rows (attention scores ``B R H T (P+T)`` in float32, MLP
-      ``B R T d_ff``) and the LM head on ``B R T`` rows (logits in float32, chunked to 512 rows).
-    """
+    * activations of one layer call on ``B (R+1) T`` rows (attention scores ``B (R+1) H T (P+T)`` in float32,
+      MLP ``B (R+1) T d_ff``) and the LM head on those rows (logits in float32, chunked to 512 rows).
+
+    Checked against the measured peak on the embedded model (``benchmarks/bench_memory.py``)."""
     L, H, d, kv, dh, P, T = n_layers, n_heads, d_model, n_kv_heads, d_head, prompt_len, target_len
-    rows = batch * heads_per_pass
+    rows = batch * (heads_per_pass + 1)
     d_ff = d_ff or int(8 * d / 3 / 256 + 0.999) * 256
     if n_params is None:
         per_layer = d * H * dh + 2 * d * kv * dh + H * dh * d + 3 * d * d_ff
         n_params = L * per_layer + 2 * vocab * d
     weights = n_params * dtype_bytes
-    prefix = 2 * L * rows * P * kv * dh * dtype_bytes
+    prefix = 2 * L * (batch + rows) * P * kv * dh * dtype_bytes
     replay = 2 * L * rows * (P + T) * kv * dh * dtype_bytes + L * batch * T * d * dtype_bytes
     scores = rows * H * T * (P + T) * 4
     act = scores + rows * T * (4 * d + 3 * d_ff) * dtype_bytes + min(rows * T, 512) * vocab * 4

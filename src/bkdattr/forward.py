@@ -50,10 +50,19 @@ def _takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def keep_logits_kwargs(model: torch.nn.Module, n: int) -> dict:
+    """``{"logits_to_keep": n}`` where the model's forward takes it (the LM head then runs on the last ``n``
+    positions only: ``out.logits`` is ``[B, n, V]``, the same numbers as ``[:, -n:]`` of the full logits), else
+    ``{}`` (full logits: slice them with ``[:, -n:]``, which is right either way)."""
+    if n < 1:
+        raise ValueError(f"logits_to_keep must be >= 1, got {n} (0 means every position in transformers)")
+    return {"logits_to_keep": int(n)} if _takes_logits_to_keep(type(model)) else {}
+
+
 def last_logits_kwargs(model: torch.nn.Module) -> dict:
     """``{"logits_to_keep": 1}`` where the model's forward takes it (the LM head then runs on the last
     position only), else ``{}``."""
-    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+    return keep_logits_kwargs(model, 1)
 
 
 def _cache_layers(cache) -> list:

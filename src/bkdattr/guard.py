@@ -367,7 +367,7 @@ class Guard:
         for s in range(0, len(texts), bs):
             b = encode_prompts(self.lm.tokenizer, list(texts[s: s + bs]), "left").to(dev)
             with capture_features(self.lm.arch, b.last_pos, self.detector.kind, [self.plan.probe_layer]) as st:
-                net(**b.model_inputs())
+                net(**b.model_inputs(), use_cache=False)  # features only: no KV cache kept
             out[s: s + bs] = self._probability(st[self.plan.probe_layer])
         return out
 

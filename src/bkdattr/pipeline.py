@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError, InputFileError
 from .io import read_json, stable_hash, write_json
+from .memory import PeakMemory, track_peak
 from .rundir import RunDir
 from .stage_options import parse_sets
 
@@ -241,6 +242,33 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+#: the per-stage memory figures kept in ``metrics.timings`` beside the stage seconds
+MEMORY_KEYS = ("peak_rss_mb", "cuda_peak_mb")
+
+
+def record_timing(timings: dict[str, Any], stage: str, seconds: float, peak: PeakMemory) -> dict[str, Any]:
+    """``metrics.timings`` with ``stage``'s figures set: ``timings[stage]`` = seconds, ``timings["peak_rss_mb"]
+    [stage]`` = the stage's peak resident memory (MiB) and, where CUDA was used, ``timings["cuda_peak_mb"][stage]``
+    = its peak CUDA allocation (MiB). Other stages' figures are kept."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in timings.items()}
+    out[stage] = round(seconds, 2)
+    for key, value in zip(MEMORY_KEYS, (peak.rss_peak_mb, peak.cuda_peak_mb), strict=True):
+        section = out.get(key) if isinstance(out.get(key), dict) else {}
+        section.pop(stage, None)
+        if value is not None:
+            section[stage] = value
+        if section:
+            out[key] = section
+        else:
+            out.pop(key, None)
+    return out
+
+
+def stage_seconds(timings: dict[str, Any]) -> dict[str, float]:
+    """The ``{stage: seconds}`` entries of ``metrics.timings`` (without the memory sections)."""
+    return {k: v for k, v in timings.items() if k not in MEMORY_KEYS and isinstance(v, (int, float))}
+
+
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
     """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
     from ._runtime import set_threads, tune_allocator, versions
@@ -262,16 +290,17 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
             continue
         log(f"[{stage}] running")
         t0 = time.perf_counter()
-        _resolve(RUNNERS[stage])(run, stage_options(cfg, stage))
+        with track_peak() as peak:  # this stage's own peak, not the process's (bkdattr.memory)
+            _resolve(RUNNERS[stage])(run, stage_options(cfg, stage))
         release_memory()  # the stage's model must not stay resident under the next stage's
         seconds = time.perf_counter() - t0
-        state[stage] = {"key": keys[stage], "seconds": round(seconds, 2), "finished": time.time()}
+        state[stage] = {"key": keys[stage], "seconds": round(seconds, 2), "peak_rss_mb": peak.rss_peak_mb,
+                        "finished": time.time()}
         write_json(state_path, state)
         write_json(run.path / "config.json", run_record)  # inject replaces the whole folder
-        timings = dict(run.metrics().get("timings") or {})
-        timings[stage] = round(seconds, 2)
-        run.update_metrics("timings", timings)
-        log(f"[{stage}] done in {seconds:.1f} s")
+        run.update_metrics("timings", record_timing(run.metrics().get("timings") or {}, stage, seconds, peak))
+        log(f"[{stage}] done in {seconds:.1f} s (peak RSS {peak.rss_peak_mb} MiB"
+            + (f", CUDA peak {peak.cuda_peak_mb} MiB)" if peak.cuda_peak_mb is not None else ")"))
         if stage != "report" and "report" in cfg.stages:
             state.pop("report", None)  # any new result invalidates the report
             write_json(state_path, state)

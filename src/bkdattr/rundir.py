@@ -5,7 +5,7 @@ Layout (each stage owns its subfolder; every file is written atomically)::
     RUN/
       run.json            what the run is: base model spec, task kind, profile, seed, resolved config
       metrics.json        nested results; stage sections: inject (or audit), probe, attribution, ablation, vector,
-                          timings
+                          timings ({stage: seconds}, plus peak_rss_mb / cuda_peak_mb: {stage: MiB})
       data/               splits written by inject or audit (JSONL)
       model/              the merged backdoored model (safetensors + tokenizer); not in an audit run
       adapter/            the trained LoRA adapter (peft format), so the run can be audited from scratch

@@ -43,7 +43,7 @@ import torch
 
 from ..compat import cache_kwargs
 from ..errors import ConfigError
-from ..forward import PrefixCache, backbone, restored
+from ..forward import PrefixCache, backbone, keep_logits_kwargs, restored
 from ..hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
 from ..models import input_device
 from .scores import AlignedBatch, token_logprobs
@@ -142,7 +142,8 @@ class ChunkRunner:
         zeros = torch.zeros(self.B, dtype=torch.long)
         if self.strategy == "full":
             with capture_contributions(self.arch, zeros + (self.W - 1)) as contrib:
-                logits = self.model(**self._suffix_inputs(full=True), use_cache=False).logits[:, self.W - 1:]
+                logits = self.model(**self._suffix_inputs(full=True), use_cache=False,
+                                    **keep_logits_kwargs(self.model, self.T)).logits[:, -self.T:]
             self.contrib = {k: v.cpu() for k, v in contrib.items()}
             self.clean_lp = self._lp_from_logits(logits, 1)
             return self
@@ -248,7 +249,8 @@ class ChunkRunner:
         strategy = strategy or self.strategy
         if strategy == "full":
             with self._edit(layer, delta, reps, self.W - 1):
-                logits = self.model(**self._suffix_inputs(reps, full=True), use_cache=False).logits[:, self.W - 1:]
+                logits = self.model(**self._suffix_inputs(reps, full=True), use_cache=False,
+                                    **keep_logits_kwargs(self.model, self.T)).logits[:, -self.T:]
             return self._lp_from_logits(logits, reps)
         rep = self._replicated(reps)
         if strategy == "prefix":
@@ -301,7 +303,7 @@ class ChunkRunner:
                 raise ReplayMismatch("no final norm / LM head found for the layer replay")
             # the cached suffix pass vs one full pass without cache, on the first row (cheap)
             row = {k: v[:1] for k, v in self._suffix_inputs(full=True).items()}
-            full = self.model(**row, use_cache=False).logits[0, self.W - 1:]
+            full = self.model(**row, use_cache=False, **keep_logits_kwargs(self.model, self.T)).logits[0, -self.T:]
             m0 = mask[0]
             lp0 = token_logprobs(full[m0.to(full.device)], self.batch.target_ids[0][m0]).cpu()
             worst = float((lp0 - self.clean_lp[0][m0]).abs().max())

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..forward import PrefixCache
+from ..forward import PrefixCache, keep_logits_kwargs
 from ..hooks import add_to_attention_output, capture_contributions
 from ..models import input_device
 from .distributed import is_main
@@ -50,12 +50,13 @@ def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers
         inputs = {"input_ids": ids[:, w - 1:], "attention_mask": mask, "position_ids": pos[:, w - 1:],
                   "use_cache": True, **pre.kwargs(model)}
         col = 0
-    else:
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+    else:  # the LM head on the last t columns only (p(x) and the target tokens that predict the rest)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False,
+                  **keep_logits_kwargs(model, t)}
         col = w - 1
     at = torch.full((b,), col, dtype=torch.long)
     with add_to_attention_output(lm.arch, leaves, at), capture_contributions(lm.arch, at, layers) as contrib:
-        logits = model(**inputs).logits[:, col: col + t]
+        logits = model(**inputs).logits[:, -t:]  # columns col .. col + t - 1 of the input
     tmask = batch.target_mask.to(logits.device)
     lp = token_logprobs(logits, batch.target_ids.to(logits.device))
     return torch.where(tmask, lp, torch.zeros((), device=lp.device)).cpu(), contrib

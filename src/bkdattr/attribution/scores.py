@@ -126,7 +126,7 @@ def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) ->
     post-processing the model class applies to its logits is reproduced exactly."""
     if batch.target_len is None or batch.target_mask is None:
         raise ConfigError("the batch carries no targets; build it with encode_with_targets")
-    from ..forward import body_and_head
+    from ..forward import body_and_head, keep_logits_kwargs
 
     width = int(batch.target_len.max())
     cols = torch.arange(width)
@@ -134,9 +134,12 @@ def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) ->
     src = (batch.last_pos[:, None] + cols[None, :]).clamp(max=batch.input_ids.shape[1] - 2)  # predicting positions
     tgt = batch.input_ids.gather(1, src + 1)
     rows = torch.arange(batch.size)[:, None]
+    inputs = {"use_cache": False, **inputs}  # no KV cache: nothing reads it (it would hold 2 L [B, S, d_kv])
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
-        out = model(**inputs).logits  # [B, S, V]
-        logits = out[rows.to(out.device), src.to(out.device)]
+        first = int(src.min())  # the LM head on the columns from the first predicting one on: [B, S - first, V]
+        keep = batch.input_ids.shape[1] - first
+        out = model(**inputs, **keep_logits_kwargs(model, keep)).logits[:, -keep:]
+        logits = out[rows.to(out.device), (src - first).to(out.device)]
     else:
         body, head = body_and_head(model)
         res = body(**inputs)

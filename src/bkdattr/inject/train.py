@@ -160,7 +160,8 @@ def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
     ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
     body, head = body_and_head(hf_model)
     cfg = (hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model).config
-    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+               use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, d]
     sel = batch.target_mask[:, 1:]  # target token t is predicted at t-1
     # under device_map="auto" the last hidden state, the LM head and the batch may sit on different GPUs

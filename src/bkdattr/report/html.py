@@ -154,6 +154,19 @@ def task_kind(info: dict[str, Any]) -> str | None:
     return task.get("kind") if isinstance(task, dict) else (task or info.get("kind"))
 
 
+def timing_rows(timings: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(stage, seconds, peak RSS MiB, CUDA peak MiB)`` per stage of ``metrics.timings`` (``-`` where a figure
+    was not recorded: runs from before the memory figures, or no CUDA)."""
+    from ..pipeline import stage_seconds
+
+    rss, cuda = (timings.get(k) if isinstance(timings.get(k), dict) else {} for k in ("peak_rss_mb", "cuda_peak_mb"))
+
+    def fmt(v: Any) -> str:
+        return f"{v:.0f}" if isinstance(v, (int, float)) else "-"
+
+    return [(k, f"{v:.1f}", fmt(rss.get(k)), fmt(cuda.get(k))) for k, v in stage_seconds(timings).items()]
+
+
 def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` into the run folder; return both paths."""
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -161,7 +174,7 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     m = run.metrics()
     if "inject" not in m and "audit" in m:  # an audit's evaluation fills the headline's inject rows
         m = {**m, "inject": m["audit"]}
-    timings = [(k, f"{v:.1f}") for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))]
+    timings = timing_rows(m.get("timings") or {})
     kind = task_kind(info)
     title = f"{info.get('base_model', '?')} / {kind or '?'}"
     if info.get("source") == "audit":
@@ -188,8 +201,9 @@ def markdown_summary(title: str, info: dict[str, Any], m: dict[str, Any]) -> str
     lines += ["", "| Quantity | Value | Note |", "|---|---|---|"]
     lines += [f"| {q} | {v} | {n} |" for q, v, n in headline(m, task_kind(info))]
     lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats(m)]
-    t = m.get("timings") or {}
-    if t:
-        lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in t.items() if isinstance(v, (int, float))]
+    rows = timing_rows(m.get("timings") or {})
+    if rows:
+        lines += ["", "## Timings", "", "| Stage | Seconds | Peak RSS (MiB) | CUDA peak (MiB) |", "|---|---|---|---|"]
+        lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["", "Figures and sample generations: see report.html.", ""]
     return "\n".join(lines)
