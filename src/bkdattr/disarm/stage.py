@@ -45,7 +45,7 @@ class DisarmConfig(StageOptions):
 
     stage = "disarm"
     strategy: str = opt("heads", "heads (zero the top-k heads' W_O), vector (bake -alpha*v as an output bias) or "
-                        "guard (no weight change: a probe-gated edit at p(x), bkdattr.guard)")
+                        "guard (no weight change: a probe-gated edit of flagged prompts, bkdattr.guard)")
     guard_action: str = opt("vector", "guard: the edit on flagged prompts, vector or heads")
     k: int | None = opt(None, "heads: how many top heads (default: the smallest of the ablation stage's k values "
                         "that disarms on validation)")
@@ -81,8 +81,6 @@ def check_run(run: RunDir, cfg: DisarmConfig) -> None:
     m = run.metrics()
     if not get_nested(m, "attribution.top_heads"):
         raise ArtifactError(f"{run.path} has no attribution results; run 'bkdattr attribute -r {run.path}' first")
-    if cfg.strategy == "guard" and not (run.path / "probe" / "backdoored_mlp.safetensors").is_file():
-        raise ArtifactError(f"{run.path} has no probe results; run 'bkdattr probe -r {run.path}' first")
     uses_vector = cfg.strategy == "vector" or (cfg.strategy == "guard" and cfg.guard_action == "vector")
     uses_k = cfg.strategy == "heads" or (cfg.strategy == "guard" and cfg.guard_action == "heads")
     if uses_vector and (get_nested(m, "vector.best_layer") is None
@@ -164,10 +162,11 @@ def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
     return out
 
 
-def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: str | Path | None = None
-               ) -> dict[str, Any]:
+def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: str | Path | None = None,
+               baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build, measure and save the defence ``cfg.strategy`` of ``run`` (see the module docstring); returns the
-    ``metrics.disarm.<strategy>`` section."""
+    ``metrics.disarm.<strategy>`` section. ``baseline``: the undefended model's :func:`defence_figures` with the
+    same ``cfg.eval`` (computed when None; pass it to measure several strategies against one baseline)."""
     from .._runtime import set_threads
     from ..control.stage import load_ranking
     from ..control.vector import load_vector, random_heads, random_like
@@ -189,7 +188,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
         raise ConfigError(f"k={cfg.k} is larger than the model's {n_heads} heads; pass a smaller --k")
     if cfg.strategy == "vector":
         bias_support(lm.model, arch)  # before the (long) evaluation
-    baseline = defence_figures(lm, splits, cfg.eval)
+    baseline = baseline if baseline is not None else defence_figures(lm, splits, cfg.eval)
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
     if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
