@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--dry-run", action="store_true", help="print the runs it would use, then stop")
+    p.add_argument("--overhead-only", type=int, default=0, metavar="REPEATS",
+                   help="only time the stored guard (after a guard run) over the clean test prompts, best of REPEATS")
     return p.parse_args(argv)
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {t: _run_for(t, a.runs, a.dry_run) for t in tasks}
     if a.dry_run:
         return {}
+    if a.overhead_only:
+        return overhead_only(runs, a.overhead_only, a.threads, a.json)
     out: dict = {"tasks": {}, "threads": a.threads}
     keep = Path(a.keep) if a.keep else None
     with tempfile.TemporaryDirectory(prefix="bench-disarm-") as tmp:
@@ -117,6 +121,35 @@ def main(argv: list[str] | None = None) -> dict:
     Console().print(table)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def overhead_only(runs: dict[str, Path], repeats: int, threads: int | None, json_path: str | None) -> dict:
+    """The stored guard's time overhead per task on the clean test prompts (``guard_overhead``: best of
+    ``repeats``, interleaved). Triggered prompts are not timed: the guard changes their replies, hence their
+    number of decoding steps."""
+    from bkdattr._runtime import set_threads
+    from bkdattr.disarm.guard_eval import guard_overhead
+    from bkdattr.disarm.stage import DisarmConfig
+    from bkdattr.guard import Guard
+    from bkdattr.inject.data import load_splits
+    from bkdattr.inject.evaluate import held_out
+    from bkdattr.rundir import RunDir
+
+    set_threads(threads)
+    out = {}
+    for task, run in runs.items():
+        cfg = DisarmConfig(threads=threads, progress=False)
+        rd = RunDir(run)
+        lm = rd.load_model(device=cfg.device, dtype=cfg.dtype)
+        guard = Guard(lm, rd, "vector")
+        ex = held_out(load_splits(rd), cfg.eval)
+        out[task] = {"clean": guard_overhead(lm, guard, [e.prompt for e in ex], cfg.eval, repeats),
+                     "plan": guard.plan.to_dict(), "repeats": repeats, "n_prompts": len(ex)}
+        print(f"{task}: guard overhead on clean prompts {out[task]['clean']['overhead']:.4f} (best of {repeats}; "
+              f"{out[task]['clean']['t_plain_s']} s plain)", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
