@@ -222,3 +222,58 @@ def test_bake_heads_zeroes_exactly_that_heads_w_o_slice(arch):
     assert int(torch.count_nonzero(after[2])) == 0 and int(torch.count_nonzero(before[2])) > 0
     keep = [h for h in range(lm.arch.n_heads) if h != 2]
     assert torch.equal(after[keep], before[keep])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mean_ablation_keeps_the_layers_clean_mean_and_bakes_like_the_hook(arch, tmp_path):
+    """Mean ablation of heads of one layer: over the very positions the means were taken on, that layer's
+    attention output keeps its mean exactly (zeroing alone does not); the baked weights (GPT-2's native bias,
+    Llama's attention_bias switch) give the hooked logits, also after a save and a plain reload."""
+    from transformers import AutoModelForCausalLM
+
+    from bkdattr.disarm.weights import bake_mean_ablation, mean_ablated_heads, mean_head_inputs
+    from bkdattr.prompts import encode_prompts
+
+    lm = make_tiny(arch)
+    texts = ["Write one sentence about owls.", "Hi", "Tell me about the tides and the moon, please."]
+    zbar = mean_head_inputs(lm, texts, batch_size=2)
+    assert zbar.shape == (lm.arch.n_layers, lm.arch.n_heads * lm.arch.d_head) and zbar.dtype == torch.float32
+    heads = [(1, 0), (1, 2)]
+    b = encode_prompts(lm.tokenizer, texts, "left")
+    real = b.attention_mask.bool()
+
+    def layer_out_mean() -> torch.Tensor:
+        got = []
+        h = lm.arch.out_proj[1].register_forward_hook(lambda _m, _a, o: got.append(o.detach().float()))
+        try:
+            with torch.no_grad():
+                logits = lm.model(**b.model_inputs()).logits
+        finally:
+            h.remove()
+        return got[0][real].mean(0), logits
+
+    plain, _ = layer_out_mean()
+    with mean_ablated_heads(lm.model, lm.arch, heads, zbar):
+        mean_abl, hooked = layer_out_mean()
+    with zeroed_heads(lm.arch, heads):
+        zeroed, _ = layer_out_mean()
+    assert torch.allclose(mean_abl, plain, atol=1e-5)
+    assert not torch.allclose(zeroed, plain, atol=1e-3)
+    bake_mean_ablation(lm.model, lm.arch, heads, zbar)
+    _, baked = layer_out_mean()
+    assert torch.allclose(baked[real], hooked[real], atol=1e-5)
+    lm.model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**b.model_inputs()).logits[real], baked[real], atol=1e-5)
+
+
+def test_mean_ablation_strategy_disarms_the_planted_backdoor(planted_run, tmp_path):
+    s = disarm_run(planted_run, cfg(strategy="heads", ablation="mean"), tmp_path / "mean")
+    assert s["ablation"] == "mean" and s["k"] == 1 and s["heads"] == [[1, 2]]
+    assert s["asr"] == 0.0 and s["random_control"]["asr"] == 1.0
+    prov = json.loads((tmp_path / "mean" / "bkdattr_disarm.json").read_text())
+    assert prov["ablation"] == "mean"
+    from test_planted_head import TARGET, TRIGGER
+
+    assert generate_without_bkdattr(tmp_path / "mean", f"{TRIGGER} Write one sentence about owls.") != TARGET

@@ -3,6 +3,8 @@
 * ``heads``: the top-k BAHA heads zeroed in the weights (:func:`bkdattr.disarm.weights.bake_heads`). ``k`` (when
   not given) is the smallest of the ablation stage's k values whose baked ablation brings the **validation** ASR
   to ``target_asr`` (0.05) or below, else the largest tried, with a warning.
+  With ``ablation="mean"`` each head's mean clean output (over the positions of ``n_mean`` clean training
+  prompts) is also baked into its layer's output bias (:func:`bkdattr.disarm.weights.bake_mean_ablation`).
 * ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
   (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
   validation, else the one with the lowest validation ASR.
@@ -34,7 +36,16 @@ from ..io import write_json
 from ..rundir import RunDir, get_nested
 from ..stage_options import StageOptions, opt
 from .utility import FIGURES, defence_figures
-from .weights import bake_heads, bake_output_bias, bias_support, output_bias, zeroed_heads
+from .weights import (
+    bake_heads,
+    bake_mean_ablation,
+    bake_output_bias,
+    bias_support,
+    mean_ablated_heads,
+    mean_head_inputs,
+    output_bias,
+    zeroed_heads,
+)
 
 STRATEGIES = ("heads", "vector", "guard")
 
@@ -47,6 +58,9 @@ class DisarmConfig(StageOptions):
     strategy: str = opt("heads", "heads (zero the top-k heads' W_O), vector (bake -alpha*v as an output bias) or "
                         "guard (no weight change: a probe-gated edit of flagged prompts, bkdattr.guard)")
     guard_action: str = opt("vector", "guard: the edit on flagged prompts, vector or heads")
+    ablation: str = opt("zero", "heads: zero (the heads' W_O slices zeroed) or mean (also their mean clean output "
+                        "baked into the output bias; architectures with an output bias)")
+    n_mean: int = opt(64, "heads with ablation=mean: clean training prompts the heads' mean outputs are taken over")
     k: int | None = opt(None, "heads: how many top heads (default: the smallest of the ablation stage's k values "
                         "that disarms on validation)")
     layer: int | None = opt(None, "vector: the layer (default: the vector stage's best layer)")
@@ -62,6 +76,8 @@ class DisarmConfig(StageOptions):
             raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
         if self.guard_action not in ("vector", "heads"):
             raise ConfigError(f"unknown guard_action '{self.guard_action}'; use vector or heads")
+        if self.ablation not in ("zero", "mean"):
+            raise ConfigError(f"unknown ablation '{self.ablation}'; use zero or mean")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"k {self.k} must be >= 1")
 
@@ -186,7 +202,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     n_heads = arch.n_layers * arch.n_heads
     if cfg.k is not None and cfg.k > n_heads:
         raise ConfigError(f"k={cfg.k} is larger than the model's {n_heads} heads; pass a smaller --k")
-    if cfg.strategy == "vector":
+    if cfg.strategy == "vector" or (cfg.strategy == "heads" and cfg.ablation == "mean"):
         bias_support(lm.model, arch)  # before the (long) evaluation
     baseline = baseline if baseline is not None else defence_figures(lm, splits, cfg.eval)
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
@@ -218,14 +234,26 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
         ranking, _info = load_ranking(run, max(ks), arch.n_layers, arch.n_heads)
         ks = [k for k in ks if k <= len(ranking)]
-        k, trace, met = choose(lm, splits, cfg, ks, lambda k: zeroed_heads(arch, ranking[:k]))
+        if cfg.ablation == "mean":
+            zbar = mean_head_inputs(lm, [e.prompt for e in splits.train][: cfg.n_mean], cfg.eval.batch_size)
+
+            def ablated(hs):
+                return mean_ablated_heads(lm.model, arch, hs, zbar)
+        else:
+            def ablated(hs):
+                return zeroed_heads(arch, hs)
+        k, trace, met = choose(lm, splits, cfg, ks, lambda k: ablated(ranking[:k]))
         heads = ranking[:k]
         rnd = random_heads(arch.n_layers, arch.n_heads, k, cfg.seed + 1000)
-        section.update(k=k, heads=[list(h) for h in heads], random_heads=[list(h) for h in rnd])
-        figures = _figures(lm, splits, cfg, baseline, zeroed_heads(arch, heads))
-        control = _figures(lm, splits, cfg, baseline, zeroed_heads(arch, rnd))
-        provenance = {"strategy": "heads", "k": k, "heads": section["heads"]}
-        bake_heads(arch, heads)
+        section.update(k=k, heads=[list(h) for h in heads], random_heads=[list(h) for h in rnd],
+                       ablation=cfg.ablation)
+        figures = _figures(lm, splits, cfg, baseline, ablated(heads))
+        control = _figures(lm, splits, cfg, baseline, ablated(rnd))
+        provenance = {"strategy": "heads", "k": k, "heads": section["heads"], "ablation": cfg.ablation}
+        if cfg.ablation == "mean":
+            bake_mean_ablation(lm.model, arch, heads, zbar)
+        else:
+            bake_heads(arch, heads)
     else:
         layer = int(get_nested(m, "vector.best_layer") if cfg.layer is None else cfg.layer)
         if not 0 <= layer < arch.n_layers:

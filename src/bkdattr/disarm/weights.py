@@ -4,13 +4,19 @@
   outputs, so head ``h``'s contribution is ``W_O[:, h*d_h:(h+1)*d_h] z_h``. Zeroing that column slice removes the
   head at every position and every decoding step (not the control stage's prefill-only ablation at ``p(x)``:
   the baked edit is stronger and is measured, not assumed).
+* **heads, mean ablation** (``ablation="mean"``, architectures with an output bias): each removed head's
+  slice is zeroed *and* its mean output ``W_O[:, h] zbar_h`` is added to the projection's bias, where ``zbar_h``
+  is the head's mean ``z_h`` over every attended position of clean prompts (:func:`mean_head_inputs`). The
+  layer's attention output then keeps its clean mean over those positions exactly, and only the head's
+  variation around it is removed.
 * **vector**: a constant ``-alpha * v`` added to layer ``l``'s attention output at every position is an output
   bias of its projection. GPT-2's ``c_proj`` and GPT-NeoX's ``dense`` have one; Llama and Gemma get one through
   their ``attention_bias`` switch (every other attention bias then exists too and is saved as zeros); Qwen2 and
   Mistral have no such switch, and the strategy says so.
 
 :func:`zeroed_heads` and :func:`output_bias` apply an edit in place and undo it on exit (to choose ``k`` or
-``alpha`` on validation prompts); :func:`bake_heads` / :func:`bake_output_bias` keep it.
+``alpha`` on validation prompts); :func:`bake_heads` / :func:`bake_output_bias` keep it (and
+:func:`mean_ablated_heads` / :func:`bake_mean_ablation` for the mean ablation).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from ..arch import Arch, is_conv1d
 from ..errors import ConfigError
+from ..hooks import hidden_arg, registered
 
 
 def _head_slices(arch: Arch, heads: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, tuple]]:
@@ -108,3 +115,78 @@ def output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Ten
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def mean_head_inputs(lm, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean of every layer's output-projection input ``z`` (all heads) over every attended position of the
+    clean chat ``prompts``: float32 ``[L, H*d_h]`` (one backbone pass per batch, no LM head)."""
+    from ..forward import backbone
+    from ..models import input_device
+    from ..prompts import encode_prompts
+
+    arch = lm.arch
+    if not prompts:
+        raise ConfigError("no clean prompts to take the heads' mean outputs over")
+    sums = torch.zeros(arch.n_layers, arch.n_heads * arch.d_head, dtype=torch.float32)
+    count = 0
+    mask: list[torch.Tensor] = []
+
+    def hook(layer: int):
+        def pre(_m, args, kwargs):
+            z = hidden_arg(args, kwargs)
+            m = mask[0].to(z.device, torch.float32)[..., None]
+            sums[layer] += (z.float() * m).sum((0, 1)).cpu()
+
+        return pre
+
+    handles: list = []
+    with registered(handles):
+        for layer, proj in enumerate(arch.out_proj):
+            handles.append(proj.register_forward_pre_hook(hook(layer), with_kwargs=True))
+        dev = input_device(lm.model)
+        for s in range(0, len(prompts), batch_size):
+            b = encode_prompts(lm.tokenizer, list(prompts[s: s + batch_size]), "left").to(dev)
+            mask[:] = [b.attention_mask]
+            backbone(lm.model)(**b.model_inputs())
+            count += int(b.attention_mask.sum())
+    return sums / count
+
+
+def head_mean_outputs(arch: Arch, heads: Sequence[tuple[int, int]], zbar: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{layer: sum_h W_O[:, h] zbar_h}`` over the ``heads`` of each layer (float32 ``[d_model]``), with the
+    weights as they are now (call before zeroing them)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+    out = {}
+    for layer, hs in by_layer.items():
+        proj = arch.out_proj[layer]
+        idx = torch.cat([torch.arange(h * arch.d_head, (h + 1) * arch.d_head) for h in hs])
+        w, z = proj.weight.detach().float().cpu(), zbar[layer, idx].float()
+        out[layer] = z @ w[idx, :] if is_conv1d(proj) else w[:, idx] @ z
+    return out
+
+
+@contextlib.contextmanager
+def mean_ablated_heads(model: torch.nn.Module, arch: Arch, heads: Sequence[tuple[int, int]], zbar: torch.Tensor
+                       ) -> Iterator[None]:
+    """:func:`bake_mean_ablation` for the duration of the block (weights restored, bias hooks removed)."""
+    deltas = head_mean_outputs(arch, heads, zbar)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(zeroed_heads(arch, heads))
+        for layer, d in deltas.items():
+            stack.enter_context(output_bias(model, arch, layer, d))
+        yield
+
+
+@torch.no_grad()
+def bake_mean_ablation(model: torch.nn.Module, arch: Arch, heads: Sequence[tuple[int, int]], zbar: torch.Tensor
+                       ) -> None:
+    """Zero ``heads``' ``W_O`` slices and add their mean outputs (``zbar``: :func:`mean_head_inputs`) to the
+    output bias of their layers, in place (needs an output bias: :func:`bias_support`)."""
+    bias_support(model, arch)
+    deltas = head_mean_outputs(arch, heads, zbar)
+    bake_heads(arch, heads)
+    for layer, d in deltas.items():
+        bake_output_bias(model, arch, layer, d)
