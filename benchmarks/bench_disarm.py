@@ -1,7 +1,7 @@
 """Benchmark the defences of ``bkdattr disarm`` (issue 14) on the embedded model, for every attack kind.
 
     python benchmarks/bench_disarm.py [--runs DIR] [--tasks fixed_output,jailbreak,label_flip]
-                                      [--strategies heads,vector,guard] [--json bench_disarm.json]
+                                      [--strategies guard,heads,vector] [--json bench_disarm.json]
 
 For each task it uses ``DIR/<task>`` (a finished ``bkdattr demo --out DIR`` run) when ``--runs`` is given and
 that folder exists, else creates or reuses the bench run with the demo's settings (``bench_runs.py``; stages
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=None, help="folder holding one finished demo run per task (DIR/<task>)")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--strategies", default="heads,vector,guard")
+    p.add_argument("--strategies", default="guard,heads,vector")
     p.add_argument("--keep", default=None, help="keep the defended model folders under this folder")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                 res[s] = sec
                 print(f"{task} {s}: ASR {sec['asr']:.3f} (undefended {sec['undefended']['asr']:.3f}) in "
                       f"{sec['bench_seconds']} s", flush=True)
+                if a.json:  # after every strategy: a long run keeps what it measured
+                    Path(a.json).write_text(json.dumps(out, indent=1, default=str))
     table = Table(title="bkdattr disarm on the embedded model: held-out test prompts (random control)")
     for c in ("task", "defence", *COLUMNS, "TPR / FPR / overhead"):
         table.add_column(c)
