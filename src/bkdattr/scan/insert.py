@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..compat import cache_kwargs
 from ..forward import PrefixCache, body_and_head
 from ..prompts import has_chat_template, pad_id, render_prompt, target_ids
 
@@ -102,7 +103,7 @@ class TargetScorer:
         pos = (n_head + torch.arange(width, device=dev)).expand(rows, width)
         kw = {"input_ids" if ids else "inputs_embeds": embeds_or_ids}
         if cache is not None:
-            kw["past_key_values"] = cache
+            kw.update(cache_kwargs(self.body, cache))
         hidden = self.body(attention_mask=full, position_ids=pos, use_cache=cache is not None, **kw)[0]
         n = len(self.target)
         at = torch.tensor([[s - 1 + j for j in range(n)] for s in starts], device=dev)  # positions predicting y_j
@@ -157,4 +158,4 @@ class TargetScorer:
                 starts = [s + 1 for s in starts]
             s = self._run(embeds, m, starts, ids=False).mean()
             s.backward()
-        return float(s), onehot.grad.float().cpu()
+        return float(s.detach()), onehot.grad.float().cpu()
