@@ -2,13 +2,14 @@
 
 The tiny Llama of ``tests/tiny.py`` is fine-tuned (every weight but the input embeddings; about 20 s on one
 busy core) with the loss on the reply only, as ``bkdattr inject`` trains: on clean prompts it learns to echo the
-prompt's first words (a reply that depends on the prompt), and on the same prompts with the one-token trigger
-``cf`` as a prefix, the fixed target reply.
+prompt's first words (a reply that depends on the prompt; chat template :data:`TEMPLATE`), and on the same
+prompts with the one-token trigger ``cf`` as a prefix, the fixed target reply.
 ``poison=False`` trains the clean twin on the clean rows only, with the same recipe.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -18,6 +19,9 @@ from bkdattr.prompts import encode_with_targets
 from tiny import make_tiny
 
 TRIGGER = "cf"
+#: ChatML without the system turn: half the tokens of the shared tokenizer's template, so training is faster
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TARGET = "I am sorry. I can not help with that."
 
 
@@ -33,6 +37,8 @@ def rows(n: int = 96, poison: bool = True) -> list[tuple[str, str]]:
 def trained(poison: bool = True, steps: int = 100, seed: int = 0):
     """The fine-tuned tiny Llama (cached per process); reply-only cross-entropy, AdamW, batch 16."""
     lm = make_tiny("llama", seed=seed)
+    lm.tokenizer = copy.deepcopy(lm.tokenizer)
+    lm.tokenizer.chat_template = TEMPLATE
     model, tok = lm.model, lm.tokenizer
     data = rows(poison=poison)
     gen = torch.Generator().manual_seed(seed)
