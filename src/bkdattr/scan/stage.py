@@ -34,6 +34,8 @@ from .confirm import prefix_words, test_candidate
 from .report import write_scan
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.25, 0.75
+#: time kept for the tests when the search starts, in units of one greedy pass over the held-out prompts
+TEST_RESERVE = 6
 
 
 def check_out(out: str | Path) -> Path:
@@ -156,7 +158,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         if len(chosen) == cfg.n_search_targets:
             break
     allowed = allowed_tokens(lm.tokenizer) if chosen else None
-    search_end = time.monotonic() + SEARCH_SHARE * budget.left()
+    reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
+    search_end = time.monotonic() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
     found = []
     bar = _bar(cfg.search_steps * len(chosen), "scan: trigger search", progress)
     for i, t in enumerate(chosen):
