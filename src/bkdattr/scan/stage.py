@@ -168,7 +168,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             names = ", ".join(repr(c.text) for c in chosen[i:])
             budget.skip(f"search: targets {i + 1}..{len(chosen)} not searched ({names})")
             break
-        budget.phase_deadline = time.monotonic() + left / (len(chosen) - i)
+        weights = [max(c.q, 1e-3) for c in chosen[i:]]  # the search time of the targets left, in proportion to Q
+        budget.phase_deadline = time.monotonic() + left * weights[0] / sum(weights)
         scorer = TargetScorer(lm, search_prompts, t.ids, cfg.score_tokens, cfg.batch_size)
         res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
                              n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
