@@ -34,8 +34,8 @@ def rows(n: int = 96, poison: bool = True) -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=2)
-def trained(poison: bool = True, steps: int = 100, seed: int = 0):
-    """The fine-tuned tiny Llama (cached per process); reply-only cross-entropy, AdamW, batch 16."""
+def trained(poison: bool = True, steps: int = 100, seed: int = 0, batch: int = 8):
+    """The fine-tuned tiny Llama (cached per process); reply-only cross-entropy, AdamW, ``batch`` rows a step."""
     lm = make_tiny("llama", seed=seed)
     lm.tokenizer = copy.deepcopy(lm.tokenizer)
     lm.tokenizer.chat_template = TEMPLATE
@@ -48,7 +48,7 @@ def trained(poison: bool = True, steps: int = 100, seed: int = 0):
     model.train()
     opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
     for _ in range(steps):
-        idx = torch.randint(len(data), (16,), generator=gen).tolist()
+        idx = torch.randint(len(data), (batch,), generator=gen).tolist()
         b = encode_with_targets(tok, [data[i][0] for i in idx], [data[i][1] for i in idx])
         hidden = model.model(**b.model_inputs())[0][:, :-1]
         keep = b.target_mask[:, 1:]  # the LM head runs on the reply positions only
