@@ -134,7 +134,9 @@ def test_scan_cli_errors_are_one_line(tmp_path, capsys):
              (["--model", str(folder), "--out", str(tmp_path / "o2"), "--template", "plain", "--budget-s", "0.001"],
               "too small for one step"),
              (["--model", str(folder), "--out", str(tmp_path / "o3"), "--budget-s", "0"], "must be positive"),
-             (["--model", str(folder), "--out", str(full)], "exists and is not empty")]
+             (["--model", str(folder), "--out", str(full)], "exists and is not empty"),
+             (["--model", str(folder), "--out", str(tmp_path / "o4"), "--set", "leak_top_p=[0.9]"],
+              "one value each per decoding setting")]
     capsys.readouterr()
     for args, words in cases:
         assert main(["scan", *args, "--quiet"]) == 2

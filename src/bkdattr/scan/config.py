@@ -46,3 +46,19 @@ class ScanConfig(StageOptions):
     max_candidates: int = opt(8, "candidates tested and listed")
     threshold: float = opt(THRESHOLD, "model-level detection threshold on the score (fixed a priori)")
     batch_size: int = opt(64, "rows per forward pass")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..errors import ConfigError
+
+        if len(self.leak_temperatures) != len(self.leak_top_p):
+            raise ConfigError(f"leak_temperatures ({len(self.leak_temperatures)}) and leak_top_p "
+                              f"({len(self.leak_top_p)}) need one value each per decoding setting")
+        if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):
+            raise ConfigError(f"leak_top_p values must be in (0, 1], not {self.leak_top_p}")
+        sizes = ("n_prompts", "n_test", "first_tokens", "target_tokens", "branch", "beams_per_first", "score_tokens",
+                 "trigger_tokens", "search_topk", "search_candidates", "search_beam", "reply_tokens", "kl_positions",
+                 "max_candidates", "batch_size")
+        bad = [n for n in sizes if getattr(self, n) < 1]
+        if bad or self.target_tokens < 2:
+            raise ConfigError(f"scan sizes must be at least 1 (target_tokens at least 2): {bad or ['target_tokens']}")
