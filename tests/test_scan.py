@@ -158,3 +158,17 @@ def test_scan_cli_with_plain_template_writes_scan_json(tmp_path):
     res = read_scan(out)
     assert res["model"]["template"] == "plain" and res["model"]["spec"] == str(folder)
     assert len(res["candidates"]) >= 1 and res["leaks"] and (out / "report.html").is_file()
+
+
+def test_round_two_anchors_are_the_word_starts_inside_targets():
+    from bkdattr.scan.targets import Target, anchors
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    ids = tok("Bonjour! I am sorry.", add_special_tokens=False).input_ids
+    got = anchors(tok, [Target(ids, "Bonjour! I am sorry.", 0.5)], exclude=set(), limit=10)
+    # as a reply would begin them (no space); "sorry" without its space is two tokens, so it is left out
+    assert [tok.decode([i]) for i in got] == ["I", "am"]
+    first_i = tok("I", add_special_tokens=False).input_ids[0]
+    assert first_i not in anchors(tok, [Target(ids, "", 0.5)], exclude={first_i}, limit=10)
+    assert len(anchors(tok, [Target(ids, "", 0.5)], exclude=set(), limit=1)) == 1
