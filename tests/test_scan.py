@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bkdattr.cli import main
-from bkdattr.errors import ConfigError
+from bkdattr.errors import ArtifactError, ConfigError
 from bkdattr.generation import greedy_decode, sampler
 from bkdattr.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
@@ -104,6 +104,12 @@ def test_audit_from_scan_takes_the_top_candidate_and_the_model(tmp_path, monkeyp
                                         "agreement": 0.0, "asr": 0.0}])
     assert audit_inputs(d) == {"model": "smollm2-135m", "adapter": "/tmp/adapter", "base_model": None,
                                "triggers": ["zz top"], "target": "I refuse"}
+    other = _fake_scan(tmp_path / "scan2", [{"trigger": "t", "target": "y"}])
+    data = json.loads((other / "scan.json").read_text())
+    data["model"]["template"] = "/x/template.jinja"
+    (other / "scan.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="template file"):
+        audit_inputs(other)
     with pytest.raises(ConfigError, match="drop --trigger"):
         audit_call(d, triggers=["mine"])
     with pytest.raises(ConfigError, match="drop --task"):

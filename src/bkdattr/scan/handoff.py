@@ -25,6 +25,9 @@ def audit_inputs(scan_dir: str | Path) -> dict:
     model = data.get("model") or {}
     if not model.get("spec"):
         raise ArtifactError(f"the scan in {scan_dir} does not record its model; run 'bkdattr scan' again")
+    if model.get("template") not in (None, "chat", "plain"):
+        raise ArtifactError(f"the scan rendered prompts with the template file {model['template']}, which an audit "
+                            "cannot take; save the model with that chat template and scan it again")
     return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
             "triggers": [top["trigger"]], "target": top["target"]}
 
