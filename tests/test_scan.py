@@ -178,3 +178,27 @@ def test_round_two_anchors_are_the_word_starts_inside_targets():
     first_i = tok("I", add_special_tokens=False).input_ids[0]
     assert first_i not in anchors(tok, [Target(ids, "", 0.5)], exclude={first_i}, limit=10)
     assert len(anchors(tok, [Target(ids, "", 0.5)], exclude=set(), limit=1)) == 1
+
+
+def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_path, monkeypatch):
+    from bkdattr.pipeline import _inject_stage, load_config, stage_options
+    from bkdattr.rundir import RunDir
+
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", "source=scan", "stages=[inject]", "scan.budget_s=42",
+                             "audit.adapter=/tmp/adapter"])
+    with pytest.raises(ConfigError, match="known"):  # a bad scan option fails when the config is read
+        load_config(None, ["source=scan", "stages=[inject]", "scan.no_such_option=1"])
+    seen = {}
+
+    def fake_scan(folder, model, **kw):
+        seen["scan"] = (folder, model, kw["adapter"], kw["cfg"].budget_s)
+        _fake_scan(folder, [{"trigger": "zz top", "target": "I refuse"}], adapter=kw["adapter"])
+
+    def fake_audit(out, model, triggers, **kw):
+        seen["audit"] = (out, model, triggers, kw["target"], kw["adapter"])
+
+    monkeypatch.setattr("bkdattr.scan.scan", fake_scan)
+    monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
+    _inject_stage(RunDir(tmp_path / "run", create=True), stage_options(cfg, "inject"))
+    assert seen["scan"] == (tmp_path / "run-scan", "smollm2-135m", "/tmp/adapter", 42.0)
+    assert seen["audit"] == (tmp_path / "run", "smollm2-135m", ["zz top"], "I refuse", "/tmp/adapter")
