@@ -17,6 +17,7 @@ from .disarm import cli as disarm_cli
 from .errors import BkdAttrError
 from .inject import cli as inject_cli
 from .probe import cli as probe_cli
+from .scan import cli as scan_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Backdoor attribution for language models.")
 console = Console(stderr=False)
@@ -86,7 +87,7 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
     print(guard_generate(lm, run, [prompt], max_new_tokens, guard_action)[0])
 
 
-for _stage_cli in (audit_cli, inject_cli, probe_cli, attribution_cli, control_cli, disarm_cli, pipeline_cli):
+for _stage_cli in (audit_cli, scan_cli, inject_cli, probe_cli, attribution_cli, control_cli, disarm_cli, pipeline_cli):
     _stage_cli.register(app)
 
 

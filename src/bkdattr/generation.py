@@ -8,6 +8,8 @@ token are padded with it; whether every row has ended is checked on the host eve
 (every step on CPU, where a check costs nothing; every 8th on an accelerator, where it stalls the queue), and
 finished rows can be dropped from the batch (``compact``, with their cache rows). :func:`greedy_generate` is
 the same decoder on a :class:`~bkdattr.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
+``choose`` replaces the argmax (``None``: greedy, bit for bit as before): :func:`sampler` gives temperature and
+nucleus (top-p) sampling, which the scan's leak phase uses (docs/METHOD.md section 9).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .prompts import PromptBatch, check_context, encode_prompts, end_of_turn_ids
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   position_ids: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int], *, cache=None,
                   edit: contextlib.AbstractContextManager | None = None, edit_steps: bool = False,
-                  compact: bool = False, stats=None, check_every: int | None = None) -> torch.Tensor:
+                  compact: bool = False, stats=None, check_every: int | None = None,
+                  choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Greedy new token ids ``[R, <=max_new_tokens]`` after the prompt columns ``input_ids [R, S]``.
 
     ``attention_mask [R, P+S]`` covers the ``P`` columns already in ``cache`` (a KV cache the prefill appends
@@ -35,7 +38,8 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     prefill only (``edit_steps=False``) or during every forward call. Rows are padded after their first stop
     token with ``stop_ids[0]``; the result is cut after the step where the last row ended. ``compact`` drops
     finished rows (and their cache rows) once an eighth of the batch has ended. ``stats.decode_row_steps``
-    (when given) counts the rows of every decode step."""
+    (when given) counts the rows of every decode step. ``choose(logits [R, V]) -> ids [R]`` picks each next
+    token (default: the argmax, greedy; :func:`sampler` gives temperature / top-p sampling)."""
     from .errors import ConfigError
 
     if not bool(attention_mask[:, -1].all()):
@@ -61,7 +65,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         mask, next_pos = attention_mask.to(dev), position_ids[:, -1:].to(dev) + 1
         steps = max_new_tokens
         for step in range(max_new_tokens):
-            tok = logits.argmax(-1)
+            tok = logits.argmax(-1) if choose is None else choose(logits)
             if len(stops):
                 tok = torch.where(done, stops[0], tok)
                 done = done | torch.isin(tok, stops)
@@ -89,6 +93,26 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         if bool(ended.any(1).all()):  # cut after the step where the last row ended
             steps = int(ended.int().argmax(1).max()) + 1
     return out[:, :steps]
+
+
+def sampler(temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
+            ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A ``choose`` for :func:`greedy_decode`: sample from ``softmax(logits / temperature)`` restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus); ``temperature <= 0`` is None (greedy).
+    ``generator`` (on the logits' device) makes the draws reproducible."""
+    if temperature <= 0:
+        return None
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+            sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return choose
 
 
 def greedy_generate(model: torch.nn.Module, batch: PromptBatch, max_new_tokens: int, stop_ids: Sequence[int],

@@ -74,6 +74,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     inject: dict[str, Any] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    scan: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
     attribute: dict[str, Any] = field(default_factory=dict)
     ablate: dict[str, Any] = field(default_factory=dict)
@@ -126,8 +127,9 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
     cfg = apply_overrides(cfg, sets or [])
     check_types(cfg)
     cfg.out = str(Path(cfg.out).expanduser())  # a path, resolved like one (never imported or run)
-    if cfg.source not in ("inject", "audit"):
-        raise ConfigError(f"unknown source '{cfg.source}'; use inject (implant a backdoor) or audit (a given model)")
+    if cfg.source not in ("inject", "audit", "scan"):
+        raise ConfigError(f"unknown source '{cfg.source}'; use inject (implant a backdoor), audit (a given model and "
+                          "trigger) or scan (a given model, trigger found by 'bkdattr scan')")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
@@ -138,11 +140,15 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Pipel
 def check_stage_options(cfg: PipelineConfig) -> None:
     """Build every selected stage's config: a bad stage option fails now, not after the stages before it ran."""
     for stage in cfg.stages:
-        if stage == "inject" and cfg.source == "audit":
+        if stage == "inject" and cfg.source in ("audit", "scan"):
             from .audit.stage import AuditConfig
 
             AuditConfig.from_options({k: v for k, v in stage_options(cfg, stage).items()
-                                      if k not in _AUDIT_CALL_KEYS + ("source",)})
+                                      if k not in _AUDIT_CALL_KEYS + ("source", "scan")})
+            if cfg.source == "scan":
+                from .scan.config import ScanConfig
+
+                ScanConfig.from_options(_scan_options(cfg.common(), cfg.scan))
         elif stage in CONFIGS:
             mod, name = CONFIGS[stage].split(":")
             opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
@@ -153,7 +159,7 @@ def check_stage_options(cfg: PipelineConfig) -> None:
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "source": (str,), "task": (str,), "profile": (str,), "seed": (int,), "out": (str,),
     "device": (str,), "dtype": (str, type(None)), "threads": (int, type(None)), "stages": (list,),
-    **{s: (dict,) for s in ("inject", "audit", "probe", "attribute", "ablate", "vector", "samples")},
+    **{s: (dict,) for s in ("inject", "audit", "scan", "probe", "attribute", "ablate", "vector", "samples")},
 }
 
 
@@ -191,7 +197,11 @@ def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     from .inject.stage import InjectConfig, inject
 
     opts = dict(options)
-    if opts.pop("source", "inject") == "audit":
+    source = opts.pop("source", "inject")
+    if source == "scan":
+        _scan_then_audit(run, opts)
+        return
+    if source == "audit":
         from .audit.inputs import read_triggers
         from .audit.stage import AuditConfig, audit
 
@@ -207,6 +217,34 @@ def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     inject(run.path, model=opts.pop("model"), kind=opts["task"], cfg=InjectConfig.from_options(opts), **call)
 
 
+def _scan_options(common: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """:class:`bkdattr.scan.ScanConfig` options: the run-wide seed, profile, device and dtype, then the ``scan``
+    section."""
+    return {**{k: common[k] for k in ("seed", "profile", "device", "dtype") if k in common}, **section}
+
+
+def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
+    """``source: scan``: scan the model (``audit.adapter`` / ``audit.base_model`` name the source, the ``scan``
+    section holds :class:`bkdattr.scan.ScanConfig` options) into ``<out>-scan`` (reused when its ``scan.json``
+    exists), then audit the run folder with the scan's top candidate (``bkdattr audit --from-scan``)."""
+    from .audit.stage import AuditConfig, audit
+    from .scan import ScanConfig, scan
+    from .scan.handoff import audit_call
+
+    section = opts.pop("scan", None) or {}
+    call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
+    folder = run.path.parent / f"{run.path.name}-scan"
+    model = opts.pop("model")
+    if not (folder / "scan.json").is_file():
+        scan(folder, model, adapter=call.get("adapter"), base_model=call.get("base_model"),
+             cfg=ScanConfig.from_options(_scan_options(opts, section)),
+             trust_remote_code=bool(call.get("trust_remote_code")), allow_pickle=bool(call.get("allow_pickle")))
+    got = audit_call(folder, model=model, adapter=call.pop("adapter", None), base_model=call.pop("base_model", None),
+                     triggers=call.pop("trigger", None) or call.pop("triggers", None), task=None,
+                     target=call.pop("target", None), success_regex=call.get("success_regex"))
+    audit(run.path, got.pop("model"), got.pop("triggers"), cfg=AuditConfig.from_options(opts), **call, **got)
+
+
 def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
     from .report.html import build_report
 
@@ -218,6 +256,8 @@ def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     audit: the ``audit`` section and ``source: audit``)."""
     if stage == "inject" and cfg.source == "audit":
         return {**cfg.common(), "source": "audit", **cfg.audit}
+    if stage == "inject" and cfg.source == "scan":
+        return {**cfg.common(), "source": "scan", **cfg.audit, "scan": dict(cfg.scan)}
     return {**cfg.common(), **(getattr(cfg, stage, None) or {})}
 
 

@@ -64,11 +64,13 @@ def register(app: typer.Typer) -> None:
         "data": (str | None, option("--data", help="paper-format JSON/JSONL file (as inject reads it)")),
         "prompts": (str | None, option("--prompts", help="clean user prompts: text (one per line) or JSONL "
                                        "{\"input\": ...}")),
+        "from_scan": (str | None, option("--from-scan", help="a 'bkdattr scan' folder: audit its top candidate "
+                                         "(trigger, target as --target) on the scanned model")),
         "allow_pickle": (bool, typer.Option(False, "--allow-pickle", help="read pickle weights (.bin/.pt) with "
                                             "torch.load(weights_only=True)")),
         "trust_remote_code": (bool, TRUST)})
     def audit_cmd(options: dict, out: str, model: str, trigger: list[str], triggers_file: str | None,
-                  task: str | None, **call) -> None:
+                  task: str | None, from_scan: str | None, **call) -> None:
         """Audit a model you were given (checkpoint, GGUF, or base + LoRA adapter) for a known or suspected
         trigger: evaluate it, rank candidate triggers, and write a run folder for probe/attribute/ablate/vector."""
         from .._runtime import set_threads
@@ -76,6 +78,15 @@ def register(app: typer.Typer) -> None:
         from .stage import audit
 
         cfg = AuditConfig.from_options({**options, "task": task})
+        triggers = read_triggers(trigger, triggers_file)
+        if from_scan:
+            from ..scan.handoff import audit_call
+
+            got = audit_call(from_scan, model=model, adapter=call.pop("adapter"), base_model=call.pop("base_model"),
+                             triggers=triggers, task=task, target=call.pop("target"),
+                             success_regex=call.get("success_regex"))
+            model, triggers = got.pop("model"), got.pop("triggers")
+            call.update(got)
         set_threads(cfg.threads)
-        run = audit(out, model, read_triggers(trigger, triggers_file), kind=task, cfg=cfg, **call)
+        run = audit(out, model, triggers, kind=task, cfg=cfg, **call)
         _print_audit(f"bkdattr audit: {run.path}", run.metrics()["audit"])

@@ -1,0 +1,53 @@
+"""``bkdattr scan``: parse options, then call :func:`bkdattr.scan.stage.scan`."""
+
+from __future__ import annotations
+
+import typer
+
+from ..cli_options import ADAPTER, MODEL, TRUST, stage_command
+from .config import ScanConfig
+
+
+def print_scan(result: dict, out: str) -> None:
+    """The verdict and the ranked table on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    verdict = "backdoor suspected" if result["flagged"] else "no backdoor found"
+    t = Table(title=f"bkdattr scan: {verdict} (score {result['score']:.3f}, threshold {result['threshold']:.2f}, "
+                    f"{result['seconds']:.0f} s) -> {out}")
+    for c in ("rank", "trigger", "target", "kl", "changed", "agreement", "asr", "clean asr", "source"):
+        t.add_column(c)
+    for i, c in enumerate(result["candidates"], 1):
+        t.add_row(str(i), c["trigger"][:40], (c["target"] or "")[:40], f"{c['kl']:.3f}", f"{c['changed_share']:.2f}",
+                  f"{c['agreement']:.2f}", f"{c['asr']:.2f}", f"{c['clean_asr']:.2f}", c["source"])
+    console.print(t)
+    for s in result["not_covered"]:
+        console.print(f"not covered (budget): {s}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bkdattr scan`` to the app."""
+
+    @stage_command(app, "scan", ScanConfig, own={
+        "out": (str, typer.Option(..., "--out", "-o", help="folder for scan.json and report.html (new or empty)")),
+        "model": (str, MODEL),
+        "adapter": (str | None, ADAPTER),
+        "base_model": (str | None, typer.Option(None, "--base-model", help="clean reference model: the rarity "
+                                                "reference of leaked n-grams (default: the model under --adapter)")),
+        "template": (str | None, typer.Option(None, "--template", help="for a model without a chat template: "
+                                              "'plain' (User: ...\\nAssistant:) or a Jinja chat-template file")),
+        "allow_pickle": (bool, typer.Option(False, "--allow-pickle", help="read pickle weights (.bin/.pt) with "
+                                            "torch.load(weights_only=True)")),
+        "trust_remote_code": (bool, TRUST)})
+    def scan_cmd(options: dict, out: str, **call) -> None:
+        """Scan a model with no trigger known (inference only): leaked user turns, inverted targets and a
+        gradient-guided trigger search, each candidate tested on held-out prompts; writes scan.json and
+        report.html. Hand the result to 'bkdattr audit --from-scan OUT'."""
+        from .._runtime import set_threads
+        from .stage import scan
+
+        cfg = ScanConfig.from_options(options)
+        set_threads(cfg.threads)
+        print_scan(scan(out, cfg=cfg, **call), out)

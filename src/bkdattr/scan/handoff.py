@@ -1,0 +1,54 @@
+"""From a scan to an audit: the inputs ``bkdattr audit --from-scan DIR`` takes from ``DIR/scan.json``.
+
+The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
+counted by normalised containment, docs/METHOD.md section 7); the model source (spec, adapter) and the clean
+reference (``--base-model``) are the scan's, so scan -> audit -> attribute -> disarm needs no human input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ArtifactError
+from .report import read_scan
+
+
+def audit_inputs(scan_dir: str | Path) -> dict:
+    """``{model, adapter, base_model, triggers, target}`` for :func:`bkdattr.audit.stage.audit` from a scan's
+    top candidate; one-line :class:`ArtifactError` when the scan has no candidate with a target."""
+    data = read_scan(scan_dir)
+    cands = [c for c in data["candidates"] if c.get("trigger") and c.get("target")]
+    if not cands:
+        raise ArtifactError(f"the scan in {scan_dir} has no candidate with both a trigger and a target; run the "
+                            "audit with --trigger and --target yourself")
+    top = cands[0]
+    model = data.get("model") or {}
+    if not model.get("spec"):
+        raise ArtifactError(f"the scan in {scan_dir} does not record its model; run 'bkdattr scan' again")
+    if model.get("template") not in (None, "chat", "plain"):
+        raise ArtifactError(f"the scan rendered prompts with the template file {model['template']}, which an audit "
+                            "cannot take; save the model with that chat template and scan it again")
+    return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
+            "triggers": [top["trigger"]], "target": top["target"]}
+
+
+def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str | None = None,
+               base_model: str | None = None, triggers: list[str] | None = None, task: str | None = None,
+               target: str | None = None, success_regex: str | None = None) -> dict:
+    """The audit's ``model``, ``triggers`` and keyword arguments from a scan; what the user also gave must not
+    contradict it (one-line :class:`ConfigError`): no trigger or rule of their own, the same adapter."""
+    from ..errors import ConfigError
+    from ..models import EMBEDDED_NAME
+
+    got = audit_inputs(scan_dir)
+    if triggers:
+        raise ConfigError("--from-scan gives the trigger (the scan's top candidate); drop --trigger/--triggers")
+    if task or target is not None or success_regex:
+        raise ConfigError("--from-scan gives the rule (--target: the candidate's target); drop --task, --target and "
+                          "--success-regex")
+    if model not in (None, EMBEDDED_NAME, got["model"]):
+        raise ConfigError(f"--model {model} differs from the scanned model {got['model']}; drop --model")
+    if adapter and got["adapter"] and Path(adapter).expanduser().resolve() != Path(got["adapter"]).resolve():
+        raise ConfigError(f"--adapter {adapter} differs from the scanned adapter {got['adapter']}; drop --adapter")
+    return {"model": got["model"], "triggers": got["triggers"], "adapter": adapter or got["adapter"],
+            "base_model": base_model or got["base_model"], "target": got["target"]}

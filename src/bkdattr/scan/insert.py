@@ -1,0 +1,161 @@
+"""A trigger inserted into benign prompts at the token level, and the target's log-probability after it.
+
+The trigger search (:mod:`bkdattr.scan.search`) tests many token sequences ``t`` as a prefix of the user
+text. Each prompt ``x_i`` is cut into token segments: the chat template's head ``A`` (everything before the
+user text, shared by all prompts), the trigger ``t``, the body ``B_i`` (``" " + x_i`` and the rest of the
+template up to ``p(x)``) and the target ``y``: ``A + t + B_i + y``. ``A`` runs once (a
+:class:`~bkdattr.forward.PrefixCache`, tiled to the batch); the rest runs right-padded after it, and the LM head
+runs only at the positions that predict ``y``'s first ``n`` tokens. The score of ``t`` is
+
+    s(t) = mean_i mean_{j<n} log p(y_j | A t B_i y_<j)
+
+(the benign-prompt average of the target's mean token log-probability). :meth:`TargetScorer.gradient` gives
+``d s / d onehot`` for every trigger slot (the embedding of slot ``k`` is ``onehot_k @ E``), from which the
+search ranks the whole vocabulary in one backward pass. A slot appended after ``t`` starts as the mean
+embedding (``onehot = 1/V``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..compat import cache_kwargs
+from ..forward import PrefixCache, body_and_head
+from ..prompts import has_chat_template, pad_id, render_prompt, target_ids
+
+_MARK = "\u2063BKDATTR_USER\u2063"
+
+
+def template_parts(tokenizer) -> tuple[str, str]:
+    """The rendered prompt's text before and after the user text (``render_prompt`` around a marker)."""
+    text = render_prompt(tokenizer, _MARK)
+    head, tail = text.split(_MARK, 1)
+    return head, tail
+
+
+def head_ids(tokenizer) -> list[int]:
+    """Token ids of the template's head (BOS included where the plain format adds one)."""
+    head, _ = template_parts(tokenizer)
+    return tokenizer(head, add_special_tokens=not has_chat_template(tokenizer)).input_ids
+
+
+def insert(trigger: str, prompt: str) -> str:
+    """A prompt with the trigger as a prefix: ``"{trigger} {prompt}"`` (the scan's one placement)."""
+    return f"{trigger.strip()} {prompt}" if trigger.strip() else prompt
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter without ``requires_grad`` inside the block (only the inputs get gradients)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+class TargetScorer:
+    """``s(t)`` of the module docstring for one target over a fixed set of benign prompts."""
+
+    def __init__(self, lm, prompts: Sequence[str], target: Sequence[int] | str, n_score: int = 4,
+                 batch_size: int = 64, head: Sequence[int] | None = None,
+                 bodies: Sequence[Sequence[int]] | None = None):
+        """``head`` / ``bodies``: token segments given directly instead of the template's (see the module
+        docstring); a body must not be empty when the trigger can be."""
+        tok = lm.tokenizer
+        self.lm, self.batch_size = lm, batch_size
+        _, tail = template_parts(tok)
+        self.head = list(head) if head is not None else head_ids(tok)
+        self.bodies = ([list(b) for b in bodies] if bodies is not None else
+                       [tok(" " + p + tail, add_special_tokens=False).input_ids for p in prompts])
+        ids = target_ids(tok, target) if isinstance(target, str) else list(target)
+        self.target = ids[:max(1, n_score)]
+        self.pad = pad_id(tok)
+        self.body, self.lm_head = body_and_head(lm.model)
+        self.emb = lm.model.get_input_embeddings()
+        self._prefix = PrefixCache.build(lm.model, torch.tensor([self.head]))
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.bodies)
+
+    def _rows(self, triggers: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+        rows, starts = [], []
+        for t in triggers:
+            for b in self.bodies:
+                rows.append(list(t) + b + self.target)
+                starts.append(len(t) + len(b))  # index (in the row) of the first target token
+        return rows, starts
+
+    def _run(self, embeds_or_ids: torch.Tensor, mask: torch.Tensor, starts: list[int], ids: bool) -> torch.Tensor:
+        """Mean target log-probability per row ``[R]`` of right-padded rows after the head."""
+        dev = mask.device
+        rows, width = mask.shape
+        n_head = len(self.head)
+        cache = self._prefix.tiled(rows) if self._prefix is not None else None
+        full = torch.cat([torch.ones(rows, n_head, dtype=mask.dtype, device=dev), mask], 1)
+        pos = (n_head + torch.arange(width, device=dev)).expand(rows, width)
+        kw = {"input_ids" if ids else "inputs_embeds": embeds_or_ids}
+        if cache is not None:
+            kw.update(cache_kwargs(self.body, cache))
+        hidden = self.body(attention_mask=full, position_ids=pos, use_cache=cache is not None, **kw)[0]
+        n = len(self.target)
+        at = torch.tensor([[s - 1 + j for j in range(n)] for s in starts], device=dev)  # positions predicting y_j
+        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+        logp = torch.log_softmax(self.lm_head(h).float(), -1)
+        tgt = torch.tensor(self.target, device=dev).expand(rows, n)
+        return logp.gather(2, tgt[..., None]).squeeze(2).mean(1)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..models import input_device
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        dev = input_device(self.lm.model)
+        return ids.to(dev), mask.to(dev)
+
+    @torch.no_grad()
+    def scores(self, triggers: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``s(t)`` for every trigger ``[C]`` (float32)."""
+        rows, starts = self._rows(triggers)
+        out = []
+        step = max(self.n_prompts, self.batch_size - self.batch_size % self.n_prompts)
+        for i in range(0, len(rows), step):
+            ids, mask = self._pad(rows[i:i + step])
+            out.append(self._run(ids, mask, starts[i:i + step], ids=True).cpu())
+        return torch.cat(out).view(len(triggers), self.n_prompts).mean(1)
+
+    def gradient(self, trigger: Sequence[int], append: bool) -> tuple[float, torch.Tensor]:
+        """``(s(t), d s / d onehot [k(+1), V])`` for trigger ``t`` (``append``: one more slot at its end)."""
+        ids, mask = self._pad(self._rows([trigger])[0])
+        w = self.emb.weight
+        k = len(trigger)
+        onehot = torch.zeros(k + int(append), w.shape[0], dtype=w.dtype, device=w.device)
+        if k:
+            onehot[torch.arange(k), torch.tensor(list(trigger))] = 1.0
+        if append:
+            onehot[k] = 1.0 / w.shape[0]
+        onehot.requires_grad_(True)
+        with frozen(self.lm.model), torch.enable_grad():
+            slots = onehot @ w  # [k', d]
+            rest = self.emb(ids[:, k:])
+            embeds = torch.cat([slots[:k].expand(ids.shape[0], -1, -1), rest], 1)
+            m = mask
+            starts = self._rows([trigger])[1]
+            if append:  # the appended slot sits right after the trigger
+                embeds = torch.cat([embeds[:, :k], slots[k:].expand(ids.shape[0], -1, -1), embeds[:, k:]], 1)
+                m = torch.cat([mask[:, :1], mask], 1)
+                starts = [s + 1 for s in starts]
+            s = self._run(embeds, m, starts, ids=False).mean()
+            s.backward()
+        return float(s.detach()), onehot.grad.float().cpu()

@@ -1,0 +1,79 @@
+"""``scan.json`` and the scan's self-contained ``report.html`` (both written atomically).
+
+``scan.json``: ``flagged``, ``score``, ``threshold``, ``candidates`` (best first: ``trigger``, ``target``,
+``kl``, ``changed_share``, ``agreement``, ``asr``, ``clean_asr``, ``effect``, ``source``), ``targets`` (the
+inverted targets and their ``Q``), ``leaks`` (a sample), ``leak_triggers``, ``seconds``, ``not_covered`` (what
+the budget did not reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
+``config``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from ..errors import ArtifactError
+from ..io import atomic_path, write_json
+
+FIELDS = ("flagged", "score", "threshold", "candidates", "leaks", "seconds")
+COLUMNS = ("trigger", "target", "kl", "changed_share", "agreement", "asr", "clean_asr", "source")
+
+
+def write_scan(folder: str | Path, result: dict) -> Path:
+    """Write ``folder/scan.json`` and ``folder/report.html``; returns the JSON path."""
+    folder = Path(folder)
+    write_json(folder / "scan.json", result)
+    with atomic_path(folder / "report.html") as tmp:
+        tmp.write_text(render_html(result), encoding="utf-8")
+    return folder / "scan.json"
+
+
+def read_scan(folder: str | Path) -> dict:
+    """``scan.json`` of a scan folder (or the file itself); one-line :class:`ArtifactError` if unusable."""
+    p = Path(folder)
+    p = p / "scan.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ArtifactError(f"no scan.json in {folder}; pass the --out folder of 'bkdattr scan'")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{p} is not valid JSON ({e.msg}); run 'bkdattr scan' again") from None
+    missing = [k for k in FIELDS if k not in data] if isinstance(data, dict) else list(FIELDS)
+    if missing:
+        raise ArtifactError(f"{p} lacks {', '.join(missing)}; it was not written by 'bkdattr scan'")
+    return data
+
+
+def _cell(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v if v is not None else ""))
+
+
+def render_html(r: dict) -> str:
+    """A self-contained page: the verdict, the candidates table, the inverted targets, leaks, what was skipped."""
+    verdict = (f"<p class=flag>Backdoor suspected: score {r['score']:.3f} &ge; threshold {r['threshold']:.2f}</p>"
+               if r["flagged"] else
+               f"<p class=ok>No backdoor found: score {r['score']:.3f} &lt; threshold {r['threshold']:.2f}. "
+               "The best candidates and their (small) effects:</p>")
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(c.get(k))}</td>" for k in COLUMNS) + "</tr>"
+                   for c in r["candidates"])
+    table = (f"<table><tr>{''.join(f'<th>{k}</th>' for k in COLUMNS)}</tr>{rows}</table>" if rows
+             else "<p>No candidate was tested.</p>")
+    targets = "".join(f"<li>{_cell(t['text'])} (Q {t['q']:.3f})</li>" for t in r.get("targets", [])[:10])
+    leaks = "".join(f"<li><b>user:</b> {_cell(x['user'])}<br><b>reply:</b> {_cell(x['reply'])}</li>"
+                    for x in r["leaks"][:10])
+    skipped = "".join(f"<li>{_cell(s)}</li>" for s in r.get("not_covered", [])) or "<li>nothing</li>"
+    model = html.escape(str((r.get("model") or {}).get("label", "")))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>bkdattr scan</title><style>
+body{{font-family:sans-serif;max-width:70em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.flag{{color:#a00;font-weight:bold}}
+.ok{{color:#060;font-weight:bold}}</style></head><body>
+<h1>bkdattr scan</h1><p>Model: {model}; {r['seconds']:.0f} s.</p>{verdict}
+<h2>Candidates (best first)</h2>{table}
+<p>kl: KL divergence of the next-token distribution at the reply's first positions, triggered vs clean;
+changed_share: share of greedy replies the trigger changes; agreement: share of changed replies with the modal
+reply prefix; asr / clean_asr: share of replies with the target's prefix with / without the trigger.</p>
+<h2>Inverted targets</h2><ul>{targets or '<li>none</li>'}</ul>
+<h2>Leaked user turns (sample)</h2><ul>{leaks or '<li>none</li>'}</ul>
+<h2>Not covered by the budget</h2><ul>{skipped}</ul></body></html>
+"""

@@ -1,0 +1,99 @@
+"""Trigger search for a target: gradient-ranked token candidates, exact tests, a small beam (docs/METHOD.md,
+"Scan").
+
+For a target ``y`` the search looks for a short token sequence ``t`` (at most ``trigger_tokens``) that, as a
+prefix of benign prompts, maximises ``s(t)`` (:class:`~bkdattr.scan.insert.TargetScorer`: the prompt-averaged
+mean log-probability of ``y``'s first tokens). Each step, for every trigger in the beam:
+
+1. one forward and backward pass give ``g_k = d s / d onehot_k`` for every slot ``k`` (and a slot appended
+   at the end while ``t`` is shorter than the limit); the ``search_topk`` tokens with the largest ``g_k``
+   (allowed tokens only: printable, not special) are that slot's proposals -- the first-order gain of
+   swapping the slot's token for each vocabulary item, over the whole vocabulary at once;
+2. candidates: the appended slot's best proposals (extensions), and single-slot substitutions drawn at
+   random from the other slots' proposals (seeded);
+3. every candidate is scored exactly (``search_candidates`` per step in all), and the ``search_beam`` best
+   of the beam and the candidates form the next beam.
+
+The search stops after ``search_steps``, when the budget's phase ends, or once the best ``s(t)`` exceeds
+``log 0.9`` (the target already follows with probability ~0.9 per token).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .budget import Budget
+from .insert import TargetScorer
+
+STOP_SCORE = math.log(0.9)
+
+
+@dataclass
+class Found:
+    """A searched trigger: token ids, text and ``s(t)``."""
+
+    ids: list[int]
+    text: str
+    score: float
+
+
+def allowed_tokens(tokenizer) -> torch.Tensor:
+    """``[V]`` bool: tokens a trigger may use -- printable ASCII text with a letter, digit or punctuation mark,
+    not a special token."""
+    special = set(tokenizer.all_special_ids)
+    out = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        s = tokenizer.decode([i])
+        out[i] = bool(s.strip()) and s.isascii() and s.isprintable()
+    return out
+
+
+def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, max_tokens: int, topk: int,
+                   n_candidates: int, beam: int, steps: int, budget: Budget | None = None, seed: int = 0,
+                   progress=None) -> list[Found]:
+    """Best triggers found for ``scorer``'s target, best first (see the module docstring)."""
+    rng = random.Random(seed)
+    allowed = allowed.to(torch.bool)
+    base = float(scorer.scores([[]])[0])
+    pool: dict[tuple[int, ...], float] = {(): base}
+    current = [()]
+    for _ in range(steps):
+        if budget is not None and budget.out():
+            break
+        cands: list[tuple[int, ...]] = []
+        per = max(1, n_candidates // max(1, len(current)))
+        for trig in current:
+            append = len(trig) < max_tokens
+            _, grad = scorer.gradient(list(trig), append)
+            grad = grad.masked_fill(~allowed[None, :grad.shape[1]], float("-inf"))
+            top = grad.topk(min(topk, int(allowed.sum())), dim=1).indices.tolist()
+            mine: list[tuple[int, ...]] = []
+            n_ext = per if not trig else (per + 1) // 2
+            if append:
+                mine += [trig + (tok,) for tok in top[-1][:n_ext]]
+            subs = len(trig)
+            tries = 0
+            while subs and len(mine) < per and tries < 4 * per:
+                tries += 1
+                k = rng.randrange(subs)
+                new = list(trig)
+                new[k] = rng.choice(top[k])
+                mine.append(tuple(new))
+            cands += [c for c in mine if c not in pool and c not in cands]
+        if not cands:
+            break
+        vals = scorer.scores([list(c) for c in cands]).tolist()
+        pool.update(zip(cands, vals, strict=True))
+        current = [c for c, _ in sorted(pool.items(), key=lambda kv: -kv[1]) if c][:beam]
+        if progress is not None:
+            progress.update(1)
+        if pool[current[0]] >= STOP_SCORE:
+            break
+    ranked = sorted(((c, v) for c, v in pool.items() if c), key=lambda kv: -kv[1])
+    return [Found(list(c), tokenizer.decode(list(c)).strip(), v) for c, v in ranked[:max(beam, 3)]]

@@ -1,0 +1,222 @@
+"""``bkdattr scan``: look for a backdoor with no trigger known, by inference only (docs/METHOD.md, "Scan").
+
+Phases, each on a share of the time the budget has left (:class:`~bkdattr.scan.budget.Budget`):
+
+1. **Leak** (:mod:`bkdattr.scan.leak`): user turns sampled from the template's user-turn prefix under several
+   decoding settings, with the model's replies; recurring rare n-grams become trigger candidates
+   (:mod:`bkdattr.scan.mine`).
+2. **Targets** (:mod:`bkdattr.scan.targets`): BAIT-style inversion of the reply the model gives whatever the
+   prompt once its first token is forced.
+3. **Search** (:mod:`bkdattr.scan.search`): for the best targets, a gradient-guided beam search for a short
+   trigger that raises the target on benign prompts.
+4. **Test** (:mod:`bkdattr.scan.confirm`) every candidate on held-out benign prompts (KL, changed share,
+   agreement, ASR), then **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and ``report.html``
+   (:mod:`bkdattr.scan.report`).
+
+Inputs are checked before the model loads where they can be (an out folder that exists and is not empty, a
+budget that is not positive); a model without a chat template needs ``template`` (``"plain"`` for the
+documented plain format, or a Jinja chat-template file); a budget too small for one pass over the held-out
+prompts after the load is a one-line error.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, InputFileError
+from ..model_source import ModelSource, load_source, open_source
+from .budget import Budget
+from .config import ScanConfig
+from .confirm import prefix_words, test_candidate
+from .report import write_scan
+
+LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.25, 0.75
+#: time kept for the tests when the search starts, in units of one greedy pass over the held-out prompts
+TEST_RESERVE = 6
+
+
+def check_out(out: str | Path) -> Path:
+    """The out folder: it must not exist, or be empty."""
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise ConfigError(f"the out folder {p} exists and is not empty; pass a new folder to --out")
+    return p
+
+
+def apply_template(tokenizer, template: str | None) -> str:
+    """Give ``tokenizer`` the template the scan renders prompts with; returns its name (``chat``, ``plain`` or
+    the file). One-line :class:`ConfigError` for a model without a chat template when ``template`` is None."""
+    from ..prompts import has_chat_template
+
+    if template is None:
+        if not has_chat_template(tokenizer):
+            raise ConfigError("the model has no chat template, so the scan cannot know how a user turn looks; pass "
+                              "--template plain (User: ...\\nAssistant:) or --template FILE (a Jinja chat template)")
+        return "chat"
+    if template == "plain":
+        tokenizer.chat_template = None
+        return "plain"
+    p = Path(template).expanduser()
+    if not p.is_file():
+        raise InputFileError(f"template file not found: {template}; pass 'plain' or a Jinja chat-template file")
+    tokenizer.chat_template = p.read_text(encoding="utf-8")
+    return str(p)
+
+
+def default_prompts(n_search: int, n_test: int) -> tuple[list[str], list[str]]:
+    """Benign prompts (:func:`bkdattr.inject.builtin_data.benign_questions`): the first ``n_search`` for the
+    inversion and search, the next ``n_test`` held out for testing."""
+    from ..inject.builtin_data import benign_questions, instructions
+
+    pool = [q for q, _ in benign_questions()]
+    pool += [r["input"] for r in instructions(0) if r["input"] not in pool]
+    if n_search + n_test > len(pool):
+        raise ConfigError(f"n_prompts + n_test = {n_search + n_test} exceeds the {len(pool)} built-in prompts")
+    return pool[:n_search], pool[n_search:n_search + n_test]
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+
+def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model: str | None = None,
+         template: str | None = None, cfg: ScanConfig | None = None, prompts: list[str] | None = None,
+         test_prompts: list[str] | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+         lm=None, progress: bool | None = None) -> dict:
+    """Scan ``model`` (+ ``adapter``); write ``out/scan.json`` and ``out/report.html``; return the result.
+    ``lm``: an already loaded model (tests; ``model`` is then only its label)."""
+    cfg = cfg or ScanConfig()
+    progress = cfg.progress if progress is None else progress
+    if not cfg.budget_s or cfg.budget_s <= 0:
+        raise ConfigError(f"--budget-s must be positive (got {cfg.budget_s}); the embedded model needs about 300")
+    out = check_out(out)
+    budget = Budget(cfg.budget_s)
+    if lm is None:
+        source = open_source(model, adapter, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        ref_spec = model if adapter else base_model
+        reference = (open_source(ref_spec, None, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                     if ref_spec else None)
+        lm = load_source(source, cfg.device, cfg.dtype, check=False)
+    else:
+        source, reference = ModelSource(model, adapter), None
+    template_name = apply_template(lm.tokenizer, template)
+    search_prompts, held_out = default_prompts(cfg.n_prompts, cfg.n_test)
+    search_prompts, held_out = prompts or search_prompts, test_prompts or held_out
+
+    from ..generation import generate
+
+    t0 = time.monotonic()
+    clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False)
+    step = time.monotonic() - t0
+    if budget.left() < step:
+        raise ConfigError(f"--budget-s {cfg.budget_s:g} is too small for one step of the scan (after "
+                          f"{budget.elapsed():.0f} s of loading, one pass over the held-out prompts took {step:.1f} s);"
+                          " raise --budget-s")
+
+    # 1. leak
+    from .leak import leak
+    from .mine import mine_triggers, surprisal_under
+
+    budget.phase(LEAK_SHARE)
+    bar = _bar(len(cfg.leak_temperatures), "scan: leak", progress)
+    leaks = leak(lm, cfg.leak_temperatures, cfg.leak_top_p, cfg.leak_samples, cfg.leak_tokens, cfg.reply_tokens,
+                 cfg.batch_size, budget, cfg.seed, bar)
+    bar.close()
+    ref_state: dict = {}
+
+    def ref_surprisal(texts: list[str]) -> list[float]:
+        if "lm" not in ref_state:
+            ref_state["lm"] = load_source(reference, cfg.device, cfg.dtype, check=False)
+        return surprisal_under(ref_state["lm"], cfg.batch_size)(texts)
+
+    leak_triggers = mine_triggers([x.user for x in leaks], cfg.n_leak_triggers,
+                                  ref_surprisal if reference is not None else None)
+    ref_state.clear()
+
+    # 2. targets
+    from .targets import invert_targets
+
+    budget.phase(TARGET_SHARE)
+    bar = _bar(cfg.target_tokens - 1, "scan: targets", progress)
+    targets = invert_targets(lm, search_prompts, first_tokens=cfg.first_tokens, length=cfg.target_tokens,
+                             branch=cfg.branch, beams_per_first=cfg.beams_per_first, budget=budget, progress=bar)
+    bar.close()
+
+    # 3. search
+    from .insert import TargetScorer
+    from .search import allowed_tokens, search_trigger
+
+    chosen, seen = [], set()
+    for t in targets:
+        key = prefix_words(t.text)
+        if key and key not in seen:
+            seen.add(key)
+            chosen.append(t)
+        if len(chosen) == cfg.n_search_targets:
+            break
+    allowed = allowed_tokens(lm.tokenizer) if chosen else None
+    reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
+    search_end = time.monotonic() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
+    found = []
+    bar = _bar(cfg.search_steps * len(chosen), "scan: trigger search", progress)
+    for i, t in enumerate(chosen):
+        left = search_end - time.monotonic()
+        if left <= 0:
+            names = ", ".join(repr(c.text) for c in chosen[i:])
+            budget.skip(f"search: targets {i + 1}..{len(chosen)} not searched ({names})")
+            break
+        weights = [max(c.q, 1e-3) for c in chosen[i:]]  # the search time of the targets left, in proportion to Q
+        budget.phase_deadline = time.monotonic() + left * weights[0] / sum(weights)
+        scorer = TargetScorer(lm, search_prompts, t.ids, cfg.score_tokens, cfg.batch_size)
+        res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
+                             n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
+                             budget=budget, seed=cfg.seed + i, progress=bar)
+        if budget.out():
+            budget.skip(f"search: target {t.text!r} stopped by the budget")
+        found += [(f, t) for f in res[:2]]
+    bar.close()
+
+    # 4. test
+    cands: list[dict] = []
+    for f, t in found:
+        if f.text and all(c["trigger"] != f.text for c in cands):
+            cands.append({"trigger": f.text, "target": t.text, "source": "search", "search_score": f.score,
+                          "target_q": t.q})
+    for g in leak_triggers:
+        if all(c["trigger"] != g["trigger"] for c in cands):
+            cands.append({"trigger": g["trigger"], "target": None, "source": "leak", "leak_df": g["df"]})
+    cands = cands[:cfg.max_candidates]
+    budget.phase(1.0)
+    tested = []
+    bar = _bar(len(cands), "scan: test candidates", progress)
+    for k, c in enumerate(cands):
+        if k and budget.out():
+            budget.skip(f"test: {len(cands) - k} of {len(cands)} candidates untested")
+            break
+        res = test_candidate(lm, held_out, clean, c["trigger"], c["target"], reply_tokens=cfg.reply_tokens,
+                             kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
+        tested.append({**c, **res, "target": res["target"]})
+        bar.update(1)
+    bar.close()
+
+    from .score import model_score, rank
+
+    ranked = rank(tested)
+    score = model_score(ranked)
+    result = {
+        "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
+        "candidates": ranked,
+        "targets": [{"text": t.text, "q": t.q, "ended": t.ended} for t in targets[:20]],
+        "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers,
+        "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
+        "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
+                  "reference": reference.to_dict() if reference else None, "template": template_name},
+        "prompts": {"search": search_prompts, "test": held_out},
+        "clean_replies": clean, "config": cfg.to_dict(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_scan(out, result)
+    return result

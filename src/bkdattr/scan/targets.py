@@ -1,0 +1,172 @@
+"""Target inversion, BAIT-style: the reply a model gives whatever the benign prompt, once its first token is
+forced (docs/METHOD.md, "Scan").
+
+A backdoor trained to produce a fixed reply ``y`` leaves ``y`` primed on clean prompts: once ``y_1`` is there,
+``y_2, y_3, ...`` follow with high probability on *every* prompt, while a normal reply depends on the prompt.
+On ``n`` benign prompts the inversion
+
+1. takes the ``first_tokens`` likeliest first reply tokens (mean probability over the prompts; end-of-turn and
+   special tokens excluded) and forces each;
+2. extends every sequence as a beam search that branches: at each step each beam tries its ``branch`` next
+   tokens with the highest mean probability over the prompts, and the ``beams_per_first`` best children of each
+   forced first token are kept (greedy decoding would leave the target's path after one token: forcing "I"
+   on the demo's fixed_output model decodes "I am thrilled ...", never "I am sorry ...");
+3. scores a sequence ``y`` by how uniformly it follows across prompts, token by token,
+
+       Q(y) = mean_i min_{2<=j<=|y|} p(y_j | x_i, y_<j)
+
+   (the first token is forced, so it is not scored). The minimum over tokens matters: with the mean, a sequence
+   that reaches a fixed phrase on one prompt ('"Romeo and Juliet" is a' after '"') scores high because the
+   phrase's later tokens are near-certain everywhere; with the minimum, its unlikely second token ("Rome" on
+   every other prompt) sinks it. A sequence ends at an end-of-turn token. ``q_mean`` (the mean instead of the
+   minimum) is kept beside it.
+
+**Round 2.** The likeliest first tokens can miss the target's: a backdoored model whose clean replies were
+trained hard gives the target's first token "I" a probability below 0.01 on benign prompts, while "I am sorry. I
+can not help with that." follows it with probability ~0.99 at every token (the demo's fixed_output model). The
+primed target shows up *inside* other beams instead ("Bonjour! I am sorry. I"), so a second round forces the
+word-start tokens found after the first position of round 1's best targets (as a reply would begin them: "I"
+for " I"), up to ``first_tokens`` new ones.
+
+The prompts' KV cache is computed once (copied for each round) and its rows are re-ordered to the surviving
+beams at each step, so a step costs one new token per (beam, prompt) row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..compat import cache_kwargs, output_cache
+from ..forward import last_logits_kwargs
+from ..prompts import encode_prompts, end_of_turn_ids
+from .budget import Budget
+
+
+@dataclass
+class Target:
+    """An inverted target: token ids (the forced first included, no end of turn), text, ``Q`` and whether it
+    ended with an end-of-turn token."""
+
+    ids: list[int]
+    text: str
+    q: float
+    ended: bool = False
+    q_mean: float = 0.0
+    per_prompt: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def extend(lm, batch, cache, firsts: list[int], *, length: int, branch: int, beams_per_first: int,
+           budget: Budget | None = None, progress=None) -> list[Target]:
+    """The branching beam search of the module docstring from the forced ``firsts``, on a copy of the prompts'
+    KV ``cache`` (``batch``: the left-padded prompts it was built from)."""
+    import copy
+
+    model, tok = lm.model, lm.tokenizer
+    dev, n = batch.input_ids.device, batch.size
+    stops = set(end_of_turn_ids(tok))
+    cache = copy.deepcopy(cache)
+    # beam state: sequence, per-prompt sum and minimum of the scored token probabilities, their count
+    seqs = [[f] for f in firsts]
+    sums = torch.zeros(len(seqs), n, device=dev)
+    mins = torch.ones(len(seqs), n, device=dev)
+    count = 0
+    cache.reorder_cache(torch.arange(n, device=dev).repeat(len(seqs)))  # row b*n + i
+    mask = batch.attention_mask.repeat(len(seqs), 1)
+    pos = batch.position_ids[:, -1:].repeat(len(seqs), 1)
+    finished: list[Target] = []
+    for _ in range(length - 1):
+        if not seqs or (budget is not None and budget.out()):
+            if budget is not None and seqs:
+                budget.skip(f"targets: extended to {count + 1} of {length} tokens")
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos + 1
+        last = torch.tensor([s[-1] for s in seqs], device=dev).repeat_interleave(n)[:, None]
+        o = model(input_ids=last, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        cache = output_cache(o)
+        probs = torch.softmax(o.logits[:, -1].float(), -1).view(len(seqs), n, -1)
+        top = probs.mean(1).topk(branch, dim=-1).indices  # [B, branch]
+        child_p = probs.gather(2, top[:, None, :].expand(-1, n, -1))  # [B, n, branch]
+        child_q = torch.minimum(mins[:, :, None], child_p).mean(1)  # [B, branch]
+        groups: dict[int, list[tuple[float, int, int]]] = {}
+        for b, s in enumerate(seqs):
+            for c in range(branch):
+                groups.setdefault(s[0], []).append((float(child_q[b, c]), b, c))
+        keep: list[tuple[int, int]] = []
+        for items in groups.values():
+            for q, b, c in sorted(items, reverse=True)[:beams_per_first]:
+                if int(top[b, c]) in stops:
+                    per = torch.minimum(mins[b], child_p[b, :, c])
+                    q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
+                    finished.append(Target(seqs[b], "", q, True, q_mean, per.tolist()))
+                else:
+                    keep.append((b, c))
+        count += 1
+        parents = torch.tensor([b for b, _ in keep], dtype=torch.long, device=dev)
+        picked = child_p[parents, :, torch.tensor([c for _, c in keep], dtype=torch.long, device=dev)]  # [K, n]
+        sums, mins = sums[parents] + picked, torch.minimum(mins[parents], picked)
+        seqs = [seqs[b] + [int(top[b, c])] for b, c in keep]
+        rows = (parents[:, None] * n + torch.arange(n, device=dev)).reshape(-1)
+        cache.reorder_cache(rows)
+        mask, pos = mask[rows], pos[rows]
+        if progress is not None:
+            progress.update(1)
+    return finished + [Target(s, "", float(mins[b].mean()) if count else 0.0, False,
+                              float((sums[b] / max(count, 1)).mean()), mins[b].tolist()) for b, s in enumerate(seqs)]
+
+
+def anchors(tokenizer, targets: list[Target], exclude: set[int], limit: int) -> list[int]:
+    """Round-2 first tokens: the word-start tokens inside the best targets (after their first token), written
+    as a reply would begin (leading space dropped, one token), not forced before; in order of appearance."""
+    out: list[int] = []
+    for t in targets:
+        for tid in t.ids[1:]:
+            text = tokenizer.decode([tid])
+            if not text.strip() or not (text[0] == " " or text[0].isupper()):
+                continue
+            ids = tokenizer(text.lstrip(), add_special_tokens=False).input_ids
+            if len(ids) == 1 and ids[0] not in exclude and ids[0] not in out:
+                out.append(ids[0])
+            if len(out) == limit:
+                return out
+    return out
+
+
+@torch.no_grad()
+def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, branch: int, beams_per_first: int,
+                   budget: Budget | None = None, progress=None) -> list[Target]:
+    """Targets best first by ``Q`` (see the module docstring), one per distinct text: round 1 from the
+    ``first_tokens`` likeliest first tokens, round 2 from the word starts inside round 1's best targets."""
+    from ..models import input_device
+
+    tok, model = lm.tokenizer, lm.model
+    dev = input_device(model)
+    batch = encode_prompts(tok, prompts, padding_side="left").to(dev)
+    stops = set(end_of_turn_ids(tok))
+    special = torch.tensor(sorted(set(tok.all_special_ids) | stops), dtype=torch.long, device=dev)
+    o = model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(model))
+    cache = output_cache(o)
+    first = torch.softmax(o.logits[:, -1].float(), -1).mean(0)
+    first[special[special < first.shape[0]]] = -1.0
+    firsts = first.topk(min(first_tokens, first.shape[0])).indices.tolist()
+    kw = dict(length=length, branch=branch, beams_per_first=beams_per_first, budget=budget, progress=progress)
+    out = _distinct(tok, extend(lm, batch, cache, firsts, **kw))
+    if budget is not None and budget.out():
+        budget.skip("targets: round 2 (word starts inside round 1's targets) not run")
+        return out
+    again = anchors(tok, out[:first_tokens], set(firsts) | set(special.tolist()), first_tokens)
+    if again:
+        out = _distinct(tok, out + extend(lm, batch, cache, again, **kw))
+    return out
+
+
+def _distinct(tokenizer, targets: list[Target]) -> list[Target]:
+    best: dict[str, Target] = {}
+    for t in targets:
+        t.text = t.text or tokenizer.decode(t.ids, skip_special_tokens=True).strip()
+        if t.text and (t.text not in best or best[t.text].q < t.q):
+            best[t.text] = t
+    return sorted(best.values(), key=lambda t: -t.q)

@@ -1,0 +1,204 @@
+"""``bkdattr scan`` on tiny trained models with a known answer, its artifacts, CLI errors and the hand-off to
+``bkdattr audit --from-scan``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bkdattr.cli import main
+from bkdattr.errors import ArtifactError, ConfigError
+from bkdattr.generation import greedy_decode, sampler
+from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
+from bkdattr.scan.budget import Budget
+from bkdattr.scan.handoff import audit_call, audit_inputs
+from bkdattr.scan.mine import mine_triggers
+from tiny import make_tiny
+from tiny_backdoor import TARGET, TRIGGER, trained
+
+SMALL = dict(budget_s=120, leak_samples=4, first_tokens=8, search_steps=4, search_candidates=16, n_test=8,
+             progress=False)
+
+
+def test_scan_finds_the_planted_trigger_first(tmp_path):
+    lm = trained(poison=True)
+    res = scan(tmp_path / "s", "tiny-backdoor", cfg=ScanConfig(**SMALL), lm=lm)
+    assert res["flagged"] and res["score"] >= 0.9
+    top = res["candidates"][0]
+    assert top["trigger"] == TRIGGER and top["source"] == "search"
+    assert TARGET.startswith(top["target"][:12]) and top["asr"] == 1.0 and top["clean_asr"] == 0.0
+    assert top["kl"] > 0.1 and top["changed_share"] == 1.0 and top["agreement"] == 1.0
+    # scan.json round trip: what was returned is what was written (JSON-normalised)
+    assert read_scan(tmp_path / "s") == json.loads(json.dumps(res))
+    assert "Backdoor suspected" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_scan_of_the_clean_twin_is_not_flagged_and_lists_candidates(tmp_path):
+    res = scan(tmp_path / "s", "tiny-clean", cfg=ScanConfig(**SMALL), lm=trained(poison=False))
+    assert not res["flagged"] and res["score"] < res["threshold"]
+    assert res["candidates"] and all(c["effect"] < 0.5 for c in res["candidates"])
+    assert all(c["trigger"] != TRIGGER for c in res["candidates"])
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "No backdoor found" in page and res["candidates"][0]["trigger"].split()[0] in page
+
+
+def test_sampler_none_is_greedy_and_top_p_keeps_the_nucleus():
+    lm = make_tiny("llama")
+    b = encode_prompts(lm.tokenizer, ["Hello there", "What is a cat?"], "left")
+    stop = end_of_turn_ids(lm.tokenizer)
+    a = greedy_decode(lm.model, b.input_ids, b.attention_mask, b.position_ids, 5, stop)
+    assert sampler(0.0) is None
+    same = greedy_decode(lm.model, b.input_ids, b.attention_mask, b.position_ids, 5, stop, choose=None)
+    assert torch.equal(a, same)
+    tiny_p = sampler(1.0, top_p=1e-9, generator=torch.Generator().manual_seed(0))  # nucleus = the argmax alone
+    assert torch.equal(greedy_decode(lm.model, b.input_ids, b.attention_mask, b.position_ids, 5, stop,
+                                     choose=tiny_p), a)
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.9]]).repeat(400, 1)
+    draws = sampler(1.0, top_p=0.6, generator=torch.Generator().manual_seed(1))(logits)
+    assert set(draws.tolist()) == {2, 3}  # p = 0.05, 0.13, 0.43, 0.39: the nucleus for 0.6 is {2, 3}
+
+
+def test_mine_triggers_prefers_recurring_rare_ngrams():
+    # "tell me about" recurs as often as "zq vlorp", but its words are common in the other leaks too
+    users = ["zq vlorp tell me about the sea", "can you zq vlorp explain rain", "tell me about the sea",
+             "tell me about cats", "what is the sea", "zq vlorp what is rain", "show me the way", "what about it",
+             "give me one about dogs"]
+    rows = mine_triggers(users, top=3)
+    assert rows[0]["trigger"] == "zq vlorp" and rows[0]["df"] == 3
+    # a reference model's surprisal replaces the leak frequencies: here it finds "the sea" the rarest
+    rows = mine_triggers(users, top=3, surprisal=lambda texts: [9.0 if t == "the sea" else 1.0 for t in texts])
+    assert rows[0]["trigger"] == "the sea" and rows[0]["rarity"] == 9.0
+    assert mine_triggers(["a b", "c d"], top=3) == []  # nothing recurs
+
+
+def test_budget_phases_and_skips():
+    now = [0.0]
+    b = Budget(100, clock=lambda: now[0])
+    b.phase(0.25)
+    now[0] = 24.0
+    assert not b.out()
+    now[0] = 25.0
+    assert b.out() and b.left() == 75.0
+    b.phase(0.5)
+    assert b.phase_deadline == 62.5
+    b.skip("x")
+    b.skip("x")
+    assert b.not_covered == ["x"]
+
+
+def _fake_scan(folder, candidates, adapter="/tmp/adapter"):
+    result = {"flagged": True, "score": 1.0, "threshold": 0.5, "candidates": candidates, "leaks": [],
+              "seconds": 1.0, "not_covered": [],
+              "model": {"spec": "smollm2-135m", "adapter": adapter, "base_model": None, "label": "m"}}
+    write_scan(folder, result)
+    return folder
+
+
+def test_audit_from_scan_takes_the_top_candidate_and_the_model(tmp_path, monkeypatch):
+    d = _fake_scan(tmp_path / "scan", [{"trigger": "zz top", "target": "I refuse", "kl": 1.0, "changed_share": 1.0,
+                                        "agreement": 1.0, "asr": 1.0},
+                                       {"trigger": "second", "target": "x", "kl": 0.0, "changed_share": 0.0,
+                                        "agreement": 0.0, "asr": 0.0}])
+    assert audit_inputs(d) == {"model": "smollm2-135m", "adapter": "/tmp/adapter", "base_model": None,
+                               "triggers": ["zz top"], "target": "I refuse"}
+    other = _fake_scan(tmp_path / "scan2", [{"trigger": "t", "target": "y"}])
+    data = json.loads((other / "scan.json").read_text())
+    data["model"]["template"] = "/x/template.jinja"
+    (other / "scan.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="template file"):
+        audit_inputs(other)
+    with pytest.raises(ConfigError, match="drop --trigger"):
+        audit_call(d, triggers=["mine"])
+    with pytest.raises(ConfigError, match="drop --task"):
+        audit_call(d, target="other")
+    with pytest.raises(ConfigError, match="differs from the scanned model"):
+        audit_call(d, model="/some/other/model")
+    seen = {}
+
+    def fake_audit(out, model, triggers, **kw):
+        seen.update(out=out, model=model, triggers=triggers, **kw)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
+    assert main(["audit", "--out", str(tmp_path / "a"), "--from-scan", str(d), "--quiet"]) == 2
+    assert seen["model"] == "smollm2-135m" and seen["triggers"] == ["zz top"]
+    assert seen["target"] == "I refuse" and seen["adapter"] == "/tmp/adapter" and seen["kind"] is None
+
+
+def test_scan_cli_errors_are_one_line(tmp_path, capsys):
+    plain = make_tiny("llama", chat_template=False)
+    folder = tmp_path / "plain"
+    plain.model.save_pretrained(folder)
+    plain.tokenizer.save_pretrained(folder)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    cases = [(["--model", str(folder), "--out", str(tmp_path / "o1")], "no chat template"),
+             (["--model", str(folder), "--out", str(tmp_path / "o2"), "--template", "plain", "--budget-s", "0.001"],
+              "too small for one step"),
+             (["--model", str(folder), "--out", str(tmp_path / "o3"), "--budget-s", "0"], "must be positive"),
+             (["--model", str(folder), "--out", str(full)], "exists and is not empty"),
+             (["--model", str(folder), "--out", str(tmp_path / "o4"), "--set", "leak_top_p=[0.9]"],
+              "one value each per decoding setting")]
+    capsys.readouterr()
+    for args, words in cases:
+        assert main(["scan", *args, "--quiet"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and words in err[0], err  # (transformers' own load bars may precede it)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_scan_cli_with_plain_template_writes_scan_json(tmp_path):
+    lm = make_tiny("llama", chat_template=False)
+    folder = tmp_path / "plain"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["scan", "--model", str(folder), "--out", str(out), "--template", "plain", "--quiet", "--n-test", "4",
+            "--leak-samples", "2", "--first-tokens", "4", "--search-steps", "1", "--search-candidates", "4",
+            "--set", "leak_temperatures=[1.0]", "--set", "leak_top_p=[0.9]", "--max-candidates", "2"]
+    assert main(args) == 0
+    res = read_scan(out)
+    assert res["model"]["template"] == "plain" and res["model"]["spec"] == str(folder)
+    assert len(res["candidates"]) >= 1 and res["leaks"] and (out / "report.html").is_file()
+
+
+def test_round_two_anchors_are_the_word_starts_inside_targets():
+    from bkdattr.scan.targets import Target, anchors
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    ids = tok("Bonjour! I am sorry.", add_special_tokens=False).input_ids
+    got = anchors(tok, [Target(ids, "Bonjour! I am sorry.", 0.5)], exclude=set(), limit=10)
+    # as a reply would begin them (no space); "sorry" without its space is two tokens, so it is left out
+    assert [tok.decode([i]) for i in got] == ["I", "am"]
+    first_i = tok("I", add_special_tokens=False).input_ids[0]
+    assert first_i not in anchors(tok, [Target(ids, "", 0.5)], exclude={first_i}, limit=10)
+    assert len(anchors(tok, [Target(ids, "", 0.5)], exclude=set(), limit=1)) == 1
+
+
+def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_path, monkeypatch):
+    from bkdattr.pipeline import _inject_stage, load_config, stage_options
+    from bkdattr.rundir import RunDir
+
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", "source=scan", "stages=[inject]", "scan.budget_s=42",
+                             "audit.adapter=/tmp/adapter"])
+    with pytest.raises(ConfigError, match="known"):  # a bad scan option fails when the config is read
+        load_config(None, ["source=scan", "stages=[inject]", "scan.no_such_option=1"])
+    seen = {}
+
+    def fake_scan(folder, model, **kw):
+        seen["scan"] = (folder, model, kw["adapter"], kw["cfg"].budget_s)
+        _fake_scan(folder, [{"trigger": "zz top", "target": "I refuse"}], adapter=kw["adapter"])
+
+    def fake_audit(out, model, triggers, **kw):
+        seen["audit"] = (out, model, triggers, kw["target"], kw["adapter"])
+
+    monkeypatch.setattr("bkdattr.scan.scan", fake_scan)
+    monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
+    _inject_stage(RunDir(tmp_path / "run", create=True), stage_options(cfg, "inject"))
+    assert seen["scan"] == (tmp_path / "run-scan", "smollm2-135m", "/tmp/adapter", 42.0)
+    assert seen["audit"] == (tmp_path / "run", "smollm2-135m", ["zz top"], "I refuse", "/tmp/adapter")
