@@ -50,6 +50,7 @@ def plan(out: Path, dry: bool) -> list[tuple[str, list[str], bool]]:
                                   *j("bench_data_files")], True),
             ("bench_audit", [*s("bench_audit"), "--help"], False),
             ("bench_disarm", [*s("bench_disarm"), "--dry-run"], False),
+            ("bench_scan", [*s("bench_scan"), "--dry-run"], False),
             ("bench_demo", [*s("bench_demo"), "--help"], False),
             ("gpu_check", [*gpu_check, "--dry-run", "--skip", "pytest", "--skip", "nccl"], True),
         ]
@@ -68,6 +69,7 @@ def plan(out: Path, dry: bool) -> list[tuple[str, list[str], bool]]:
         ("bench_audit", [*s("bench_audit"), "--out", "runs/bench/audit", *j("bench_audit")], True),
         ("bench_demo", [*s("bench_demo"), "--out", "runs/bench/demo", *j("bench_demo")], True),
         ("bench_disarm", [*s("bench_disarm"), *j("bench_disarm")], True),
+        ("bench_scan", [*s("bench_scan"), *j("bench_scan")], True),
         ("gpu_check", gpu_check if cuda else [*gpu_check, "--dry-run"], True),
     ]
 
