@@ -216,7 +216,9 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
                                                  cfg.seed, cfg.eval.batch_size, cfg.progress)
 
         def guard(o: dict[str, Any], **kw: Any) -> Guard:
-            return Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, **o, **kw)
+            g = Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, **o, **kw)
+            g.plan.edit_source = "tried on validation (bkdattr disarm --strategy guard)"
+            return g
 
         plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard)
         figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=guard(plan))
