@@ -93,7 +93,8 @@ def _run_step(name: str, args: argparse.Namespace, work: Path, limit: int) -> di
     result = json.loads(frag.read_text()) if frag.is_file() else {}
     metrics = work / "demo" / "metrics.json"
     if name == "demo" and status != "ok" and metrics.is_file():  # what the stages that finished measured
-        result.setdefault("stage_seconds", json.loads(metrics.read_text()).get("timings", {}))
+        timings = json.loads(metrics.read_text()).get("timings", {})
+        result.setdefault("stage_seconds", {k: v for k, v in timings.items() if isinstance(v, (int, float))})
     if result.get("status") == "skipped":
         status = "skipped"
     result.update(status=status, seconds=round(time.perf_counter() - t0, 2), limit_s=limit)
@@ -236,7 +237,11 @@ def step_demo(dry: bool, work: Path) -> dict:
     run = run_pipeline(cfg, log=logs.append)
     m = run.metrics()
     att = m.get("attribution", {})
-    return {"device": cfg.device, "dtype": cfg.dtype or "default", "stage_seconds": m.get("timings", {}),
+    from bkdattr.pipeline import stage_seconds
+
+    timings = m.get("timings", {})
+    return {"device": cfg.device, "dtype": cfg.dtype or "default", "stage_seconds": stage_seconds(timings),
+            "stage_peak_rss_mb": timings.get("peak_rss_mb", {}), "stage_cuda_peak_mb": timings.get("cuda_peak_mb", {}),
             "asr": m.get("inject", {}).get("asr"), "false_trigger_rate": m.get("inject", {}).get("false_trigger_rate"),
             "top_heads": att.get("top_heads", [])[:5], "attribution_strategy": att.get("strategy"),
             "report": str(run.path / "report.html"), "run": str(run.path)}
