@@ -74,8 +74,10 @@ class DisarmConfig(StageOptions):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
-        if self.guard_action not in ("vector", "heads"):
-            raise ConfigError(f"unknown guard_action '{self.guard_action}'; use vector or heads")
+        from ..guard import ACTIONS
+
+        if self.guard_action not in ACTIONS:
+            raise ConfigError(f"unknown guard_action '{self.guard_action}'; use one of {', '.join(ACTIONS)}")
         if self.ablation not in ("zero", "mean"):
             raise ConfigError(f"unknown ablation '{self.ablation}'; use zero or mean")
         if self.k is not None and self.k < 1:
@@ -212,8 +214,8 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
         from .guard_eval import evaluate_guard
         from .guard_probe import fit_guard_probe
 
-        probe_path, probe_info = fit_guard_probe(run, lm, _first_edit_layer(run, cfg, arch), _probe_kind(run),
-                                                 cfg.seed, cfg.eval.batch_size, cfg.progress)
+        _path, probe_info = fit_guard_probe(run, lm, _first_edit_layer(run, cfg, arch), _probe_kind(run),
+                                            cfg.seed, cfg.eval.batch_size, cfg.progress)
 
         def guard(o: dict[str, Any], **kw: Any) -> Guard:
             g = Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, **o, **kw)
