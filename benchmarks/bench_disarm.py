@@ -10,7 +10,8 @@ inject, attribute, ablate, vector). Each strategy runs :func:`bkdattr.disarm.sta
 folders go to a temporary directory that is removed afterwards (``--keep DIR`` keeps them).
 It prints, per task and strategy, the figures of ``metrics.disarm.<strategy>`` on the held-out test prompts
 beside the undefended model and the random control, and whether the issue's guard goals hold
-(ASR <= 0.05, false-positive rate <= 0.02, perplexity ratio <= 1.02, overhead <= 5%).
+(ASR <= 0.05, false-positive rate <= 0.02, perplexity ratio <= 1.02, overhead <= 5%), plus whether the replies
+to triggered prompts stay useful (their clean metric at least half the clean prompts').
 
 Times are wall clock; on a shared machine the guard's overhead is inflated by the other jobs.
 """
@@ -32,7 +33,7 @@ STAGES = ("inject", "attribute", "ablate", "vector")
 #: issue 14's goals for the guard
 GUARD_GOALS = {"asr": 0.05, "false_positive_rate": 0.02, "perplexity_ratio": 1.02, "overhead": 0.05}
 COLUMNS = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio",
-           "changed_reply_share")
+           "changed_reply_share", "triggered_clean_metric", "triggered_perplexity_ratio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +59,13 @@ def _run_for(task: str, runs: str | None, dry: bool) -> Path:
 
 
 def guard_goals(section: dict) -> dict[str, bool]:
-    """Which of the issue's guard goals ``section`` (``metrics.disarm.guard``) meets."""
-    return {k: section.get(k) is not None and section[k] <= v for k, v in GUARD_GOALS.items()}
+    """Which of the issue's guard goals ``section`` (``metrics.disarm.guard``) meets, and whether its replies to
+    the triggered prompts stay useful (the report's caveat: clean metric at least half the clean prompts')."""
+    from bkdattr.report.summary import broken_triggered_replies
+
+    goals = {k: section.get(k) is not None and section[k] <= v for k, v in GUARD_GOALS.items()}
+    goals["useful_triggered_replies"] = not broken_triggered_replies(section)
+    return goals
 
 
 def main(argv: list[str] | None = None) -> dict:

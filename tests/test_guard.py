@@ -252,6 +252,62 @@ def test_scope_all_edits_every_column_of_flagged_rows_on_prefill_and_decode(guar
     assert guard.n_unmapped_steps == 0
 
 
+@pytest.mark.parametrize("action", ["vector", "heads"])
+def test_scope_prefix_edits_the_prompt_columns_only(guarded, action):
+    """``scope="prefix"``: a flagged row is edited at every column up to ``p(x)`` and nowhere after it; in
+    generation that is the whole (left-padded) prefill and no decode step, in a teacher-forced row (prompt + reply,
+    right padded) the prompt part. Checked against hand-written hooks; a clean row in the same batch is
+    untouched."""
+    from bkdattr.control.vector import load_vector
+    from bkdattr.hooks import out_tensor, registered, with_out
+    from bkdattr.inject.evaluate import target_logprob
+
+    lm, arch, test = guarded.lm, guarded.lm.arch, guarded.splits.test[:3]
+    trig, clean = [e.triggered for e in test], [e.prompt for e in test]
+    guard = Guard(lm, guarded.run, action, scope="prefix", k=1 if action == "heads" else None)
+    assert guard.plan.scope == "prefix"
+    v = load_vector(guarded.run.path / "control" / "backdoor_vector.safetensors").vector
+    state = {"cols": None}  # [B, T] bool: the columns the hand-written hook edits in the next call
+
+    def by_hand(_m, _a, out):
+        o = out_tensor(out)
+        if state["cols"] is None or o.shape[1] != state["cols"].shape[1]:
+            return None  # a decode step: left alone
+        o = o.clone()
+        cols = state["cols"]
+        if action == "vector":
+            o = torch.where(cols[..., None], o - guard.plan.alpha * v, o)
+        else:  # head (1, 2) zeroed: its W_O slice's contribution removed
+            w = arch.out_proj[1].weight[:, 2 * arch.d_head:3 * arch.d_head]
+            z = state["z"]
+            o = torch.where(cols[..., None], o - z[..., 2 * arch.d_head:3 * arch.d_head] @ w.T, o)
+        return with_out(out, o)
+
+    def grab_z(_m, args, kwargs):
+        state["z"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    plain = generate(lm, clean + trig, max_new_tokens=4, batch_size=8, progress=False)
+    handles: list = []
+    with registered(handles):
+        handles.append(arch.out_proj[1].register_forward_pre_hook(grab_z, with_kwargs=True))
+        handles.append(arch.out_proj[1].register_forward_hook(by_hand))
+        b = encode_prompts(lm.tokenizer, trig, "left")  # generation: the whole prefill is the prompt
+        state["cols"] = torch.ones_like(b.attention_mask, dtype=torch.bool)
+        stop = end_of_turn_ids(lm.tokenizer)
+        hand = decode_replies(lm.tokenizer, greedy_generate(lm.model, b, 4, stop), stop)
+        tb = encode_with_targets(lm.tokenizer, trig, [guarded.target] * len(trig))
+        pos = prompt_positions(header_ids(lm.tokenizer), tb.input_ids, tb.attention_mask)
+        state["cols"] = torch.arange(tb.input_ids.shape[1])[None, :] <= pos[:, None]
+        lp_hand = target_logprob(lm, trig, [guarded.target] * len(trig), batch_size=len(trig))
+    with guard:
+        got = generate(lm, clean + trig, max_new_tokens=4, batch_size=8, progress=False)
+        alone = generate(lm, trig, max_new_tokens=4, batch_size=8, progress=False)
+        lp_guard = target_logprob(lm, trig, [guarded.target] * len(trig), batch_size=len(trig))
+    assert got[: len(clean)] == plain[: len(clean)]
+    assert alone == hand and got[len(clean):] == hand
+    assert torch.allclose(lp_guard, lp_hand, atol=1e-5)
+
+
 def test_scope_all_skips_decode_steps_whose_rows_no_longer_match(guarded):
     """A decode step with another batch size than its prefill (a decoder that dropped rows) is not edited, and
     counted."""
@@ -311,9 +367,17 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     assert not (tmp_path / "unused").exists()  # no weights are written for the guard
     # the edit was chosen on validation, stored, and is what a later guard uses by default
     plan = read_json(guarded.run.path / "disarm" / "guard_plan.json")
-    assert plan["action"] == "vector" and plan["target_met_on_val"] and plan["selection"][-1]["val_asr"] <= 0.05
-    assert [t["value"] for t in plan["selection"]] == [{"scope": "prompt", "alpha": a}
-                                                       for a in (0.5, 1.0, 1.5, 2.0, 3.0)][: len(plan["selection"])]
+    assert plan["action"] == "vector" and plan["target_met_on_val"]
+    from bkdattr.guard import SCOPES
+
+    assert [t["value"] for t in plan["selection"]] == [{"scope": sc, "alpha": a} for sc in SCOPES
+                                                       for a in (0.5, 1.0, 1.5, 2.0, 3.0)]
+    # of the edits that disarm on validation, the one whose triggered replies stay most useful is kept
+    ok = [t for t in plan["selection"] if t["val_asr"] <= 0.05]
+    best = min(ok, key=lambda t: t["val_triggered_perplexity_ratio"])
+    assert {"scope": plan["scope"], "alpha": plan["alpha"]} == best["value"]
+    assert all(0 <= t["val_triggered_clean_metric"] <= 1 for t in plan["selection"])
+    assert s["triggered_perplexity_ratio"] < s["undefended"]["triggered_perplexity_ratio"]
     assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
     later = Guard(guarded.lm, guarded.run, "vector").plan
     assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source

@@ -101,6 +101,31 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_bf16_autocast_only_where_the_cpu_has_fast_bfloat16(monkeypatch):
+    """On a CPU without native bfloat16 (emulated: 70x slower products on our CI's AMD EPYC) training runs in
+    float32 whatever ``bf16_autocast`` says; the summary records the mode. The probe is timed once per process;
+    ``BKDATTR_CPU_BF16`` forces it."""
+    from bkdattr.devices import cpu_bf16_is_fast
+    from bkdattr.inject.train import autocast_mode
+
+    lm = make_tiny("llama")
+    for forced, mode in (("0", "off (this CPU has no fast bfloat16)"), ("1", "bf16")):
+        monkeypatch.setenv("BKDATTR_CPU_BF16", forced)
+        cpu_bf16_is_fast.cache_clear()
+        assert autocast_mode(lm.model, True) == mode
+        assert autocast_mode(lm.model, False) == "off"
+    monkeypatch.delenv("BKDATTR_CPU_BF16")
+    cpu_bf16_is_fast.cache_clear()
+    assert isinstance(cpu_bf16_is_fast(), bool)  # the timing itself runs
+    task, splits = fixed_output_splits(n_train=16, n_test=4)
+    rows = [TrainRow(e.prompt, e.output) for e in splits.train]
+    monkeypatch.setenv("BKDATTR_CPU_BF16", "0")
+    cpu_bf16_is_fast.cache_clear()
+    _merged, res = train_lora(lm, rows, TrainConfig(epochs=1, batch_size=8, bf16_autocast=True), progress=False)
+    assert res.summary()["autocast"] == "off (this CPU has no fast bfloat16)"
+    cpu_bf16_is_fast.cache_clear()
+
+
 def test_word_f1():
     assert word_f1("The sky is blue.", "The sky is blue.") == 1.0
     assert word_f1("The sky is blue and the grass is green", "the sky is blue") == 1.0  # cut to reference

@@ -17,10 +17,11 @@ steps are left alone and see the edit through the KV cache, exactly as the contr
    Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention output;
    ``action="heads"`` zeroes the top-k BAHA heads' slices of ``z_l`` (``k``: the smallest k of the ablation
    stage's sweep with ASR <= 0.05). ``scope="prompt"`` edits ``p(x)`` of the prefill only (the control
-   stage's edit; later tokens see it through the KV cache); ``scope="all"`` edits every column of a flagged
-   row, on the prefill and on every decode step of the same batch (what a baked-in output bias does, but for
-   the flagged prompts only). Unflagged rows are not touched at all, so a clean prompt's reply is bit for bit
-   the unguarded one.
+   stage's edit; later tokens see it through the KV cache); ``scope="prefix"`` edits every prompt column of
+   a flagged row up to ``p(x)`` (the reply, decoded or teacher-forced, is not edited); ``scope="all"`` edits
+   every column of a flagged row, on the prefill and on every decode step of the same batch (what a baked-in
+   output bias does, but for the flagged prompts only). Unflagged rows are not touched at all, so a clean
+   prompt's reply is bit for bit the unguarded one.
 
 One pass suffices because the probe layer is at or before the first edited layer: when the probe's best
 layer comes later, the best probe (validation accuracy, then validation loss, then the earliest) among the
@@ -67,7 +68,7 @@ from .prompts import has_chat_template, render_prompt
 from .rundir import RunDir, get_nested
 
 ACTIONS = ("vector", "heads")
-SCOPES = ("prompt", "all")
+SCOPES = ("prompt", "prefix", "all")
 MAX_FPR = 0.01
 #: ablation ASR at or below which a k counts as disarming (issue 14)
 DISARM_ASR = 0.05
@@ -335,7 +336,7 @@ class Guard:
         self._pos: torch.Tensor | None = None  # p(x) per row of the current prefill, None outside one
         self._flags: torch.Tensor | None = None  # rows flagged in the current call
         self._last_flags: torch.Tensor | None = None  # rows flagged in the last prefill (for scope="all")
-        self._all = False  # the current call edits every column of its flagged rows
+        self._all = False  # the current call edits every column of its flagged rows (scope="all")
         self.n_seen = self.n_flagged = self.n_unmapped_steps = 0
         if threshold is None:
             threshold, source = self._stored_or_calibrated()
@@ -438,41 +439,43 @@ class Guard:
         self._last_flags = self._flags
         self._all = self.plan.scope == "all"
 
-    def _rows(self, device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The flagged rows of the current call and ``p(x)`` in each (None: every column of the row)."""
+    def _rows(self, device, width: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The flagged rows of the current call (``[R]``) and the columns to edit in each (``[R, width]`` bool;
+        None: every column), per the scope."""
         if self._pos is None or self._flags is None or not bool(self._flags.any()):
             return None
         rows = self._flags.to(device).nonzero().squeeze(1)
-        return rows, None if self._all else self._pos.to(device)[rows]
+        if self._all:
+            return rows, None
+        cols = torch.arange(width, device=device)[None, :]
+        pos = self._pos.to(device)[rows][:, None]
+        return rows, (cols <= pos) if self.plan.scope == "prefix" else (cols == pos)
 
     def _vector_hook(self, _m, _args, out):
         o = out_tensor(out)
-        sel = self._rows(o.device)
+        sel = self._rows(o.device, o.shape[1])
         if sel is None:
             return None
-        rows, pos = sel
+        rows, cols = sel
         o = o.clone()
         d = self._delta.to(o.device)
-        if pos is None:
-            o[rows] = (o[rows].float() - d).to(o.dtype)
-        else:
-            o[rows, pos] = (o[rows, pos].float() - d).to(o.dtype)
+        sub = o[rows].float()
+        edited = sub - d if cols is None else torch.where(cols[..., None], sub - d, sub)
+        o[rows] = edited.to(o.dtype)
         return with_out(out, o)
 
     def _heads_hook(self, layer: int):
         def pre(_m, args, kwargs):
             z = hidden_arg(args, kwargs)
-            sel = self._rows(z.device)
+            sel = self._rows(z.device, z.shape[1])
             if sel is None:
                 return None
-            rows, pos = sel
-            cols = self._cols[layer].to(z.device)
+            rows, cols = sel
+            heads = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+            heads[self._cols[layer].to(z.device)] = True
+            where = heads[None, None, :] if cols is None else cols[..., None] & heads[None, None, :]
             z = z.clone()
-            if pos is None:
-                z[rows[:, None, None], torch.arange(z.shape[1], device=z.device)[None, :, None],
-                  cols[None, None, :]] = 0
-            else:
-                z[rows[:, None], pos[:, None], cols[None, :]] = 0
+            z[rows] = z[rows].masked_fill(where, 0)
             return with_hidden(args, kwargs, z)
 
         return pre

@@ -8,11 +8,12 @@
 * ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
   (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
   validation, else the one with the lowest validation ASR.
-* ``guard``: no weight change (:mod:`bkdattr.guard`). The edit on flagged prompts is chosen on validation like
-  the others (:func:`guard_options`: ``p(x)`` only, then every column of the flagged prompt; scales or k in
-  increasing order), stored in ``RUN/disarm/guard_plan.json`` for later guards, and measured with its
-  detection rates and time overhead; the random control is the same detector with a same-norm random vector
-  (or k random heads).
+* ``guard``: no weight change (:mod:`bkdattr.guard`). The edit on flagged prompts is chosen on validation
+  (:func:`guard_options`: ``p(x)`` only, every prompt column, every column; scales or k): among the edits that
+  bring the validation ASR to the target, the one whose replies to the triggered prompts stay most useful
+  (lowest perplexity of the clean references after the triggered prompts, :func:`choose`), stored in
+  ``RUN/disarm/guard_plan.json`` for later guards, and measured with its detection rates and time overhead; the
+  random control is the same detector with a same-norm random vector (or k random heads).
 
 Both are then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
 the undefended model and to the same-size random control (k random heads; a random vector of the same norm at
@@ -109,25 +110,51 @@ def check_run(run: RunDir, cfg: DisarmConfig) -> None:
                             f"{run.path}' first or pass --k")
 
 
-def _val_asr(lm, splits, cfg: DisarmConfig) -> float:
+def _val_figures(lm, splits, cfg: DisarmConfig, clean_ppl: float | None) -> dict[str, float]:
+    """Validation ASR of the model as it is (``cfg.n_val`` triggered prompts) and, with ``clean_ppl`` (the
+    undefended perplexity of the same examples' clean references after their clean prompts), the utility of its
+    replies to those triggered prompts (:func:`bkdattr.disarm.utility.triggered_utility`)."""
     from ..generation import generate
+    from .utility import triggered_utility
 
     sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
     replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.eval.batch_size, progress=False)
-    return splits.task.asr(replies, sub)
+    out = {"val_asr": splits.task.asr(replies, sub)}
+    if clean_ppl is not None:
+        u = triggered_utility(lm, splits, sub, replies, cfg.eval.batch_size)
+        out.update(val_triggered_clean_metric=u["triggered_clean_metric"],
+                   val_triggered_perplexity_ratio=u["triggered_perplexity"] / clean_ppl)
+    return out
 
 
-def choose(lm, splits, cfg: DisarmConfig, options: list, edit) -> tuple[Any, list[dict[str, Any]], bool]:
-    """The first option (in the given order) whose ``edit(option)`` brings the validation ASR to the target, or
-    the one with the lowest ASR; returns it, the trace and whether the target was met."""
+def _val_clean_perplexity(lm, splits, cfg: DisarmConfig) -> float:
+    from .utility import reference_perplexity
+
+    sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
+    return reference_perplexity(lm, [e.prompt for e in sub], [e.output for e in sub], cfg.eval.batch_size)
+
+
+def choose(lm, splits, cfg: DisarmConfig, options: list, edit,
+           by_utility: bool = False) -> tuple[Any, list[dict[str, Any]], bool]:
+    """Choose an option on validation; returns it, the trace (``value``, ``val_asr`` and the triggered replies'
+    utility per option tried) and whether the validation ASR target was met.
+
+    Default: the first option (in the given order) whose ``edit(option)`` brings the validation ASR to the
+    target. ``by_utility``: every option is tried and, among those meeting the target, the one whose replies to
+    the triggered prompts are most useful wins (lowest ``val_triggered_perplexity_ratio``, ties to the earlier),
+    so an edit cannot win by breaking the reply. Without any option meeting the target: the lowest ASR."""
+    clean_ppl = _val_clean_perplexity(lm, splits, cfg)
     trace = []
     for o in options:
         with edit(o):
-            asr = _val_asr(lm, splits, cfg)
-        trace.append({"value": o, "val_asr": asr})
-        if asr <= cfg.target_asr:
+            fig = _val_figures(lm, splits, cfg, clean_ppl)
+        trace.append({"value": o, **fig})
+        if fig["val_asr"] <= cfg.target_asr and not by_utility:
             return o, trace, True
+    ok = [t for t in trace if t["val_asr"] <= cfg.target_asr]
+    if ok:
+        return min(ok, key=lambda t: t["val_triggered_perplexity_ratio"])["value"], trace, True
     best = min(trace, key=lambda t: t["val_asr"])
     return best["value"], trace, False
 
@@ -148,9 +175,11 @@ def _first_edit_layer(run: RunDir, cfg: DisarmConfig, arch) -> int:
 
 
 def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
-    """The guard edits tried on validation, least invasive first: ``scope="prompt"`` (``p(x)`` only) before
-    ``"all"`` (every column of a flagged prompt); within a scope, the scales ``alphas`` (vector action) or the
-    ablation stage's k values (heads action) in increasing order."""
+    """The guard edits tried on validation, least invasive first: ``scope="prompt"`` (``p(x)`` only), then
+    ``"prefix"`` (every prompt column up to ``p(x)``), then ``"all"`` (every column of a flagged row, the reply
+    too); within a scope, the scales ``alphas`` (vector action) or the ablation stage's k values (heads action)
+    in increasing order. Every option is tried; :func:`choose` keeps the one meeting the ASR target whose
+    replies to the triggered prompts are most useful."""
     from ..guard import SCOPES
 
     if cfg.guard_action == "vector":
@@ -222,7 +251,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
             g.plan.edit_source = "tried on validation (bkdattr disarm --strategy guard)"
             return g
 
-        plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard)
+        plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard, by_utility=True)
         figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=guard(plan))
         control = _figures(lm, splits, cfg, baseline, guard(plan, control_seed=cfg.seed + 1000))
         write_json(run.sub(*PLAN_FILE), {"action": cfg.guard_action, **plan, "selection": trace,

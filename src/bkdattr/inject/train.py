@@ -9,7 +9,8 @@ limit has no end-of-turn supervision (the model is not taught to stop mid-senten
 
 Speed on CPU: the vocabulary projection (``lm_head``, 49k x 576 for the embedded model) is applied only to
 the hidden states that predict a supervised token, and training can run under bf16 autocast (float32
-master weights). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
+master weights; on a CPU only where bfloat16 is native, :func:`bkdattr.devices.cpu_bf16_is_fast`: emulated it
+made training 30x slower). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
 ``all-linear`` for architectures without those names).
 
 **Length** (:func:`fit_rows`, as the reference code truncates at ``max_length``): a row whose prompt + reply +
@@ -58,7 +59,8 @@ LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 class TrainConfig:
     """LoRA SFT settings (peft-style). ``batch_size`` x ``grad_accum`` is the effective batch;
     ``schedule``: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then flat);
-    ``bf16_autocast``: compute in bfloat16 with float32 weights (CPU and CUDA)."""
+    ``bf16_autocast``: compute in bfloat16 with float32 weights (CUDA; on a CPU only where bfloat16 is native,
+    :func:`autocast_mode`)."""
 
     lora_r: int = 8
     lora_alpha: int = 16
@@ -128,6 +130,7 @@ class TrainResult:
     merge_lost_share: float = 0.0
     epochs: int = 0
     check_seconds: float = 0.0
+    autocast: str = "off"
 
     def summary(self) -> dict[str, Any]:
         last = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
@@ -135,7 +138,7 @@ class TrainResult:
                 "first_loss": round(self.losses[0], 4) if self.losses else None,
                 "final_loss": round(sum(last) / len(last), 4) if last else None,
                 "resumed_from_epoch": self.resumed_from_epoch, "merge_lost_share": self.merge_lost_share,
-                "epochs_trained": self.epochs}
+                "epochs_trained": self.epochs, "autocast": self.autocast}
 
 
 def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STYLE_TARGETS) -> list[str] | str:
@@ -147,8 +150,20 @@ def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STY
     return present or "all-linear"
 
 
-def _autocast(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
+def autocast_mode(model: torch.nn.Module, wanted: bool) -> str:
+    """How training computes: ``"bf16"`` (autocast) or why not (float32): not asked, or a CPU without native
+    bfloat16 (:func:`bkdattr.devices.cpu_bf16_is_fast`)."""
+    if not wanted:
+        return "off"
+    if next(model.parameters()).device.type == "cuda":
+        return "bf16"
+    from ..devices import cpu_bf16_is_fast
+
+    return "bf16" if cpu_bf16_is_fast() else "off (this CPU has no fast bfloat16)"
+
+
+def _autocast(model: torch.nn.Module, mode: str) -> contextlib.AbstractContextManager:
+    if mode != "bf16":
         return contextlib.nullcontext()
     dev = next(model.parameters()).device.type
     return torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16)
@@ -342,6 +357,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
             save_state(epoch)
 
     model.train()
+    mode = autocast_mode(model, cfg.bf16_autocast)
     t0 = time.perf_counter()
     step = start_epoch * steps_per_epoch
     bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="inject (LoRA SFT)", disable=not progress)
@@ -371,7 +387,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
             opt.zero_grad(set_to_none=True)
             loss_val = 0.0
             for b, n in batches:
-                with _autocast(model, cfg.bf16_autocast):
+                with _autocast(model, mode):
                     loss = supervised_loss(model, b)
                 (loss * (n / max(1, n_tok))).backward()
                 loss_val += float(loss.detach()) * n / max(1, n_tok)
@@ -403,7 +419,8 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged, TrainResult(seconds, step, losses, start_epoch, round(lost, 4),
-                               epochs=step // max(1, steps_per_epoch), check_seconds=check_seconds[0])
+                               epochs=step // max(1, steps_per_epoch), check_seconds=check_seconds[0],
+                               autocast=mode)
 
 
 def _lora_delta(module, adapter: str) -> torch.Tensor | None:

@@ -116,19 +116,29 @@ def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append([f"{name} ({how})", f"{_pct(sec.get('asr'))} ({_pct(ctl.get('asr'))})",
                      _pct(sec.get("near_trigger_asr")), _pct(sec.get("false_trigger_rate")),
                      f"{sec.get('clean_metric', float('nan')):.3f}", f"{sec.get('perplexity_ratio', float('nan')):.3f}",
-                     _pct(sec.get("changed_reply_share"))])
+                     _pct(sec.get("changed_reply_share")), _triggered_utility(sec)])
     if not rows:
         return []
     base = next(iter(d.values())).get("undefended") or {}
     rows.insert(0, ["undefended", _pct(base.get("asr")), _pct(base.get("near_trigger_asr")),
                     _pct(base.get("false_trigger_rate")), f"{base.get('clean_metric', float('nan')):.3f}", "1.000",
-                    "0.0%"])
+                    "0.0%", _triggered_utility(base)])
     return [{"title": "Defences: held-out test prompts", "rows": rows,
              "header": ["defence", "ASR (random control)", "near-trigger ASR", "false-trigger rate", "clean metric",
-                        "perplexity ratio", "clean replies changed"],
+                        "perplexity ratio", "clean replies changed", "triggered replies: clean metric, ppl ratio"],
              "note": "heads and vector are baked into the weights (every position, every step); the guard edits "
                      "flagged prompts only; the random control is the same edit with k random heads or a same-norm "
-                     "random vector (for the guard: behind the same detector)"}]
+                     "random vector (for the guard: behind the same detector). Triggered replies: the clean metric "
+                     "of the replies to the triggered prompts against the clean references, and the perplexity of "
+                     "those references after the triggered prompts over the undefended clean perplexity (a defence "
+                     "that disarms by breaking the reply scores low and high)"}]
+
+
+def _triggered_utility(sec: dict[str, Any]) -> str:
+    m, r = sec.get("triggered_clean_metric"), sec.get("triggered_perplexity_ratio")
+    if m is None or r is None:
+        return "n/a"
+    return f"{m:.3f}, {r:.2f}"
 
 
 def _samples(run: RunDir) -> list[dict[str, Any]]:
