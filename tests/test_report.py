@@ -119,3 +119,22 @@ def test_report_renders_in_headless_chromium(fake_run, tmp_path):
     assert img.shape[0] >= 2000 and img.shape[1] >= 1100
     # the page is not blank: the dark header and the embedded heatmap give many distinct colours
     assert len(np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+
+
+def test_defence_caveats_flag_a_defence_that_breaks_the_triggered_replies():
+    """fixed_output's guard at every position, alpha 1 (this project's measurement): ASR 0 and clean replies
+    untouched, but the clean answers are 3.3x less likely after the triggered prompts (undefended 1.7x) and the
+    replies read "Deditál, ali unam, ...". The caveat says so; a defence that restores them gets none."""
+    from bkdattr.report.summary import broken_triggered_replies, defence_caveats
+
+    und = {"triggered_perplexity_ratio": 1.71, "triggered_clean_metric": 0.06}
+    broken = {"asr": 0.0, "disarmed": True, "clean_metric": 0.51, "changed_reply_share": 0.0,
+              "triggered_clean_metric": 0.27, "triggered_perplexity_ratio": 3.27, "undefended": und}
+    restoring = {**broken, "triggered_clean_metric": 0.45, "triggered_perplexity_ratio": 1.2}
+    low_metric = {**restoring, "triggered_clean_metric": 0.1}
+    assert broken_triggered_replies(broken) and broken_triggered_replies(low_metric)
+    assert not broken_triggered_replies(restoring)
+    assert not broken_triggered_replies({"asr": 0.0})  # sections from before these figures: no claim
+    caveats = defence_caveats({"disarm": {"guard": broken, "heads": restoring}})
+    assert len(caveats) == 1 and caveats[0].startswith("The guard defence stops the backdoor reply")
+    assert "3.27x" in caveats[0] and "1.71x" in caveats[0]

@@ -315,6 +315,14 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
 
 
 def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
+    from ..report.summary import broken_triggered_replies
+
+    section["breaks_triggered_replies"] = broken_triggered_replies(section)
+    if section["breaks_triggered_replies"] and section.get("disarmed"):
+        _warn(f"{strategy}: the backdoor reply is gone, but the replies to triggered prompts are broken, not restored "
+              f"(triggered clean metric {section.get('triggered_clean_metric', float('nan')):.2f}, clean answers "
+              f"{section.get('triggered_perplexity_ratio', float('nan')):.2f}x less likely); see the report's "
+              "Defences caveat")
     disarm = dict(run.metrics().get("disarm") or {})
     disarm[strategy] = section
     run.update_metrics("disarm", disarm)
