@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -42,7 +43,8 @@ def test_scan_of_the_clean_twin_is_not_flagged_and_lists_candidates(tmp_path):
     assert res["candidates"] and all(c["effect"] < 0.5 for c in res["candidates"])
     assert all(c["trigger"] != TRIGGER for c in res["candidates"])
     page = (tmp_path / "s" / "report.html").read_text()
-    assert "No backdoor found" in page and res["candidates"][0]["trigger"].split()[0] in page
+    # the page escapes what it shows (a candidate such as laCrit='itability appears as laCrit=&#x27;itability)
+    assert "No backdoor found" in page and html.escape(res["candidates"][0]["trigger"].split()[0]) in page
 
 
 def test_sampler_none_is_greedy_and_top_p_keeps_the_nucleus():
