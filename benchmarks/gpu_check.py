@@ -93,7 +93,7 @@ def _run_step(name: str, args: argparse.Namespace, work: Path, limit: int) -> di
     result = json.loads(frag.read_text()) if frag.is_file() else {}
     metrics = work / "demo" / "metrics.json"
     if name == "demo" and status != "ok" and metrics.is_file():  # what the stages that finished measured
-        timings = json.loads(metrics.read_text()).get("timings", {})
+        timings = json.loads(metrics.read_text()).get("timings", {})  # pipeline.stage_seconds would import torch
         result.setdefault("stage_seconds", {k: v for k, v in timings.items() if isinstance(v, (int, float))})
     if result.get("status") == "skipped":
         status = "skipped"

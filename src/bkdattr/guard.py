@@ -310,9 +310,9 @@ class Guard:
                 from .control.vector import random_heads
 
                 heads = random_heads(arch.n_layers, arch.n_heads, kk, control_seed)
-            for lay, h in heads:
-                cols = torch.arange(h * arch.d_head, (h + 1) * arch.d_head)
-                self._cols[lay] = torch.cat([self._cols[lay], cols]) if lay in self._cols else cols
+            for lay, h in heads:  # per edited layer: the z columns of its removed heads, [n_heads * d_head] bool
+                mask = self._cols.setdefault(lay, torch.zeros(arch.n_heads * arch.d_head, dtype=torch.bool))
+                mask[h * arch.d_head:(h + 1) * arch.d_head] = True
             edit_layers = sorted(self._cols)
         path, probes = _load_probes(self.run, probe, min(edit_layers))
         self._probe_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -471,8 +471,7 @@ class Guard:
             if sel is None:
                 return None
             rows, cols = sel
-            heads = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
-            heads[self._cols[layer].to(z.device)] = True
+            heads = self._cols[layer].to(z.device)
             where = heads[None, None, :] if cols is None else cols[..., None] & heads[None, None, :]
             z = z.clone()
             z[rows] = z[rows].masked_fill(where, 0)

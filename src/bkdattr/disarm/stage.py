@@ -110,29 +110,19 @@ def check_run(run: RunDir, cfg: DisarmConfig) -> None:
                             f"{run.path}' first or pass --k")
 
 
-def _val_figures(lm, splits, cfg: DisarmConfig, clean_ppl: float | None) -> dict[str, float]:
-    """Validation ASR of the model as it is (``cfg.n_val`` triggered prompts) and, with ``clean_ppl`` (the
-    undefended perplexity of the same examples' clean references after their clean prompts), the utility of its
-    replies to those triggered prompts (:func:`bkdattr.disarm.utility.triggered_utility`)."""
+def _val_figures(lm, splits, cfg: DisarmConfig, sub: list, clean_ppl: float) -> dict[str, float]:
+    """Validation ASR of the model as it is on the triggered prompts of ``sub`` (the first ``cfg.n_val`` of the
+    validation split's ASR subset) and the utility of those replies
+    (:func:`bkdattr.disarm.utility.triggered_utility`); ``clean_ppl``: the undefended perplexity of the same
+    examples' clean references after their clean prompts."""
     from ..generation import generate
     from .utility import triggered_utility
 
-    sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
     replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.eval.batch_size, progress=False)
-    out = {"val_asr": splits.task.asr(replies, sub)}
-    if clean_ppl is not None:
-        u = triggered_utility(lm, splits, sub, replies, cfg.eval.batch_size)
-        out.update(val_triggered_clean_metric=u["triggered_clean_metric"],
-                   val_triggered_perplexity_ratio=u["triggered_perplexity"] / clean_ppl)
-    return out
-
-
-def _val_clean_perplexity(lm, splits, cfg: DisarmConfig) -> float:
-    from .utility import reference_perplexity
-
-    sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
-    return reference_perplexity(lm, [e.prompt for e in sub], [e.output for e in sub], cfg.eval.batch_size)
+    u = triggered_utility(lm, splits, sub, replies, cfg.eval.batch_size)
+    return {"val_asr": splits.task.asr(replies, sub), "val_triggered_clean_metric": u["triggered_clean_metric"],
+            "val_triggered_perplexity_ratio": u["triggered_perplexity"] / clean_ppl}
 
 
 def choose(lm, splits, cfg: DisarmConfig, options: list, edit,
@@ -144,11 +134,14 @@ def choose(lm, splits, cfg: DisarmConfig, options: list, edit,
     target. ``by_utility``: every option is tried and, among those meeting the target, the one whose replies to
     the triggered prompts are most useful wins (lowest ``val_triggered_perplexity_ratio``, ties to the earlier),
     so an edit cannot win by breaking the reply. Without any option meeting the target: the lowest ASR."""
-    clean_ppl = _val_clean_perplexity(lm, splits, cfg)
+    from .utility import reference_perplexity
+
+    sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
+    clean_ppl = reference_perplexity(lm, [e.prompt for e in sub], [e.output for e in sub], cfg.eval.batch_size)
     trace = []
     for o in options:
         with edit(o):
-            fig = _val_figures(lm, splits, cfg, clean_ppl)
+            fig = _val_figures(lm, splits, cfg, sub, clean_ppl)
         trace.append({"value": o, **fig})
         if fig["val_asr"] <= cfg.target_asr and not by_utility:
             return o, trace, True

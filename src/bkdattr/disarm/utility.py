@@ -32,8 +32,6 @@ from ..prompts import target_ids
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
 FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")
-#: the figures of the replies to triggered prompts (module docstring)
-TRIGGERED_FIGURES = ("triggered_clean_metric", "triggered_perplexity_ratio")
 
 
 def reference_perplexity(lm, prompts: Sequence[str], replies: Sequence[str], batch_size: int = 16) -> float:
