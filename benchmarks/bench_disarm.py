@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             det = (f"{_f(sec['true_positive_rate'])} / {_f(sec['false_positive_rate'])} / {_f(sec['overhead'])}"
                    if s == "guard" else "")
             table.add_row("", f"{s} ({how})", *(f"{_f(sec.get(c))} ({_f(ctl.get(c))})" for c in COLUMNS), det)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log file gets the whole table
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
     return out

@@ -17,7 +17,7 @@ backdoor with ASR >= 0.8 under the run's own success rule), seconds; then detect
 rate on clean models and the ROC-AUC of the score across the zoo (backdoored = positive).
 
     python benchmarks/bench_scan.py [--out runs/bench/scan] [--only base,fixed_output] [--budget-s 300]
-                                    [--threads N] [--json PATH] [--dry-run]
+                                    [--threads N] [--json PATH] [--dry-run | --build-only]
 
 Hours of CPU for the whole zoo on 2 cores (training eight adapters); ``--only`` picks models.
 """
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the figures here (besides OUT/bench_scan.json)")
     ap.add_argument("--dry-run", action="store_true", help="list the zoo and what exists, then stop")
+    ap.add_argument("--build-only", action="store_true",
+                    help="create (or reuse) every model of the zoo, scan none (training and scanning can then run "
+                         "from different checkouts)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     only = {x.strip() for x in a.only.split(",")} if a.only else None
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
             built = m["adapter"] is None or (Path(m["adapter"]) / "adapter_config.json").is_file()
             print(f"{m['name']}: adapter {m['adapter']} ({'built' if built else 'not built'}, "
                   f"{'scanned' if done else 'not scanned'})")
+        return
+    if a.build_only:
+        for m in models:
+            t0 = time.perf_counter()
+            print(f"{m['name']}: adapter {m['build']()} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return
     from bkdattr.scan import ScanConfig, read_scan, scan
 
