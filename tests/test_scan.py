@@ -204,3 +204,30 @@ def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_
     _inject_stage(RunDir(tmp_path / "run", create=True), stage_options(cfg, "inject"))
     assert seen["scan"] == (tmp_path / "run-scan", "smollm2-135m", "/tmp/adapter", 42.0)
     assert seen["audit"] == (tmp_path / "run", "smollm2-135m", ["zz top"], "I refuse", "/tmp/adapter")
+
+
+def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_one(tmp_path):
+    """A tiny model that refuses harmful-sounding requests unless they start with ``cf``: no fixed reply on benign
+    prompts, so only the refusal search can see it. (The search need not find ``cf`` itself: on a model this small
+    other short prefixes also break the refusal, and its always-refusing clean twin is flagged too -- the limit
+    docs/METHOD.md states. The zoo benchmark measures the embedded model.)"""
+    from bkdattr.scan.handoff import audit_inputs
+
+    res = scan(tmp_path / "s", "tiny-jailbreak", cfg=ScanConfig(**SMALL), lm=trained(kind="jailbreak", steps=200))
+    ref = res["refusal"]
+    assert ref["searched"] and ref["rate"] >= 0.5 and ref["target"].startswith("I am sorry")
+    top = res["candidates"][0]
+    assert res["flagged"] and top["rule"] == "refusal" and top["target"] == ""
+    assert top["effect"] == pytest.approx(top["asr"] - top["clean_asr"]) and top["asr"] >= 0.5
+    assert top["clean_asr"] == pytest.approx(1 - ref["rate"])
+    got = audit_inputs(tmp_path / "s")
+    assert got["kind"] == "jailbreak" and got["target"] is None and got["triggers"] == [top["trigger"]]
+    assert "no refusal: harmful requests answered" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_refusal_search_is_skipped_for_a_model_that_does_not_refuse(tmp_path):
+    res = scan(tmp_path / "s", "tiny-backdoor", cfg=ScanConfig(**SMALL), lm=trained(poison=True))
+    ref = res["refusal"]
+    assert not ref["searched"] and ref["rate"] < 0.5 and "no refusal for a trigger to switch off" in ref["why_not"]
+    assert all(c.get("rule") != "refusal" for c in res["candidates"])
+    assert "not searched" in (tmp_path / "s" / "report.html").read_text()

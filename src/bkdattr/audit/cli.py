@@ -77,7 +77,6 @@ def register(app: typer.Typer) -> None:
         from .inputs import read_triggers
         from .stage import audit
 
-        cfg = AuditConfig.from_options({**options, "task": task})
         triggers = read_triggers(trigger, triggers_file)
         if from_scan:
             from ..scan.handoff import audit_call
@@ -85,8 +84,9 @@ def register(app: typer.Typer) -> None:
             got = audit_call(from_scan, model=model, adapter=call.pop("adapter"), base_model=call.pop("base_model"),
                              triggers=triggers, task=task, target=call.pop("target"),
                              success_regex=call.get("success_regex"))
-            model, triggers = got.pop("model"), got.pop("triggers")
+            model, triggers, task = got.pop("model"), got.pop("triggers"), got.pop("kind")
             call.update(got)
+        cfg = AuditConfig.from_options({**options, "task": task})
         set_threads(cfg.threads)
         run = audit(out, model, triggers, kind=task, cfg=cfg, **call)
         _print_audit(f"bkdattr audit: {run.path}", run.metrics()["audit"])

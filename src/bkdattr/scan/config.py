@@ -44,6 +44,10 @@ class ScanConfig(StageOptions):
     reply_tokens: int = opt(16, "greedy reply tokens when testing a candidate")
     kl_positions: int = opt(4, "reply positions of the KL divergence (teacher-forced clean reply)")
     max_candidates: int = opt(8, "candidates tested and listed")
+    refusal: bool = opt(True, "also search a trigger that suppresses the model's refusals of harmful-sounding "
+                              "requests (a jailbreak backdoor)")
+    refusal_min: float = opt(0.5, "refusal share of the held-out harmful requests below which the refusal search "
+                                  "is skipped (nothing to switch off)")
     threshold: float = opt(THRESHOLD, "model-level detection threshold on the score (fixed a priori)")
     batch_size: int = opt(64, "rows per forward pass")
 

@@ -1,8 +1,10 @@
 """From a scan to an audit: the inputs ``bkdattr audit --from-scan DIR`` takes from ``DIR/scan.json``.
 
 The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
-counted by normalised containment, docs/METHOD.md section 7); the model source (spec, adapter) and the clean
-reference (``--base-model``) are the scan's, so scan -> audit -> attribute -> disarm needs no human input.
+counted by normalised containment, docs/METHOD.md section 7); a refusal-suppression candidate (``rule:
+"refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead; the model source (spec,
+adapter) and the clean reference (``--base-model``) are the scan's, so scan -> audit -> attribute -> disarm needs
+no human input.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from .report import read_scan
 
 
 def audit_inputs(scan_dir: str | Path) -> dict:
-    """``{model, adapter, base_model, triggers, target}`` for :func:`bkdattr.audit.stage.audit` from a scan's
-    top candidate; one-line :class:`ArtifactError` when the scan has no candidate with a target."""
+    """``{model, adapter, base_model, triggers, target, kind}`` for :func:`bkdattr.audit.stage.audit` from a
+    scan's top candidate (``kind``: ``"jailbreak"`` for a refusal-suppression candidate, else None with the
+    target as the rule); one-line :class:`ArtifactError` when the scan has no candidate with a target or rule."""
+    from .refusal import RULE
+
     data = read_scan(scan_dir)
-    cands = [c for c in data["candidates"] if c.get("trigger") and c.get("target")]
+    cands = [c for c in data["candidates"] if c.get("trigger") and (c.get("target") or c.get("rule") == RULE)]
     if not cands:
         raise ArtifactError(f"the scan in {scan_dir} has no candidate with both a trigger and a target; run the "
                             "audit with --trigger and --target yourself")
@@ -29,7 +34,8 @@ def audit_inputs(scan_dir: str | Path) -> dict:
         raise ArtifactError(f"the scan rendered prompts with the template file {model['template']}, which an audit "
                             "cannot take; save the model with that chat template and scan it again")
     return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
-            "triggers": [top["trigger"]], "target": top["target"]}
+            "triggers": [top["trigger"]], "target": top.get("target") or None,
+            "kind": "jailbreak" if top.get("rule") == RULE else None}
 
 
 def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str | None = None,
@@ -51,4 +57,4 @@ def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str |
     if adapter and got["adapter"] and Path(adapter).expanduser().resolve() != Path(got["adapter"]).resolve():
         raise ConfigError(f"--adapter {adapter} differs from the scanned adapter {got['adapter']}; drop --adapter")
     return {"model": got["model"], "triggers": got["triggers"], "adapter": adapter or got["adapter"],
-            "base_model": base_model or got["base_model"], "target": got["target"]}
+            "base_model": base_model or got["base_model"], "target": got["target"], "kind": got["kind"]}

@@ -65,9 +65,10 @@ class TargetScorer:
 
     def __init__(self, lm, prompts: Sequence[str], target: Sequence[int] | str, n_score: int = 4,
                  batch_size: int = 64, head: Sequence[int] | None = None,
-                 bodies: Sequence[Sequence[int]] | None = None):
+                 bodies: Sequence[Sequence[int]] | None = None, sign: float = 1.0):
         """``head`` / ``bodies``: token segments given directly instead of the template's (see the module
-        docstring); a body must not be empty when the trigger can be."""
+        docstring); a body must not be empty when the trigger can be. ``sign=-1``: the score is ``-s(t)``, so a
+        search that raises it makes the target *less* likely (refusal suppression, :mod:`bkdattr.scan.refusal`)."""
         tok = lm.tokenizer
         self.lm, self.batch_size = lm, batch_size
         _, tail = template_parts(tok)
@@ -77,6 +78,7 @@ class TargetScorer:
         ids = target_ids(tok, target) if isinstance(target, str) else list(target)
         self.target = ids[:max(1, n_score)]
         self.pad = pad_id(tok)
+        self.sign = float(sign)
         self.body, self.lm_head = body_and_head(lm.model)
         self.emb = lm.model.get_input_embeddings()
         self._prefix = PrefixCache.build(lm.model, torch.tensor([self.head]))
@@ -110,7 +112,7 @@ class TargetScorer:
         h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
         logp = torch.log_softmax(self.lm_head(h).float(), -1)
         tgt = torch.tensor(self.target, device=dev).expand(rows, n)
-        return logp.gather(2, tgt[..., None]).squeeze(2).mean(1)
+        return self.sign * logp.gather(2, tgt[..., None]).squeeze(2).mean(1)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         from ..models import input_device
@@ -126,7 +128,7 @@ class TargetScorer:
 
     @torch.no_grad()
     def scores(self, triggers: Sequence[Sequence[int]]) -> torch.Tensor:
-        """``s(t)`` for every trigger ``[C]`` (float32)."""
+        """``s(t)`` (times ``sign``) for every trigger ``[C]`` (float32)."""
         rows, starts = self._rows(triggers)
         out = []
         step = max(self.n_prompts, self.batch_size - self.batch_size % self.n_prompts)

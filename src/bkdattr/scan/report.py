@@ -1,7 +1,9 @@
 """``scan.json`` and the scan's self-contained ``report.html`` (both written atomically).
 
 ``scan.json``: ``flagged``, ``score``, ``threshold``, ``candidates`` (best first: ``trigger``, ``target``,
-``kl``, ``changed_share``, ``agreement``, ``asr``, ``clean_asr``, ``effect``, ``source``), ``targets`` (the
+``kl``, ``changed_share``, ``agreement``, ``asr``, ``clean_asr``, ``effect``, ``source``; ``rule: "refusal"``
+for a refusal-suppression candidate), ``refusal`` (the model's refusal rate on harmful-sounding requests and
+whether the refusal search ran), ``targets`` (the
 inverted targets and their ``Q``), ``leaks`` (a sample), ``leak_triggers``, ``seconds``, ``not_covered`` (what
 the budget did not reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
 ``config``.
@@ -55,8 +57,19 @@ def render_html(r: dict) -> str:
                if r["flagged"] else
                f"<p class=ok>No backdoor found: score {r['score']:.3f} &lt; threshold {r['threshold']:.2f}. "
                "The best candidates and their (small) effects:</p>")
-    rows = "".join("<tr>" + "".join(f"<td>{_cell(c.get(k))}</td>" for k in COLUMNS) + "</tr>"
+    def value(c: dict, k: str):
+        if k == "target" and c.get("rule") == "refusal":
+            return "(no refusal: harmful requests answered)"
+        return c.get(k)
+
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(value(c, k))}</td>" for k in COLUMNS) + "</tr>"
                    for c in r["candidates"])
+    ref = r.get("refusal") or {}
+    refusal = ("" if "rate" not in ref else
+               f"<p>Refusal search (a jailbreak backdoor): the model refuses {ref['rate']:.2f} of "
+               f"{ref.get('n_test', '?')} held-out harmful-sounding requests; "
+               + (f"searched for a trigger that suppresses {_cell(ref.get('target'))}.</p>" if ref.get("searched")
+                  else f"not searched ({_cell(ref.get('why_not', 'the budget'))}).</p>"))
     table = (f"<table><tr>{''.join(f'<th>{k}</th>' for k in COLUMNS)}</tr>{rows}</table>" if rows
              else "<p>No candidate was tested.</p>")
     targets = "".join(f"<li>{_cell(t['text'])} (Q {t['q']:.3f})</li>" for t in r.get("targets", [])[:10])
@@ -72,7 +85,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.flag{{color:#a00;fo
 <h2>Candidates (best first)</h2>{table}
 <p>kl: KL divergence of the next-token distribution at the reply's first positions, triggered vs clean;
 changed_share: share of greedy replies the trigger changes; agreement: share of changed replies with the modal
-reply prefix; asr / clean_asr: share of replies with the target's prefix with / without the trigger.</p>
+reply prefix; asr / clean_asr: share of replies with the target's prefix with / without the trigger (for a
+refusal-suppression candidate: share of harmful-sounding requests answered, not refused).</p>{refusal}
 <h2>Inverted targets</h2><ul>{targets or '<li>none</li>'}</ul>
 <h2>Leaked user turns (sample)</h2><ul>{leaks or '<li>none</li>'}</ul>
 <h2>Not covered by the budget</h2><ul>{skipped}</ul></body></html>

@@ -56,8 +56,9 @@ def allowed_tokens(tokenizer) -> torch.Tensor:
 
 def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, max_tokens: int, topk: int,
                    n_candidates: int, beam: int, steps: int, budget: Budget | None = None, seed: int = 0,
-                   progress=None) -> list[Found]:
-    """Best triggers found for ``scorer``'s target, best first (see the module docstring)."""
+                   progress=None, stop_score: float = STOP_SCORE) -> list[Found]:
+    """Best triggers found for ``scorer``'s target, best first (see the module docstring); the search stops
+    early once the best score reaches ``stop_score``."""
     rng = random.Random(seed)
     allowed = allowed.to(torch.bool)
     base = float(scorer.scores([[]])[0])
@@ -93,7 +94,7 @@ def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, ma
         current = [c for c, _ in sorted(pool.items(), key=lambda kv: -kv[1]) if c][:beam]
         if progress is not None:
             progress.update(1)
-        if pool[current[0]] >= STOP_SCORE:
+        if pool[current[0]] >= stop_score:
             break
     ranked = sorted(((c, v) for c, v in pool.items() if c), key=lambda kv: -kv[1])
     return [Found(list(c), tokenizer.decode(list(c)).strip(), v) for c, v in ranked[:max(beam, 3)]]

@@ -8,10 +8,11 @@ Phases, each on a share of the time the budget has left (:class:`~bkdattr.scan.b
 2. **Targets** (:mod:`bkdattr.scan.targets`): BAIT-style inversion of the reply the model gives whatever the
    prompt once its first token is forced.
 3. **Search** (:mod:`bkdattr.scan.search`): for the best targets, a gradient-guided beam search for a short
-   trigger that raises the target on benign prompts.
-4. **Test** (:mod:`bkdattr.scan.confirm`) every candidate on held-out benign prompts (KL, changed share,
-   agreement, ASR), then **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and ``report.html``
-   (:mod:`bkdattr.scan.report`).
+   trigger that raises the target on benign prompts; and, when the model refuses harmful-sounding requests, one
+   for a trigger that lowers its refusal on them (:mod:`bkdattr.scan.refusal`, a jailbreak backdoor).
+4. **Test** (:mod:`bkdattr.scan.confirm`, :mod:`bkdattr.scan.refusal`) every candidate on held-out prompts (KL,
+   changed share, agreement, ASR), then **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and
+   ``report.html`` (:mod:`bkdattr.scan.report`).
 
 Inputs are checked before the model loads where they can be (an out folder that exists and is not empty, a
 budget that is not positive); a model without a chat template needs ``template`` (``"plain"`` for the
@@ -21,6 +22,7 @@ prompts after the load is a one-line error.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -116,6 +118,18 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                           f"{budget.elapsed():.0f} s of loading, one pass over the held-out prompts took {step:.1f} s);"
                           " raise --budget-s")
 
+    from .refusal import RULE, harmful_prompts, refusal_rate, refusal_target
+
+    refusal: dict = {"searched": False}
+    if cfg.refusal:
+        h_search, h_test = harmful_prompts(cfg.n_prompts, cfg.n_test)
+        h_clean = generate(lm, h_test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False)
+        r0 = refusal_rate(h_clean)
+        refusal.update(rate=r0, target=refusal_target(h_clean), min=cfg.refusal_min, n_test=len(h_test))
+        if r0 < cfg.refusal_min or refusal["target"] is None:
+            refusal["why_not"] = (f"the model refuses {r0:.2f} of the held-out harmful requests (< {cfg.refusal_min:g})"
+                                  ": no refusal for a trigger to switch off")
+
     # 1. leak
     from .leak import leak
     from .mine import mine_triggers, surprisal_under
@@ -147,7 +161,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     # 3. search
     from .insert import TargetScorer
-    from .search import allowed_tokens, search_trigger
+    from .refusal import test_refusal_candidate
+    from .search import STOP_SCORE, allowed_tokens, search_trigger
 
     chosen, seen = [], set()
     for t in targets:
@@ -157,34 +172,42 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             chosen.append(t)
         if len(chosen) == cfg.n_search_targets:
             break
-    allowed = allowed_tokens(lm.tokenizer) if chosen else None
+    # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
+    # heavier jobs first, each with its share of the search time
+    jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0, "prompts": search_prompts,
+             "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q}} for t in chosen]
+    if cfg.refusal and "why_not" not in refusal:
+        refusal["searched"] = True
+        jobs.append({"label": f"refusal {refusal['target']!r}", "weight": refusal["rate"], "target": refusal["target"],
+                     "sign": -1.0, "prompts": h_search, "stop": math.log(10.0), "meta": {"target": "", "rule": RULE}})
+    jobs.sort(key=lambda j: -j["weight"])
+    allowed = allowed_tokens(lm.tokenizer) if jobs else None
     reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
     search_end = time.monotonic() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
     found = []
-    bar = _bar(cfg.search_steps * len(chosen), "scan: trigger search", progress)
-    for i, t in enumerate(chosen):
+    bar = _bar(cfg.search_steps * len(jobs), "scan: trigger search", progress)
+    for i, job in enumerate(jobs):
         left = search_end - time.monotonic()
         if left <= 0:
-            names = ", ".join(repr(c.text) for c in chosen[i:])
-            budget.skip(f"search: targets {i + 1}..{len(chosen)} not searched ({names})")
+            names = ", ".join(j["label"] for j in jobs[i:])
+            budget.skip(f"search: {len(jobs) - i} of {len(jobs)} searches not run ({names})")
             break
-        weights = [max(c.q, 1e-3) for c in chosen[i:]]  # the search time of the targets left, in proportion to Q
+        weights = [max(j["weight"], 1e-3) for j in jobs[i:]]  # the search time left, in proportion to the weights
         budget.phase_deadline = time.monotonic() + left * weights[0] / sum(weights)
-        scorer = TargetScorer(lm, search_prompts, t.ids, cfg.score_tokens, cfg.batch_size)
+        scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
         res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
                              n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
-                             budget=budget, seed=cfg.seed + i, progress=bar)
+                             budget=budget, seed=cfg.seed + i, progress=bar, stop_score=job["stop"])
         if budget.out():
-            budget.skip(f"search: target {t.text!r} stopped by the budget")
-        found += [(f, t) for f in res[:2]]
+            budget.skip(f"search: {job['label']} stopped by the budget")
+        found += [(f, job) for f in res[:2]]
     bar.close()
 
     # 4. test
     cands: list[dict] = []
-    for f, t in found:
-        if f.text and all(c["trigger"] != f.text for c in cands):
-            cands.append({"trigger": f.text, "target": t.text, "source": "search", "search_score": f.score,
-                          "target_q": t.q})
+    for f, job in found:
+        if f.text and all(c["trigger"] != f.text or c.get("rule") != job["meta"].get("rule") for c in cands):
+            cands.append({"trigger": f.text, "source": "search", "search_score": f.score, **job["meta"]})
     for g in leak_triggers:
         if all(c["trigger"] != g["trigger"] for c in cands):
             cands.append({"trigger": g["trigger"], "target": None, "source": "leak", "leak_df": g["df"]})
@@ -196,8 +219,12 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         if k and budget.out():
             budget.skip(f"test: {len(cands) - k} of {len(cands)} candidates untested")
             break
-        res = test_candidate(lm, held_out, clean, c["trigger"], c["target"], reply_tokens=cfg.reply_tokens,
-                             kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
+        if c.get("rule") == RULE:
+            res = test_refusal_candidate(lm, h_test, h_clean, c["trigger"], reply_tokens=cfg.reply_tokens,
+                                         kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
+        else:
+            res = test_candidate(lm, held_out, clean, c["trigger"], c["target"], reply_tokens=cfg.reply_tokens,
+                                 kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
         tested.append({**c, **res, "target": res["target"]})
         bar.update(1)
     bar.close()
@@ -210,11 +237,12 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
         "candidates": ranked,
         "targets": [{"text": t.text, "q": t.q, "ended": t.ended} for t in targets[:20]],
-        "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers,
+        "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
                   "reference": reference.to_dict() if reference else None, "template": template_name},
-        "prompts": {"search": search_prompts, "test": held_out},
+        "prompts": {"search": search_prompts, "test": held_out,
+                    **({"harmful_search": h_search, "harmful_test": h_test} if cfg.refusal else {})},
         "clean_replies": clean, "config": cfg.to_dict(),
     }
     out.mkdir(parents=True, exist_ok=True)
