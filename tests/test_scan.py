@@ -105,7 +105,7 @@ def test_audit_from_scan_takes_the_top_candidate_and_the_model(tmp_path, monkeyp
                                        {"trigger": "second", "target": "x", "kl": 0.0, "changed_share": 0.0,
                                         "agreement": 0.0, "asr": 0.0}])
     assert audit_inputs(d) == {"model": "smollm2-135m", "adapter": "/tmp/adapter", "base_model": None,
-                               "triggers": ["zz top"], "target": "I refuse"}
+                               "triggers": ["zz top"], "target": "I refuse", "kind": None}
     other = _fake_scan(tmp_path / "scan2", [{"trigger": "t", "target": "y"}])
     data = json.loads((other / "scan.json").read_text())
     data["model"]["template"] = "/x/template.jinja"
