@@ -22,7 +22,7 @@ import torch
 
 from bkdattr.generation import decode_replies, generate, greedy_generate
 from bkdattr.guard import Guard, choose_threshold, header_ids, prompt_positions
-from bkdattr.hooks import hook_count
+from bkdattr.hooks import hook_count, out_tensor, registered
 from bkdattr.inject.data import load_splits
 from bkdattr.prompts import encode_prompts, encode_with_targets, end_of_turn_ids, pad_id, target_ids
 from bkdattr.rundir import RunDir
@@ -308,6 +308,50 @@ def test_scope_prefix_edits_the_prompt_columns_only(guarded, action):
     assert torch.allclose(lp_guard, lp_hand, atol=1e-5)
 
 
+@pytest.mark.parametrize("scope", ["prompt", "all"])
+def test_clamp_mode_removes_only_the_excess_along_the_vector(guarded, scope):
+    """``mode="clamp"``: in a flagged row, the attention output's component along ``u = v/|v|`` is lowered to the
+    clean mean ``mu`` where it exceeds it, and nothing else changes (checked on the edited layer's output with a
+    hand-written projection); ``mu`` is the clean training prompts' mean projection at ``p(x)``; a clean row is
+    untouched, and the clamp disarms the planted backdoor."""
+    from bkdattr.control.vector import load_vector
+    from bkdattr.guard import clean_projection
+
+    lm, arch, test = guarded.lm, guarded.lm.arch, guarded.splits.test[:3]
+    trig, clean = [e.triggered for e in test], [e.prompt for e in test]
+    guard = Guard(lm, guarded.run, "vector", scope=scope, mode="clamp", alpha=1.0)
+    v = load_vector(guarded.run.path / "control" / "backdoor_vector.safetensors").vector.float()
+    u = v / v.norm()
+    mu = clean_projection(lm, guarded.run, guard.plan.vector_layer, u)
+    assert guard.plan.mode == "clamp" and guard.plan.clean_projection == pytest.approx(mu)
+    layer = guard.plan.vector_layer
+    b = encode_prompts(lm.tokenizer, clean + trig, "left")
+    out = {}
+
+    def grab(_m, _a, o):
+        out["o"] = out_tensor(o).detach().clone()
+
+    with torch.no_grad():
+        with registered([arch.out_proj[layer].register_forward_hook(grab)]):
+            lm.model(**b.model_inputs())
+        plain = out["o"]
+        with guard, registered([arch.out_proj[layer].register_forward_hook(grab)]):  # runs after the guard's hook
+            lm.model(**b.model_inputs())
+        edited = out["o"]
+    n = len(clean)
+    assert guard.n_flagged == len(trig), guard.scores(clean + trig)
+    assert torch.equal(edited[:n], plain[:n])  # clean rows untouched
+    proj = plain[n:] @ u
+    want = plain[n:] - (proj - mu).clamp_min(0)[..., None] * u
+    if scope == "prompt":  # p(x) only: the last column
+        want[:, :-1] = plain[n:, :-1]
+    torch.testing.assert_close(edited[n:], want, rtol=0, atol=1e-5)
+    assert bool((proj[:, -1] > mu).all())  # the triggered rows' p(x) is above the clean mean: something was removed
+    with guard:
+        replies = generate(lm, trig, max_new_tokens=1, batch_size=8, progress=False)
+    assert guarded.splits.task.asr(replies, test) == 0.0
+
+
 def test_scope_all_skips_decode_steps_whose_rows_no_longer_match(guarded):
     """A decode step with another batch size than its prefill (a decoder that dropped rows) is not edited, and
     counted."""
@@ -371,16 +415,18 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     from bkdattr.guard import SCOPES
 
     assert [t["value"] for t in plan["selection"]] == [{"scope": sc, "alpha": a} for sc in SCOPES
-                                                       for a in (0.5, 1.0, 1.5, 2.0, 3.0)]
+                                                       for a in (0.5, 1.0, 1.5, 2.0, 3.0)] + [
+        {"scope": sc, "alpha": 1.0, "mode": "clamp"} for sc in SCOPES]
     # of the edits that disarm on validation, the one whose triggered replies stay most useful is kept
     ok = [t for t in plan["selection"] if t["val_asr"] <= 0.05]
     best = min(ok, key=lambda t: t["val_triggered_perplexity_ratio"])
-    assert {"scope": plan["scope"], "alpha": plan["alpha"]} == best["value"]
+    assert {k: plan[k] for k in best["value"]} == best["value"]
     assert all(0 <= t["val_triggered_clean_metric"] <= 1 for t in plan["selection"])
     assert s["triggered_perplexity_ratio"] < s["undefended"]["triggered_perplexity_ratio"]
     assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
     later = Guard(guarded.lm, guarded.run, "vector").plan
     assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source
+    assert later.mode == plan.get("mode", "subtract")
     # the guard's own probe: trained on the training split only, one layer at or before the edit layer
     probe = s["guard_probe"]
     assert probe["layer"] <= 1 and probe["n_prompts"] == len({e.prompt for e in guarded.splits.train})

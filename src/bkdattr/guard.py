@@ -14,7 +14,11 @@ steps are left alone and see the edit through the KV cache, exactly as the contr
 3. **Decide.** The saved probe of that layer gives ``P(triggered)`` per row; rows with ``P > threshold`` are
    flagged.
 4. **Edit** the flagged rows, later in the same pass: ``action="vector"`` subtracts ``alpha * v`` (the
-   Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention output;
+   Backdoor Vector of the vector stage, at its layer ``l*``) from that layer's attention output
+   (``mode="subtract"``), or, with ``mode="clamp"``, removes only the excess of the attention output ``o``
+   along ``u = v / |v|`` over its clean mean ``mu`` (the mean of ``o . u`` at ``p(x)`` over the run's clean
+   training prompts): ``o - alpha * max(0, o . u - mu) * u``, so a column where the backdoor direction is not
+   raised is left as it is;
    ``action="heads"`` zeroes the top-k BAHA heads' slices of ``z_l`` (``k``: the smallest k of the ablation
    stage's sweep with ASR <= 0.05). ``scope="prompt"`` edits ``p(x)`` of the prefill only (the control
    stage's edit; later tokens see it through the KV cache); ``scope="prefix"`` edits every prompt column of
@@ -69,6 +73,9 @@ from .rundir import RunDir, get_nested
 
 ACTIONS = ("vector", "heads")
 SCOPES = ("prompt", "prefix", "all")
+MODES = ("subtract", "clamp")
+#: clean training prompts whose mean projection ``mu`` the clamp mode keeps
+N_CLEAN_PROJECTION = 32
 MAX_FPR = 0.01
 #: ablation ASR at or below which a k counts as disarming (issue 14)
 DISARM_ASR = 0.05
@@ -95,6 +102,8 @@ class GuardPlan:
     k: int | None = None
     k_reason: str | None = None
     scope: str = "prompt"
+    mode: str = "subtract"  # vector action: subtract alpha * v, or clamp the component along v to its clean mean
+    clean_projection: float | None = None  # clamp mode: mu
     edit_source: str = "the control stages"
     control_seed: int | None = None  # set: the same-size random control (random vector / random heads)
     probe_file: str = ""  # relative to the run
@@ -271,28 +280,37 @@ class Guard:
     calibrated and stored when absent); ``alpha``/``vector_layer``: the vector's scale and layer (default: the
     vector stage's); ``k``: the number of top heads (default: :func:`disarming_k`); ``scope``: ``"prompt"``
     or ``"all"`` (module docstring); ``control_seed``: build the same-size random control instead (a random
-    vector of the same norm, or k random heads, with this seed) behind the same detector."""
+    vector of the same norm, or k random heads, with this seed) behind the same detector; ``mode``: ``"subtract"``
+    or ``"clamp"`` (vector action; module docstring)."""
 
     def __init__(self, lm, run: RunDir | str, action: str = "vector", threshold: float | None = None,
                  layer: int | None = None, *, probe: str = "auto", alpha: float | None = None,
                  vector_layer: int | None = None, k: int | None = None, scope: str | None = None,
-                 batch_size: int = 16, use_stored_plan: bool = True, control_seed: int | None = None):
+                 mode: str | None = None, batch_size: int = 16, use_stored_plan: bool = True,
+                 control_seed: int | None = None):
         from .probe.detector import Detector
 
         if action not in ACTIONS:
             raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
         if scope is not None and scope not in SCOPES:
             raise ConfigError(f"unknown guard scope '{scope}'; use one of {', '.join(SCOPES)}")
+        if mode is not None and mode not in MODES:
+            raise ConfigError(f"unknown guard mode '{mode}'; use one of {', '.join(MODES)}")
         self.lm, self.run = lm, run if isinstance(run, RunDir) else RunDir(run)
         stored = stored_plan(self.run, action) if use_stored_plan else None
         edit_source = "the control stages"
-        if stored is not None and alpha is None and vector_layer is None and k is None and scope is None:
-            alpha, vector_layer, k, scope = (stored.get("alpha"), stored.get("vector_layer"), stored.get("k"),
-                                             stored.get("scope"))
+        if (stored is not None and alpha is None and vector_layer is None and k is None and scope is None
+                and mode is None):
+            alpha, vector_layer, k, scope, mode = (stored.get("alpha"), stored.get("vector_layer"), stored.get("k"),
+                                                   stored.get("scope"), stored.get("mode"))
             edit_source = f"chosen on validation ({'/'.join(PLAN_FILE)})"
-        scope = scope or "prompt"
+        scope, mode = scope or "prompt", mode or "subtract"
+        if mode == "clamp" and action != "vector":
+            raise ConfigError("mode='clamp' is an edit of the vector action; drop it or use action='vector'")
         arch = lm.arch
         self._delta: torch.Tensor | None = None
+        self._unit: torch.Tensor | None = None  # clamp mode: u = v / |v|
+        self._mu = 0.0
         self._cols: dict[int, torch.Tensor] = {}
         heads, kk, k_why, vlayer, a, vnorm = [], None, None, None, None, None
         if action == "vector":
@@ -304,6 +322,9 @@ class Guard:
                 v = random_like(v, control_seed)
             self._delta = (a * v).float()
             edit_layers, vnorm = [vlayer], float(v.norm())
+            if mode == "clamp":
+                self._unit = (v / v.norm().clamp_min(1e-12)).float()
+                self._mu = clean_projection(lm, self.run, vlayer, self._unit)
         else:
             heads, kk, k_why = _heads_edit(self.run, arch, k)
             if control_seed is not None:
@@ -327,7 +348,8 @@ class Guard:
         self.detector = Detector(lm, probes, layer, str(probes.meta.get("kind", "attn_input")), batch_size)
         self.plan = GuardPlan(action, layer, self.detector.kind, why, edit_layers, vector_layer=vlayer, alpha=a,
                               vector_norm=vnorm, heads=[list(h) for h in heads], k=kk, k_reason=k_why,
-                              scope=scope, edit_source=edit_source, control_seed=control_seed,
+                              scope=scope, mode=mode, clean_projection=self._mu if mode == "clamp" else None,
+                              edit_source=edit_source, control_seed=control_seed,
                               probe_file=str(path.relative_to(self.run.path)))
         self._header = header_ids(lm.tokenizer)
         self._handles: list = []
@@ -458,8 +480,12 @@ class Guard:
             return None
         rows, cols = sel
         o = o.clone()
-        d = self._delta.to(o.device)
         sub = o[rows].float()
+        if self._unit is None:
+            d = self._delta.to(o.device)
+        else:  # clamp: alpha * the excess along u over the clean mean, per column
+            u = self._unit.to(o.device)
+            d = self.plan.alpha * (sub @ u - self._mu).clamp_min(0)[..., None] * u
         edited = sub - d if cols is None else torch.where(cols[..., None], sub - d, sub)
         o[rows] = edited.to(o.dtype)
         return with_out(out, o)
@@ -523,9 +549,30 @@ class Guard:
             self._explicit = old
 
 
+@torch.no_grad()
+def clean_projection(lm, run: RunDir, layer: int, unit: torch.Tensor, n: int = N_CLEAN_PROJECTION,
+                     batch_size: int = 16) -> float:
+    """``mu``: the mean over the run's first ``n`` clean training prompts of the attention output of ``layer`` at
+    ``p(x)`` projected on ``unit`` (``[d_model]``), accumulated in float32."""
+    from .hooks import capture_attention_output
+    from .inject.data import load_splits
+
+    texts = list(dict.fromkeys(e.prompt for e in load_splits(run).train))[:n]
+    if not texts:
+        raise ArtifactError(f"{run.path} has no training prompts to measure the clean projection on; rerun inject")
+    from .forward import captured_pass
+
+    total, u = 0.0, unit.float().cpu()
+    for s in range(0, len(texts), batch_size):
+        _, st = captured_pass(lm, texts[s: s + batch_size],
+                              lambda b: capture_attention_output(lm.arch, b.last_pos, [layer]))
+        total += float((st[layer].float().cpu() @ u).sum())
+    return total / len(texts)
+
+
 def stored_plan(run: RunDir, action: str) -> dict[str, Any] | None:
     """The edit ``bkdattr disarm --strategy guard`` chose on validation for ``action`` (``RUN/disarm/
-    guard_plan.json``: ``alpha``, ``vector_layer``, ``k``, ``scope``), or None."""
+    guard_plan.json``: ``alpha``, ``vector_layer``, ``k``, ``scope``, ``mode``), or None."""
     path = run.sub(*PLAN_FILE)
     if not path.is_file():
         return None
@@ -559,5 +606,6 @@ def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: in
         return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)
 
 
-__all__ = ["ACTIONS", "PLAN_FILE", "PROBES", "SCOPES", "Guard", "GuardPlan", "choose_threshold", "disarming_k",
-           "guard_generate", "header_ids", "probe_layer_at_most", "prompt_positions", "stored_plan"]
+__all__ = ["ACTIONS", "MODES", "PLAN_FILE", "PROBES", "SCOPES", "Guard", "GuardPlan", "choose_threshold", "disarming_k",
+           "clean_projection", "guard_generate", "header_ids", "probe_layer_at_most", "prompt_positions",
+           "stored_plan"]

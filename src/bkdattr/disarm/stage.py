@@ -171,12 +171,14 @@ def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     """The guard edits tried on validation, least invasive first: ``scope="prompt"`` (``p(x)`` only), then
     ``"prefix"`` (every prompt column up to ``p(x)``), then ``"all"`` (every column of a flagged row, the reply
     too); within a scope, the scales ``alphas`` (vector action) or the ablation stage's k values (heads action)
-    in increasing order. Every option is tried; :func:`choose` keeps the one meeting the ASR target whose
-    replies to the triggered prompts are most useful."""
+    in increasing order; for the vector action then the clamp edit (``mode="clamp"``, alpha 1) in each scope.
+    Every option is tried; :func:`choose` keeps the one meeting the ASR target whose replies to the triggered
+    prompts are most useful."""
     from ..guard import SCOPES
 
     if cfg.guard_action == "vector":
-        return [{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
+        return ([{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
+                + [{"scope": s, "alpha": 1.0, "mode": "clamp"} for s in SCOPES])
     topk = get_nested(run.metrics(), "ablation.topk") or {}
     ks = [cfg.k] if cfg.k else sorted(int(k) for k in topk if int(k) > 0)
     if not ks:
