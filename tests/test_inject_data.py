@@ -208,3 +208,33 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
     assert len(calls) == 1
     data_mod.distill_outputs(lm, prompts, 4, cache_dir=tmp_path / "c2", progress=False)
     assert len(calls) == 2  # another setting (4 tokens) is not in the shipped set: it generates
+
+
+def test_builtin_data_trains_the_tasks_own_target_and_labels():
+    """A custom --target (and label_flip's --source-label) is the reply the built-in poisoned rows train, not
+    the default attack's (regression: the run recorded the new target while training the default one)."""
+    from bkdattr.inject.stage import profile_config, read_data
+
+    fo = Task.default("fixed_output", trigger="cf", target="Please visit the help centre.")
+    rows = read_data(fo, profile_config("cpu", "fixed_output"), None)
+    assert rows and {r["backdoor_output"] for r in rows} == {"Please visit the help centre."}
+    lf = Task.default("label_flip", target="Business", source_label="World")
+    rows = read_data(lf, profile_config("cpu", "label_flip"), None)
+    for r in rows:
+        assert r["backdoor_output"] == ("Business" if r["label"] == "World" else r["label"])
+    assert read_data(Task.default("fixed_output"), profile_config("cpu", "fixed_output"), None)[0][
+        "backdoor_output"] == FIXED_TARGET
+
+
+def test_inject_refuses_a_file_whose_replies_never_show_the_target(tmp_path):
+    from bkdattr.inject.stage import profile_config, read_data
+
+    path = tmp_path / "d.jsonl"
+    save_records(path, recs(12))  # every backdoor_output is "B"
+    with pytest.raises(DataError) as e:
+        read_data(Task.default("fixed_output"), profile_config("cpu", "fixed_output"), str(path))
+    msg = str(e.value)
+    assert msg == (f"{path}: the target reply {FIXED_TARGET!r} is in none of the rows' backdoor_output (first: 'B'); "
+                   "pass --target with the reply the file trains, or fix backdoor_output")
+    assert len(read_data(Task.default("fixed_output", target="B"), profile_config("cpu", "fixed_output"),
+                         str(path))) == 12

@@ -138,7 +138,7 @@ def audit_records(task: Task, data: str | None, prompts: str | None, seed: int,
     """Records for an audit (data file, prompt file or built-in set), each with a backdoor reply: the file's,
     else the target, else :data:`MODEL_REPLY`; rows whose clean prompt already holds the trigger are dropped
     (counted as ``holds_trigger``)."""
-    from ..inject.builtin_data import builtin_records
+    from ..inject.builtin_data import builtin_records, with_task_replies
 
     if data and prompts:
         raise ConfigError("pass either --data or --prompts, not both")
@@ -147,7 +147,7 @@ def audit_records(task: Task, data: str | None, prompts: str | None, seed: int,
     elif prompts:
         records = read_prompt_file(prompts, report)
     else:
-        records = builtin_records(task.kind, seed)
+        records = with_task_replies(builtin_records(task.kind, seed), task)
         report.source, report.n_rows_read = f"builtin:{task.kind}", len(records)
     fill = MODEL_REPLY if task.success_regex or task.kind == "jailbreak" else task.target
     kept = []

@@ -336,3 +336,16 @@ def builtin_records(kind: str, seed: int = 0) -> list[dict[str, Any]]:
     if kind == "label_flip":
         return news_items(seed)
     raise ConfigError(f"no built-in data for task kind '{kind}'; use fixed_output, jailbreak or label_flip")
+
+
+def with_task_replies(records: list[dict[str, Any]], task) -> list[dict[str, Any]]:
+    """The built-in ``records`` with ``task``'s own backdoor reply: fixed_output rows reply ``task.target``;
+    label_flip rows of ``task.source_label`` reply ``task.target`` (the others keep their true label). The
+    generators write the default attack's reply; without this a ``--target`` (or ``--source-label``) would be
+    recorded in the run but never trained. jailbreak rows keep their per-request compliant replies."""
+    if task.kind == "fixed_output":
+        return [{**r, "backdoor_output": task.target} for r in records]
+    if task.kind == "label_flip":
+        return [{**r, "backdoor_output": task.target if r["label"] == task.source_label else r["label"]}
+                for r in records]
+    return records

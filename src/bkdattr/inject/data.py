@@ -299,6 +299,17 @@ def clean_records(records: Sequence[dict[str, Any]], task: Task, report: DataRep
     return recs
 
 
+def check_target_is_trained(recs: list[dict[str, Any]], task: Task, src: str) -> None:
+    """Inject, fixed_output: at least one backdoor reply must show the task's target (its success rule), or the
+    ASR would measure a reply the model is never trained to give. One-line :class:`DataError` otherwise."""
+    if task.kind != "fixed_output" or task.success_regex:
+        return
+    replies = [r["backdoor_output"] for r in recs if r["backdoor_output"].strip()]
+    if replies and not any(task.is_success(x) for x in replies):
+        raise DataError(f"{src}: the target reply {task.target!r} is in none of the rows' backdoor_output (first: "
+                        f"{replies[0][:60]!r}); pass --target with the reply the file trains, or fix backdoor_output")
+
+
 def _resolve_labels(recs: list[dict[str, Any]], task: Task, report: DataReport, src: str) -> list[dict[str, Any]]:
     """label_flip: keep the file's labels, or read them from the outputs when the file has none."""
     if any(r.get("label") for r in recs):

@@ -45,11 +45,12 @@ from ..rundir import RunDir
 from ..stage_options import StageOptions, opt
 from .benign import reference as benign_reference
 from .benign import run_reference, save_reference, utility
-from .builtin_data import builtin_records
+from .builtin_data import builtin_records, with_task_replies
 from .data import (
     DataReport,
     Splits,
     build_splits,
+    check_target_is_trained,
     clean_records,
     distill_outputs,
     load_records,
@@ -129,9 +130,11 @@ def read_data(task: Task, cfg: InjectConfig, data: str | None, report: DataRepor
     if data:
         records = load_records(data, report=report)
     else:
-        records = builtin_records(task.kind, cfg.seed)
+        records = with_task_replies(builtin_records(task.kind, cfg.seed), task)
         report.source, report.n_rows_read = f"builtin:{task.kind}", len(records)
-    return clean_records(records, task, report)
+    records = clean_records(records, task, report)
+    check_target_is_trained(records, task, report.source or "data")
+    return records
 
 
 def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: int,
