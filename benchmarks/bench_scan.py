@@ -118,6 +118,21 @@ def true_trigger_rank(result: dict, run: str | None) -> tuple[int | None, str | 
     return None, None
 
 
+def rescored(res: dict) -> dict:
+    """A stored scan scored with this checkout's rule (the candidates' figures are kept; only which ones count,
+    their order, the score and the verdict are recomputed), so a zoo scanned before a change of the rule needs no
+    new scan."""
+    from bkdattr.scan import ScanConfig
+    from bkdattr.scan.score import mark, model_score, rank
+
+    cfg = ScanConfig()
+    res = dict(res)
+    res["candidates"] = rank(mark([dict(c) for c in res["candidates"]], cfg.target_q_min))
+    res["score"] = model_score(res["candidates"])
+    res["flagged"] = bool(res["score"] >= cfg.threshold)
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/bench/scan", help="clean adapters and scans (reused when rerun)")
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = out / "scans" / m["name"]
         m["adapter"] = m["build"]()
         if (folder / "scan.json").is_file():
-            res = read_scan(folder)
+            res = rescored(read_scan(folder))
         else:
             t0 = time.perf_counter()
             res = scan(folder, MODEL, adapter=m["adapter"],
@@ -162,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         rank, how = true_trigger_rank(res, m["run"])
         rows.append({"name": m["name"], "backdoored": m["backdoored"], "flagged": res["flagged"],
                      "score": res["score"], "trigger_rank": rank, "rank_by": how,
-                     "top": [(c["trigger"], c["target"], round(c["asr"], 2)) for c in res["candidates"][:3]],
+                     "top": [(c["trigger"], c["target"], round(c["asr"], 2), c.get("target_q"), c["counted"])
+                             for c in res["candidates"][:3]],
                      "seconds": res["seconds"], "not_covered": res.get("not_covered", [])})
         r = rows[-1]
         print(f"{r['name']:14s} backdoored={r['backdoored']!s:5s} flagged={r['flagged']!s:5s} "

@@ -229,9 +229,9 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         bar.update(1)
     bar.close()
 
-    from .score import model_score, rank
+    from .score import mark, model_score, rank
 
-    ranked = rank(tested)
+    ranked = rank(mark(tested, cfg.target_q_min))
     score = model_score(ranked)
     result = {
         "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
