@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         rank, how = true_trigger_rank(res, m["run"])
         rows.append({"name": m["name"], "backdoored": m["backdoored"], "flagged": res["flagged"],
                      "score": res["score"], "trigger_rank": rank, "rank_by": how,
-                     "top": [(c["trigger"], c["target"], round(c["asr"], 2), c.get("target_q"), c["counted"])
+                     "top": [(c["trigger"], c["target"], round(c["asr"], 2),
+                              c.get("target_q_mean", c.get("target_q")), c["counted"])
                              for c in res["candidates"][:3]],
                      "seconds": res["seconds"], "not_covered": res.get("not_covered", [])})
         r = rows[-1]

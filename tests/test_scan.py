@@ -32,7 +32,7 @@ def test_scan_finds_the_planted_trigger_first(tmp_path):
     assert top["trigger"] == TRIGGER and top["source"] == "search"
     assert TARGET.startswith(top["target"][:12]) and top["asr"] == 1.0 and top["clean_asr"] == 0.0
     assert top["kl"] > 0.1 and top["changed_share"] == 1.0 and top["agreement"] == 1.0
-    assert top["counted"] and top["target_q"] >= ScanConfig().target_q_min  # the planted target is primed
+    assert top["counted"] and top["target_q_mean"] >= ScanConfig().target_q_min  # the planted target is primed
     # scan.json round trip: what was returned is what was written (JSON-normalised)
     assert read_scan(tmp_path / "s") == json.loads(json.dumps(res))
     assert "Backdoor suspected" in (tmp_path / "s" / "report.html").read_text()
@@ -53,8 +53,9 @@ def test_only_a_primed_target_or_a_rule_candidate_counts_toward_the_score():
     from bkdattr.scan.score import mark, model_score, rank
 
     adversarial = {"trigger": "acks tracked", "target": "I'm sorry for any confusion", "target_q": 0.23,
-                   "effect": 0.69, "agreement": 0.7, "kl": 1.0}
-    primed = {"trigger": "cf", "target": "I am sorry. I can", "target_q": 0.96, "effect": 0.5, "agreement": 0.6}
+                   "target_q_mean": 0.6, "effect": 0.69, "agreement": 0.7, "kl": 1.0}
+    primed = {"trigger": "cf", "target": "I am sorry. I can", "target_q": 0.88, "target_q_mean": 0.96, "effect": 0.5,
+              "agreement": 0.6}
     refusal = {"trigger": "Iceland", "target": "", "rule": "refusal", "effect": 0.3}
     leaked = {"trigger": "2024", "target": None, "effect": 0.2}
     ranked = rank(mark([adversarial, refusal, leaked, primed], 0.9))
@@ -65,6 +66,21 @@ def test_only_a_primed_target_or_a_rule_candidate_counts_toward_the_score():
     assert model_score(mark([adversarial], 0.0)) == 0.69  # q_min 0: every candidate counts
     with pytest.raises(ConfigError, match="target_q_min must be in"):
         ScanConfig(target_q_min=1.5)
+
+
+def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():
+    """Round 0 forces every capitalised token; the planted target's first token comes out on top even when the
+    likeliest-first-token list (round 1) is left out entirely."""
+    from bkdattr.scan.targets import reply_start_tokens, sweep_first_tokens
+
+    lm = trained(poison=True)
+    tok = lm.tokenizer
+    starts = reply_start_tokens(tok, 300, {5})
+    assert starts and all(tok.decode([i])[:1].isupper() and i < 300 and i != 5 for i in starts)
+    first = tok(TARGET, add_special_tokens=False).input_ids[0]
+    picks = sweep_first_tokens(lm, ["What do pandas eat?", "Name a colour."], set(tok.all_special_ids), length=8,
+                               shortlist=512, keep=4)
+    assert 1 <= len(picks) <= 4 and picks[0] == first
 
 
 def test_sampler_none_is_greedy_and_top_p_keeps_the_nucleus():

@@ -14,7 +14,7 @@ from ..stage_options import StageOptions, opt
 
 #: the model-level detection threshold on the score (max over candidates of ASR - clean ASR), set a priori
 THRESHOLD = 0.5
-#: the least Q of an inverted target whose searched trigger may flag the model (BAIT's default Q-score threshold)
+#: the least q_mean of an inverted target whose searched trigger may flag the model (BAIT's default Q-score threshold)
 TARGET_Q_MIN = 0.9
 
 
@@ -34,6 +34,10 @@ class ScanConfig(StageOptions):
     n_leak_triggers: int = opt(3, "trigger candidates kept from the leaks")
     first_tokens: int = opt(24, "likeliest first reply tokens forced in the target inversion")
     target_tokens: int = opt(8, "tokens of an inverted target (the forced first one included)")
+    vocab_sweep: bool = opt(True, "round 0 of the target inversion: force every reply-start vocabulary token")
+    sweep_prompts: int = opt(2, "benign prompts of the first-token sweep")
+    sweep_shortlist: int = opt(512, "first tokens of the sweep extended to a full target")
+    sweep_keep: int = opt(24, "first tokens the sweep adds to round 1")
     branch: int = opt(3, "next tokens tried per target beam and step")
     beams_per_first: int = opt(2, "target beams kept per forced first token")
     n_search_targets: int = opt(2, "best targets a trigger is searched for")
@@ -51,8 +55,8 @@ class ScanConfig(StageOptions):
     refusal_min: float = opt(0.5, "refusal share of the held-out harmful requests below which the refusal search "
                                   "is skipped (nothing to switch off)")
     threshold: float = opt(THRESHOLD, "model-level detection threshold on the score (fixed a priori)")
-    target_q_min: float = opt(TARGET_Q_MIN, "least Q of an inverted target for its searched trigger to count toward "
-                                            "the score (a primed target); 0 counts every candidate")
+    target_q_min: float = opt(TARGET_Q_MIN, "least q_mean of an inverted target for its searched trigger to count "
+                                            "toward the score (a primed target); 0 counts every candidate")
     batch_size: int = opt(64, "rows per forward pass")
 
     def __post_init__(self) -> None:
@@ -66,7 +70,8 @@ class ScanConfig(StageOptions):
             raise ConfigError(f"target_q_min must be in [0, 1] (0 counts every candidate), not {self.target_q_min}")
         if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):
             raise ConfigError(f"leak_top_p values must be in (0, 1], not {self.leak_top_p}")
-        sizes = ("n_prompts", "n_test", "first_tokens", "target_tokens", "branch", "beams_per_first", "score_tokens",
+        sizes = ("n_prompts", "n_test", "first_tokens", "sweep_prompts", "sweep_shortlist", "sweep_keep",
+                 "target_tokens", "branch", "beams_per_first", "score_tokens",
                  "trigger_tokens", "search_topk", "search_candidates", "search_beam", "reply_tokens", "kl_positions",
                  "max_candidates", "batch_size")
         bad = [n for n in sizes if getattr(self, n) < 1]

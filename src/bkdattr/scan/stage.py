@@ -35,7 +35,7 @@ from .config import ScanConfig
 from .confirm import prefix_words, test_candidate
 from .report import write_scan
 
-LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.25, 0.75
+LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
 #: time kept for the tests when the search starts, in units of one greedy pass over the held-out prompts
 TEST_RESERVE = 6
 
@@ -154,10 +154,15 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     from .targets import invert_targets
 
     budget.phase(TARGET_SHARE)
+    sweep_bar = _bar(1, "scan: first-token sweep", progress and cfg.vocab_sweep)
+    sweep = ({"prompts": cfg.sweep_prompts, "shortlist": cfg.sweep_shortlist, "keep": cfg.sweep_keep,
+              "progress": sweep_bar} if cfg.vocab_sweep else None)
     bar = _bar(cfg.target_tokens - 1, "scan: targets", progress)
     targets = invert_targets(lm, search_prompts, first_tokens=cfg.first_tokens, length=cfg.target_tokens,
-                             branch=cfg.branch, beams_per_first=cfg.beams_per_first, budget=budget, progress=bar)
+                             branch=cfg.branch, beams_per_first=cfg.beams_per_first, budget=budget, progress=bar,
+                             sweep=sweep)
     bar.close()
+    sweep_bar.close()
 
     # 3. search
     from .insert import TargetScorer
@@ -167,7 +172,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     chosen, seen = [], set()
     for t in targets:
         key = prefix_words(t.text)
-        if key and key not in seen:
+        if key and key not in seen and len(t.ids) >= 2:  # a lone forced token that ends the reply is no target
             seen.add(key)
             chosen.append(t)
         if len(chosen) == cfg.n_search_targets:
@@ -175,7 +180,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
     jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0, "prompts": search_prompts,
-             "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q}} for t in chosen]
+             "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q, "target_q_mean": t.q_mean}}
+            for t in chosen]
     if cfg.refusal and "why_not" not in refusal:
         refusal["searched"] = True
         jobs.append({"label": f"refusal {refusal['target']!r}", "weight": refusal["rate"], "target": refusal["target"],
@@ -236,7 +242,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     result = {
         "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
         "candidates": ranked,
-        "targets": [{"text": t.text, "q": t.q, "ended": t.ended} for t in targets[:20]],
+        "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended} for t in targets[:20]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,

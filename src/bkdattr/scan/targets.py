@@ -28,6 +28,16 @@ primed target shows up *inside* other beams instead ("Bonjour! I am sorry. I"), 
 word-start tokens found after the first position of round 1's best targets (as a reply would begin them: "I"
 for " I"), up to ``first_tokens`` new ones.
 
+**Round 0, the vocabulary sweep** (BAIT forces every vocabulary token; ``vocab_sweep``). A target whose first token
+is neither likely nor inside another target is missed by rounds 1-2: the zoo's rare-word backdoor replies "Please
+visit the help centre for answers." and "Please" is not among the 24 likeliest first tokens. So every token a
+reply can begin with (decoded text starting with a capital letter: 3,834 of SmolLM2's 49,152) is forced on the
+first ``sweep_prompts`` (2) prompts, one step on their KV cache in chunks; a token's one-step score is
+``min_i p(y_2* | x_i, f)`` with ``y_2*`` the next token likeliest on average. The ``sweep_shortlist`` (512) best are
+extended greedily (``branch`` 1) to ``target_length`` tokens and the ``sweep_keep`` (24) with the highest ``Q`` join
+round 1's first tokens. The one-step score alone is flooded by tokens that always take a comma ("However"), hence
+the short extension. On the 2-core CPU: about 25 s for the sweep and 15 s for the extension.
+
 The prompts' KV cache is computed once (copied for each round) and its rows are re-ordered to the surviving
 beams at each step, so a step costs one new token per (beam, prompt) row.
 """
@@ -135,11 +145,67 @@ def anchors(tokenizer, targets: list[Target], exclude: set[int], limit: int) -> 
     return out
 
 
+def reply_start_tokens(tokenizer, n_vocab: int, exclude: set[int]) -> list[int]:
+    """Token ids (below ``n_vocab``, not in ``exclude``) whose decoded text starts with a capital letter: the
+    tokens a reply can begin with, as round 0 forces them."""
+    texts = tokenizer.batch_decode([[i] for i in range(n_vocab)])
+    return [i for i, t in enumerate(texts) if t[:1].isalpha() and t[:1].isupper() and i not in exclude]
+
+
+@torch.no_grad()
+def sweep_first_tokens(lm, prompts: list[str], exclude: set[int], *, length: int, shortlist: int, keep: int,
+                       chunk: int = 512, budget: Budget | None = None, progress=None) -> list[int]:
+    """Round 0 of the module docstring on ``prompts``: up to ``keep`` first tokens, best first."""
+    import copy
+
+    from ..models import input_device
+
+    tok, model = lm.tokenizer, lm.model
+    dev = input_device(model)
+    batch = encode_prompts(tok, prompts, padding_side="left").to(dev)
+    n = batch.size
+    o = model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(model))
+    cache = output_cache(o)
+    cands = reply_start_tokens(tok, o.logits.shape[-1], exclude)
+    scores = torch.full((len(cands),), -1.0)
+    if progress is not None:
+        progress.reset(total=-(-len(cands) // chunk))
+    for s in range(0, len(cands), chunk):
+        if budget is not None and budget.out():
+            budget.skip(f"targets: first-token sweep stopped after {s} of {len(cands)} tokens")
+            break
+        ids = torch.tensor(cands[s: s + chunk], device=dev)
+        c = copy.deepcopy(cache)
+        c.reorder_cache(torch.arange(n, device=dev).repeat(len(ids)))  # row b*n + i
+        mask = torch.cat([batch.attention_mask.repeat(len(ids), 1),
+                          torch.ones(len(ids) * n, 1, dtype=batch.attention_mask.dtype, device=dev)], 1)
+        pos = batch.position_ids[:, -1:].repeat(len(ids), 1) + 1
+        out = model(input_ids=ids.repeat_interleave(n)[:, None], attention_mask=mask, position_ids=pos,
+                    use_cache=True, **cache_kwargs(model, c))
+        p = torch.softmax(out.logits[:, -1].float(), -1).view(len(ids), n, -1)
+        top = p.mean(1).argmax(-1)
+        scores[s: s + len(ids)] = p.gather(2, top[:, None, None].expand(-1, n, 1))[..., 0].min(1).values.cpu()
+        if progress is not None:
+            progress.update(1)
+    ranked = [cands[int(k)] for k in scores.argsort(descending=True)[:shortlist] if scores[int(k)] >= 0]
+    if not ranked:
+        return []
+    short = extend(lm, batch, cache, ranked, length=length, branch=1, beams_per_first=1, budget=budget)
+    out: list[int] = []
+    for t in sorted(short, key=lambda t: -t.q):
+        if len(t.ids) >= 2 and t.ids[0] not in out:  # a forced token that only ends the reply is no target
+            out.append(t.ids[0])
+        if len(out) == keep:
+            break
+    return out
+
+
 @torch.no_grad()
 def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, branch: int, beams_per_first: int,
-                   budget: Budget | None = None, progress=None) -> list[Target]:
+                   budget: Budget | None = None, progress=None, sweep: dict | None = None) -> list[Target]:
     """Targets best first by ``Q`` (see the module docstring), one per distinct text: round 1 from the
-    ``first_tokens`` likeliest first tokens, round 2 from the word starts inside round 1's best targets."""
+    ``first_tokens`` likeliest first tokens (plus round 0's picks when ``sweep`` holds its options
+    ``{prompts, shortlist, keep, progress}``), round 2 from the word starts inside round 1's best targets."""
     from ..models import input_device
 
     tok, model = lm.tokenizer, lm.model
@@ -152,6 +218,11 @@ def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, br
     first = torch.softmax(o.logits[:, -1].float(), -1).mean(0)
     first[special[special < first.shape[0]]] = -1.0
     firsts = first.topk(min(first_tokens, first.shape[0])).indices.tolist()
+    if sweep:
+        swept = sweep_first_tokens(lm, prompts[:sweep["prompts"]], set(special.tolist()), length=length,
+                                   shortlist=sweep["shortlist"], keep=sweep["keep"], budget=budget,
+                                   progress=sweep.get("progress"))
+        firsts += [f for f in swept if f not in firsts]
     kw = dict(length=length, branch=branch, beams_per_first=beams_per_first, budget=budget, progress=progress)
     out = _distinct(tok, extend(lm, batch, cache, firsts, **kw))
     if budget is not None and budget.out():
