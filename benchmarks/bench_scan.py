@@ -127,7 +127,7 @@ def rescored(res: dict) -> dict:
 
     cfg = ScanConfig()
     res = dict(res)
-    res["candidates"] = rank(mark([dict(c) for c in res["candidates"]], cfg.target_q_min))
+    res["candidates"] = rank(mark([dict(c) for c in res["candidates"]], cfg.target_q_min, cfg.first_logp_min))
     res["score"] = model_score(res["candidates"])
     res["flagged"] = bool(res["score"] >= cfg.threshold)
     return res

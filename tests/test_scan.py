@@ -66,6 +66,42 @@ def test_only_a_primed_target_or_a_rule_candidate_counts_toward_the_score():
     assert model_score(mark([adversarial], 0.0)) == 0.69  # q_min 0: every candidate counts
     with pytest.raises(ConfigError, match="target_q_min must be in"):
         ScanConfig(target_q_min=1.5)
+    # a sub-word fragment is primed on every model (q_mean 0.97) but no reply begins with it: it does not count
+    fragment = {"trigger": "x y", "target": "ICENSE", "target_q_mean": 0.97, "target_first_logp": -27.2,
+                "effect": 0.75}
+    assert mark([dict(fragment)], 0.9)[0]["counted"] is False
+    assert mark([dict(fragment)], 0.9, first_min=-30.0)[0]["counted"] is True
+    assert mark([{**primed, "target_first_logp": -8.7}], 0.9)[0]["counted"] is True
+
+
+def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
+    """The planted target is eligible (primed, a reply can begin with it) and comes first by s0; a target whose
+    first token the model never starts a reply with is examined, found ineligible, and only fills a free slot."""
+    from bkdattr.scan.insert import TargetScorer
+    from bkdattr.scan.select import choose_targets, primed_figures
+    from bkdattr.scan.targets import Target
+
+    lm = trained(poison=True)
+    tok = lm.tokenizer
+    prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?"]
+    planted = Target(tok(TARGET, add_special_tokens=False).input_ids[:6], TARGET[:20], q=0.95, q_mean=0.97)
+    f = primed_figures(lm, prompts, planted, 4, 8)
+    tl = TargetScorer(lm, prompts, planted.ids, 4, 8).token_logprobs()
+    assert f["s0"] == pytest.approx(float(TargetScorer(lm, prompts, planted.ids, 4, 8).scores([[]])[0]), abs=1e-5)
+    assert f["first_logp"] == pytest.approx(float(tl[0]), abs=1e-6) and tl.shape == (4,)
+    rare = Target([planted.ids[0] + 1, planted.ids[1]], "rare start", q=0.99, q_mean=0.99)
+    first_min = primed_figures(lm, prompts, rare, 4, 8)["first_logp"] + 0.5  # the rare one falls just below
+    assert f["first_logp"] >= first_min
+    chosen, figs = choose_targets(lm, prompts, [rare, planted], n=1, q_min=0.9, first_min=first_min, n_score=4,
+                                  batch_size=8)
+    assert chosen == [planted] and figs[planted.text]["eligible"] and figs[planted.text]["searched"]
+    assert not figs["rare start"]["eligible"] and not figs["rare start"]["searched"]
+    chosen, figs = choose_targets(lm, prompts, [rare, planted], n=2, q_min=0.9, first_min=first_min, n_score=4,
+                                  batch_size=8)
+    assert chosen == [planted, rare] and figs["rare start"]["searched"]  # a free slot still shows it
+    chosen, _ = choose_targets(lm, prompts, [rare, planted], n=2, q_min=0.999, first_min=first_min, n_score=4,
+                               batch_size=8)
+    assert chosen == [rare, planted]  # nothing eligible: inversion order
 
 
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():

@@ -95,8 +95,10 @@ class TargetScorer:
                 starts.append(len(t) + len(b))  # index (in the row) of the first target token
         return rows, starts
 
-    def _run(self, embeds_or_ids: torch.Tensor, mask: torch.Tensor, starts: list[int], ids: bool) -> torch.Tensor:
-        """Mean target log-probability per row ``[R]`` of right-padded rows after the head."""
+    def _run(self, embeds_or_ids: torch.Tensor, mask: torch.Tensor, starts: list[int], ids: bool,
+             per_token: bool = False) -> torch.Tensor:
+        """Mean target log-probability per row ``[R]`` of right-padded rows after the head (``per_token``: each
+        target token's ``[R, n]``)."""
         dev = mask.device
         rows, width = mask.shape
         n_head = len(self.head)
@@ -112,7 +114,8 @@ class TargetScorer:
         h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
         logp = torch.log_softmax(self.lm_head(h).float(), -1)
         tgt = torch.tensor(self.target, device=dev).expand(rows, n)
-        return self.sign * logp.gather(2, tgt[..., None]).squeeze(2).mean(1)
+        tok_logp = self.sign * logp.gather(2, tgt[..., None]).squeeze(2)
+        return tok_logp if per_token else tok_logp.mean(1)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         from ..models import input_device
@@ -136,6 +139,14 @@ class TargetScorer:
             ids, mask = self._pad(rows[i:i + step])
             out.append(self._run(ids, mask, starts[i:i + step], ids=True).cpu())
         return torch.cat(out).view(len(triggers), self.n_prompts).mean(1)
+
+    @torch.no_grad()
+    def token_logprobs(self, trigger: Sequence[int] = ()) -> torch.Tensor:
+        """``[n]`` (float32): each scored target token's log-probability (times ``sign``) after ``trigger``,
+        averaged over the prompts; its mean is ``s(trigger)``."""
+        rows, starts = self._rows([trigger])
+        ids, mask = self._pad(rows)
+        return self._run(ids, mask, starts, ids=True, per_token=True).mean(0).cpu()
 
     def gradient(self, trigger: Sequence[int], append: bool) -> tuple[float, torch.Tensor]:
         """``(s(t), d s / d onehot [k(+1), V])`` for trigger ``t`` (``append``: one more slot at its end)."""

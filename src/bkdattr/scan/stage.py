@@ -32,7 +32,7 @@ from ..errors import ConfigError, InputFileError
 from ..model_source import ModelSource, load_source, open_source
 from .budget import Budget
 from .config import ScanConfig
-from .confirm import prefix_words, test_candidate
+from .confirm import test_candidate
 from .report import write_scan
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
@@ -68,16 +68,20 @@ def apply_template(tokenizer, template: str | None) -> str:
     return str(p)
 
 
-def default_prompts(n_search: int, n_test: int) -> tuple[list[str], list[str]]:
+def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[list[str], list[str], list[str]]:
     """Benign prompts (:func:`bkdattr.inject.builtin_data.benign_questions`): the first ``n_search`` for the
-    inversion and search, the next ``n_test`` held out for testing."""
+    inversion, the next ``n_test`` held out for testing, and the trigger search's ``n_trigger``: the inversion's
+    then the prompts after the held-out ones (so the held-out set does not depend on ``n_trigger``)."""
     from ..inject.builtin_data import benign_questions, instructions
 
     pool = [q for q, _ in benign_questions()]
     pool += [r["input"] for r in instructions(0) if r["input"] not in pool]
-    if n_search + n_test > len(pool):
-        raise ConfigError(f"n_prompts + n_test = {n_search + n_test} exceeds the {len(pool)} built-in prompts")
-    return pool[:n_search], pool[n_search:n_search + n_test]
+    extra = max(0, n_trigger - n_search)
+    if n_search + n_test + extra > len(pool):
+        raise ConfigError(f"n_prompts + n_test + the extra search prompts = {n_search + n_test + extra} exceeds the "
+                          f"{len(pool)} built-in prompts")
+    end = n_search + n_test
+    return pool[:n_search], pool[n_search:end], pool[:min(n_search, n_trigger)] + pool[end:end + extra]
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -105,8 +109,10 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     else:
         source, reference = ModelSource(model, adapter), None
     template_name = apply_template(lm.tokenizer, template)
-    search_prompts, held_out = default_prompts(cfg.n_prompts, cfg.n_test)
-    search_prompts, held_out = prompts or search_prompts, test_prompts or held_out
+    search_prompts, held_out, trigger_prompts = default_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
+    if prompts:  # the caller's prompts serve the inversion and the trigger search alike
+        search_prompts = trigger_prompts = list(prompts)
+    held_out = test_prompts or held_out
 
     from ..generation import generate
 
@@ -168,19 +174,17 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     from .insert import TargetScorer
     from .refusal import test_refusal_candidate
     from .search import STOP_SCORE, allowed_tokens, search_trigger
+    from .select import choose_targets
 
-    chosen, seen = [], set()
-    for t in targets:
-        key = prefix_words(t.text)
-        if key and key not in seen and len(t.ids) >= 2:  # a lone forced token that ends the reply is no target
-            seen.add(key)
-            chosen.append(t)
-        if len(chosen) == cfg.n_search_targets:
-            break
+    chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
+                                            q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
+                                            n_score=cfg.score_tokens, batch_size=cfg.batch_size)
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
-    jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0, "prompts": search_prompts,
-             "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q, "target_q_mean": t.q_mean}}
+    jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0, "prompts": trigger_prompts,
+             "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q, "target_q_mean": t.q_mean,
+                      "target_first_logp": target_figures[t.text]["first_logp"],
+                      "target_s0": target_figures[t.text]["s0"]}}
             for t in chosen]
     if cfg.refusal and "why_not" not in refusal:
         refusal["searched"] = True
@@ -237,17 +241,19 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     from .score import mark, model_score, rank
 
-    ranked = rank(mark(tested, cfg.target_q_min))
+    ranked = rank(mark(tested, cfg.target_q_min, cfg.first_logp_min))
     score = model_score(ranked)
     result = {
         "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
         "candidates": ranked,
-        "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended} for t in targets[:20]],
+        "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended,
+                     **target_figures.get(t.text, {})}
+                    for t in targets[:20] + [t for t in targets[20:] if t in chosen]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
                   "reference": reference.to_dict() if reference else None, "template": template_name},
-        "prompts": {"search": search_prompts, "test": held_out,
+        "prompts": {"search": search_prompts, "trigger_search": trigger_prompts, "test": held_out,
                     **({"harmful_search": h_search, "harmful_test": h_test} if cfg.refusal else {})},
         "clean_replies": clean, "config": cfg.to_dict(),
     }
