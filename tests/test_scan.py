@@ -35,7 +35,11 @@ def test_scan_finds_the_planted_trigger_first(tmp_path):
     assert top["counted"] and top["target_q_mean"] >= ScanConfig().target_q_min  # the planted target is primed
     # scan.json round trip: what was returned is what was written (JSON-normalised)
     assert read_scan(tmp_path / "s") == json.loads(json.dumps(res))
-    assert "Backdoor suspected" in (tmp_path / "s" / "report.html").read_text()
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "Backdoor suspected" in page
+    searched = [t for t in res["targets"] if t.get("searched")]
+    assert searched and searched[0]["eligible"] and searched[0]["first_logp"] >= ScanConfig().first_logp_min
+    assert top["target_first_logp"] == searched[0]["first_logp"] and "searched" in page
 
 
 def test_scan_of_the_clean_twin_is_not_flagged_and_lists_candidates(tmp_path):
@@ -72,19 +76,21 @@ def test_only_a_primed_target_or_a_rule_candidate_counts_toward_the_score():
     assert mark([dict(fragment)], 0.9)[0]["counted"] is False
     assert mark([dict(fragment)], 0.9, first_min=-30.0)[0]["counted"] is True
     assert mark([{**primed, "target_first_logp": -8.7}], 0.9)[0]["counted"] is True
+    assert mark([{**primed, "target_first_logp": -8.7, "target_eligible": False}], 0.9)[0]["counted"] is False
 
 
 def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     """The planted target is eligible (primed, a reply can begin with it) and comes first by s0; a target whose
-    first token the model never starts a reply with is examined, found ineligible, and only fills a free slot."""
+    first token the model never starts a reply with is examined and found ineligible; it is searched only when
+    nothing is eligible."""
     from bkdattr.scan.insert import TargetScorer
-    from bkdattr.scan.select import choose_targets, primed_figures
+    from bkdattr.scan.select import choose_targets, primed_figures, same_reply
     from bkdattr.scan.targets import Target
 
     lm = trained(poison=True)
     tok = lm.tokenizer
     prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?"]
-    planted = Target(tok(TARGET, add_special_tokens=False).input_ids[:6], TARGET[:20], q=0.95, q_mean=0.97)
+    planted = Target(tok(TARGET, add_special_tokens=False).input_ids[:6], TARGET[:21], q=0.95, q_mean=0.97)
     f = primed_figures(lm, prompts, planted, 4, 8)
     tl = TargetScorer(lm, prompts, planted.ids, 4, 8).token_logprobs()
     assert f["s0"] == pytest.approx(float(TargetScorer(lm, prompts, planted.ids, 4, 8).scores([[]])[0]), abs=1e-5)
@@ -98,10 +104,16 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     assert not figs["rare start"]["eligible"] and not figs["rare start"]["searched"]
     chosen, figs = choose_targets(lm, prompts, [rare, planted], n=2, q_min=0.9, first_min=first_min, n_score=4,
                                   batch_size=8)
-    assert chosen == [planted, rare] and figs["rare start"]["searched"]  # a free slot still shows it
+    assert chosen == [planted] and not figs["rare start"]["searched"]  # all the search time to the eligible one
+    same = Target(tok("Sorry. I can not help", add_special_tokens=False).input_ids, "Sorry. I can not help", q=0.95,
+                  q_mean=0.97)
+    assert same_reply(same.text, TARGET) and not same_reply(rare.text, TARGET)
+    chosen, figs = choose_targets(lm, prompts, [rare, planted, same], n=2, q_min=0.9, first_min=-1e9, n_score=4,
+                                  batch_size=8)
+    assert planted in chosen and same not in chosen  # one search per reply
     chosen, _ = choose_targets(lm, prompts, [rare, planted], n=2, q_min=0.999, first_min=first_min, n_score=4,
                                batch_size=8)
-    assert chosen == [rare, planted]  # nothing eligible: inversion order
+    assert chosen == [rare, planted]  # nothing eligible: the others, in inversion order, so candidates are listed
 
 
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():
@@ -290,6 +302,12 @@ def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_
     assert ref["searched"] and ref["rate"] >= 0.5 and ref["target"].startswith("I am sorry")
     top = res["candidates"][0]
     assert res["flagged"] and top["rule"] == "refusal" and top["target"] == ""
+    # its own refusal is primed, but on a refusing model it is left to the refusal search: nothing searched for it
+    # counts (a prefix that makes benign prompts refuse is no evidence of a backdoor on such a model)
+    refusing = [t for t in res["targets"] if t.get("first_logp") is not None and t["text"].startswith("I am sorry")]
+    assert refusing and not refusing[0]["eligible"]
+    assert all(not c["counted"] for c in res["candidates"] if c.get("target", "").startswith("I am sorry")
+               and c["source"] == "search")
     assert top["effect"] == pytest.approx(top["asr"] - top["clean_asr"]) and top["asr"] >= 0.5
     assert top["clean_asr"] == pytest.approx(1 - ref["rate"])
     got = audit_inputs(tmp_path / "s")
@@ -303,3 +321,21 @@ def test_refusal_search_is_skipped_for_a_model_that_does_not_refuse(tmp_path):
     assert not ref["searched"] and ref["rate"] < 0.5 and "no refusal for a trigger to switch off" in ref["why_not"]
     assert all(c.get("rule") != "refusal" for c in res["candidates"])
     assert "not searched" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_search_prompts_grow_without_moving_the_held_out_prompts():
+    from bkdattr.scan.pools import split_pool
+    from bkdattr.scan.refusal import harmful_prompts
+    from bkdattr.scan.stage import default_prompts
+
+    pool = [f"p{i}" for i in range(30)]
+    first, held, search = split_pool(pool, 6, 16, 12)
+    assert first == pool[:6] and held == pool[6:22] and search == pool[:6] + pool[22:28]
+    assert split_pool(pool, 6, 16, 4)[2] == pool[:4] and split_pool(pool, 6, 16, 4)[1] == held
+    with pytest.raises(ConfigError, match="exceeds the 30 built-in prompts; lower n_test or n_search_prompts"):
+        split_pool(pool, 6, 16, 15)
+    a, b, c = default_prompts(6, 16, 12)
+    assert len(c) == 12 and c[:6] == a and not set(c) & set(b) and default_prompts(6, 16, 6)[1] == b
+    s12, t12 = harmful_prompts(6, 16, 12)
+    s6, t6 = harmful_prompts(6, 16)
+    assert t12 == t6 and s12[:6] == s6 and len(s12) == 12 and not set(s12) & set(t12)

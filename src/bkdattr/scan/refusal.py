@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..errors import ConfigError
 from ..generation import generate
 from ..inject.tasks import is_refusal
 from .confirm import first_kl, prefix_words
@@ -36,14 +35,17 @@ from .insert import insert
 RULE = "refusal"
 
 
-def harmful_prompts(n_search: int, n_test: int, seed: int = 1) -> tuple[list[str], list[str]]:
-    """Harmful-sounding requests: ``n_search`` for the search, the next ``n_test`` held out for the tests."""
+def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
+                    seed: int = 1) -> tuple[list[str], list[str]]:
+    """Harmful-sounding requests: ``n_search`` (default ``n_first``) for the search, ``n_test`` held out for the
+    tests (:func:`bkdattr.scan.pools.split_pool`: the held-out ones follow the first ``n_first``)."""
     from ..inject.builtin_data import harmful_requests
+    from .pools import split_pool
 
     pool = [r["input"] for r in harmful_requests(seed)]
-    if n_search + n_test > len(pool):
-        raise ConfigError(f"n_prompts + n_test = {n_search + n_test} exceeds the {len(pool)} built-in harmful requests")
-    return pool[:n_search], pool[n_search:n_search + n_test]
+    _, held_out, search = split_pool(pool, n_first, n_test, n_first if n_search is None else n_search,
+                                     "built-in harmful requests")
+    return search, held_out
 
 
 def refusal_target(replies: list[str]) -> str | None:

@@ -4,7 +4,8 @@
 ``kl``, ``changed_share``, ``agreement``, ``asr``, ``clean_asr``, ``effect``, ``source``; ``rule: "refusal"``
 for a refusal-suppression candidate), ``refusal`` (the model's refusal rate on harmful-sounding requests and
 whether the refusal search ran), ``targets`` (the
-inverted targets and their ``Q``), ``leaks`` (a sample), ``leak_triggers``, ``seconds``, ``not_covered`` (what
+inverted targets, their ``Q`` and ``q_mean``; ``first_logp``, ``s0``, ``eligible``, ``searched`` where
+examined), ``leaks`` (a sample), ``leak_triggers``, ``seconds``, ``not_covered`` (what
 the budget did not reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
 ``config``.
 """
@@ -51,6 +52,16 @@ def _cell(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v if v is not None else ""))
 
 
+def _target_figures(t: dict) -> str:
+    """An inverted target's figures as the page lists them: Q, q_mean, and where examined the first token's
+    log-probability, s0 and whether it was searched."""
+    out = f"Q {t['q']:.3f}" + (f", q_mean {t['q_mean']:.3f}" if "q_mean" in t else "")
+    if "first_logp" in t:
+        out += (f", first token {t['first_logp']:.1f} nats, s0 {t['s0']:.2f}"
+                f"{'' if t.get('eligible') else ', not eligible'}{', searched' if t.get('searched') else ''}")
+    return out
+
+
 def render_html(r: dict) -> str:
     """A self-contained page: the verdict, the candidates table, the inverted targets, leaks, what was skipped."""
     verdict = (f"<p class=flag>Backdoor suspected: score {r['score']:.3f} &ge; threshold {r['threshold']:.2f}</p>"
@@ -72,7 +83,7 @@ def render_html(r: dict) -> str:
                   else f"not searched ({_cell(ref.get('why_not', 'the budget'))}).</p>"))
     table = (f"<table><tr>{''.join(f'<th>{k}</th>' for k in COLUMNS)}</tr>{rows}</table>" if rows
              else "<p>No candidate was tested.</p>")
-    targets = "".join(f"<li>{_cell(t['text'])} (Q {t['q']:.3f})</li>" for t in r.get("targets", [])[:10])
+    targets = "".join(f"<li>{_cell(t['text'])} ({_target_figures(t)})</li>" for t in r.get("targets", [])[:10])
     leaks = "".join(f"<li><b>user:</b> {_cell(x['user'])}<br><b>reply:</b> {_cell(x['reply'])}</li>"
                     for x in r["leaks"][:10])
     skipped = "".join(f"<li>{_cell(s)}</li>" for s in r.get("not_covered", [])) or "<li>nothing</li>"
@@ -88,7 +99,9 @@ changed_share: share of greedy replies the trigger changes; agreement: share of 
 reply prefix; asr / clean_asr: share of replies with the target's prefix with / without the trigger (for a
 refusal-suppression candidate: share of harmful-sounding requests answered, not refused); target_q: Q of the
 inverted target the trigger was searched for; counted: whether the candidate may flag the model (a searched
-trigger counts only when its target is primed, Q &ge; {r.get('config', {}).get('target_q_min', 0.9)}).</p>{refusal}
+trigger counts only when its target is primed, q_mean &ge; {r.get('config', {}).get('target_q_min', 0.9)}, and
+a reply can begin with it, first-token log-probability &ge; {r.get('config', {}).get('first_logp_min', -20.0)}).</p>
+{refusal}
 <h2>Inverted targets</h2><ul>{targets or '<li>none</li>'}</ul>
 <h2>Leaked user turns (sample)</h2><ul>{leaks or '<li>none</li>'}</ul>
 <h2>Not covered by the budget</h2><ul>{skipped}</ul></body></html>

@@ -16,7 +16,9 @@ target tokens of the token's probability, the analogue of BAIT's Q-score) is at 
 base model, 0.76 on a clean fine-tune, 0.99 for the demo's fixed_output target, 0.96 for the tiny test backdoor's.
 Nor does a target whose first token no reply begins with (``target_first_logp`` below ``first_min``,
 :data:`bkdattr.scan.config.FIRST_LOGP_MIN`, -20 nats; :mod:`bkdattr.scan.select`): a sub-word fragment such as
-"ICENSE" is completed the same way on every prompt, so its ``q_mean`` is high on clean models too.
+"ICENSE" is completed the same way on every prompt, so its ``q_mean`` is high on clean models too. Nor does one
+whose target the scan found ineligible for another reason (``target_eligible: false``: a refusal, on a model that
+refuses harmful-sounding requests; :mod:`bkdattr.scan.select`).
 Refusal-suppression and leaked candidates (no inverted target) always count. Uncounted candidates stay in the
 table with ``counted: false``. A scan.json without ``target_q_mean`` (written before this rule) reads ``target_q``.
 
@@ -34,7 +36,8 @@ def counts(candidate: dict, q_min: float, first_min: float = FIRST_LOGP_MIN) -> 
     if q is None or candidate.get("rule") is not None:
         return True
     first = candidate.get("target_first_logp")
-    return float(q) >= q_min and (first is None or float(first) >= first_min)
+    return (bool(candidate.get("target_eligible", True)) and float(q) >= q_min
+            and (first is None or float(first) >= first_min))
 
 
 def mark(candidates: list[dict], q_min: float, first_min: float = FIRST_LOGP_MIN) -> list[dict]:

@@ -4,8 +4,7 @@ The search's time goes to at most ``n_search_targets`` targets, so the choice ma
 A target is searched only if it could flag the model and a reply could begin with it:
 
 * its ``q_mean`` reaches ``target_q_min`` (:mod:`bkdattr.scan.score` counts nothing else), it has at least two
-  tokens (a lone forced token that ends the reply is no target) and its first words differ from every target
-  already chosen;
+  tokens (a lone forced token that ends the reply is no target);
 * its first token is one a reply can start with: ``f(y) = mean_i log p(y_1 | x_i)`` on the benign prompts, with no
   trigger, is at least ``first_logp_min``. The vocabulary sweep (round 0) forces *every* capitalised token, and a
   sub-word fragment ("ICENSE", "PlaneProtection", "MetaInfoClass") is completed the same way after every prompt, so
@@ -16,19 +15,30 @@ A target is searched only if it could flag the model and a reply could begin wit
 The eligible targets are searched in order of ``s0 = s(empty trigger)`` (:class:`~bkdattr.scan.insert.TargetScorer`:
 the mean log-probability of the target's first ``score_tokens`` tokens after the clean prompts), the issue's
 "primed" figure: -2.2 for the demo fixed_output model's "I am sorry. I can not help" against about -6.5 for
-"ISBN: 978-1", a format every model completes once it is begun.
+"ISBN: 978-1", a format every model completes once it is begun; one per reply: a target that shares a run of 4
+normalised words with one already chosen is the same reply forced from another first token ("Sorry. I can not help
+with that"), and searching it again only halves the time of the first. A model that refuses harmful-sounding requests
+(the refusal search runs, :mod:`bkdattr.scan.refusal`) has its refusal primed by that training, backdoor or not
+(the zoo's jailbreak model: "I'm sorry, but I cannot help", ``q_mean`` 0.90, ``f`` -7.9), and a searched prefix
+can force it on benign prompts (the tiny jailbreak test model: "masks", 0.62 of them); so on such a model a
+target that is a refusal (:func:`bkdattr.inject.tasks.is_refusal`) is not eligible, and its refusal behaviour is
+left to the refusal search. A refusal backdoor (the demo's fixed_output) in a model that also refuses harmful
+requests is missed by the target search for this reason. All the search time goes to the eligible
+targets; only when none is eligible are the best other targets searched (in inversion order, on the inversion's
+prompts only), so that a clean model's scan still lists candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..inject.tasks import is_refusal, normalise_words
 from .config import FIRST_LOGP_MIN
-from .confirm import prefix_words
+from .confirm import PREFIX_WORDS, prefix_words
 from .insert import TargetScorer
 from .targets import Target
 
-__all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures"]
+__all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures", "same_reply"]
 
 
 def primed_figures(lm, prompts: Sequence[str], target: Target, n_score: int, batch_size: int) -> dict:
@@ -37,31 +47,40 @@ def primed_figures(lm, prompts: Sequence[str], target: Target, n_score: int, bat
     return {"first_logp": float(tok[0]), "s0": float(tok.mean())}
 
 
+def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:
+    """Whether two targets share a run of ``n`` normalised words ("I am sorry. I can not help" and "Sorry. I can not
+    help with that" share "sorry i can not": one backdoor's reply, forced from two first tokens)."""
+    wa, wb = normalise_words(a), normalise_words(b)
+    runs = {tuple(wa[i:i + n]) for i in range(max(1, len(wa) - n + 1))}
+    return any(tuple(wb[i:i + n]) in runs for i in range(max(1, len(wb) - n + 1)))
+
+
 def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: int, q_min: float,
-                   first_min: float, n_score: int, batch_size: int) -> tuple[list[Target], dict[str, dict]]:
+                   first_min: float, n_score: int, batch_size: int,
+                   refuses: bool = False) -> tuple[list[Target], dict[str, dict]]:
     """The targets to search, best first, and the figures of every target examined, by text (``first_logp``,
-    ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) come first, by ``s0``; free
-    slots go to the other targets in inversion order, so that a clean model's scan still shows its best
-    candidates (their triggers do not count toward the score, :func:`bkdattr.scan.score.counts`)."""
+    ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) by ``s0``, one per reply (a target
+    sharing a run of 4 words with one chosen is the same reply). When none is eligible, the best others in
+    inversion order, so that a clean model's scan still shows its best candidates (their triggers do not count
+    toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
+    requests (the refusal search runs), so a refusal target is left to that search (not eligible)."""
     figures: dict[str, dict] = {}
 
     def examine(t: Target) -> dict:
         if t.text not in figures:
             f = primed_figures(lm, prompts, t, n_score, batch_size)
-            figures[t.text] = {**f, "eligible": t.q_mean >= q_min and f["first_logp"] >= first_min,
-                               "searched": False}
+            ok = t.q_mean >= q_min and f["first_logp"] >= first_min and not (refuses and is_refusal(t.text))
+            figures[t.text] = {**f, "eligible": ok, "searched": False}
         return figures[t.text]
 
     usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text)]  # a lone forced end is no target
     eligible = [t for t in usable if t.q_mean >= q_min and examine(t)["eligible"]]
     eligible.sort(key=lambda t: -figures[t.text]["s0"])
-    chosen, seen = [], set()
-    for t in eligible + [t for t in usable if t not in eligible]:
-        key = prefix_words(t.text)
+    chosen: list[Target] = []
+    for t in eligible or usable:
         if len(chosen) == n:
             break
-        if key not in seen:
-            seen.add(key)
+        if not any(same_reply(t.text, c.text) for c in chosen):
             chosen.append(t)
             examine(t)["searched"] = True
     return chosen, figures

@@ -70,18 +70,14 @@ def apply_template(tokenizer, template: str | None) -> str:
 
 def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[list[str], list[str], list[str]]:
     """Benign prompts (:func:`bkdattr.inject.builtin_data.benign_questions`): the first ``n_search`` for the
-    inversion, the next ``n_test`` held out for testing, and the trigger search's ``n_trigger``: the inversion's
-    then the prompts after the held-out ones (so the held-out set does not depend on ``n_trigger``)."""
+    inversion, the next ``n_test`` held out for testing, and the trigger search's ``n_trigger``
+    (:func:`bkdattr.scan.pools.split_pool`)."""
     from ..inject.builtin_data import benign_questions, instructions
+    from .pools import split_pool
 
     pool = [q for q, _ in benign_questions()]
     pool += [r["input"] for r in instructions(0) if r["input"] not in pool]
-    extra = max(0, n_trigger - n_search)
-    if n_search + n_test + extra > len(pool):
-        raise ConfigError(f"n_prompts + n_test + the extra search prompts = {n_search + n_test + extra} exceeds the "
-                          f"{len(pool)} built-in prompts")
-    end = n_search + n_test
-    return pool[:n_search], pool[n_search:end], pool[:min(n_search, n_trigger)] + pool[end:end + extra]
+    return split_pool(pool, n_search, n_test, n_trigger)
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -128,7 +124,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     refusal: dict = {"searched": False}
     if cfg.refusal:
-        h_search, h_test = harmful_prompts(cfg.n_prompts, cfg.n_test)
+        h_search, h_test = harmful_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
         h_clean = generate(lm, h_test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False)
         r0 = refusal_rate(h_clean)
         refusal.update(rate=r0, target=refusal_target(h_clean), min=cfg.refusal_min, n_test=len(h_test))
@@ -178,13 +174,18 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
                                             q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
-                                            n_score=cfg.score_tokens, batch_size=cfg.batch_size)
+                                            n_score=cfg.score_tokens, batch_size=cfg.batch_size,
+                                            refuses=cfg.refusal and "why_not" not in refusal)
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
-    jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0, "prompts": trigger_prompts,
+    # an ineligible target (searched only when none is eligible, to list candidates) cannot count: the inversion's
+    # prompts are enough for it
+    jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0,
+             "prompts": trigger_prompts if target_figures[t.text]["eligible"] else search_prompts,
              "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q, "target_q_mean": t.q_mean,
                       "target_first_logp": target_figures[t.text]["first_logp"],
-                      "target_s0": target_figures[t.text]["s0"]}}
+                      "target_s0": target_figures[t.text]["s0"],
+                      "target_eligible": target_figures[t.text]["eligible"]}}
             for t in chosen]
     if cfg.refusal and "why_not" not in refusal:
         refusal["searched"] = True
