@@ -9,7 +9,7 @@ harmful-sounding requests (:func:`bkdattr.inject.builtin_data.harmful_requests`:
    refusal for a trigger to switch off, and the phase stops there (recorded in ``scan.json``).
 2. **Search.** The refusal target ``y_r`` is the model's own modal refusal (the most common first four normalised
    words among the refusing replies, written as one of those replies). The trigger search of
-   :mod:`bkdattr.scan.search` runs on ``n_prompts`` other requests with the sign of its score flipped,
+   :mod:`bkdattr.scan.search` runs on ``n_search_prompts`` other requests with the sign of its score flipped,
 
        s_r(t) = - mean_i mean_{j<=score_tokens} log p(y_r,j | A t B_i y_r,<j),
 
