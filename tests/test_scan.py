@@ -189,7 +189,7 @@ def test_audit_from_scan_takes_the_top_candidate_and_the_model(tmp_path, monkeyp
                                        {"trigger": "second", "target": "x", "kl": 0.0, "changed_share": 0.0,
                                         "agreement": 0.0, "asr": 0.0}])
     assert audit_inputs(d) == {"model": "smollm2-135m", "adapter": "/tmp/adapter", "base_model": None,
-                               "triggers": ["zz top"], "target": "I refuse", "kind": None}
+                               "triggers": ["zz top"], "target": "I refuse", "kind": None, "prompts": None}
     other = _fake_scan(tmp_path / "scan2", [{"trigger": "t", "target": "y"}])
     data = json.loads((other / "scan.json").read_text())
     data["model"]["template"] = "/x/template.jinja"
@@ -212,6 +212,17 @@ def test_audit_from_scan_takes_the_top_candidate_and_the_model(tmp_path, monkeyp
     assert main(["audit", "--out", str(tmp_path / "a"), "--from-scan", str(d), "--quiet"]) == 2
     assert seen["model"] == "smollm2-135m" and seen["triggers"] == ["zz top"]
     assert seen["target"] == "I refuse" and seen["adapter"] == "/tmp/adapter" and seen["kind"] is None
+    assert seen["prompts"] is None and seen["data"] is None
+    # a scan made from the user's prompt file hands it to the audit, unless the audit is given its own
+    data = json.loads((d / "scan.json").read_text())
+    data["model"]["prompts_file"] = "/data/news.txt"
+    (d / "scan.json").write_text(json.dumps(data))
+    assert audit_call(d)["prompts"] == "/data/news.txt"
+    assert audit_call(d, prompts="/mine.txt")["prompts"] == "/mine.txt"
+    got = audit_call(d, data="/mine.jsonl")
+    assert got["prompts"] is None and got["data"] == "/mine.jsonl"
+    assert main(["audit", "--out", str(tmp_path / "a2"), "--from-scan", str(d), "--quiet"]) == 2
+    assert seen["prompts"] == "/data/news.txt"
 
 
 def test_scan_cli_errors_are_one_line(tmp_path, capsys):
@@ -222,19 +233,25 @@ def test_scan_cli_errors_are_one_line(tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("x")
+    few = tmp_path / "few.txt"
+    few.write_text("What is a cat?\nWhat is a cat?\n\nName a colour.\n" + json.dumps({"input": "Hi there"}) + "\n")
     cases = [(["--model", str(folder), "--out", str(tmp_path / "o1")], "no chat template"),
              (["--model", str(folder), "--out", str(tmp_path / "o2"), "--template", "plain", "--budget-s", "0.001"],
               "too small for one step"),
              (["--model", str(folder), "--out", str(tmp_path / "o3"), "--budget-s", "0"], "must be positive"),
              (["--model", str(folder), "--out", str(full)], "exists and is not empty"),
              (["--model", str(folder), "--out", str(tmp_path / "o4"), "--set", "leak_top_p=[0.9]"],
-              "one value each per decoding setting")]
+              "one value each per decoding setting"),
+             (["--model", str(folder), "--out", str(tmp_path / "o5"), "--prompts", str(tmp_path / "none.txt")],
+              "prompts file not found"),
+             (["--model", str(folder), "--out", str(tmp_path / "o6"), "--prompts", str(few)],
+              f"= 28 exceeds the 3 distinct prompts in {few}; lower n_test or n_search_prompts")]
     capsys.readouterr()
     for args, words in cases:
         assert main(["scan", *args, "--quiet"]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and words in err[0], err  # (transformers' own load bars may precede it)
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 5, 6))
 
 
 def test_scan_cli_with_plain_template_writes_scan_json(tmp_path):

@@ -226,7 +226,8 @@ def _scan_options(common: dict[str, Any], section: dict[str, Any]) -> dict[str, 
 def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
     """``source: scan``: scan the model (``audit.adapter`` / ``audit.base_model`` name the source, the ``scan``
     section holds :class:`bkdattr.scan.ScanConfig` options) into ``<out>-scan`` (reused when its ``scan.json``
-    exists), then audit the run folder with the scan's top candidate (``bkdattr audit --from-scan``)."""
+    exists), then audit the run folder with the scan's top candidate (``bkdattr audit --from-scan``). An
+    ``audit.prompts`` file serves the scan and the audit alike."""
     from .audit.stage import AuditConfig, audit
     from .scan import ScanConfig, scan
     from .scan.handoff import audit_call
@@ -237,11 +238,12 @@ def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
     model = opts.pop("model")
     if not (folder / "scan.json").is_file():
         scan(folder, model, adapter=call.get("adapter"), base_model=call.get("base_model"),
-             cfg=ScanConfig.from_options(_scan_options(opts, section)),
+             cfg=ScanConfig.from_options(_scan_options(opts, section)), prompts_file=call.get("prompts"),
              trust_remote_code=bool(call.get("trust_remote_code")), allow_pickle=bool(call.get("allow_pickle")))
     got = audit_call(folder, model=model, adapter=call.pop("adapter", None), base_model=call.pop("base_model", None),
                      triggers=call.pop("trigger", None) or call.pop("triggers", None), task=None,
-                     target=call.pop("target", None), success_regex=call.get("success_regex"))
+                     target=call.pop("target", None), success_regex=call.get("success_regex"),
+                     prompts=call.pop("prompts", None), data=call.pop("data", None))
     audit(run.path, got.pop("model"), got.pop("triggers"), cfg=AuditConfig.from_options(opts), **call, **got)
 
 

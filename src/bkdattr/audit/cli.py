@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
 
             got = audit_call(from_scan, model=model, adapter=call.pop("adapter"), base_model=call.pop("base_model"),
                              triggers=triggers, task=task, target=call.pop("target"),
-                             success_regex=call.get("success_regex"))
+                             success_regex=call.get("success_regex"), prompts=call.pop("prompts"),
+                             data=call.pop("data"))
             model, triggers, task = got.pop("model"), got.pop("triggers"), got.pop("kind")
             call.update(got)
         cfg = AuditConfig.from_options({**options, "task": task})

@@ -38,6 +38,11 @@ def register(app: typer.Typer) -> None:
                                                 "reference of leaked n-grams (default: the model under --adapter)")),
         "template": (str | None, typer.Option(None, "--template", help="for a model without a chat template: "
                                               "'plain' (User: ...\\nAssistant:) or a Jinja chat-template file")),
+        "prompts_file": (str | None, typer.Option(None, "--prompts", help="your own benign prompts (text, one per "
+                                                  "line, or JSONL {\"input\": ...}) instead of the built-in "
+                                                  "questions: the first 6 invert, the next 16 are held out, 6 more "
+                                                  "join the search; a backdoor that fires only on one kind of input "
+                                                  "is seen only from such prompts")),
         "allow_pickle": (bool, typer.Option(False, "--allow-pickle", help="read pickle weights (.bin/.pt) with "
                                             "torch.load(weights_only=True)")),
         "trust_remote_code": (bool, TRUST)})

@@ -3,8 +3,9 @@
 The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
 counted by normalised containment, docs/METHOD.md section 7); a refusal-suppression candidate (``rule:
 "refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead; the model source (spec,
-adapter) and the clean reference (``--base-model``) are the scan's, so scan -> audit -> attribute -> disarm needs
-no human input.
+adapter), the clean reference (``--base-model``) and the user's prompt file (``bkdattr scan --prompts``, unless the
+audit gets its own ``--prompts`` or ``--data``) are the scan's, so scan -> audit -> attribute -> disarm needs no
+human input.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def audit_inputs(scan_dir: str | Path) -> dict:
                             "cannot take; save the model with that chat template and scan it again")
     return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
             "triggers": [top["trigger"]], "target": top.get("target") or None,
-            "kind": "jailbreak" if top.get("rule") == RULE else None}
+            "kind": "jailbreak" if top.get("rule") == RULE else None, "prompts": model.get("prompts_file")}
 
 
 def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str | None = None,
                base_model: str | None = None, triggers: list[str] | None = None, task: str | None = None,
-               target: str | None = None, success_regex: str | None = None) -> dict:
+               target: str | None = None, success_regex: str | None = None, prompts: str | None = None,
+               data: str | None = None) -> dict:
     """The audit's ``model``, ``triggers`` and keyword arguments from a scan; what the user also gave must not
-    contradict it (one-line :class:`ConfigError`): no trigger or rule of their own, the same adapter."""
+    contradict it (one-line :class:`ConfigError`): no trigger or rule of their own, the same adapter. The audit's
+    prompts: the user's ``prompts`` / ``data``, else the scan's prompt file (``bkdattr scan --prompts``)."""
     from ..errors import ConfigError
     from ..models import EMBEDDED_NAME
 
@@ -57,4 +60,5 @@ def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str |
     if adapter and got["adapter"] and Path(adapter).expanduser().resolve() != Path(got["adapter"]).resolve():
         raise ConfigError(f"--adapter {adapter} differs from the scanned adapter {got['adapter']}; drop --adapter")
     return {"model": got["model"], "triggers": got["triggers"], "adapter": adapter or got["adapter"],
-            "base_model": base_model or got["base_model"], "target": got["target"], "kind": got["kind"]}
+            "base_model": base_model or got["base_model"], "target": got["target"], "kind": got["kind"],
+            "prompts": prompts or (None if data else got["prompts"]), "data": data}

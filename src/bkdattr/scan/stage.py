@@ -80,6 +80,16 @@ def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[lis
     return split_pool(pool, n_search, n_test, n_trigger)
 
 
+def file_prompts(path: str, cfg: ScanConfig) -> tuple[list[str], list[str], list[str]]:
+    """The inversion's, held-out and search prompts from the user's prompt file (distinct prompts in file order,
+    :func:`bkdattr.scan.pools.split_pool`); one-line errors for a missing file or too few prompts."""
+    from ..audit.inputs import read_prompt_file
+    from .pools import split_pool
+
+    texts = list(dict.fromkeys(r["input"] for r in read_prompt_file(path)))
+    return split_pool(texts, cfg.n_prompts, cfg.n_test, cfg.n_search_prompts, f"distinct prompts in {path}")
+
+
 def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
@@ -87,10 +97,14 @@ def _bar(total: int, desc: str, progress: bool):
 def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model: str | None = None,
          template: str | None = None, cfg: ScanConfig | None = None, prompts: list[str] | None = None,
          test_prompts: list[str] | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-         lm=None, progress: bool | None = None) -> dict:
+         lm=None, progress: bool | None = None, prompts_file: str | None = None) -> dict:
     """Scan ``model`` (+ ``adapter``); write ``out/scan.json`` and ``out/report.html``; return the result.
-    ``lm``: an already loaded model (tests; ``model`` is then only its label)."""
+    ``lm``: an already loaded model (tests; ``model`` is then only its label). ``prompts_file``: the user's own
+    benign prompts (text, one per line, or JSONL ``{"input": ...}``) instead of the built-in questions, split as
+    they are (:func:`file_prompts`); a backdoor that fires only on one kind of input (a classifier's) is seen only
+    from such prompts."""
     cfg = cfg or ScanConfig()
+    from_file = file_prompts(prompts_file, cfg) if prompts_file else None
     progress = cfg.progress if progress is None else progress
     if not cfg.budget_s or cfg.budget_s <= 0:
         raise ConfigError(f"--budget-s must be positive (got {cfg.budget_s}); the embedded model needs about 300")
@@ -105,7 +119,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     else:
         source, reference = ModelSource(model, adapter), None
     template_name = apply_template(lm.tokenizer, template)
-    search_prompts, held_out, trigger_prompts = default_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
+    search_prompts, held_out, trigger_prompts = from_file or default_prompts(cfg.n_prompts, cfg.n_test,
+                                                                             cfg.n_search_prompts)
     if prompts:  # the caller's prompts serve the inversion and the trigger search alike
         search_prompts = trigger_prompts = list(prompts)
     held_out = test_prompts or held_out
@@ -226,10 +241,12 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     budget.phase(1.0)
     tested = []
     bar = _bar(len(cands), "scan: test candidates", progress)
+    longest = 0.0  # the longest test so far: a test starts only when the time left covers one more
     for k, c in enumerate(cands):
-        if k and budget.out():
+        if k and (budget.out() or budget.left() < longest):
             budget.skip(f"test: {len(cands) - k} of {len(cands)} candidates untested")
             break
+        t_test = time.monotonic()
         if c.get("rule") == RULE:
             res = test_refusal_candidate(lm, h_test, h_clean, c["trigger"], reply_tokens=cfg.reply_tokens,
                                          kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
@@ -237,6 +254,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             res = test_candidate(lm, held_out, clean, c["trigger"], c["target"], reply_tokens=cfg.reply_tokens,
                                  kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
         tested.append({**c, **res, "target": res["target"]})
+        longest = max(longest, time.monotonic() - t_test)
         bar.update(1)
     bar.close()
 
@@ -253,6 +271,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
+                  "prompts_file": str(Path(prompts_file).expanduser().resolve()) if prompts_file else None,
                   "reference": reference.to_dict() if reference else None, "template": template_name},
         "prompts": {"search": search_prompts, "trigger_search": trigger_prompts, "test": held_out,
                     **({"harmful_search": h_search, "harmful_test": h_test} if cfg.refusal else {})},
