@@ -260,13 +260,21 @@ def test_scan_cli_with_plain_template_writes_scan_json(tmp_path):
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     out = tmp_path / "out"
+    # the user's own prompts (a text file with a repeated line and a JSON line), split as the built-in ones
+    mine = [f"Summarise news item number {i} for me." for i in range(16)]
+    lines = mine[:3] + [mine[0]] + [json.dumps({"input": mine[3]})] + mine[4:]
+    (tmp_path / "mine.txt").write_text("\n".join(lines) + "\n")
     args = ["scan", "--model", str(folder), "--out", str(out), "--template", "plain", "--quiet", "--n-test", "4",
             "--leak-samples", "2", "--first-tokens", "4", "--search-steps", "1", "--search-candidates", "4",
-            "--set", "leak_temperatures=[1.0]", "--set", "leak_top_p=[0.9]", "--max-candidates", "2"]
+            "--set", "leak_temperatures=[1.0]", "--set", "leak_top_p=[0.9]", "--max-candidates", "2",
+            "--prompts", str(tmp_path / "mine.txt")]
     assert main(args) == 0
     res = read_scan(out)
     assert res["model"]["template"] == "plain" and res["model"]["spec"] == str(folder)
     assert len(res["candidates"]) >= 1 and res["leaks"] and (out / "report.html").is_file()
+    assert res["prompts"]["search"] == mine[:6] and res["prompts"]["test"] == mine[6:10]
+    assert res["prompts"]["trigger_search"] == mine[:6] + mine[10:16]
+    assert res["model"]["prompts_file"] == str((tmp_path / "mine.txt").resolve())
 
 
 def test_round_two_anchors_are_the_word_starts_inside_targets():
