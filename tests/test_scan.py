@@ -91,12 +91,13 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     tok = lm.tokenizer
     prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?"]
     planted = Target(tok(TARGET, add_special_tokens=False).input_ids[:6], TARGET[:21], q=0.95, q_mean=0.97)
-    f = primed_figures(lm, prompts, planted, 4, 8)
+    other = TargetScorer(lm, prompts, [planted.ids[0] + 1, planted.ids[1]], 4, 8)
+    f = primed_figures(other, planted)  # retargeted: the same figures as a scorer built for the planted target
     tl = TargetScorer(lm, prompts, planted.ids, 4, 8).token_logprobs()
     assert f["s0"] == pytest.approx(float(TargetScorer(lm, prompts, planted.ids, 4, 8).scores([[]])[0]), abs=1e-5)
     assert f["first_logp"] == pytest.approx(float(tl[0]), abs=1e-6) and tl.shape == (4,)
     rare = Target([planted.ids[0] + 1, planted.ids[1]], "rare start", q=0.99, q_mean=0.99)
-    first_min = primed_figures(lm, prompts, rare, 4, 8)["first_logp"] + 0.5  # the rare one falls just below
+    first_min = primed_figures(other, rare)["first_logp"] + 0.5  # the rare one falls just below
     assert f["first_logp"] >= first_min
     chosen, figs = choose_targets(lm, prompts, [rare, planted], n=1, q_min=0.9, first_min=first_min, n_score=4,
                                   batch_size=8)

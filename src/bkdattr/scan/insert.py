@@ -18,6 +18,7 @@ embedding (``onehot = 1/V``).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -76,12 +77,19 @@ class TargetScorer:
         self.bodies = ([list(b) for b in bodies] if bodies is not None else
                        [tok(" " + p + tail, add_special_tokens=False).input_ids for p in prompts])
         ids = target_ids(tok, target) if isinstance(target, str) else list(target)
-        self.target = ids[:max(1, n_score)]
+        self.n_score = max(1, n_score)
+        self.target = ids[:self.n_score]
         self.pad = pad_id(tok)
         self.sign = float(sign)
         self.body, self.lm_head = body_and_head(lm.model)
         self.emb = lm.model.get_input_embeddings()
         self._prefix = PrefixCache.build(lm.model, torch.tensor([self.head]))
+
+    def retarget(self, target: Sequence[int]) -> TargetScorer:
+        """The same scorer (prompts, head cache, sign) for another target's token ids: no new prefix pass."""
+        other = copy.copy(self)
+        other.target = list(target)[:self.n_score]
+        return other
 
     @property
     def n_prompts(self) -> int:

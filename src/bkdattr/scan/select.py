@@ -41,9 +41,10 @@ from .targets import Target
 __all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures", "same_reply"]
 
 
-def primed_figures(lm, prompts: Sequence[str], target: Target, n_score: int, batch_size: int) -> dict:
-    """``{"first_logp": f(y), "s0": s0(y)}`` of the module docstring for one target, on ``prompts``."""
-    tok = TargetScorer(lm, prompts, target.ids, n_score, batch_size).token_logprobs()
+def primed_figures(scorer: TargetScorer, target: Target) -> dict:
+    """``{"first_logp": f(y), "s0": s0(y)}`` of the module docstring for one target, on ``scorer``'s prompts
+    (:meth:`~bkdattr.scan.insert.TargetScorer.retarget`: one scorer serves every target)."""
+    tok = scorer.retarget(target.ids).token_logprobs()
     return {"first_logp": float(tok[0]), "s0": float(tok.mean())}
 
 
@@ -65,15 +66,19 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
     toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
     requests (the refusal search runs), so a refusal target is left to that search (not eligible)."""
     figures: dict[str, dict] = {}
+    scorer: TargetScorer | None = None  # built for the first target examined, retargeted for the others
 
     def examine(t: Target) -> dict:
+        nonlocal scorer
         if t.text not in figures:
-            f = primed_figures(lm, prompts, t, n_score, batch_size)
+            scorer = scorer or TargetScorer(lm, prompts, t.ids, n_score, batch_size)
+            f = primed_figures(scorer, t)
             ok = t.q_mean >= q_min and f["first_logp"] >= first_min and not (refuses and is_refusal(t.text))
             figures[t.text] = {**f, "eligible": ok, "searched": False}
         return figures[t.text]
 
     usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text)]  # a lone forced end is no target
+    # q_mean first: it needs no forward pass, so only targets that pass it are examined
     eligible = [t for t in usable if t.q_mean >= q_min and examine(t)["eligible"]]
     eligible.sort(key=lambda t: -figures[t.text]["s0"])
     chosen: list[Target] = []

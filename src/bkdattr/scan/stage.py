@@ -187,10 +187,11 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     from .search import STOP_SCORE, allowed_tokens, search_trigger
     from .select import choose_targets
 
+    refusal_search = cfg.refusal and "why_not" not in refusal
     chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
                                             q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
                                             n_score=cfg.score_tokens, batch_size=cfg.batch_size,
-                                            refuses=cfg.refusal and "why_not" not in refusal)
+                                            refuses=refusal_search)
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
     # an ineligible target (searched only when none is eligible, to list candidates) cannot count: the inversion's
@@ -202,7 +203,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                       "target_s0": target_figures[t.text]["s0"],
                       "target_eligible": target_figures[t.text]["eligible"]}}
             for t in chosen]
-    if cfg.refusal and "why_not" not in refusal:
+    if refusal_search:
         refusal["searched"] = True
         jobs.append({"label": f"refusal {refusal['target']!r}", "weight": refusal["rate"], "target": refusal["target"],
                      "sign": -1.0, "prompts": h_search, "stop": math.log(10.0), "meta": {"target": "", "rule": RULE}})
