@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bkdattr demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+	$(VPY) -m pytest -q -n auto --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

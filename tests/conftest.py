@@ -108,4 +108,13 @@ def no_progress_bars():
 def _threads():
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BKDATTR_THREADS", "2")))
+    torch.set_num_threads(threads_per_worker())
+
+
+def threads_per_worker() -> int:
+    """Torch threads per test process: ``$BKDATTR_THREADS``, else the cores shared among pytest-xdist's workers
+    (``make test`` runs ``-n auto``: 2 workers of 1 thread on a 2-core machine)."""
+    if os.environ.get("BKDATTR_THREADS"):
+        return int(os.environ["BKDATTR_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 2) // workers)
