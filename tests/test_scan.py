@@ -132,6 +132,46 @@ def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first
     assert 1 <= len(picks) <= 4 and picks[0] == first
 
 
+def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_token():
+    """Round 0b: a beam forced with two tokens scores only the tokens after them, with the same per-prompt
+    probabilities as a plain forward pass over prompt + sequence (<= 1e-5); two starts sharing a first token are
+    two groups; the second-token sweep after the planted target's first token keeps the planted second token."""
+    from bkdattr.scan.targets import extend, one_step_probs, prompt_cache, second_starts, sweep_second_tokens
+
+    lm = trained(poison=True)
+    tok, model = lm.tokenizer, lm.model
+    prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?"]
+    planted = tok(TARGET, add_special_tokens=False).input_ids
+    other = planted[2] if planted[2] != planted[1] else planted[3]
+    batch, cache, _ = prompt_cache(lm, prompts)
+    got = extend(lm, batch, cache, [planted[:2], [planted[0], other]], length=6, branch=2, beams_per_first=1)
+    assert len(got) == 2 and {tuple(t.ids[:2]) for t in got} == {tuple(planted[:2]), (planted[0], other)}
+    for t in got:
+        assert t.forced == 2 and 3 <= len(t.ids) <= 6
+        mins = []
+        for p in prompts:
+            ids = torch.tensor([encode_prompts(tok, [p], "left").input_ids[0].tolist() + t.ids])
+            with torch.no_grad():
+                probs = torch.softmax(model(input_ids=ids).logits[0].float(), -1)
+            n = len(ids[0]) - len(t.ids)
+            mins.append(min(float(probs[n + j - 1, t.ids[j]]) for j in range(2, len(t.ids))))
+        if t.ended:  # the end-of-turn token that ended it was scored too
+            continue
+        assert t.per_prompt == pytest.approx(mins, abs=1e-5) and t.q == pytest.approx(sum(mins) / 3, abs=1e-5)
+    assert extend(lm, batch, cache, [], length=6, branch=2, beams_per_first=1) == []
+    with pytest.raises(ValueError, match="same number of tokens"):
+        extend(lm, batch, cache, [planted[:2], planted[:1]], length=6, branch=2, beams_per_first=1)
+
+    after = one_step_probs(lm, batch, cache, [planted[0]])
+    assert after.shape[0] == 1 and float(after.sum()) == pytest.approx(1.0, abs=1e-4)
+    starts = second_starts(after, [planted[0]], {planted[1]}, 5)
+    assert len(starts) == 5 and all(s[0] == planted[0] and s[1] != planted[1] for s in starts)
+    starts = second_starts(after, [planted[0]], set(), 50)
+    assert planted[:2] in starts
+    picks = sweep_second_tokens(lm, prompts[:2], starts, length=8, shortlist=16, keep=3)
+    assert planted[:2] in picks
+
+
 def test_sampler_none_is_greedy_and_top_p_keeps_the_nucleus():
     lm = make_tiny("llama")
     b = encode_prompts(lm.tokenizer, ["Hello there", "What is a cat?"], "left")

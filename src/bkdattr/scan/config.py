@@ -42,6 +42,10 @@ class ScanConfig(StageOptions):
     sweep_prompts: int = opt(2, "benign prompts of the first-token sweep")
     sweep_shortlist: int = opt(512, "first tokens of the sweep extended to a full target")
     sweep_keep: int = opt(24, "first tokens the sweep adds to round 1")
+    second_firsts: int = opt(4, "round 0b: likeliest first tokens whose second token is swept (0: no round 0b)")
+    second_per_first: int = opt(48, "round 0b: likeliest next tokens tried after each of those first tokens")
+    second_shortlist: int = opt(64, "round 0b: two-token starts extended greedily to a full target")
+    second_keep: int = opt(8, "round 0b: two-token starts added to the inversion")
     branch: int = opt(3, "next tokens tried per target beam and step")
     beams_per_first: int = opt(2, "target beams kept per forced first token")
     n_search_targets: int = opt(2, "best targets a trigger is searched for")
@@ -77,9 +81,10 @@ class ScanConfig(StageOptions):
         if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):
             raise ConfigError(f"leak_top_p values must be in (0, 1], not {self.leak_top_p}")
         sizes = ("n_prompts", "n_search_prompts", "n_test", "first_tokens", "sweep_prompts", "sweep_shortlist",
-                 "sweep_keep", "target_tokens", "branch", "beams_per_first", "score_tokens",
-                 "trigger_tokens", "search_topk", "search_candidates", "search_beam", "reply_tokens", "kl_positions",
-                 "max_candidates", "batch_size")
-        bad = [n for n in sizes if getattr(self, n) < 1]
+                 "sweep_keep", "second_per_first", "second_shortlist", "second_keep", "target_tokens", "branch",
+                 "beams_per_first", "score_tokens", "trigger_tokens", "search_topk", "search_candidates", "search_beam",
+                 "reply_tokens", "kl_positions", "max_candidates", "batch_size")
+        bad = [n for n in sizes if getattr(self, n) < 1] + (["second_firsts"] if self.second_firsts < 0 else [])
         if bad or self.target_tokens < 2:
-            raise ConfigError(f"scan sizes must be at least 1 (target_tokens at least 2): {bad or ['target_tokens']}")
+            raise ConfigError("scan sizes must be at least 1 (target_tokens at least 2, second_firsts at least 0): "
+                              f"{bad or ['target_tokens']}")

@@ -43,9 +43,10 @@ __all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures", "same_reply"]
 
 def primed_figures(scorer: TargetScorer, target: Target) -> dict:
     """``{"first_logp": f(y), "s0": s0(y)}`` of the module docstring for one target, on ``scorer``'s prompts
-    (:meth:`~bkdattr.scan.insert.TargetScorer.retarget`: one scorer serves every target)."""
+    (:meth:`~bkdattr.scan.insert.TargetScorer.retarget`: one scorer serves every target). ``f`` is the least over
+    the target's forced tokens (two for round 0b's starts): each of them must be one a reply could produce."""
     tok = scorer.retarget(target.ids).token_logprobs()
-    return {"first_logp": float(tok[0]), "s0": float(tok.mean())}
+    return {"first_logp": float(tok[:max(1, target.forced)].min()), "s0": float(tok.mean())}
 
 
 def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:

@@ -172,8 +172,10 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     budget.phase(TARGET_SHARE)
     sweep_bar = _bar(1, "scan: first-token sweep", progress and cfg.vocab_sweep)
+    second = {"firsts": cfg.second_firsts, "per_first": cfg.second_per_first, "shortlist": cfg.second_shortlist,
+              "keep": cfg.second_keep}
     sweep = ({"prompts": cfg.sweep_prompts, "shortlist": cfg.sweep_shortlist, "keep": cfg.sweep_keep,
-              "progress": sweep_bar} if cfg.vocab_sweep else None)
+              "second": second, "progress": sweep_bar} if cfg.vocab_sweep else None)
     bar = _bar(cfg.target_tokens - 1, "scan: targets", progress)
     targets = invert_targets(lm, search_prompts, first_tokens=cfg.first_tokens, length=cfg.target_tokens,
                              branch=cfg.branch, beams_per_first=cfg.beams_per_first, budget=budget, progress=bar,
@@ -266,7 +268,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     result = {
         "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
         "candidates": ranked,
-        "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended,
+        "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended, "forced": t.forced,
                      **target_figures.get(t.text, {})}
                     for t in targets[:20] + [t for t in targets[20:] if t in chosen]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,

@@ -38,12 +38,23 @@ extended greedily (``branch`` 1) to ``target_length`` tokens and the ``sweep_kee
 round 1's first tokens. The one-step score alone is flooded by tokens that always take a comma ("However"), hence
 the short extension. On the 2-core CPU: about 25 s for the sweep and 15 s for the extension.
 
+**Round 0b, the second-token sweep** (``second_firsts`` > 0). A target whose first token is common but whose
+second is not is missed too: the zoo's sentence backdoor replies "The weather is lovely today, thank you." and,
+with no trigger, "The" has mean log-probability -2.4 on the search prompts, " weather" after it -9.7 and every
+later token about 0. Forcing "The" continues with the prompt ("The answer ..."), and the branching beam never
+tries " weather". So for the ``second_firsts`` (4) likeliest first tokens, the ``second_per_first`` (48) likeliest
+next tokens (mean over the inversion prompts: " weather" is 9th after "The" there) are forced as two-token
+starts, scored and extended as in round 0 (``second_shortlist`` 64), and the ``second_keep`` (8) best join the
+inversion, their two forced tokens unscored in ``Q``. About 17 s on the 2-core CPU; the sentence target then
+comes first, ``Q`` 0.998.
+
 The prompts' KV cache is computed once (copied for each round) and its rows are re-ordered to the surviving
 beams at each step, so a step costs one new token per (beam, prompt) row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +67,8 @@ from .budget import Budget
 
 @dataclass
 class Target:
-    """An inverted target: token ids (the forced first included, no end of turn), text, ``Q`` and whether it
-    ended with an end-of-turn token."""
+    """An inverted target: token ids (the forced start included, no end of turn), text, ``Q``, whether it
+    ended with an end-of-turn token, ``q_mean``, the per-prompt minima and how many leading tokens were forced."""
 
     ids: list[int]
     text: str
@@ -65,29 +76,43 @@ class Target:
     ended: bool = False
     q_mean: float = 0.0
     per_prompt: list[float] = field(default_factory=list)
+    forced: int = 1
 
 
 @torch.no_grad()
-def extend(lm, batch, cache, firsts: list[int], *, length: int, branch: int, beams_per_first: int,
-           budget: Budget | None = None, progress=None) -> list[Target]:
-    """The branching beam search of the module docstring from the forced ``firsts``, on a copy of the prompts'
-    KV ``cache`` (``batch``: the left-padded prompts it was built from)."""
+def extend(lm, batch, cache, starts: Sequence[int | Sequence[int]], *, length: int, branch: int,
+           beams_per_first: int, budget: Budget | None = None, progress=None) -> list[Target]:
+    """The branching beam search of the module docstring from the forced ``starts`` (token ids, or equally long
+    token-id sequences: round 0b forces two tokens), on a copy of the prompts' KV ``cache`` (``batch``: the
+    left-padded prompts it was built from). Beams are grouped by their forced start; forced tokens are not scored."""
     import copy
 
     model, tok = lm.model, lm.tokenizer
     dev, n = batch.input_ids.device, batch.size
     stops = set(end_of_turn_ids(tok))
-    cache = copy.deepcopy(cache)
     # beam state: sequence, per-prompt sum and minimum of the scored token probabilities, their count
-    seqs = [[f] for f in firsts]
+    seqs = [[int(s)] if isinstance(s, int) else [int(i) for i in s] for s in starts]
+    if not seqs:
+        return []
+    forced = len(seqs[0])
+    if any(len(s) != forced for s in seqs):
+        raise ValueError("extend: every forced start needs the same number of tokens")
+    cache = copy.deepcopy(cache)
     sums = torch.zeros(len(seqs), n, device=dev)
     mins = torch.ones(len(seqs), n, device=dev)
     count = 0
     cache.reorder_cache(torch.arange(n, device=dev).repeat(len(seqs)))  # row b*n + i
     mask = batch.attention_mask.repeat(len(seqs), 1)
     pos = batch.position_ids[:, -1:].repeat(len(seqs), 1)
+    if forced > 1:  # every forced token but the last goes into the cache unscored
+        ahead = torch.tensor([s[:-1] for s in seqs], device=dev).repeat_interleave(n, 0)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, forced - 1)], 1)
+        steps = pos + torch.arange(1, forced, device=dev)[None, :]
+        o = model(input_ids=ahead, attention_mask=mask, position_ids=steps, use_cache=True,
+                  **cache_kwargs(model, cache), **last_logits_kwargs(model))
+        cache, pos = output_cache(o), steps[:, -1:]
     finished: list[Target] = []
-    for _ in range(length - 1):
+    for _ in range(length - forced):
         if not seqs or (budget is not None and budget.out()):
             if budget is not None and seqs:
                 budget.skip(f"targets: extended to {count + 1} of {length} tokens")
@@ -104,14 +129,14 @@ def extend(lm, batch, cache, firsts: list[int], *, length: int, branch: int, bea
         groups: dict[int, list[tuple[float, int, int]]] = {}
         for b, s in enumerate(seqs):
             for c in range(branch):
-                groups.setdefault(s[0], []).append((float(child_q[b, c]), b, c))
+                groups.setdefault(tuple(s[:forced]), []).append((float(child_q[b, c]), b, c))
         keep: list[tuple[int, int]] = []
         for items in groups.values():
             for q, b, c in sorted(items, reverse=True)[:beams_per_first]:
                 if int(top[b, c]) in stops:
                     per = torch.minimum(mins[b], child_p[b, :, c])
                     q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
-                    finished.append(Target(seqs[b], "", q, True, q_mean, per.tolist()))
+                    finished.append(Target(seqs[b], "", q, True, q_mean, per.tolist(), forced))
                 else:
                     keep.append((b, c))
         count += 1
@@ -125,7 +150,8 @@ def extend(lm, batch, cache, firsts: list[int], *, length: int, branch: int, bea
         if progress is not None:
             progress.update(1)
     return finished + [Target(s, "", float(mins[b].mean()) if count else 0.0, False,
-                              float((sums[b] / max(count, 1)).mean()), mins[b].tolist()) for b, s in enumerate(seqs)]
+                              float((sums[b] / max(count, 1)).mean()), mins[b].tolist(), forced)
+                       for b, s in enumerate(seqs)]
 
 
 def anchors(tokenizer, targets: list[Target], exclude: set[int], limit: int) -> list[int]:
@@ -153,51 +179,120 @@ def reply_start_tokens(tokenizer, n_vocab: int, exclude: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def sweep_first_tokens(lm, prompts: list[str], exclude: set[int], *, length: int, shortlist: int, keep: int,
-                       chunk: int = 512, budget: Budget | None = None, progress=None) -> list[int]:
-    """Round 0 of the module docstring on ``prompts``: up to ``keep`` first tokens, best first."""
+def one_step_scores(lm, batch, cache, starts: list[list[int]], *, chunk: int = 512, budget: Budget | None = None,
+                    progress=None, what: str = "first-token sweep") -> torch.Tensor:
+    """``[len(starts)]``: each forced start (equally long token-id lists) after every prompt of ``batch`` (its
+    KV ``cache``), scored ``min_i p(y* | x_i, start)`` with ``y*`` the next token likeliest on average; -1 where
+    the budget stopped the sweep. One step per chunk of starts on a copy of the cache."""
     import copy
 
-    from ..models import input_device
-
-    tok, model = lm.tokenizer, lm.model
-    dev = input_device(model)
-    batch = encode_prompts(tok, prompts, padding_side="left").to(dev)
-    n = batch.size
-    o = model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(model))
-    cache = output_cache(o)
-    cands = reply_start_tokens(tok, o.logits.shape[-1], exclude)
-    scores = torch.full((len(cands),), -1.0)
+    model = lm.model
+    dev, n = batch.input_ids.device, batch.size
+    scores = torch.full((len(starts),), -1.0)
     if progress is not None:
-        progress.reset(total=-(-len(cands) // chunk))
-    for s in range(0, len(cands), chunk):
+        progress.reset(total=-(-len(starts) // chunk))
+    for s in range(0, len(starts), chunk):
         if budget is not None and budget.out():
-            budget.skip(f"targets: first-token sweep stopped after {s} of {len(cands)} tokens")
+            budget.skip(f"targets: {what} stopped after {s} of {len(starts)} starts")
             break
-        ids = torch.tensor(cands[s: s + chunk], device=dev)
+        ids = torch.tensor(starts[s: s + chunk], device=dev)  # [m, k]
+        m, k = ids.shape
         c = copy.deepcopy(cache)
-        c.reorder_cache(torch.arange(n, device=dev).repeat(len(ids)))  # row b*n + i
-        mask = torch.cat([batch.attention_mask.repeat(len(ids), 1),
-                          torch.ones(len(ids) * n, 1, dtype=batch.attention_mask.dtype, device=dev)], 1)
-        pos = batch.position_ids[:, -1:].repeat(len(ids), 1) + 1
-        out = model(input_ids=ids.repeat_interleave(n)[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **cache_kwargs(model, c))
-        p = torch.softmax(out.logits[:, -1].float(), -1).view(len(ids), n, -1)
+        c.reorder_cache(torch.arange(n, device=dev).repeat(m))  # row b*n + i
+        mask = torch.cat([batch.attention_mask.repeat(m, 1),
+                          torch.ones(m * n, k, dtype=batch.attention_mask.dtype, device=dev)], 1)
+        pos = batch.position_ids[:, -1:].repeat(m, 1) + torch.arange(1, k + 1, device=dev)[None, :]
+        out = model(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask, position_ids=pos,
+                    use_cache=True, **cache_kwargs(model, c), **last_logits_kwargs(model))
+        p = torch.softmax(out.logits[:, -1].float(), -1).view(m, n, -1)
         top = p.mean(1).argmax(-1)
-        scores[s: s + len(ids)] = p.gather(2, top[:, None, None].expand(-1, n, 1))[..., 0].min(1).values.cpu()
+        scores[s: s + m] = p.gather(2, top[:, None, None].expand(-1, n, 1))[..., 0].min(1).values.cpu()
         if progress is not None:
             progress.update(1)
-    ranked = [cands[int(k)] for k in scores.argsort(descending=True)[:shortlist] if scores[int(k)] >= 0]
+    return scores
+
+
+def _best_starts(lm, batch, cache, starts: list[list[int]], scores: torch.Tensor, *, length: int, shortlist: int,
+                 keep: int, budget: Budget | None) -> list[list[int]]:
+    """The ``shortlist`` best-scored ``starts`` extended greedily to ``length`` tokens; up to ``keep`` of them
+    (best ``Q`` first) that go on past the forced start."""
+    ranked = [starts[int(k)] for k in scores.argsort(descending=True)[:shortlist] if scores[int(k)] >= 0]
     if not ranked:
         return []
     short = extend(lm, batch, cache, ranked, length=length, branch=1, beams_per_first=1, budget=budget)
-    out: list[int] = []
+    out: list[list[int]] = []
     for t in sorted(short, key=lambda t: -t.q):
-        if len(t.ids) >= 2 and t.ids[0] not in out:  # a forced token that only ends the reply is no target
-            out.append(t.ids[0])
+        start = t.ids[:t.forced]
+        if len(t.ids) > t.forced and start not in out:  # a forced start that only ends the reply is no target
+            out.append(start)
         if len(out) == keep:
             break
     return out
+
+
+def prompt_cache(lm, prompts: list[str]):
+    """``(batch, cache, last_logits)``: the left-padded ``prompts``, their KV cache and ``[n, vocab]`` float32
+    logits of the first reply token."""
+    from ..models import input_device
+
+    batch = encode_prompts(lm.tokenizer, prompts, padding_side="left").to(input_device(lm.model))
+    o = lm.model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(lm.model))
+    return batch, output_cache(o), o.logits[:, -1].float()
+
+
+@torch.no_grad()
+def sweep_first_tokens(lm, prompts: list[str], exclude: set[int], *, length: int, shortlist: int, keep: int,
+                       chunk: int = 512, budget: Budget | None = None, progress=None) -> list[int]:
+    """Round 0 of the module docstring on ``prompts``: up to ``keep`` first tokens, best first."""
+    batch, cache, logits = prompt_cache(lm, prompts)
+    starts = [[c] for c in reply_start_tokens(lm.tokenizer, logits.shape[-1], exclude)]
+    scores = one_step_scores(lm, batch, cache, starts, chunk=chunk, budget=budget, progress=progress)
+    picks = _best_starts(lm, batch, cache, starts, scores, length=length, shortlist=shortlist, keep=keep,
+                         budget=budget)
+    return [s[0] for s in picks]
+
+
+def second_starts(after: torch.Tensor, firsts: list[int], exclude: set[int], per_first: int) -> list[list[int]]:
+    """Round 0b's candidates: ``[f, t]`` for each forced first token ``f`` and the ``per_first`` likeliest next
+    tokens ``t`` after it (``after``: ``[len(firsts), vocab]`` mean next-token probabilities), ``exclude`` left out."""
+    after = after.clone()
+    bad = torch.tensor(sorted(i for i in exclude if i < after.shape[-1]), dtype=torch.long)
+    if len(bad):
+        after[:, bad] = -1.0
+    top = after.topk(min(per_first, after.shape[-1]), dim=-1).indices
+    return [[f, int(t)] for f, row in zip(firsts, top, strict=True) for t in row]
+
+
+@torch.no_grad()
+def sweep_second_tokens(lm, prompts: list[str], starts: list[list[int]], *, length: int, shortlist: int, keep: int,
+                        chunk: int = 512, budget: Budget | None = None, progress=None) -> list[list[int]]:
+    """Round 0b of the module docstring on ``prompts``: up to ``keep`` of the two-token ``starts``
+    (:func:`second_starts`), best first."""
+    batch, cache, _ = prompt_cache(lm, prompts)
+    scores = one_step_scores(lm, batch, cache, starts, chunk=chunk, budget=budget, progress=progress,
+                             what="second-token sweep")
+    return _best_starts(lm, batch, cache, starts, scores, length=length, shortlist=shortlist, keep=keep,
+                        budget=budget)
+
+
+@torch.no_grad()
+def one_step_probs(lm, batch, cache, firsts: list[int]) -> torch.Tensor:
+    """``[len(firsts), vocab]``: the mean over the prompts of the next-token distribution after each forced
+    first token (float32, on the CPU)."""
+    import copy
+
+    model = lm.model
+    dev, n = batch.input_ids.device, batch.size
+    if not firsts:
+        return torch.zeros(0, 0)
+    c = copy.deepcopy(cache)
+    c.reorder_cache(torch.arange(n, device=dev).repeat(len(firsts)))
+    mask = torch.cat([batch.attention_mask.repeat(len(firsts), 1),
+                      torch.ones(len(firsts) * n, 1, dtype=batch.attention_mask.dtype, device=dev)], 1)
+    pos = batch.position_ids[:, -1:].repeat(len(firsts), 1) + 1
+    ids = torch.tensor(firsts, device=dev).repeat_interleave(n)[:, None]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, c))
+    return torch.softmax(out.logits[:, -1].float(), -1).view(len(firsts), n, -1).mean(1).cpu()
 
 
 @torch.no_grad()
@@ -205,7 +300,8 @@ def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, br
                    budget: Budget | None = None, progress=None, sweep: dict | None = None) -> list[Target]:
     """Targets best first by ``Q`` (see the module docstring), one per distinct text: round 1 from the
     ``first_tokens`` likeliest first tokens (plus round 0's picks when ``sweep`` holds its options
-    ``{prompts, shortlist, keep, progress}``), round 2 from the word starts inside round 1's best targets."""
+    ``{prompts, shortlist, keep, progress}``), round 0b's two-token starts when ``sweep["second"]`` holds
+    ``{firsts, per_first, shortlist, keep}``, round 2 from the word starts inside round 1's best targets."""
     from ..models import input_device
 
     tok, model = lm.tokenizer, lm.model
@@ -224,7 +320,17 @@ def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, br
                                    progress=sweep.get("progress"))
         firsts += [f for f in swept if f not in firsts]
     kw = dict(length=length, branch=branch, beams_per_first=beams_per_first, budget=budget, progress=progress)
-    out = _distinct(tok, extend(lm, batch, cache, firsts, **kw))
+    out = extend(lm, batch, cache, firsts, **kw)
+    second = (sweep or {}).get("second")
+    if second and second["firsts"] > 0 and not (budget is not None and budget.out()):
+        heads = firsts[:second["firsts"]]
+        cands = second_starts(one_step_probs(lm, batch, cache, heads), heads, set(special.tolist()),
+                              second["per_first"])
+        pairs = sweep_second_tokens(lm, prompts[:sweep["prompts"]], cands, length=length,
+                                    shortlist=second["shortlist"], keep=second["keep"], budget=budget,
+                                    progress=sweep.get("progress"))
+        out += extend(lm, batch, cache, pairs, **kw)
+    out = _distinct(tok, out)
     if budget is not None and budget.out():
         budget.skip("targets: round 2 (word starts inside round 1's targets) not run")
         return out
