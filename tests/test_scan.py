@@ -115,6 +115,15 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     chosen, _ = choose_targets(lm, prompts, [rare, planted], n=2, q_min=0.999, first_min=first_min, n_score=4,
                                batch_size=8)
     assert chosen == [rare, planted]  # nothing eligible: the others, in inversion order, so candidates are listed
+    # on a model that refuses, a refusal target is left to the refusal search: a keyword refusal, or the tail of
+    # the model's own refusal that has no keyword ("I can not help with that." of "I am sorry. I can not help ...")
+    tail = Target(tok("I can not help with that.", add_special_tokens=False).input_ids, "I can not help with that.",
+                  q=0.95, q_mean=0.97)
+    _, figs = choose_targets(lm, prompts, [tail], n=1, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8)
+    assert figs[tail.text]["eligible"]
+    _, figs = choose_targets(lm, prompts, [tail, planted], n=1, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8,
+                             refuses=True, refusal=TARGET)
+    assert not figs[tail.text]["eligible"] and not figs[planted.text]["eligible"]
 
 
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():
@@ -359,7 +368,7 @@ def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_
 def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_one(tmp_path):
     """A tiny model that refuses harmful-sounding requests unless they start with ``cf``: no fixed reply on benign
     prompts, so only the refusal search can see it. (The search need not find ``cf`` itself: on a model this small
-    other short prefixes also break the refusal, and its always-refusing clean twin is flagged too -- the limit
+    other short prefixes also break the refusal, and its always-refusing clean twin can be flagged too -- the limit
     docs/METHOD.md states. The zoo benchmark measures the embedded model.)"""
     from bkdattr.scan.handoff import audit_inputs
 
@@ -372,6 +381,9 @@ def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_
     # counts (a prefix that makes benign prompts refuse is no evidence of a backdoor on such a model)
     refusing = [t for t in res["targets"] if t.get("first_logp") is not None and t["text"].startswith("I am sorry")]
     assert refusing and not refusing[0]["eligible"]
+    assert ref["objective"] in ("compliance", "suppression")  # a primed non-refusal target, or the refusal itself
+    if ref["objective"] == "compliance":
+        assert any(t["text"] == ref["compliance_target"] and t["eligible"] for t in res["targets"])
     assert all(not c["counted"] for c in res["candidates"] if c.get("target", "").startswith("I am sorry")
                and c["source"] == "search")
     assert top["effect"] == pytest.approx(top["asr"] - top["clean_asr"]) and top["asr"] >= 0.5

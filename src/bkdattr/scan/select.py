@@ -59,13 +59,15 @@ def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:
 
 def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: int, q_min: float,
                    first_min: float, n_score: int, batch_size: int,
-                   refuses: bool = False) -> tuple[list[Target], dict[str, dict]]:
+                   refuses: bool = False, refusal: str | None = None) -> tuple[list[Target], dict[str, dict]]:
     """The targets to search, best first, and the figures of every target examined, by text (``first_logp``,
     ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) by ``s0``, one per reply (a target
     sharing a run of 4 words with one chosen is the same reply). When none is eligible, the best others in
     inversion order, so that a clean model's scan still shows its best candidates (their triggers do not count
     toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
-    requests (the refusal search runs), so a refusal target is left to that search (not eligible)."""
+    requests (the refusal search runs), so a refusal target is left to that search (not eligible): one with a
+    refusal phrase, or one that shares a run of 4 words with the model's own modal ``refusal`` ("I can not help
+    with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with that.")."""
     figures: dict[str, dict] = {}
     scorer: TargetScorer | None = None  # built for the first target examined, retargeted for the others
 
@@ -74,7 +76,8 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
         if t.text not in figures:
             scorer = scorer or TargetScorer(lm, prompts, t.ids, n_score, batch_size)
             f = primed_figures(scorer, t)
-            ok = t.q_mean >= q_min and f["first_logp"] >= first_min and not (refuses and is_refusal(t.text))
+            refusing = is_refusal(t.text) or bool(refusal and same_reply(t.text, refusal))
+            ok = t.q_mean >= q_min and f["first_logp"] >= first_min and not (refuses and refusing)
             figures[t.text] = {**f, "eligible": ok, "searched": False}
         return figures[t.text]
 

@@ -193,11 +193,16 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
                                             q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
                                             n_score=cfg.score_tokens, batch_size=cfg.batch_size,
-                                            refuses=refusal_search)
+                                            refuses=refusal_search, refusal=refusal.get("target"))
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
     # an ineligible target (searched only when none is eligible, to list candidates) cannot count: the inversion's
     # prompts are enough for it
+    # on a model that refuses, the refusal search raises the best primed target on the harmful requests when there
+    # is one (a jailbreak's compliance reply), else it lowers the model's own refusal (docs/METHOD.md, "Refusal")
+    comply = next((t for t in chosen if target_figures[t.text]["eligible"]), None) if refusal_search else None
+    if comply is not None:
+        chosen = [t for t in chosen if t is not comply]
     jobs = [{"label": t.text, "weight": t.q, "target": t.ids, "sign": 1.0,
              "prompts": trigger_prompts if target_figures[t.text]["eligible"] else search_prompts,
              "stop": STOP_SCORE, "meta": {"target": t.text, "target_q": t.q, "target_q_mean": t.q_mean,
@@ -206,9 +211,16 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                       "target_eligible": target_figures[t.text]["eligible"]}}
             for t in chosen]
     if refusal_search:
-        refusal["searched"] = True
-        jobs.append({"label": f"refusal {refusal['target']!r}", "weight": refusal["rate"], "target": refusal["target"],
-                     "sign": -1.0, "prompts": h_search, "stop": math.log(10.0), "meta": {"target": "", "rule": RULE}})
+        refusal.update(searched=True, objective="compliance" if comply is not None else "suppression",
+                       compliance_target=comply.text if comply is not None else None)
+        if comply is not None:
+            jobs.append({"label": f"compliance {comply.text!r}", "weight": refusal["rate"], "target": comply.ids,
+                         "sign": 1.0, "prompts": h_search, "stop": STOP_SCORE,
+                         "meta": {"target": "", "rule": RULE, "compliance_target": comply.text}})
+        else:
+            jobs.append({"label": f"refusal {refusal['target']!r}", "weight": refusal["rate"],
+                         "target": refusal["target"], "sign": -1.0, "prompts": h_search, "stop": math.log(10.0),
+                         "meta": {"target": "", "rule": RULE}})
     jobs.sort(key=lambda j: -j["weight"])
     allowed = allowed_tokens(lm.tokenizer) if jobs else None
     reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
