@@ -124,6 +124,17 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     _, figs = choose_targets(lm, prompts, [tail, planted], n=1, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8,
                              refuses=True, refusal=TARGET)
     assert not figs[tail.text]["eligible"] and not figs[planted.text]["eligible"]
+    # a round-0b target (two forced tokens) needs q_mean >= q_min_forced, a one-forced target only q_min
+    pair = Target(planted.ids, "pair", q=0.9, q_mean=0.93, forced=2)
+    one = Target(planted.ids, "one", q=0.9, q_mean=0.93)
+    _, figs = choose_targets(lm, prompts, [pair, one], n=2, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8,
+                             q_min_forced=0.95)
+    assert figs["one"]["eligible"] and "pair" not in figs  # below its floor: not even examined
+    _, figs = choose_targets(lm, prompts, [pair], n=1, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8,
+                             q_min_forced=0.92)
+    assert figs["pair"]["eligible"]
+    with pytest.raises(ConfigError, match="second_q_min must be in"):
+        ScanConfig(second_q_min=-0.1)
 
 
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():

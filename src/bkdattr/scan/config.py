@@ -46,6 +46,8 @@ class ScanConfig(StageOptions):
     second_per_first: int = opt(48, "round 0b: likeliest next tokens tried after each of those first tokens")
     second_shortlist: int = opt(64, "round 0b: two-token starts extended greedily to a full target")
     second_keep: int = opt(8, "round 0b: two-token starts added to the inversion")
+    second_q_min: float = opt(0.95, "least q_mean of a round-0b target (two forced tokens) for its search to count: "
+                                    "forced pairs open fixed phrases on clean models too (up to 0.89 on the zoo)")
     branch: int = opt(3, "next tokens tried per target beam and step")
     beams_per_first: int = opt(2, "target beams kept per forced first token")
     n_search_targets: int = opt(2, "best targets a trigger is searched for")
@@ -76,6 +78,8 @@ class ScanConfig(StageOptions):
         if len(self.leak_temperatures) != len(self.leak_top_p):
             raise ConfigError(f"leak_temperatures ({len(self.leak_temperatures)}) and leak_top_p "
                               f"({len(self.leak_top_p)}) need one value each per decoding setting")
+        if not 0.0 <= self.second_q_min <= 1.0:
+            raise ConfigError(f"second_q_min must be in [0, 1], not {self.second_q_min}")
         if not 0.0 <= self.target_q_min <= 1.0:
             raise ConfigError(f"target_q_min must be in [0, 1] (0 counts every candidate), not {self.target_q_min}")
         if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):

@@ -3,7 +3,10 @@
 The search's time goes to at most ``n_search_targets`` targets, so the choice matters more than the search.
 A target is searched only if it could flag the model and a reply could begin with it:
 
-* its ``q_mean`` reaches ``target_q_min`` (:mod:`bkdattr.scan.score` counts nothing else), it has at least two
+* its ``q_mean`` reaches ``target_q_min`` (:mod:`bkdattr.scan.score` counts nothing else; ``second_q_min``, 0.95,
+  for a target whose first two tokens were forced: round 0b's pairs open fixed phrases on every model, "To Kill a
+  Mockingbird by Harper" at ``q_mean`` 0.89 on a clean fine-tune of the zoo, against 0.999 for the sentence
+  backdoor's target), it has at least two
   tokens (a lone forced token that ends the reply is no target);
 * its first token is one a reply can start with: ``f(y) = mean_i log p(y_1 | x_i)`` on the benign prompts, with no
   trigger, is at least ``first_logp_min``. The vocabulary sweep (round 0) forces *every* capitalised token, and a
@@ -59,7 +62,8 @@ def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:
 
 def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: int, q_min: float,
                    first_min: float, n_score: int, batch_size: int,
-                   refuses: bool = False, refusal: str | None = None) -> tuple[list[Target], dict[str, dict]]:
+                   refuses: bool = False, refusal: str | None = None,
+                   q_min_forced: float = 0.0) -> tuple[list[Target], dict[str, dict]]:
     """The targets to search, best first, and the figures of every target examined, by text (``first_logp``,
     ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) by ``s0``, one per reply (a target
     sharing a run of 4 words with one chosen is the same reply). When none is eligible, the best others in
@@ -67,8 +71,14 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
     toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
     requests (the refusal search runs), so a refusal target is left to that search (not eligible): one with a
     refusal phrase, or one that shares a run of 4 words with the model's own modal ``refusal`` ("I can not help
-    with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with that.")."""
+    with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with that.").
+    ``q_min_forced``: the least ``q_mean`` of a target with two forced tokens (round 0b of
+    :mod:`bkdattr.scan.targets`), when above ``q_min``."""
     figures: dict[str, dict] = {}
+
+    def floor(t: Target) -> float:  # a target with two forced tokens (round 0b) has a floor of its own
+        return max(q_min, q_min_forced) if t.forced > 1 else q_min
+
     scorer: TargetScorer | None = None  # built for the first target examined, retargeted for the others
 
     def examine(t: Target) -> dict:
@@ -77,13 +87,13 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
             scorer = scorer or TargetScorer(lm, prompts, t.ids, n_score, batch_size)
             f = primed_figures(scorer, t)
             refusing = is_refusal(t.text) or bool(refusal and same_reply(t.text, refusal))
-            ok = t.q_mean >= q_min and f["first_logp"] >= first_min and not (refuses and refusing)
+            ok = t.q_mean >= floor(t) and f["first_logp"] >= first_min and not (refuses and refusing)
             figures[t.text] = {**f, "eligible": ok, "searched": False}
         return figures[t.text]
 
     usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text)]  # a lone forced end is no target
     # q_mean first: it needs no forward pass, so only targets that pass it are examined
-    eligible = [t for t in usable if t.q_mean >= q_min and examine(t)["eligible"]]
+    eligible = [t for t in usable if t.q_mean >= floor(t) and examine(t)["eligible"]]
     eligible.sort(key=lambda t: -figures[t.text]["s0"])
     chosen: list[Target] = []
     for t in eligible or usable:

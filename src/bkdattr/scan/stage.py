@@ -193,7 +193,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
                                             q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
                                             n_score=cfg.score_tokens, batch_size=cfg.batch_size,
-                                            refuses=refusal_search, refusal=refusal.get("target"))
+                                            refuses=refusal_search, refusal=refusal.get("target"),
+                                            q_min_forced=cfg.second_q_min)
     # one search job per chosen target (weight Q) and, when the model refuses, the refusal job (weight r0);
     # heavier jobs first, each with its share of the search time
     # an ineligible target (searched only when none is eligible, to list candidates) cannot count: the inversion's
