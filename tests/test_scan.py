@@ -156,7 +156,7 @@ def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_t
     """Round 0b: a beam forced with two tokens scores only the tokens after them, with the same per-prompt
     probabilities as a plain forward pass over prompt + sequence (<= 1e-5); two starts sharing a first token are
     two groups; the second-token sweep after the planted target's first token keeps the planted second token."""
-    from bkdattr.scan.targets import extend, one_step_probs, prompt_cache, second_starts, sweep_second_tokens
+    from bkdattr.scan.targets import extend, forced_next_probs, prompt_cache, second_starts, sweep_second_tokens
 
     lm = trained(poison=True)
     tok, model = lm.tokenizer, lm.model
@@ -182,7 +182,7 @@ def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_t
     with pytest.raises(ValueError, match="same number of tokens"):
         extend(lm, batch, cache, [planted[:2], planted[:1]], length=6, branch=2, beams_per_first=1)
 
-    after = one_step_probs(lm, batch, cache, [planted[0]])
+    after = forced_next_probs(lm, batch, cache, [[planted[0]]]).mean(1)
     assert after.shape[0] == 1 and float(after.sum()) == pytest.approx(1.0, abs=1e-4)
     starts = second_starts(after, [planted[0]], {planted[1]}, 5)
     assert len(starts) == 5 and all(s[0] == planted[0] and s[1] != planted[1] for s in starts)

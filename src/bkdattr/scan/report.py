@@ -76,13 +76,16 @@ def render_html(r: dict) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{_cell(value(c, k))}</td>" for k in COLUMNS) + "</tr>"
                    for c in r["candidates"])
     ref = r.get("refusal") or {}
+    if not ref.get("searched"):
+        how = f"not searched ({_cell(ref.get('why_not', 'the budget'))})."
+    elif ref.get("compliance_target"):
+        how = ("searched for a trigger that makes it answer them with the primed reply "
+               f"{_cell(ref['compliance_target'])}.")
+    else:
+        how = f"searched for a trigger that suppresses {_cell(ref.get('target'))}."
     refusal = ("" if "rate" not in ref else
                f"<p>Refusal search (a jailbreak backdoor): the model refuses {ref['rate']:.2f} of "
-               f"{ref.get('n_test', '?')} held-out harmful-sounding requests; "
-               + (f"searched for a trigger that makes it answer them with the primed reply "
-                  f"{_cell(ref.get('compliance_target'))}.</p>" if ref.get("searched") and ref.get("compliance_target")
-                  else f"searched for a trigger that suppresses {_cell(ref.get('target'))}.</p>" if ref.get("searched")
-                  else f"not searched ({_cell(ref.get('why_not', 'the budget'))}).</p>"))
+               f"{ref.get('n_test', '?')} held-out harmful-sounding requests; {how}</p>")
     table = (f"<table><tr>{''.join(f'<th>{k}</th>' for k in COLUMNS)}</tr>{rows}</table>" if rows
              else "<p>No candidate was tested.</p>")
     targets = "".join(f"<li>{_cell(t['text'])} ({_target_figures(t)})</li>" for t in r.get("targets", [])[:10])

@@ -179,15 +179,32 @@ def reply_start_tokens(tokenizer, n_vocab: int, exclude: set[int]) -> list[int]:
 
 
 @torch.no_grad()
+def forced_next_probs(lm, batch, cache, starts: list[list[int]]) -> torch.Tensor:
+    """``[len(starts), n, vocab]`` float32: the next-token distribution after each forced start (equally long
+    token-id lists) on each of the ``n`` prompts of ``batch``, from a copy of their KV ``cache`` (one pass)."""
+    import copy
+
+    model = lm.model
+    dev, n = batch.input_ids.device, batch.size
+    ids = torch.tensor(starts, device=dev)  # [m, k]
+    m, k = ids.shape
+    c = copy.deepcopy(cache)
+    c.reorder_cache(torch.arange(n, device=dev).repeat(m))  # row b*n + i
+    mask = torch.cat([batch.attention_mask.repeat(m, 1),
+                      torch.ones(m * n, k, dtype=batch.attention_mask.dtype, device=dev)], 1)
+    pos = batch.position_ids[:, -1:].repeat(m, 1) + torch.arange(1, k + 1, device=dev)[None, :]
+    out = model(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask, position_ids=pos,
+                use_cache=True, **cache_kwargs(model, c), **last_logits_kwargs(model))
+    return torch.softmax(out.logits[:, -1].float(), -1).view(m, n, -1)
+
+
+@torch.no_grad()
 def one_step_scores(lm, batch, cache, starts: list[list[int]], *, chunk: int = 512, budget: Budget | None = None,
                     progress=None, what: str = "first-token sweep") -> torch.Tensor:
     """``[len(starts)]``: each forced start (equally long token-id lists) after every prompt of ``batch`` (its
     KV ``cache``), scored ``min_i p(y* | x_i, start)`` with ``y*`` the next token likeliest on average; -1 where
     the budget stopped the sweep. One step per chunk of starts on a copy of the cache."""
-    import copy
-
-    model = lm.model
-    dev, n = batch.input_ids.device, batch.size
+    n = batch.size
     scores = torch.full((len(starts),), -1.0)
     if progress is not None:
         progress.reset(total=-(-len(starts) // chunk))
@@ -195,18 +212,9 @@ def one_step_scores(lm, batch, cache, starts: list[list[int]], *, chunk: int = 5
         if budget is not None and budget.out():
             budget.skip(f"targets: {what} stopped after {s} of {len(starts)} starts")
             break
-        ids = torch.tensor(starts[s: s + chunk], device=dev)  # [m, k]
-        m, k = ids.shape
-        c = copy.deepcopy(cache)
-        c.reorder_cache(torch.arange(n, device=dev).repeat(m))  # row b*n + i
-        mask = torch.cat([batch.attention_mask.repeat(m, 1),
-                          torch.ones(m * n, k, dtype=batch.attention_mask.dtype, device=dev)], 1)
-        pos = batch.position_ids[:, -1:].repeat(m, 1) + torch.arange(1, k + 1, device=dev)[None, :]
-        out = model(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask, position_ids=pos,
-                    use_cache=True, **cache_kwargs(model, c), **last_logits_kwargs(model))
-        p = torch.softmax(out.logits[:, -1].float(), -1).view(m, n, -1)
+        p = forced_next_probs(lm, batch, cache, starts[s: s + chunk])  # [m, n, V]
         top = p.mean(1).argmax(-1)
-        scores[s: s + m] = p.gather(2, top[:, None, None].expand(-1, n, 1))[..., 0].min(1).values.cpu()
+        scores[s: s + len(p)] = p.gather(2, top[:, None, None].expand(-1, n, 1))[..., 0].min(1).values.cpu()
         if progress is not None:
             progress.update(1)
     return scores
@@ -276,42 +284,17 @@ def sweep_second_tokens(lm, prompts: list[str], starts: list[list[int]], *, leng
 
 
 @torch.no_grad()
-def one_step_probs(lm, batch, cache, firsts: list[int]) -> torch.Tensor:
-    """``[len(firsts), vocab]``: the mean over the prompts of the next-token distribution after each forced
-    first token (float32, on the CPU)."""
-    import copy
-
-    model = lm.model
-    dev, n = batch.input_ids.device, batch.size
-    if not firsts:
-        return torch.zeros(0, 0)
-    c = copy.deepcopy(cache)
-    c.reorder_cache(torch.arange(n, device=dev).repeat(len(firsts)))
-    mask = torch.cat([batch.attention_mask.repeat(len(firsts), 1),
-                      torch.ones(len(firsts) * n, 1, dtype=batch.attention_mask.dtype, device=dev)], 1)
-    pos = batch.position_ids[:, -1:].repeat(len(firsts), 1) + 1
-    ids = torch.tensor(firsts, device=dev).repeat_interleave(n)[:, None]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, c))
-    return torch.softmax(out.logits[:, -1].float(), -1).view(len(firsts), n, -1).mean(1).cpu()
-
-
-@torch.no_grad()
 def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, branch: int, beams_per_first: int,
                    budget: Budget | None = None, progress=None, sweep: dict | None = None) -> list[Target]:
     """Targets best first by ``Q`` (see the module docstring), one per distinct text: round 1 from the
     ``first_tokens`` likeliest first tokens (plus round 0's picks when ``sweep`` holds its options
     ``{prompts, shortlist, keep, progress}``), round 0b's two-token starts when ``sweep["second"]`` holds
     ``{firsts, per_first, shortlist, keep}``, round 2 from the word starts inside round 1's best targets."""
-    from ..models import input_device
-
-    tok, model = lm.tokenizer, lm.model
-    dev = input_device(model)
-    batch = encode_prompts(tok, prompts, padding_side="left").to(dev)
+    tok = lm.tokenizer
+    batch, cache, logits = prompt_cache(lm, prompts)
     stops = set(end_of_turn_ids(tok))
-    special = torch.tensor(sorted(set(tok.all_special_ids) | stops), dtype=torch.long, device=dev)
-    o = model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(model))
-    cache = output_cache(o)
-    first = torch.softmax(o.logits[:, -1].float(), -1).mean(0)
+    special = torch.tensor(sorted(set(tok.all_special_ids) | stops), dtype=torch.long, device=logits.device)
+    first = torch.softmax(logits, -1).mean(0)
     first[special[special < first.shape[0]]] = -1.0
     firsts = first.topk(min(first_tokens, first.shape[0])).indices.tolist()
     if sweep:
@@ -324,8 +307,8 @@ def invert_targets(lm, prompts: list[str], *, first_tokens: int, length: int, br
     second = (sweep or {}).get("second")
     if second and second["firsts"] > 0 and not (budget is not None and budget.out()):
         heads = firsts[:second["firsts"]]
-        cands = second_starts(one_step_probs(lm, batch, cache, heads), heads, set(special.tolist()),
-                              second["per_first"])
+        after = forced_next_probs(lm, batch, cache, [[f] for f in heads]).mean(1).cpu()  # [F, V]
+        cands = second_starts(after, heads, set(special.tolist()), second["per_first"])
         pairs = sweep_second_tokens(lm, prompts[:sweep["prompts"]], cands, length=length,
                                     shortlist=second["shortlist"], keep=second["keep"], budget=budget,
                                     progress=sweep.get("progress"))
