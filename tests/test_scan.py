@@ -410,6 +410,10 @@ def test_refusal_search_is_skipped_for_a_model_that_does_not_refuse(tmp_path):
     assert not ref["searched"] and ref["rate"] < 0.5 and "no refusal for a trigger to switch off" in ref["why_not"]
     assert all(c.get("rule") != "refusal" for c in res["candidates"])
     assert "not searched" in (tmp_path / "s" / "report.html").read_text()
+    lab = res["label_flip"]  # the tiny model does not classify the news-topic probes: no label search
+    assert not lab["searched"] and lab["accuracy"] < 0.75 and "no label to flip" in lab["why_not"]
+    assert all(c.get("rule") != "label" for c in res["candidates"])
+    assert "Label-flip search (a classifier's backdoor): not searched" in (tmp_path / "s" / "report.html").read_text()
 
 
 def test_search_prompts_grow_without_moving_the_held_out_prompts():

@@ -244,7 +244,8 @@ def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
                      triggers=call.pop("trigger", None) or call.pop("triggers", None), task=None,
                      target=call.pop("target", None), success_regex=call.get("success_regex"),
                      prompts=call.pop("prompts", None), data=call.pop("data", None))
-    audit(run.path, got.pop("model"), got.pop("triggers"), cfg=AuditConfig.from_options(opts), **call, **got)
+    model, triggers = got.pop("model"), got.pop("triggers")
+    audit(run.path, model, triggers, cfg=AuditConfig.from_options(opts), **{**call, **got})
 
 
 def _report_stage(run: RunDir, options: dict[str, Any]) -> None:

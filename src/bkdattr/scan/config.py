@@ -66,6 +66,11 @@ class ScanConfig(StageOptions):
                               "requests (a jailbreak backdoor)")
     refusal_min: float = opt(0.5, "refusal share of the held-out harmful requests below which the refusal search "
                                   "is skipped (nothing to switch off)")
+    labels: bool = opt(True, "also look for a label-flip backdoor on news-topic classification probes, when the model "
+                             "classifies them")
+    label_min: float = opt(0.75, "accuracy on the held-out classification probes below which the label search is "
+                                 "skipped (the model does not classify: no label to flip)")
+    n_label_search: int = opt(6, "classification probes per label for the label matrix and the label search")
     threshold: float = opt(THRESHOLD, "model-level detection threshold on the score (fixed a priori)")
     target_q_min: float = opt(TARGET_Q_MIN, "least q_mean of an inverted target for its searched trigger to count "
                                             "toward the score (a primed target); 0 counts every candidate")
@@ -80,6 +85,8 @@ class ScanConfig(StageOptions):
                               f"({len(self.leak_top_p)}) need one value each per decoding setting")
         if not 0.0 <= self.second_q_min <= 1.0:
             raise ConfigError(f"second_q_min must be in [0, 1], not {self.second_q_min}")
+        if not 0.0 <= self.label_min <= 1.0:
+            raise ConfigError(f"label_min must be in [0, 1], not {self.label_min}")
         if not 0.0 <= self.target_q_min <= 1.0:
             raise ConfigError(f"target_q_min must be in [0, 1] (0 counts every candidate), not {self.target_q_min}")
         if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):
@@ -87,7 +94,7 @@ class ScanConfig(StageOptions):
         sizes = ("n_prompts", "n_search_prompts", "n_test", "first_tokens", "sweep_prompts", "sweep_shortlist",
                  "sweep_keep", "second_per_first", "second_shortlist", "second_keep", "target_tokens", "branch",
                  "beams_per_first", "score_tokens", "trigger_tokens", "search_topk", "search_candidates", "search_beam",
-                 "reply_tokens", "kl_positions", "max_candidates", "batch_size")
+                 "reply_tokens", "kl_positions", "max_candidates", "batch_size", "n_label_search")
         bad = [n for n in sizes if getattr(self, n) < 1] + (["second_firsts"] if self.second_firsts < 0 else [])
         if bad or self.target_tokens < 2:
             raise ConfigError("scan sizes must be at least 1 (target_tokens at least 2, second_firsts at least 0): "

@@ -2,7 +2,10 @@
 
 The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
 counted by normalised containment, docs/METHOD.md section 7); a refusal-suppression candidate (``rule:
-"refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead; the model source (spec,
+"refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead, and a label-flip
+candidate (``rule: "label"``, :mod:`bkdattr.scan.labels`) as ``--task label_flip`` with its label as the target and
+the trigger as a prefix (the built-in news data's Sports items; another source label is a one-line error); the
+model source (spec,
 adapter), the clean reference (``--base-model``) and the user's prompt file (``bkdattr scan --prompts``, unless the
 audit gets its own ``--prompts`` or ``--data``) are the scan's, so scan -> audit -> attribute -> disarm needs no
 human input.
@@ -20,6 +23,8 @@ def audit_inputs(scan_dir: str | Path) -> dict:
     """``{model, adapter, base_model, triggers, target, kind}`` for :func:`bkdattr.audit.stage.audit` from a
     scan's top candidate (``kind``: ``"jailbreak"`` for a refusal-suppression candidate, else None with the
     target as the rule); one-line :class:`ArtifactError` when the scan has no candidate with a target or rule."""
+    from ..inject.tasks import Task
+    from .labels import RULE as LABEL_RULE
     from .refusal import RULE
 
     data = read_scan(scan_dir)
@@ -34,9 +39,17 @@ def audit_inputs(scan_dir: str | Path) -> dict:
     if model.get("template") not in (None, "chat", "plain"):
         raise ArtifactError(f"the scan rendered prompts with the template file {model['template']}, which an audit "
                             "cannot take; save the model with that chat template and scan it again")
-    return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
-            "triggers": [top["trigger"]], "target": top.get("target") or None,
-            "kind": "jailbreak" if top.get("rule") == RULE else None, "prompts": model.get("prompts_file")}
+    got = {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
+           "triggers": [top["trigger"]], "target": top.get("target") or None,
+           "kind": "jailbreak" if top.get("rule") == RULE else None, "prompts": model.get("prompts_file")}
+    if top.get("rule") == LABEL_RULE:
+        source = Task.default("label_flip").source_label
+        if top.get("source_label") != source:
+            raise ArtifactError(f"the scan's top candidate flips {top.get('source_label')} to {top['target']}, but an "
+                                f"audit measures label flips of {source} items only (the built-in news data); "
+                                "test that trigger on your own labelled data instead")
+        got.update(kind="label_flip", placement="prefix")
+    return got
 
 
 def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str | None = None,
@@ -59,6 +72,7 @@ def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str |
         raise ConfigError(f"--model {model} differs from the scanned model {got['model']}; drop --model")
     if adapter and got["adapter"] and Path(adapter).expanduser().resolve() != Path(got["adapter"]).resolve():
         raise ConfigError(f"--adapter {adapter} differs from the scanned adapter {got['adapter']}; drop --adapter")
+    extra = {"placement": got["placement"]} if "placement" in got else {}  # a label flip: the scan's prefix
     return {"model": got["model"], "triggers": got["triggers"], "adapter": adapter or got["adapter"],
             "base_model": base_model or got["base_model"], "target": got["target"], "kind": got["kind"],
-            "prompts": prompts or (None if data else got["prompts"]), "data": data}
+            "prompts": prompts or (None if data else got["prompts"]), "data": data, **extra}

@@ -36,6 +36,8 @@ from .confirm import test_candidate
 from .report import write_scan
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
+#: the share of the time left that the label search may use, on a model that classifies the probes
+LABEL_SHARE = 0.5
 #: time kept for the tests when the search starts, in units of one greedy pass over the held-out prompts
 TEST_RESERVE = 6
 
@@ -94,6 +96,28 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 
+def run_search(lm, job: dict, cfg: ScanConfig, budget: Budget, *, seed: int, allowed=None, bar=None,
+               bar_desc: str | None = None, progress: bool = False) -> list:
+    """One search job (``target`` ids raised, or lowered with ``sign`` -1, on ``prompts``) until its steps, its
+    stop score or the budget's phase end; ``[(Found, job)]`` for its two best triggers."""
+    from .insert import TargetScorer
+    from .search import STOP_SCORE, allowed_tokens, search_trigger
+
+    own = bar is None and bar_desc is not None
+    if own:
+        bar = _bar(cfg.search_steps, bar_desc, progress)
+    allowed = allowed_tokens(lm.tokenizer) if allowed is None else allowed
+    scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
+    res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
+                         n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
+                         budget=budget, seed=seed, progress=bar, stop_score=job.get("stop", STOP_SCORE))
+    if own:
+        bar.close()
+    if budget.out():
+        budget.skip(f"search: {job['label']} stopped by the budget")
+    return [(f, job) for f in res[:2]]
+
+
 def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model: str | None = None,
          template: str | None = None, cfg: ScanConfig | None = None, prompts: list[str] | None = None,
          test_prompts: list[str] | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
@@ -147,6 +171,25 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             refusal["why_not"] = (f"the model refuses {r0:.2f} of the held-out harmful requests (< {cfg.refusal_min:g})"
                                   ": no refusal for a trigger to switch off")
 
+    # 0. label flips: on a model that classifies the news-topic probes, search the most primed (source, target)
+    # pair first, on its own share of the time (docs/METHOD.md, "Label flips")
+    from .labels import RULE as LABEL_RULE
+
+    label_info: dict = {"searched": False}
+    label_found: list = []
+    allowed = None
+    if cfg.labels:
+        from .labels import label_job
+
+        label_info, ljob = label_job(lm, cfg)
+        if ljob is not None:
+            from .search import allowed_tokens
+
+            budget.phase(LABEL_SHARE)
+            allowed = allowed_tokens(lm.tokenizer)
+            label_found = run_search(lm, ljob, cfg, budget, seed=cfg.seed, allowed=allowed,
+                                     bar_desc="scan: label search", progress=progress)
+
     # 1. leak
     from .leak import leak
     from .mine import mine_triggers, surprisal_under
@@ -184,9 +227,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     sweep_bar.close()
 
     # 3. search
-    from .insert import TargetScorer
     from .refusal import test_refusal_candidate
-    from .search import STOP_SCORE, allowed_tokens, search_trigger
+    from .search import STOP_SCORE, allowed_tokens
     from .select import choose_targets
 
     refusal_search = cfg.refusal and "why_not" not in refusal
@@ -223,7 +265,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                          "target": refusal["target"], "sign": -1.0, "prompts": h_search, "stop": math.log(10.0),
                          "meta": {"target": "", "rule": RULE}})
     jobs.sort(key=lambda j: -j["weight"])
-    allowed = allowed_tokens(lm.tokenizer) if jobs else None
+    if jobs and allowed is None:
+        allowed = allowed_tokens(lm.tokenizer)
     reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
     search_end = time.monotonic() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
     found = []
@@ -236,14 +279,9 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             break
         weights = [max(j["weight"], 1e-3) for j in jobs[i:]]  # the search time left, in proportion to the weights
         budget.phase_deadline = time.monotonic() + left * weights[0] / sum(weights)
-        scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
-        res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
-                             n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
-                             budget=budget, seed=cfg.seed + i, progress=bar, stop_score=job["stop"])
-        if budget.out():
-            budget.skip(f"search: {job['label']} stopped by the budget")
-        found += [(f, job) for f in res[:2]]
+        found += run_search(lm, job, cfg, budget, seed=cfg.seed + i, allowed=allowed, bar=bar)
     bar.close()
+    found = label_found + found
 
     # 4. test
     cands: list[dict] = []
@@ -263,7 +301,13 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             budget.skip(f"test: {len(cands) - k} of {len(cands)} candidates untested")
             break
         t_test = time.monotonic()
-        if c.get("rule") == RULE:
+        if c.get("rule") == LABEL_RULE:
+            from .labels import LABEL_TOKENS, test_label_candidate
+
+            res = test_label_candidate(lm, label_info["held_out"], label_info["clean_replies"], c["trigger"],
+                                       c["source_label"], c["target"], reply_tokens=LABEL_TOKENS,
+                                       kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
+        elif c.get("rule") == RULE:
             res = test_refusal_candidate(lm, h_test, h_clean, c["trigger"], reply_tokens=cfg.reply_tokens,
                                          kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
         else:
@@ -285,6 +329,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                      **target_figures.get(t.text, {})}
                     for t in targets[:20] + [t for t in targets[20:] if t in chosen]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
+        "label_flip": {k: v for k, v in label_info.items() if k not in ("held_out", "clean_replies")},
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
                   "prompts_file": str(Path(prompts_file).expanduser().resolve()) if prompts_file else None,
