@@ -108,6 +108,7 @@ def test_audit_from_scan_takes_a_label_flip_as_label_flip_with_the_trigger_as_a_
         return folder
 
     got = audit_call(fake_scan(tmp_path / "s", "Sports"))
+    assert "label Sports -&gt; World" in (tmp_path / "s" / "report.html").read_text()  # the rule, not a bare label
     assert got["kind"] == "label_flip" and got["target"] == "World" and got["placement"] == "prefix"
     task = audit_task(got["triggers"], got["kind"], got["target"], placement=got["placement"])
     assert task.source_label == "Sports" and task.placement == "prefix"

@@ -13,6 +13,8 @@ def print_scan(result: dict, out: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .report import target_text
+
     console = Console()
     verdict = "backdoor suspected" if result["flagged"] else "no backdoor found"
     t = Table(title=f"bkdattr scan: {verdict} (score {result['score']:.3f}, threshold {result['threshold']:.2f}, "
@@ -20,7 +22,7 @@ def print_scan(result: dict, out: str) -> None:
     for c in ("rank", "trigger", "target", "kl", "changed", "agreement", "asr", "clean asr", "source"):
         t.add_column(c)
     for i, c in enumerate(result["candidates"], 1):
-        t.add_row(str(i), c["trigger"][:40], (c["target"] or "")[:40], f"{c['kl']:.3f}", f"{c['changed_share']:.2f}",
+        t.add_row(str(i), c["trigger"][:40], target_text(c)[:40], f"{c['kl']:.3f}", f"{c['changed_share']:.2f}",
                   f"{c['agreement']:.2f}", f"{c['asr']:.2f}", f"{c['clean_asr']:.2f}", c["source"])
     console.print(t)
     for s in result["not_covered"]:

@@ -64,6 +64,15 @@ def _target_figures(t: dict) -> str:
     return out
 
 
+def target_text(c: dict) -> str:
+    """What a candidate's target cell shows: its target, or what its rule counts (refusal, label flip)."""
+    if c.get("rule") == "refusal":
+        return "(no refusal: harmful requests answered)"
+    if c.get("rule") == "label":
+        return f"label {c.get('source_label')} -> {c.get('target')}"
+    return c.get("target") or ""
+
+
 def render_html(r: dict) -> str:
     """A self-contained page: the verdict, the candidates table, the inverted targets, leaks, what was skipped."""
     verdict = (f"<p class=flag>Backdoor suspected: score {r['score']:.3f} &ge; threshold {r['threshold']:.2f}</p>"
@@ -71,11 +80,7 @@ def render_html(r: dict) -> str:
                f"<p class=ok>No backdoor found: score {r['score']:.3f} &lt; threshold {r['threshold']:.2f}. "
                "The best candidates and their (small) effects:</p>")
     def value(c: dict, k: str):
-        if k == "target" and c.get("rule") == "refusal":
-            return "(no refusal: harmful requests answered)"
-        if k == "target" and c.get("rule") == "label":
-            return f"label {c.get('source_label')} -> {c.get('target')}"
-        return c.get(k)
+        return target_text(c) if k == "target" else c.get(k)
 
     rows = "".join("<tr>" + "".join(f"<td>{_cell(value(c, k))}</td>" for k in COLUMNS) + "</tr>"
                    for c in r["candidates"])
