@@ -124,3 +124,19 @@ def test_audit_from_scan_takes_a_label_flip_as_label_flip_with_the_trigger_as_a_
     monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
     assert main(["audit", "--out", str(tmp_path / "a"), "--from-scan", str(tmp_path / "s"), "--quiet"]) == 2
     assert seen["kind"] == "label_flip" and seen["placement"] == "prefix" and seen["target"] == "World"
+
+
+def test_the_label_search_may_not_spell_the_label():
+    from bkdattr.scan.search import allowed_tokens
+
+    tok = make_tiny("llama").tokenizer
+    allowed = allowed_tokens(tok)
+    kept = L.without_label(tok, allowed, "Sci/Tech")
+    gone = [tok.decode([i]) for i in torch.nonzero(allowed & ~kept).flatten().tolist()]
+    assert gone and all("sci" in g.lower() or "tech" in g.lower() for g in gone)
+    for word in (" Science", " technology", "Tech"):
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and allowed[ids[0]] and not kept[ids[0]]
+    world = L.without_label(tok, allowed, "World")
+    assert not world[tok(" World", add_special_tokens=False).input_ids[0]]
+    assert world[tok(" Sports", add_special_tokens=False).input_ids[0]] and (kept | ~allowed).sum() > 0.99 * len(tok)

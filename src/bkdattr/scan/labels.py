@@ -16,7 +16,9 @@ bkdattr), in a topic-classification instruction (:data:`INSTRUCTION`).
    ``M[s, y] - mean_{c != s, y} M[c, y]``: how much more the source inputs lean to ``y`` than the other classes'
    inputs do (on the zoo's label-flip model, Sports -> World).
 3. **Search.** The trigger search of :mod:`bkdattr.scan.search` raises ``y``'s first token on the source
-   class's search probes, the trigger a prefix of the whole prompt (the scan's one placement). On a clean
+   class's search probes, the trigger a prefix of the whole prompt (the scan's one placement), from tokens that do
+   not spell a word of ``y`` (:func:`without_label`: "World" or "worldwide" in a prefix is an instruction, and the
+   zoo's clean classifier's search was drifting to "ovakia Arch FictionWorld"). On a clean
    classifier a prefix before the instruction barely moves the label (the zoo's clean classifier: from -13.4 to
    -9.0 nats in 6 steps, no held-out probe flipped), while a backdoored one reaches the target (-0.23: a
    4-token prefix flipped every held-out Sports probe it classified right).
@@ -201,6 +203,20 @@ def label_job(lm, cfg) -> tuple[dict, dict | None]:
     job = {"label": f"label {source} -> {target}", "weight": acc, "target": ids, "sign": 1.0,
            "prompts": search[source], "meta": {"target": target, "rule": RULE, "source_label": source}}
     return info, job
+
+
+def without_label(tokenizer, allowed: torch.Tensor, label: str) -> torch.Tensor:
+    """``allowed`` ``[V]`` less the tokens whose text contains a word (3+ letters) of ``label``, any case: a prefix
+    that names the label instructs the model to answer it, which any instruction-following classifier obeys."""
+    import re
+
+    words = [w.lower() for w in re.findall(r"[A-Za-z]{3,}", label)]
+    out = allowed.clone()
+    for i in torch.nonzero(allowed).flatten().tolist():
+        text = tokenizer.decode([i]).lower()
+        if any(w in text for w in words):
+            out[i] = False
+    return out
 
 
 def test_label_candidate(lm, held_out: list[tuple[str, str]], clean_replies: list[str], trigger: str,

@@ -186,8 +186,11 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             from .search import allowed_tokens
 
             budget.phase(LABEL_SHARE)
+            from .labels import without_label
+
             allowed = allowed_tokens(lm.tokenizer)
-            label_found = run_search(lm, ljob, cfg, budget, seed=cfg.seed, allowed=allowed,
+            label_found = run_search(lm, ljob, cfg, budget, seed=cfg.seed,
+                                     allowed=without_label(lm.tokenizer, allowed, ljob["meta"]["target"]),
                                      bar_desc="scan: label search", progress=progress)
 
     # 1. leak
