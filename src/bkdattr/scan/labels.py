@@ -149,19 +149,17 @@ def accuracy(replies: list[str], labels: list[str]) -> float:
 def label_matrix(lm, search: dict[str, list[str]], batch_size: int = 64) -> torch.Tensor:
     """``M [C, C]`` (float32): mean log-probability of label ``y``'s first token (column, :data:`LABELS` order) as
     the first reply token to the search probes of class ``s`` (row)."""
-    from .insert import TargetScorer, template_parts
+    from .targets import prompt_cache
 
     tok = lm.tokenizer
-    _, tail = template_parts(tok)
-    firsts = [tok(lab, add_special_tokens=False).input_ids[:1] for lab in LABELS]
-    out = torch.zeros(len(LABELS), len(LABELS))
-    for s, lab in enumerate(LABELS):
-        # the clean prompts as they render (a trigger's body starts with the space that joins it: not here)
-        bodies = [tok(p + tail, add_special_tokens=False).input_ids for p in search[lab]]
-        scorer = TargetScorer(lm, [], firsts[0], 1, batch_size, bodies=bodies)
-        for y, ids in enumerate(firsts):
-            out[s, y] = float(scorer.retarget(ids).scores([[]])[0])
-    return out
+    firsts = torch.tensor([tok(lab, add_special_tokens=False).input_ids[0] for lab in LABELS])
+    prompts = [p for lab in LABELS for p in search[lab]]  # one pass over every class's probes, as they render
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        _, _, logits = prompt_cache(lm, prompts[i:i + batch_size])
+        out.append(torch.log_softmax(logits, -1)[:, firsts.to(logits.device)].cpu())
+    rows = torch.cat(out).split([len(search[lab]) for lab in LABELS])
+    return torch.stack([r.mean(0) for r in rows])
 
 
 def choose_pair(m: torch.Tensor) -> tuple[int, int, float]:

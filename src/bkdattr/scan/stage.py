@@ -96,23 +96,17 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 
-def run_search(lm, job: dict, cfg: ScanConfig, budget: Budget, *, seed: int, allowed=None, bar=None,
-               bar_desc: str | None = None, progress: bool = False) -> list:
-    """One search job (``target`` ids raised, or lowered with ``sign`` -1, on ``prompts``) until its steps, its
-    stop score or the budget's phase end; ``[(Found, job)]`` for its two best triggers."""
+def run_search(lm, job: dict, cfg: ScanConfig, budget: Budget, *, seed: int, allowed, bar=None) -> list:
+    """One search job (``target`` ids raised, or lowered with ``sign`` -1, on ``prompts``, from the ``allowed``
+    ``[V]`` tokens) until its steps, its stop score or the budget's phase end; ``[(Found, job)]`` for its two best
+    triggers."""
     from .insert import TargetScorer
-    from .search import STOP_SCORE, allowed_tokens, search_trigger
+    from .search import STOP_SCORE, search_trigger
 
-    own = bar is None and bar_desc is not None
-    if own:
-        bar = _bar(cfg.search_steps, bar_desc, progress)
-    allowed = allowed_tokens(lm.tokenizer) if allowed is None else allowed
     scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
     res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
                          n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
                          budget=budget, seed=seed, progress=bar, stop_score=job.get("stop", STOP_SCORE))
-    if own:
-        bar.close()
     if budget.out():
         budget.skip(f"search: {job['label']} stopped by the budget")
     return [(f, job) for f in res[:2]]
@@ -179,19 +173,17 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     label_found: list = []
     allowed = None
     if cfg.labels:
-        from .labels import label_job
+        from .labels import label_job, without_label
+        from .search import allowed_tokens
 
         label_info, ljob = label_job(lm, cfg)
         if ljob is not None:
-            from .search import allowed_tokens
-
             budget.phase(LABEL_SHARE)
-            from .labels import without_label
-
             allowed = allowed_tokens(lm.tokenizer)
-            label_found = run_search(lm, ljob, cfg, budget, seed=cfg.seed,
-                                     allowed=without_label(lm.tokenizer, allowed, ljob["meta"]["target"]),
-                                     bar_desc="scan: label search", progress=progress)
+            bar = _bar(cfg.search_steps, "scan: label search", progress)
+            label_found = run_search(lm, ljob, cfg, budget, seed=cfg.seed, bar=bar,
+                                     allowed=without_label(lm.tokenizer, allowed, ljob["meta"]["target"]))
+            bar.close()
 
     # 1. leak
     from .leak import leak
