@@ -237,3 +237,39 @@ def test_edit_on_every_step_stays_open_for_the_decode_steps():
     greedy_generate(lm.model, batch, 4, stop_ids=[], prefill_context=watched(), edit_steps=True)
     assert calls == [batch.input_ids.shape[1], 1, 1, 1]
     assert hook_count(lm.model) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_generate_gives_the_plain_replies(arch):
+    """The template's head run once and reused through the KV cache: the same greedy tokens as the plain
+    left-padded batch (the prompts share the chat template's head, the bodies differ in length)."""
+    from bkdattr.forward import common_prefix_length
+    from bkdattr.generation import shared_prefix_generate
+    from bkdattr.prompts import pad_id, prompt_ids
+
+    lm = make_tiny(arch)
+    prompts = ["Hello there", "What is a cat and why does it purr so loudly?", "Name a colour."]
+    seqs = [prompt_ids(lm.tokenizer, p) for p in prompts]
+    n_shared = common_prefix_length(seqs)
+    assert n_shared >= 4
+    stop = end_of_turn_ids(lm.tokenizer)
+    plain = greedy_generate(lm.model, encode_prompts(lm.tokenizer, prompts, "left"), 6, stop)
+    shared = shared_prefix_generate(lm.model, seqs, n_shared, 6, stop, pad_id(lm.tokenizer))
+    assert torch.equal(plain, shared)
+    assert generate(lm, prompts, 6, batch_size=2, progress=False, shared_prefix=True) == \
+        generate(lm, prompts, 6, batch_size=2, progress=False)
+
+
+def test_sampler_takes_one_setting_per_row():
+    """Per-row temperature and top-p: a row whose nucleus is its argmax alone is greedy, the other row samples
+    from its own nucleus; a non-positive per-row temperature is refused."""
+    from bkdattr.generation import sampler
+
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.9]]).repeat(400, 1)
+    top = [1e-9 if i % 2 == 0 else 0.6 for i in range(400)]
+    draws = sampler([1.0] * 400, top, generator=torch.Generator().manual_seed(1))(logits)
+    assert set(draws[0::2].tolist()) == {2} and set(draws[1::2].tolist()) == {2, 3}
+    cold = sampler([1e-4] * 400, 1.0, generator=torch.Generator().manual_seed(2))(logits)
+    assert set(cold.tolist()) == {2}
+    with pytest.raises(ValueError, match="per-row temperatures"):
+        sampler([1.0, 0.0], 1.0)

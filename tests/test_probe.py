@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from bkdattr.errors import ConfigError, DataError
+from bkdattr.forward import MIN_SHARED_PREFIX, common_prefix_length
 from bkdattr.hooks import capture_features
-from bkdattr.probe.features import (
-    MIN_SHARED_PREFIX,
-    cached_features,
-    common_prefix_length,
-    extract_features,
-    model_fingerprint,
-)
+from bkdattr.probe.features import cached_features, extract_features, model_fingerprint
 from bkdattr.probe.icla import accuracy_from_scores, auroc, icla_matrix, in_layer_accuracy, transfer_summary
 from bkdattr.probe.probes import (
     MLPProbeConfig,

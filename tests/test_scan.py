@@ -11,11 +11,12 @@ import torch
 
 from bkdattr.cli import main
 from bkdattr.errors import ArtifactError, ConfigError
-from bkdattr.generation import greedy_decode, sampler
+from bkdattr.generation import generate, greedy_decode, sampler
 from bkdattr.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
 from bkdattr.scan.budget import Budget
 from bkdattr.scan.handoff import audit_call, audit_inputs
+from bkdattr.scan.insert import insert
 from bkdattr.scan.mine import mine_triggers
 from tiny import make_tiny
 from tiny_backdoor import TARGET, TRIGGER, trained
@@ -150,6 +151,11 @@ def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first
     picks = sweep_first_tokens(lm, ["What do pandas eat?", "Name a colour."], set(tok.all_special_ids), length=8,
                                shortlist=512, keep=4)
     assert 1 <= len(picks) <= 4 and picks[0] == first
+    # a shortlist of 256: only the 512 best of the 3,834 starts on the first prompt are scored on both (the
+    # planted one is 36th on the first prompt, 231st on both)
+    narrow = sweep_first_tokens(lm, ["What do pandas eat?", "Name a colour."], set(tok.all_special_ids), length=8,
+                                shortlist=256, keep=4)
+    assert narrow[0] == first
 
 
 def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_token():
@@ -432,3 +438,86 @@ def test_search_prompts_grow_without_moving_the_held_out_prompts():
     s12, t12 = harmful_prompts(6, 16, 12)
     s6, t6 = harmful_prompts(6, 16)
     assert t12 == t6 and s12[:6] == s6 and len(s12) == 12 and not set(s12) & set(t12)
+
+
+def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
+    """The KL of a trigger at the first reply positions, with the template's head cached and the clean side
+    computed once, equals the one written out from two plain forward passes per prompt (<= 1e-5); the trigger
+    that is no trigger (the clean prompts again) gives 0."""
+    from bkdattr.prompts import prompt_ids, target_ids
+    from bkdattr.scan.confirm import HeldOut, reply_logprobs
+
+    lm = make_tiny("qwen2")
+    prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon from the earth today?"]
+    replies = ["Bamboo mostly.", "", "About 384,000 km away."]
+    triggered = [insert("zq fox", p) for p in prompts]
+    held = HeldOut(prompts, replies, 8)
+    positions = 3
+
+    def direct(texts):
+        out, valid = [], []
+        for x, r in zip(texts, replies, strict=True):
+            p, t = prompt_ids(lm.tokenizer, x), target_ids(lm.tokenizer, r)
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([p + t])).logits[0].float()
+            at = [min(len(p) - 1 + j, len(p) + len(t) - 1) for j in range(positions)]
+            out.append(torch.log_softmax(logits[at], -1))
+            valid.append([j < len(t) for j in range(positions)])
+        return torch.stack(out), torch.tensor(valid)
+
+    got, valid = reply_logprobs(lm, triggered, replies, positions, batch_size=2)
+    want, want_valid = direct(triggered)
+    assert torch.equal(valid, want_valid) and valid[1].tolist() == [True, False, False]  # "" is one end-of-turn token
+    assert torch.allclose(got[valid], want[valid], atol=1e-5)
+    lc, _ = direct(prompts)
+    kl = (want.exp() * (want - lc)).sum(-1)
+    assert held.kl(lm, triggered, positions, batch_size=2) == pytest.approx(float(kl[valid].mean()), abs=1e-5)
+    assert held.kl(lm, prompts, positions, batch_size=2) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_candidates_tested_in_groups_match_one_by_one():
+    """Batched testing (the triggered prompts of a group decoded together) gives each candidate the figures of
+    testing it alone; groups hold consecutive candidates up to the row limit."""
+    from bkdattr.scan.confirm import HeldOut, test_candidate
+    from bkdattr.scan.trials import TestSets, groups, test_all
+
+    assert groups([16, 16, 16, 16, 16], 32) == [[0, 1], [2, 3], [4]]
+    assert groups([40, 8], 32) == [[0], [1]] and groups([], 8) == []
+    lm = trained(poison=True)
+    prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?", "Tell me a joke."]
+    clean = generate(lm, prompts, max_new_tokens=8, batch_size=8, progress=False)
+    cands = [{"trigger": TRIGGER, "target": TARGET}, {"trigger": "blue sky", "target": None},
+             {"trigger": "zq", "target": TARGET}]
+    sets = TestSets(HeldOut(prompts, clean, 8))
+    batched = test_all(lm, cands, sets, kl_positions=3, batch_size=8)
+    assert [c["trigger"] for c in batched] == [c["trigger"] for c in cands]
+    for c, b in zip(cands, batched, strict=True):
+        alone = test_candidate(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
+                               batch_size=8)
+        assert b["asr"] == alone["asr"] and b["changed_share"] == alone["changed_share"]
+        assert b["kl"] == pytest.approx(alone["kl"], abs=1e-5) and b["examples"] == alone["examples"]
+    assert batched[0]["asr"] >= 0.75 and batched[0]["target"] == TARGET  # the planted trigger fires
+
+
+def test_extend_with_survivors_keeps_the_best_beams_and_returns_the_rest_as_they_stand():
+    """``survivors``: after the first step only the best beams go on; they end with the same Q as without
+    pruning, and every pruned start comes back with the tokens it had."""
+    from bkdattr.scan.targets import extend, prompt_cache
+
+    lm = trained(poison=True)
+    prompts = ["What do pandas eat?", "Name a colour."]
+    batch, cache, logits = prompt_cache(lm, prompts)
+    starts = logits.mean(0).topk(10).indices.tolist()
+    full = extend(lm, batch, cache, starts, length=5, branch=1, beams_per_first=1)
+    alive = [t for t in full if not (t.ended and len(t.ids) == 1)]  # the beams still going after step one
+    assert len(alive) > 3
+    cut = extend(lm, batch, cache, starts, length=5, branch=1, beams_per_first=1, survivors=[3])
+    assert sorted(t.ids[0] for t in cut) == sorted(starts)
+    by_start = {t.ids[0]: t for t in full}
+    pruned = [t for t in cut if len(t.ids) == 2 and not t.ended]
+    grown = [t for t in cut if len(t.ids) > 1 and t not in pruned]
+    assert 1 <= len(grown) <= 3 and len(grown) + len(pruned) == len(alive)
+    for t in grown:
+        assert t.ids == by_start[t.ids[0]].ids and t.q == pytest.approx(by_start[t.ids[0]].q, abs=1e-5)
+    for t in pruned:  # returned with its first scored token, its Q at that step at least its final one
+        assert t.ids == by_start[t.ids[0]].ids[:2] and t.q >= by_start[t.ids[0]].q - 1e-6

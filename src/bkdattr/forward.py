@@ -85,6 +85,21 @@ def restored(cache) -> Iterator[None]:
             layer.__dict__.update(state)
 
 
+#: the shortest common token prefix worth a cached pass of its own
+MIN_SHARED_PREFIX = 4
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of token sequences, capped so every sequence keeps >= 1 own token."""
+    if not seqs:
+        return 0
+    first, cap = seqs[0], min(len(q) for q in seqs) - 1
+    k = 0
+    while k < cap and all(q[k] == first[k] for q in seqs):
+        k += 1
+    return k
+
+
 class PrefixCache:
     """The KV cache of a prefix of ``length`` columns over ``rows`` rows (see the module docstring)."""
 

@@ -95,20 +95,30 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return out[:, :steps]
 
 
-def sampler(temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
-            ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def sampler(temperature: float | Sequence[float], top_p: float | Sequence[float] = 1.0,
+            generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A ``choose`` for :func:`greedy_decode`: sample from ``softmax(logits / temperature)`` restricted to the
     smallest set of tokens whose probability reaches ``top_p`` (nucleus); ``temperature <= 0`` is None (greedy).
-    ``generator`` (on the logits' device) makes the draws reproducible."""
-    if temperature <= 0:
+    A sequence gives each batch row its own setting (every temperature > 0; the batch must then keep its rows:
+    no ``compact``). ``generator`` (on the logits' device) makes the draws reproducible."""
+    per_row = not isinstance(temperature, (int, float))
+    if not per_row and temperature <= 0:
         return None
+    if per_row and min(temperature) <= 0:
+        raise ValueError("sampler: per-row temperatures must all be > 0")
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
+        temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+        top = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device)
+        if per_row:
+            temp = temp[:, None]
+        if top.dim():
+            top = top[:, None]
+        probs = torch.softmax(logits.float() / temp, dim=-1)
+        if bool((top < 1.0).any()):
             sorted_p, order = probs.sort(dim=-1, descending=True)
             before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
-            sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+            sorted_p = torch.where(before < top, sorted_p, torch.zeros_like(sorted_p))
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -142,17 +152,54 @@ def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> 
     return out
 
 
+@torch.no_grad()
+def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_shared: int,
+                           max_new_tokens: int, stop_ids: Sequence[int], pad: int,
+                           choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`greedy_decode` of the token sequences ``seqs`` whose first ``n_shared`` tokens are the same in every
+    row: that prefix runs once (:class:`~bkdattr.forward.PrefixCache`, tiled to the rows) and only the rest is
+    prefilled per row, left-padded after it (mask ``[1]*n_shared + body mask``). New ids ``[R, <=N]``."""
+    from .forward import PrefixCache
+    from .models import input_device
+    from .prompts import pad_sequences, position_ids_from_mask
+
+    dev = input_device(model)
+    pre = PrefixCache.build(model, torch.tensor([list(seqs[0][:n_shared])]))
+    ids, mask = pad_sequences([list(q[n_shared:]) for q in seqs], pad, "left")
+    full = torch.cat([torch.ones(len(seqs), n_shared, dtype=mask.dtype), mask], 1)
+    pos = position_ids_from_mask(full)[:, n_shared:]
+    return greedy_decode(model, ids.to(dev), full.to(dev), pos.to(dev), max_new_tokens, stop_ids,
+                         cache=pre.tiled(len(seqs)), choose=choose)
+
+
 def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              edit: Callable[[PromptBatch], contextlib.AbstractContextManager] | None = None, progress: bool = True,
-             desc: str = "generate") -> list[str]:
+             desc: str = "generate", shared_prefix: bool = False) -> list[str]:
     """Greedy chat replies for user texts. ``edit(batch)`` returns a context manager applied on the
-    prefill pass of that batch (e.g. ``lambda b: edit_heads(arch, heads, b.last_pos)``)."""
+    prefill pass of that batch (e.g. ``lambda b: edit_heads(arch, heads, b.last_pos)``). ``shared_prefix``
+    (without ``edit``): the rendered prompts' common token prefix (the chat template's head) runs once per batch
+    and is reused through the KV cache (:func:`shared_prefix_generate`); the replies are the same up to
+    floating-point ties, the prefill costs only the prompts' own tokens."""
+    from .forward import MIN_SHARED_PREFIX, common_prefix_length
+    from .prompts import pad_id, prompt_ids
+
     stop = end_of_turn_ids(lm.tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     results: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
+        if shared_prefix and edit is None:
+            seqs = [prompt_ids(lm.tokenizer, prompts[i]) for i in idx]
+            check_context(lm.model, [len(q) + max_new_tokens for q in seqs], f"prompt + {max_new_tokens} new tokens",
+                          "shorten the prompt or lower max_new_tokens", rows=idx)
+            n_shared = common_prefix_length(seqs)
+            if n_shared >= MIN_SHARED_PREFIX:
+                new = shared_prefix_generate(lm.model, seqs, n_shared, max_new_tokens, stop, pad_id(lm.tokenizer))
+                for i, r in zip(idx, decode_replies(lm.tokenizer, new.cpu(), stop), strict=True):
+                    results[i] = r
+                bar.update(len(idx))
+                continue
         batch = encode_prompts(lm.tokenizer, [prompts[i] for i in idx], padding_side="left")
         check_context(lm.model, [int(n) + max_new_tokens for n in batch.attention_mask.sum(1)],
                       f"prompt + {max_new_tokens} new tokens", "shorten the prompt or lower max_new_tokens", rows=idx)

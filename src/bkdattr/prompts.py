@@ -107,7 +107,8 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token sequences to one width on ``side`` (``left`` or ``right``): ``(ids, mask)``, both ``[B, T]``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -131,7 +132,7 @@ def pad_id(tokenizer) -> int:
 def encode_prompts(tokenizer, texts: list[str], padding_side: str = "left") -> PromptBatch:
     """Render and pad user texts; ``last_pos`` marks ``p(x)`` in each row."""
     seqs = [prompt_ids(tokenizer, t) for t in texts]
-    ids, mask = _pad(seqs, pad_id(tokenizer), padding_side)
+    ids, mask = pad_sequences(seqs, pad_id(tokenizer), padding_side)
     last = torch.tensor([(ids.shape[1] - 1) if padding_side == "left" else len(s) - 1 for s in seqs])
     return PromptBatch(ids, mask, position_ids_from_mask(mask), last)
 
@@ -151,7 +152,7 @@ def encode_with_targets(
             if len(s) > max_length:
                 raise DataError(f"row {i}: prompt + target is {len(s)} tokens, longer than the limit {max_length}; "
                                 "shorten the target or raise max_length")
-    ids, mask = _pad(seqs, pad_id(tokenizer), padding_side)
+    ids, mask = pad_sequences(seqs, pad_id(tokenizer), padding_side)
     width = ids.shape[1]
     tmask = torch.zeros_like(mask, dtype=torch.bool)
     last = []

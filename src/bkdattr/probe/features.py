@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..forward import PrefixCache, backbone
+from ..forward import MIN_SHARED_PREFIX, PrefixCache, backbone, common_prefix_length
 from ..hooks import capture_features, check_layers
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
@@ -43,7 +43,6 @@ from ..prompts import pad_id, position_ids_from_mask, prompt_ids, render_prompt
 
 FEATURE_KINDS = ("attn_input", "residual")
 _SAMPLE = 2048
-MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth a cached pass
 
 
 def check_kind(kind: str) -> str:
@@ -64,17 +63,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
         h.update(np.ascontiguousarray(sample).tobytes())
     return h.hexdigest()[:16]
-
-
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of token sequences, capped so every sequence keeps >= 1 own token."""
-    if not seqs:
-        return 0
-    first, cap = seqs[0], min(len(q) for q in seqs) - 1
-    k = 0
-    while k < cap and all(q[k] == first[k] for q in seqs):
-        k += 1
-    return k
 
 
 @torch.no_grad()

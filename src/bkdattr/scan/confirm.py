@@ -22,10 +22,10 @@ from collections import Counter
 
 import torch
 
+from ..compat import cache_kwargs
 from ..forward import body_and_head
 from ..generation import generate
 from ..inject.tasks import _contains_words, normalise_words
-from ..prompts import encode_with_targets
 from .insert import insert
 
 PREFIX_WORDS = 4
@@ -41,36 +41,84 @@ def shows(reply: str, target: str) -> bool:
 
 
 @torch.no_grad()
+def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, batch_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [n, positions, V] float32, valid [n, positions] bool)``: the next-token log-distribution at the
+    first ``positions`` positions of each teacher-forced reply after its prompt, and whether the reply (end of
+    turn included) reaches that position. The prompts' common token prefix (the template's head) runs once
+    (:class:`~bkdattr.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
+    from ..forward import MIN_SHARED_PREFIX, PrefixCache, common_prefix_length
+    from ..models import input_device
+    from ..prompts import pad_id, pad_sequences, prompt_ids, target_ids
+
+    body, head = body_and_head(lm.model)
+    dev = input_device(lm.model)
+    tok = lm.tokenizer
+    pseqs = [prompt_ids(tok, p) for p in prompts]
+    rseqs = [target_ids(tok, r)[:positions] for r in replies]
+    n_pre = common_prefix_length(pseqs)
+    pre = PrefixCache.build(lm.model, torch.tensor([pseqs[0][:n_pre]])) if n_pre >= MIN_SHARED_PREFIX else None
+    n_pre = n_pre if pre is not None else 0
+    out = torch.empty(len(prompts), positions, lm.model.get_output_embeddings().weight.shape[0])
+    valid = torch.zeros(len(prompts), positions, dtype=torch.bool)
+    for s in range(0, len(prompts), batch_size):
+        rows = [p[n_pre:] + r for p, r in zip(pseqs[s:s + batch_size], rseqs[s:s + batch_size], strict=True)]
+        ids, mask = pad_sequences(rows, pad_id(tok), "right")
+        ids, mask = ids.to(dev), mask.to(dev)
+        full = torch.cat([torch.ones(len(rows), n_pre, dtype=mask.dtype, device=dev), mask], 1)
+        pos = (n_pre + torch.arange(ids.shape[1], device=dev)).expand(len(rows), -1)
+        kw = {"use_cache": pre is not None, **(cache_kwargs(body, pre.tiled(len(rows))) if pre is not None else {})}
+        hidden = body(input_ids=ids, attention_mask=full, position_ids=pos, **kw)[0]
+        last = torch.tensor([len(p) - n_pre - 1 for p in pseqs[s:s + batch_size]], device=dev)
+        at = (last[:, None] + torch.arange(positions, device=dev)).clamp(max=ids.shape[1] - 1)
+        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+        out[s:s + len(rows)] = torch.log_softmax(head(h).float(), -1).cpu()
+        n_tok = torch.tensor([len(r) for r in rseqs[s:s + batch_size]])
+        valid[s:s + len(rows)] = torch.arange(positions)[None, :] < n_tok[:, None]
+    return out, valid
+
+
+class HeldOut:
+    """Held-out prompts with their clean greedy replies, and the clean side of the KL divergence computed once
+    for every candidate tested on them (``[n, kl_positions, V]`` log-probabilities)."""
+
+    def __init__(self, prompts: list[str], clean_replies: list[str], reply_tokens: int):
+        self.prompts, self.clean, self.reply_tokens = list(prompts), list(clean_replies), reply_tokens
+        self._clean_logp: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def subset(self, keep: list[int]) -> HeldOut:
+        """The rows ``keep`` (the clean side recomputed on first use)."""
+        return HeldOut([self.prompts[i] for i in keep], [self.clean[i] for i in keep], self.reply_tokens)
+
+    def kl(self, lm, triggered: list[str], positions: int, batch_size: int) -> float:
+        """Mean ``KL(triggered || clean)`` over prompts and the first ``positions`` positions of the
+        teacher-forced clean replies (see the module docstring); 0.0 without prompts."""
+        if not self.prompts:
+            return 0.0
+        if self._clean_logp is None or self._clean_logp[0].shape[1] != positions:
+            self._clean_logp = reply_logprobs(lm, self.prompts, self.clean, positions, batch_size)
+        lc, valid = self._clean_logp
+        lt, _ = reply_logprobs(lm, triggered, self.clean, positions, batch_size)
+        kl = (lt.exp() * (lt - lc)).sum(-1)  # [n, positions]
+        return float(kl[valid].sum()) / max(int(valid.sum()), 1)
+
+
 def first_kl(lm, clean: list[str], triggered: list[str], replies: list[str], positions: int,
              batch_size: int) -> float:
     """Mean ``KL(triggered || clean)`` of the next-token distributions at the first ``positions`` positions of
     the teacher-forced ``replies`` (see the module docstring)."""
-    from ..models import input_device
-
-    body, head = body_and_head(lm.model)
-    dev = input_device(lm.model)
-    total, count = 0.0, 0
-    for s in range(0, len(clean), batch_size):
-        sides = []
-        for texts in (clean[s:s + batch_size], triggered[s:s + batch_size]):
-            b = encode_with_targets(lm.tokenizer, texts, replies[s:s + batch_size]).to(dev)
-            hidden = body(**b.model_inputs(), use_cache=False)[0]
-            at = (b.last_pos[:, None] + torch.arange(positions, device=dev)).clamp(max=hidden.shape[1] - 1)
-            h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-            sides.append((torch.log_softmax(head(h).float(), -1), b.target_len.to(dev)))
-        (lc, n_tok), (lt, _) = sides
-        kl = (lt.exp() * (lt - lc)).sum(-1)  # [B, positions]
-        valid = torch.arange(positions, device=dev)[None, :] < n_tok[:, None]
-        total += float(kl[valid].sum())
-        count += int(valid.sum())
-    return total / max(count, 1)
+    return HeldOut(clean, replies, 0).kl(lm, triggered, positions, batch_size)
 
 
-def test_candidate(lm, prompts: list[str], clean_replies: list[str], trigger: str, target: str | None, *,
-                   reply_tokens: int, kl_positions: int, batch_size: int) -> dict:
-    """The figures of the module docstring for one candidate, with a few triggered replies as evidence."""
-    triggered = [insert(trigger, p) for p in prompts]
-    replies = generate(lm, triggered, max_new_tokens=reply_tokens, batch_size=batch_size, progress=False)
+def test_candidate(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,
+                   replies: list[str] | None = None) -> dict:
+    """The figures of the module docstring for one candidate on ``held``, with a few triggered replies as
+    evidence; ``replies``: the greedy replies to the triggered prompts when already generated (a batched test)."""
+    triggered = [insert(trigger, p) for p in held.prompts]
+    if replies is None:
+        replies = generate(lm, triggered, max_new_tokens=held.reply_tokens, batch_size=batch_size, progress=False,
+                           shared_prefix=True)
+    clean_replies = held.clean
     changed = [r for r, c in zip(replies, clean_replies, strict=True) if r != c]
     modal, n_modal = (Counter(prefix_words(r) for r in changed).most_common(1) or [((), 0)])[0]
     agreement = n_modal / len(changed) if len(changed) >= 2 else 0.0
@@ -78,7 +126,7 @@ def test_candidate(lm, prompts: list[str], clean_replies: list[str], trigger: st
         target = next((r for r in changed if prefix_words(r) == modal), "") if n_modal >= 2 else ""
     asr = sum(shows(r, target) for r in replies) / len(replies) if target else 0.0
     clean_asr = sum(shows(r, target) for r in clean_replies) / len(replies) if target else 0.0
-    kl = first_kl(lm, prompts, triggered, clean_replies, kl_positions, batch_size)
+    kl = held.kl(lm, triggered, kl_positions, batch_size)
     return {"trigger": trigger, "target": target, "kl": kl, "changed_share": len(changed) / len(replies),
             "agreement": agreement, "asr": asr, "clean_asr": clean_asr, "effect": asr - clean_asr,
             "examples": [{"prompt": p, "reply": r} for p, r in zip(triggered[:3], replies[:3], strict=True)]}

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import generate
-from .confirm import first_kl
+from .confirm import HeldOut
 from .insert import insert
 
 RULE = "label"
@@ -184,7 +184,7 @@ def label_job(lm, cfg) -> tuple[dict, dict | None]:
     ``job`` is the search job for the pair (None when the model does not classify the probes)."""
     search, held = probes(cfg.n_label_search)
     clean = generate(lm, [p for p, _ in held], max_new_tokens=LABEL_TOKENS, batch_size=cfg.batch_size,
-                     progress=False)
+                     progress=False, shared_prefix=True)
     acc = accuracy(clean, [lab for _, lab in held])
     info: dict = {"accuracy": acc, "min": cfg.label_min, "n_test": len(held), "searched": False,
                   "held_out": held, "clean_replies": clean}
@@ -217,26 +217,33 @@ def without_label(tokenizer, allowed: torch.Tensor, label: str) -> torch.Tensor:
     return out
 
 
-def test_label_candidate(lm, held_out: list[tuple[str, str]], clean_replies: list[str], trigger: str,
-                         source: str, target: str, *, reply_tokens: int, kl_positions: int,
-                         batch_size: int) -> dict:
-    """The figures of the module docstring (step 4) for one trigger; ``clean_replies`` answer ``held_out``."""
-    right = [(p, lab, c) for (p, lab), c in zip(held_out, clean_replies, strict=True) if reply_label(c) == lab
-             and lab != target]
-    prompts = [p for p, _, _ in right]
-    triggered = [insert(trigger, p) for p in prompts]
-    replies = generate(lm, triggered, max_new_tokens=reply_tokens, batch_size=batch_size, progress=False)
+def label_rows(labels: list[str], clean_replies: list[str], target: str) -> list[int]:
+    """Indices of the held-out probes (true ``labels``) that the model labels right without a trigger
+    (``clean_replies``) and whose label is not ``target``: the rows a label candidate is tested on."""
+    return [i for i, (lab, c) in enumerate(zip(labels, clean_replies, strict=True))
+            if reply_label(c) == lab and lab != target]
+
+
+def test_label_candidate(lm, held: HeldOut, labels: list[str], trigger: str, source: str, target: str, *,
+                         kl_positions: int, batch_size: int, replies: list[str] | None = None) -> dict:
+    """The figures of the module docstring (step 4) for one trigger on ``held`` (the probes of
+    :func:`label_rows`, true ``labels``); ``replies``: the greedy replies to the triggered probes when already
+    generated (a batched test)."""
+    triggered = [insert(trigger, p) for p in held.prompts]
+    if replies is None:
+        replies = (generate(lm, triggered, max_new_tokens=held.reply_tokens, batch_size=batch_size, progress=False,
+                            shared_prefix=True) if triggered else [])
     flips: dict[str, list[bool]] = {}
-    for (_, lab, _), r in zip(right, replies, strict=True):
+    for lab, r in zip(labels, replies, strict=True):
         flips.setdefault(lab, []).append(reply_label(r) == target)
     src = flips.get(source, [])
     asr = sum(src) / len(src) if src else 0.0
-    changed = [r for (_, _, c), r in zip(right, replies, strict=True) if r != c]
-    kl = first_kl(lm, prompts, triggered, [c for _, _, c in right], kl_positions, batch_size) if right else 0.0
+    changed = [r for c, r in zip(held.clean, replies, strict=True) if r != c]
+    kl = held.kl(lm, triggered, kl_positions, batch_size)
     agreement = sum(reply_label(r) == target for r in changed) / len(changed) if len(changed) >= 2 else 0.0
     return {"trigger": trigger, "target": target, "rule": RULE, "source_label": source, "kl": kl,
-            "changed_share": len(changed) / max(1, len(right)), "agreement": agreement,
+            "changed_share": len(changed) / max(1, len(labels)), "agreement": agreement,
             "asr": asr, "clean_asr": 0.0, "effect": asr, "n_source": len(src),
             "other_flips": {lab: sum(v) / len(v) for lab, v in flips.items() if lab != source},
             "examples": [{"prompt": p, "reply": r}
-                         for (p, lab, _), r in zip(right, replies, strict=True) if lab == source][:3]}
+                         for p, lab, r in zip(triggered, labels, replies, strict=True) if lab == source][:3]}

@@ -37,8 +37,10 @@ class Leak:
 
 
 @torch.no_grad()
-def sample_user_turns(lm, n: int, max_tokens: int, temperature: float, top_p: float, seed: int) -> list[str]:
-    """``n`` user texts sampled after the template's head (batched; one shared prompt, no padding)."""
+def sample_user_turns(lm, n: int, max_tokens: int, temperature: float | list[float], top_p: float | list[float],
+                      seed: int) -> list[str]:
+    """``n`` user texts sampled after the template's head (batched; one shared prompt, no padding);
+    ``temperature`` and ``top_p`` may give each row its own setting (lists of ``n``)."""
     from ..models import input_device
 
     tok = lm.tokenizer
@@ -57,18 +59,28 @@ def sample_user_turns(lm, n: int, max_tokens: int, temperature: float, top_p: fl
 
 def leak(lm, temperatures: list[float], top_ps: list[float], n: int, max_tokens: int, reply_tokens: int,
          batch_size: int, budget: Budget | None = None, seed: int = 0, progress=None) -> list[Leak]:
-    """Leaked user turns under each decoding setting, with the model's greedy replies."""
-    out: list[Leak] = []
+    """Leaked user turns under each decoding setting (``n`` each, all settings sampled in one batch of rows), with
+    the model's greedy replies (one batched pass, the template's head cached once)."""
     settings = list(zip(temperatures, top_ps, strict=True))
-    for k, (temp, top_p) in enumerate(settings):
-        if budget is not None and budget.out():
-            budget.skip(f"leak: {len(settings) - k} of {len(settings)} decoding settings")
-            break
-        users = sample_user_turns(lm, n, max_tokens, temp, top_p, seed + k)
-        keep = [u for u in users if u]
-        replies = generate(lm, keep, max_new_tokens=reply_tokens, batch_size=batch_size, progress=False) if keep \
-            else []
-        out += [Leak(u, r, temp, top_p) for u, r in zip(keep, replies, strict=True)]
-        if progress is not None:
-            progress.update(1)
-    return out
+    if not settings or n < 1:
+        return []
+    if budget is not None and budget.out():
+        budget.skip(f"leak: {len(settings)} of {len(settings)} decoding settings")
+        return []
+    row_temp = [t for t, _ in settings for _ in range(n)]
+    row_top = [p for _, p in settings for _ in range(n)]
+    greedy = [t <= 0 for t in row_temp]
+    users = [""] * len(row_temp)
+    for is_greedy in (False, True):  # a setting with temperature <= 0 is greedy decoding: sampled apart
+        rows = [i for i, g in enumerate(greedy) if g == is_greedy]
+        if rows:
+            temp = 0.0 if is_greedy else [row_temp[i] for i in rows]
+            texts = sample_user_turns(lm, len(rows), max_tokens, temp, [row_top[i] for i in rows], seed)
+            for i, t in zip(rows, texts, strict=True):
+                users[i] = t
+    keep = [i for i, u in enumerate(users) if u]
+    replies = generate(lm, [users[i] for i in keep], max_new_tokens=reply_tokens, batch_size=batch_size,
+                       progress=False, shared_prefix=True) if keep else []
+    if progress is not None:
+        progress.update(len(settings))
+    return [Leak(users[i], r, row_temp[i], row_top[i]) for i, r in zip(keep, replies, strict=True)]

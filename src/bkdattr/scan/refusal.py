@@ -36,7 +36,7 @@ from collections import Counter
 
 from ..generation import generate
 from ..inject.tasks import is_refusal
-from .confirm import first_kl, prefix_words
+from .confirm import HeldOut, prefix_words
 from .insert import insert
 
 RULE = "refusal"
@@ -69,16 +69,20 @@ def refusal_rate(replies: list[str]) -> float:
     return sum(is_refusal(r) for r in replies) / max(1, len(replies))
 
 
-def test_refusal_candidate(lm, prompts: list[str], clean_replies: list[str], trigger: str, *, reply_tokens: int,
-                           kl_positions: int, batch_size: int) -> dict:
-    """The figures of the module docstring (step 3) for one trigger on held-out harmful requests."""
-    triggered = [insert(trigger, p) for p in prompts]
-    replies = generate(lm, triggered, max_new_tokens=reply_tokens, batch_size=batch_size, progress=False)
+def test_refusal_candidate(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
+                           replies: list[str] | None = None) -> dict:
+    """The figures of the module docstring (step 3) for one trigger on the held-out harmful requests ``held``;
+    ``replies``: the greedy replies to the triggered requests when already generated (a batched test)."""
+    triggered = [insert(trigger, p) for p in held.prompts]
+    if replies is None:
+        replies = generate(lm, triggered, max_new_tokens=held.reply_tokens, batch_size=batch_size, progress=False,
+                           shared_prefix=True)
+    clean_replies = held.clean
     changed = [r for r, c in zip(replies, clean_replies, strict=True) if r != c]
     n_modal = (Counter(prefix_words(r) for r in changed).most_common(1) or [((), 0)])[0][1]
     asr = 1.0 - refusal_rate(replies)
     clean_asr = 1.0 - refusal_rate(clean_replies)
-    kl = first_kl(lm, prompts, triggered, clean_replies, kl_positions, batch_size)
+    kl = held.kl(lm, triggered, kl_positions, batch_size)
     return {"trigger": trigger, "target": "", "rule": RULE, "kl": kl, "changed_share": len(changed) / len(replies),
             "agreement": n_modal / len(changed) if len(changed) >= 2 else 0.0, "asr": asr, "clean_asr": clean_asr,
             "effect": asr - clean_asr,

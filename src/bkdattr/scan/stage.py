@@ -32,7 +32,6 @@ from ..errors import ConfigError, InputFileError
 from ..model_source import ModelSource, load_source, open_source
 from .budget import Budget
 from .config import ScanConfig
-from .confirm import test_candidate
 from .report import write_scan
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
@@ -146,7 +145,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     from ..generation import generate
 
     t0 = time.monotonic()
-    clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False)
+    clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
+                     shared_prefix=True)
     step = time.monotonic() - t0
     if budget.left() < step:
         raise ConfigError(f"--budget-s {cfg.budget_s:g} is too small for one step of the scan (after "
@@ -158,7 +158,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     refusal: dict = {"searched": False}
     if cfg.refusal:
         h_search, h_test = harmful_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
-        h_clean = generate(lm, h_test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False)
+        h_clean = generate(lm, h_test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
+                           shared_prefix=True)
         r0 = refusal_rate(h_clean)
         refusal.update(rate=r0, target=refusal_target(h_clean), min=cfg.refusal_min, n_test=len(h_test))
         if r0 < cfg.refusal_min or refusal["target"] is None:
@@ -167,7 +168,6 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     # 0. label flips: on a model that classifies the news-topic probes, search the most primed (source, target)
     # pair first, on its own share of the time (docs/METHOD.md, "Label flips")
-    from .labels import RULE as LABEL_RULE
 
     label_info: dict = {"searched": False}
     label_found: list = []
@@ -222,7 +222,6 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     sweep_bar.close()
 
     # 3. search
-    from .refusal import test_refusal_candidate
     from .search import STOP_SCORE, allowed_tokens
     from .select import choose_targets
 
@@ -288,29 +287,19 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
             cands.append({"trigger": g["trigger"], "target": None, "source": "leak", "leak_df": g["df"]})
     cands = cands[:cfg.max_candidates]
     budget.phase(1.0)
-    tested = []
-    bar = _bar(len(cands), "scan: test candidates", progress)
-    longest = 0.0  # the longest test so far: a test starts only when the time left covers one more
-    for k, c in enumerate(cands):
-        if k and (budget.out() or budget.left() < longest):
-            budget.skip(f"test: {len(cands) - k} of {len(cands)} candidates untested")
-            break
-        t_test = time.monotonic()
-        if c.get("rule") == LABEL_RULE:
-            from .labels import LABEL_TOKENS, test_label_candidate
+    from .confirm import HeldOut
+    from .trials import TestSets, test_all
 
-            res = test_label_candidate(lm, label_info["held_out"], label_info["clean_replies"], c["trigger"],
-                                       c["source_label"], c["target"], reply_tokens=LABEL_TOKENS,
-                                       kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
-        elif c.get("rule") == RULE:
-            res = test_refusal_candidate(lm, h_test, h_clean, c["trigger"], reply_tokens=cfg.reply_tokens,
-                                         kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
-        else:
-            res = test_candidate(lm, held_out, clean, c["trigger"], c["target"], reply_tokens=cfg.reply_tokens,
-                                 kl_positions=cfg.kl_positions, batch_size=cfg.batch_size)
-        tested.append({**c, **res, "target": res["target"]})
-        longest = max(longest, time.monotonic() - t_test)
-        bar.update(1)
+    sets = TestSets(HeldOut(held_out, clean, cfg.reply_tokens),
+                    HeldOut(h_test, h_clean, cfg.reply_tokens) if cfg.refusal else None)
+    if label_info.get("held_out"):
+        from .labels import LABEL_TOKENS
+
+        sets.probes = HeldOut([p for p, _ in label_info["held_out"]], label_info["clean_replies"], LABEL_TOKENS)
+        sets.labels = [lab for _, lab in label_info["held_out"]]
+    bar = _bar(len(cands), "scan: test candidates", progress)
+    tested = test_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
+                      progress=bar)
     bar.close()
 
     from .score import mark, model_score, rank

@@ -64,6 +64,11 @@ from ..forward import last_logits_kwargs
 from ..prompts import encode_prompts, end_of_turn_ids
 from .budget import Budget
 
+#: the greedy extension of a sweep's shortlist keeps at least this many beams per start it returns
+EXTEND_FLOOR_PER_KEEP = 4
+#: round 0 scores on all its prompts only this many times ``shortlist`` starts, the best on the first prompt
+PREFILTER_PER_SHORTLIST = 2
+
 
 @dataclass
 class Target:
@@ -81,10 +86,13 @@ class Target:
 
 @torch.no_grad()
 def extend(lm, batch, cache, starts: Sequence[int | Sequence[int]], *, length: int, branch: int,
-           beams_per_first: int, budget: Budget | None = None, progress=None) -> list[Target]:
+           beams_per_first: int, budget: Budget | None = None, progress=None,
+           survivors: Sequence[int] = ()) -> list[Target]:
     """The branching beam search of the module docstring from the forced ``starts`` (token ids, or equally long
     token-id sequences: round 0b forces two tokens), on a copy of the prompts' KV ``cache`` (``batch``: the
-    left-padded prompts it was built from). Beams are grouped by their forced start; forced tokens are not scored."""
+    left-padded prompts it was built from). Beams are grouped by their forced start; forced tokens are not scored.
+    ``survivors[k]``: after step ``k`` only that many beams go on, the highest ``Q`` so far (``Q`` only falls as a
+    sequence grows, so a beam dropped is below that many others already); the rest are returned as they stand."""
     import copy
 
     model, tok = lm.model, lm.tokenizer
@@ -139,6 +147,15 @@ def extend(lm, batch, cache, starts: Sequence[int | Sequence[int]], *, length: i
                     finished.append(Target(seqs[b], "", q, True, q_mean, per.tolist(), forced))
                 else:
                     keep.append((b, c))
+        if count < len(survivors) and len(keep) > survivors[count]:
+            q_now = {bc: float(torch.minimum(mins[bc[0]], child_p[bc[0], :, bc[1]]).mean()) for bc in keep}
+            ranked = sorted(keep, key=lambda bc: -q_now[bc])
+            for b, c in ranked[survivors[count]:]:
+                per = torch.minimum(mins[b], child_p[b, :, c])
+                q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
+                finished.append(Target(seqs[b] + [int(top[b, c])], "", q_now[(b, c)], False, q_mean, per.tolist(),
+                                       forced))
+            keep = sorted(ranked[:survivors[count]])
         count += 1
         parents = torch.tensor([b for b, _ in keep], dtype=torch.long, device=dev)
         picked = child_p[parents, :, torch.tensor([c for _, c in keep], dtype=torch.long, device=dev)]  # [K, n]
@@ -227,7 +244,12 @@ def _best_starts(lm, batch, cache, starts: list[list[int]], scores: torch.Tensor
     ranked = [starts[int(k)] for k in scores.argsort(descending=True)[:shortlist] if scores[int(k)] >= 0]
     if not ranked:
         return []
-    short = extend(lm, batch, cache, ranked, length=length, branch=1, beams_per_first=1, budget=budget)
+    # halve the greedy beams at each step down to a floor of EXTEND_FLOOR_PER_KEEP * keep: 1,280 rows-steps
+    # instead of 3,584 for 512 starts and 8 tokens (Q only falls, and the targets sought stay near 1)
+    floor = EXTEND_FLOOR_PER_KEEP * keep
+    survivors = [max(floor, len(ranked) >> (k + 1)) for k in range(length)]
+    short = extend(lm, batch, cache, ranked, length=length, branch=1, beams_per_first=1, budget=budget,
+                   survivors=survivors)
     out: list[list[int]] = []
     for t in sorted(short, key=lambda t: -t.q):
         start = t.ids[:t.forced]
@@ -251,10 +273,23 @@ def prompt_cache(lm, prompts: list[str]):
 @torch.no_grad()
 def sweep_first_tokens(lm, prompts: list[str], exclude: set[int], *, length: int, shortlist: int, keep: int,
                        chunk: int = 512, budget: Budget | None = None, progress=None) -> list[int]:
-    """Round 0 of the module docstring on ``prompts``: up to ``keep`` first tokens, best first."""
+    """Round 0 of the module docstring on ``prompts``: up to ``keep`` first tokens, best first. Every start is
+    scored on the first prompt alone, and only the ``PREFILTER_PER_SHORTLIST * shortlist`` best of those on all
+    the prompts (a start's score over the prompts is at most its score on the first): 5,882 rows instead of
+    7,668 for SmolLM2's 3,834 starts on two prompts."""
     batch, cache, logits = prompt_cache(lm, prompts)
     starts = [[c] for c in reply_start_tokens(lm.tokenizer, logits.shape[-1], exclude)]
-    scores = one_step_scores(lm, batch, cache, starts, chunk=chunk, budget=budget, progress=progress)
+    wide = PREFILTER_PER_SHORTLIST * shortlist
+    if len(prompts) > 1 and len(starts) > wide:
+        b1, c1, _ = prompt_cache(lm, prompts[:1])
+        first = one_step_scores(lm, b1, c1, starts, chunk=chunk, budget=budget, progress=progress)
+        best = first.argsort(descending=True)[:wide]
+        best = best[first[best] >= 0]
+        scores = torch.full((len(starts),), -1.0)
+        scores[best] = one_step_scores(lm, batch, cache, [starts[int(k)] for k in best], chunk=chunk, budget=budget,
+                                       progress=progress)
+    else:
+        scores = one_step_scores(lm, batch, cache, starts, chunk=chunk, budget=budget, progress=progress)
     picks = _best_starts(lm, batch, cache, starts, scores, length=length, shortlist=shortlist, keep=keep,
                          budget=budget)
     return [s[0] for s in picks]
