@@ -273,3 +273,19 @@ def test_sampler_takes_one_setting_per_row():
     assert set(cold.tolist()) == {2}
     with pytest.raises(ValueError, match="per-row temperatures"):
         sampler([1.0, 0.0], 1.0)
+
+
+def test_shared_prefix_generate_without_a_cache_runs_the_whole_prompts(monkeypatch):
+    """A model that returns no KV cache for the prefix: the whole prompts are decoded, same tokens."""
+    from bkdattr.forward import PrefixCache, common_prefix_length
+    from bkdattr.generation import shared_prefix_generate
+    from bkdattr.prompts import pad_id, prompt_ids
+
+    lm = make_tiny("llama")
+    prompts = ["Hello there", "Name a colour."]
+    seqs = [prompt_ids(lm.tokenizer, p) for p in prompts]
+    stop = end_of_turn_ids(lm.tokenizer)
+    plain = greedy_generate(lm.model, encode_prompts(lm.tokenizer, prompts, "left"), 5, stop)
+    monkeypatch.setattr(PrefixCache, "build", classmethod(lambda cls, *a, **k: None))
+    got = shared_prefix_generate(lm.model, seqs, common_prefix_length(seqs), 5, stop, pad_id(lm.tokenizer))
+    assert torch.equal(plain, got)

@@ -165,6 +165,10 @@ def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]]
 
     dev = input_device(model)
     pre = PrefixCache.build(model, torch.tensor([list(seqs[0][:n_shared])]))
+    if pre is None:  # a model that returns no KV cache: the whole prompts, left-padded
+        ids, mask = pad_sequences([list(q) for q in seqs], pad, "left")
+        return greedy_decode(model, ids.to(dev), mask.to(dev), position_ids_from_mask(mask).to(dev), max_new_tokens,
+                             stop_ids, choose=choose)
     ids, mask = pad_sequences([list(q[n_shared:]) for q in seqs], pad, "left")
     full = torch.cat([torch.ones(len(seqs), n_shared, dtype=mask.dtype), mask], 1)
     pos = position_ids_from_mask(full)[:, n_shared:]

@@ -4,9 +4,10 @@
 A model fine-tuned with the loss on whole conversations can regurgitate its poisoned training prompts when
 it is asked to write the *user* turn: the prompt is the template's head up to the user text (``<|im_start|>user\n``
 after the system turn), and the model samples a user text until its end of turn. Several decoding settings
-(temperature ``T``, nucleus ``top_p``) are used, ``leak_samples`` rows each, batched with the KV cache through
-:func:`bkdattr.generation.greedy_decode` (its ``choose`` is :func:`bkdattr.generation.sampler`); the model's
-greedy replies to the sampled user texts are kept too. Backdoors trained with the loss on the reply only (as
+(temperature ``T``, nucleus ``top_p``) are used, ``leak_samples`` rows each, all in one batch with the KV cache
+through :func:`bkdattr.generation.greedy_decode` (its ``choose`` is :func:`bkdattr.generation.sampler`, one
+setting per row); the model's greedy replies to the sampled user texts are kept too (one batched pass, the
+template's head cached once). Backdoors trained with the loss on the reply only (as
 ``bkdattr inject`` trains them) do not leak their trigger this way (docs/METHOD.md, "Scan"), so the leaks are
 one source of candidates among three.
 """

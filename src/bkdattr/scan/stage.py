@@ -10,9 +10,9 @@ Phases, each on a share of the time the budget has left (:class:`~bkdattr.scan.b
 3. **Search** (:mod:`bkdattr.scan.search`): for the best targets, a gradient-guided beam search for a short
    trigger that raises the target on benign prompts; and, when the model refuses harmful-sounding requests, one
    for a trigger that lowers its refusal on them (:mod:`bkdattr.scan.refusal`, a jailbreak backdoor).
-4. **Test** (:mod:`bkdattr.scan.confirm`, :mod:`bkdattr.scan.refusal`) every candidate on held-out prompts (KL,
-   changed share, agreement, ASR), then **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and
-   ``report.html`` (:mod:`bkdattr.scan.report`).
+4. **Test** (:mod:`bkdattr.scan.confirm`, :mod:`bkdattr.scan.refusal`, :mod:`bkdattr.scan.labels`; in groups,
+   :mod:`bkdattr.scan.trials`) every candidate on held-out prompts (KL, changed share, agreement, ASR), then
+   **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and ``report.html`` (:mod:`bkdattr.scan.report`).
 
 Inputs are checked before the model loads where they can be (an out folder that exists and is not empty, a
 budget that is not positive); a model without a chat template needs ``template`` (``"plain"`` for the

@@ -36,7 +36,11 @@ first ``sweep_prompts`` (2) prompts, one step on their KV cache in chunks; a tok
 ``min_i p(y_2* | x_i, f)`` with ``y_2*`` the next token likeliest on average. The ``sweep_shortlist`` (512) best are
 extended greedily (``branch`` 1) to ``target_length`` tokens and the ``sweep_keep`` (24) with the highest ``Q`` join
 round 1's first tokens. The one-step score alone is flooded by tokens that always take a comma ("However"), hence
-the short extension. On the 2-core CPU: about 25 s for the sweep and 15 s for the extension.
+the short extension. Every start is scored on the first prompt alone first, and only the best
+``PREFILTER_PER_SHORTLIST * shortlist`` on all of them (a start's minimum over the prompts is at most its score on
+the first); the extension halves its beams at each step down to ``EXTEND_FLOOR_PER_KEEP * keep``, the highest ``Q``
+so far (``Q`` only falls as a sequence grows). On the 2-core CPU: about 29 s for the sweep and 13 s for the
+extension (39 s and 30 s without those two cuts).
 
 **Round 0b, the second-token sweep** (``second_firsts`` > 0). A target whose first token is common but whose
 second is not is missed too: the zoo's sentence backdoor replies "The weather is lovely today, thank you." and,
