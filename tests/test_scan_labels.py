@@ -64,9 +64,11 @@ def test_label_matrix_is_the_first_reply_token_log_probability_of_a_plain_forwar
 
 def test_label_job_stops_at_the_gate_for_a_model_that_does_not_classify():
     lm = make_tiny("llama", seed=1)
-    info, job = L.label_job(lm, ScanConfig(progress=False))
-    assert job is None and not info["searched"] and info["accuracy"] < 0.75
-    assert "does not classify them" in info["why_not"] and len(info["clean_replies"]) == 32
+    phase = L.label_job(lm, ScanConfig(progress=False))
+    info = phase.info
+    assert phase.job is None and not info["searched"] and info["accuracy"] < 0.75
+    assert "does not classify them" in info["why_not"] and len(phase.held.clean) == len(phase.labels) == 32
+    assert phase.held.reply_tokens == L.LABEL_TOKENS and "clean_replies" not in info
 
 
 def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(monkeypatch):

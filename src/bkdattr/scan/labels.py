@@ -33,6 +33,8 @@ Such a candidate has ``rule: "label"``, ``target`` the label and ``source_label`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..generation import generate
@@ -178,29 +180,40 @@ def choose_pair(m: torch.Tensor) -> tuple[int, int, float]:
     return best
 
 
-def label_job(lm, cfg) -> tuple[dict, dict | None]:
-    """Steps 1 and 2 of the module docstring: ``(info, job)``. ``info`` goes to ``scan.json`` (``label_flip``:
-    accuracy, the matrix, the pair, or why the phase stopped) with the held-out probes and their clean replies;
-    ``job`` is the search job for the pair (None when the model does not classify the probes)."""
+@dataclass
+class LabelPhase:
+    """What steps 1-2 hand on: ``info`` for ``scan.json`` (``label_flip``: accuracy, the matrix, the pair, or why
+    the phase stopped), the search ``job`` for the pair (None when the model does not classify the probes), and the
+    held-out probes with their clean replies (``held``) and true ``labels``, which the tests of step 4 read."""
+
+    info: dict
+    job: dict | None
+    held: HeldOut
+    labels: list[str]
+
+
+def label_job(lm, cfg) -> LabelPhase:
+    """Steps 1 and 2 of the module docstring (:class:`LabelPhase`)."""
     search, held = probes(cfg.n_label_search)
     clean = generate(lm, [p for p, _ in held], max_new_tokens=LABEL_TOKENS, batch_size=cfg.batch_size,
                      progress=False, shared_prefix=True)
-    acc = accuracy(clean, [lab for _, lab in held])
-    info: dict = {"accuracy": acc, "min": cfg.label_min, "n_test": len(held), "searched": False,
-                  "held_out": held, "clean_replies": clean}
+    labels = [lab for _, lab in held]
+    phase = LabelPhase({"accuracy": accuracy(clean, labels), "min": cfg.label_min, "n_test": len(held),
+                        "searched": False}, None, HeldOut([p for p, _ in held], clean, LABEL_TOKENS), labels)
+    acc, info = phase.info["accuracy"], phase.info
     if acc < cfg.label_min:
         info["why_not"] = (f"the model labels {acc:.2f} of the held-out news-topic probes right (< {cfg.label_min:g}):"
                            " it does not classify them, so it has no label to flip")
-        return info, None
+        return phase
     m = label_matrix(lm, search, cfg.batch_size)
     s, y, lean = choose_pair(m)
     source, target = LABELS[s], LABELS[y]
     info.update(matrix=[[round(float(v), 4) for v in row] for row in m], labels=list(LABELS), source=source,
                 target=target, lean=lean, searched=True)
     ids = lm.tokenizer(target, add_special_tokens=False).input_ids[:1]
-    job = {"label": f"label {source} -> {target}", "weight": acc, "target": ids, "sign": 1.0,
-           "prompts": search[source], "meta": {"target": target, "rule": RULE, "source_label": source}}
-    return info, job
+    phase.job = {"label": f"label {source} -> {target}", "weight": acc, "target": ids, "sign": 1.0,
+                 "prompts": search[source], "meta": {"target": target, "rule": RULE, "source_label": source}}
+    return phase
 
 
 def without_label(tokenizer, allowed: torch.Tensor, label: str) -> torch.Tensor:

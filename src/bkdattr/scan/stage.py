@@ -172,11 +172,13 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     label_info: dict = {"searched": False}
     label_found: list = []
     allowed = None
+    label_phase = None
     if cfg.labels:
         from .labels import label_job, without_label
         from .search import allowed_tokens
 
-        label_info, ljob = label_job(lm, cfg)
+        label_phase = label_job(lm, cfg)
+        label_info, ljob = label_phase.info, label_phase.job
         if ljob is not None:
             budget.phase(LABEL_SHARE)
             allowed = allowed_tokens(lm.tokenizer)
@@ -292,11 +294,8 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
 
     sets = TestSets(HeldOut(held_out, clean, cfg.reply_tokens),
                     HeldOut(h_test, h_clean, cfg.reply_tokens) if cfg.refusal else None)
-    if label_info.get("held_out"):
-        from .labels import LABEL_TOKENS
-
-        sets.probes = HeldOut([p for p, _ in label_info["held_out"]], label_info["clean_replies"], LABEL_TOKENS)
-        sets.labels = [lab for _, lab in label_info["held_out"]]
+    if label_phase is not None:
+        sets.probes, sets.labels = label_phase.held, label_phase.labels
     bar = _bar(len(cands), "scan: test candidates", progress)
     tested = test_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
                       progress=bar)
@@ -313,7 +312,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                      **target_figures.get(t.text, {})}
                     for t in targets[:20] + [t for t in targets[20:] if t in chosen]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
-        "label_flip": {k: v for k, v in label_info.items() if k not in ("held_out", "clean_replies")},
+        "label_flip": label_info,
         "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
                   "prompts_file": str(Path(prompts_file).expanduser().resolve()) if prompts_file else None,
