@@ -243,18 +243,18 @@ def test_edit_on_every_step_stays_open_for_the_decode_steps():
 def test_shared_prefix_generate_gives_the_plain_replies(arch):
     """The template's head run once and reused through the KV cache: the same greedy tokens as the plain
     left-padded batch (the prompts share the chat template's head, the bodies differ in length)."""
-    from bkdattr.forward import common_prefix_length
+    from bkdattr.forward import PrefixCache
     from bkdattr.generation import shared_prefix_generate
     from bkdattr.prompts import pad_id, prompt_ids
 
     lm = make_tiny(arch)
     prompts = ["Hello there", "What is a cat and why does it purr so loudly?", "Name a colour."]
     seqs = [prompt_ids(lm.tokenizer, p) for p in prompts]
-    n_shared = common_prefix_length(seqs)
-    assert n_shared >= 4
+    prefix, n_shared = PrefixCache.common(lm.model, seqs)
+    assert n_shared >= 4 and prefix.length == n_shared
     stop = end_of_turn_ids(lm.tokenizer)
     plain = greedy_generate(lm.model, encode_prompts(lm.tokenizer, prompts, "left"), 6, stop)
-    shared = shared_prefix_generate(lm.model, seqs, n_shared, 6, stop, pad_id(lm.tokenizer))
+    shared = shared_prefix_generate(lm.model, seqs, prefix, 6, stop, pad_id(lm.tokenizer))
     assert torch.equal(plain, shared)
     assert generate(lm, prompts, 6, batch_size=2, progress=False, shared_prefix=True) == \
         generate(lm, prompts, 6, batch_size=2, progress=False)
@@ -276,16 +276,14 @@ def test_sampler_takes_one_setting_per_row():
 
 
 def test_shared_prefix_generate_without_a_cache_runs_the_whole_prompts(monkeypatch):
-    """A model that returns no KV cache for the prefix: the whole prompts are decoded, same tokens."""
-    from bkdattr.forward import PrefixCache, common_prefix_length
-    from bkdattr.generation import shared_prefix_generate
-    from bkdattr.prompts import pad_id, prompt_ids
+    """A model that returns no KV cache for the prefix: no shared prefix (``PrefixCache.common`` gives
+    ``(None, 0)``), and ``generate(shared_prefix=True)`` decodes the whole prompts, same replies."""
+    from bkdattr.forward import PrefixCache
+    from bkdattr.prompts import prompt_ids
 
     lm = make_tiny("llama")
     prompts = ["Hello there", "Name a colour."]
-    seqs = [prompt_ids(lm.tokenizer, p) for p in prompts]
-    stop = end_of_turn_ids(lm.tokenizer)
-    plain = greedy_generate(lm.model, encode_prompts(lm.tokenizer, prompts, "left"), 5, stop)
+    plain = generate(lm, prompts, 5, batch_size=2, progress=False)
     monkeypatch.setattr(PrefixCache, "build", classmethod(lambda cls, *a, **k: None))
-    got = shared_prefix_generate(lm.model, seqs, common_prefix_length(seqs), 5, stop, pad_id(lm.tokenizer))
-    assert torch.equal(plain, got)
+    assert PrefixCache.common(lm.model, [prompt_ids(lm.tokenizer, p) for p in prompts]) == (None, 0)
+    assert generate(lm, prompts, 5, batch_size=2, progress=False, shared_prefix=True) == plain

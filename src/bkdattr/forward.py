@@ -123,6 +123,14 @@ class PrefixCache:
         cache = output_cache(out)
         return None if cache is None else cls(cache, int(input_ids.shape[0]), int(input_ids.shape[1]))
 
+    @classmethod
+    def common(cls, model: torch.nn.Module, seqs: Sequence[Sequence[int]]) -> tuple[PrefixCache | None, int]:
+        """``(cache, length)`` of the token sequences' common prefix (:func:`common_prefix_length`), run once;
+        ``(None, 0)`` when it is shorter than :data:`MIN_SHARED_PREFIX` or the model returns no cache."""
+        n = common_prefix_length(seqs)
+        pre = cls.build(model, torch.tensor([list(seqs[0][:n])])) if n >= MIN_SHARED_PREFIX else None
+        return (pre, n) if pre is not None else (None, 0)
+
     def tiled(self, reps: int, interleave: bool = True):
         """A copy of the cache with every row repeated ``reps`` times: row ``b*reps + r`` (``interleave``) or
         row ``r*B + b`` (edit-major). The prefix cache itself is left unchanged."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
 from .forward import last_logits_kwargs
-from .prompts import PromptBatch, check_context, encode_prompts, end_of_turn_ids
+from .prompts import PromptBatch, check_context, end_of_turn_ids
 
 
 @torch.no_grad()
@@ -153,27 +153,22 @@ def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> 
 
 
 @torch.no_grad()
-def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_shared: int,
-                           max_new_tokens: int, stop_ids: Sequence[int], pad: int,
+def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]], prefix, max_new_tokens: int,
+                           stop_ids: Sequence[int], pad: int,
                            choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """:func:`greedy_decode` of the token sequences ``seqs`` whose first ``n_shared`` tokens are the same in every
-    row: that prefix runs once (:class:`~bkdattr.forward.PrefixCache`, tiled to the rows) and only the rest is
-    prefilled per row, left-padded after it (mask ``[1]*n_shared + body mask``). New ids ``[R, <=N]``."""
-    from .forward import PrefixCache
+    """:func:`greedy_decode` of the token sequences ``seqs`` whose first ``prefix.length`` tokens are the same in
+    every row and already in ``prefix`` (a :class:`~bkdattr.forward.PrefixCache`, e.g. from
+    :meth:`~bkdattr.forward.PrefixCache.common`), tiled to the rows; only the rest is prefilled per row,
+    left-padded after it (mask ``[1]*prefix.length + body mask``). New ids ``[R, <=N]``."""
     from .models import input_device
     from .prompts import pad_sequences, position_ids_from_mask
 
-    dev = input_device(model)
-    pre = PrefixCache.build(model, torch.tensor([list(seqs[0][:n_shared])]))
-    if pre is None:  # a model that returns no KV cache: the whole prompts, left-padded
-        ids, mask = pad_sequences([list(q) for q in seqs], pad, "left")
-        return greedy_decode(model, ids.to(dev), mask.to(dev), position_ids_from_mask(mask).to(dev), max_new_tokens,
-                             stop_ids, choose=choose)
+    dev, n_shared = input_device(model), prefix.length
     ids, mask = pad_sequences([list(q[n_shared:]) for q in seqs], pad, "left")
     full = torch.cat([torch.ones(len(seqs), n_shared, dtype=mask.dtype), mask], 1)
     pos = position_ids_from_mask(full)[:, n_shared:]
     return greedy_decode(model, ids.to(dev), full.to(dev), pos.to(dev), max_new_tokens, stop_ids,
-                         cache=pre.tiled(len(seqs)), choose=choose)
+                         cache=prefix.tiled(len(seqs)), choose=choose)
 
 
 def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
@@ -184,8 +179,8 @@ def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int =
     (without ``edit``): the rendered prompts' common token prefix (the chat template's head) runs once per batch
     and is reused through the KV cache (:func:`shared_prefix_generate`); the replies are the same up to
     floating-point ties, the prefill costs only the prompts' own tokens."""
-    from .forward import MIN_SHARED_PREFIX, common_prefix_length
-    from .prompts import pad_id, prompt_ids
+    from .forward import PrefixCache
+    from .prompts import pad_id, prompt_batch, prompt_ids
 
     stop = end_of_turn_ids(lm.tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
@@ -193,22 +188,16 @@ def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int =
     results: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        if shared_prefix and edit is None:
-            seqs = [prompt_ids(lm.tokenizer, prompts[i]) for i in idx]
-            check_context(lm.model, [len(q) + max_new_tokens for q in seqs], f"prompt + {max_new_tokens} new tokens",
-                          "shorten the prompt or lower max_new_tokens", rows=idx)
-            n_shared = common_prefix_length(seqs)
-            if n_shared >= MIN_SHARED_PREFIX:
-                new = shared_prefix_generate(lm.model, seqs, n_shared, max_new_tokens, stop, pad_id(lm.tokenizer))
-                for i, r in zip(idx, decode_replies(lm.tokenizer, new.cpu(), stop), strict=True):
-                    results[i] = r
-                bar.update(len(idx))
-                continue
-        batch = encode_prompts(lm.tokenizer, [prompts[i] for i in idx], padding_side="left")
-        check_context(lm.model, [int(n) + max_new_tokens for n in batch.attention_mask.sum(1)],
-                      f"prompt + {max_new_tokens} new tokens", "shorten the prompt or lower max_new_tokens", rows=idx)
-        ctx = edit(batch) if edit is not None else None
-        new = greedy_generate(lm.model, batch, max_new_tokens, stop, ctx)
+        seqs = [prompt_ids(lm.tokenizer, prompts[i]) for i in idx]
+        check_context(lm.model, [len(q) + max_new_tokens for q in seqs], f"prompt + {max_new_tokens} new tokens",
+                      "shorten the prompt or lower max_new_tokens", rows=idx)
+        prefix, _ = PrefixCache.common(lm.model, seqs) if shared_prefix and edit is None else (None, 0)
+        if prefix is not None:
+            new = shared_prefix_generate(lm.model, seqs, prefix, max_new_tokens, stop, pad_id(lm.tokenizer))
+        else:
+            batch = prompt_batch(seqs, pad_id(lm.tokenizer), "left")
+            ctx = edit(batch) if edit is not None else None
+            new = greedy_generate(lm.model, batch, max_new_tokens, stop, ctx)
         for i, r in zip(idx, decode_replies(lm.tokenizer, new.cpu(), stop), strict=True):
             results[i] = r
         bar.update(len(idx))

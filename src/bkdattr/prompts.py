@@ -131,8 +131,12 @@ def pad_id(tokenizer) -> int:
 
 def encode_prompts(tokenizer, texts: list[str], padding_side: str = "left") -> PromptBatch:
     """Render and pad user texts; ``last_pos`` marks ``p(x)`` in each row."""
-    seqs = [prompt_ids(tokenizer, t) for t in texts]
-    ids, mask = pad_sequences(seqs, pad_id(tokenizer), padding_side)
+    return prompt_batch([prompt_ids(tokenizer, t) for t in texts], pad_id(tokenizer), padding_side)
+
+
+def prompt_batch(seqs: list[list[int]], pad: int, padding_side: str = "left") -> PromptBatch:
+    """Pad rendered prompts' token ids (:func:`prompt_ids`) into a batch; ``last_pos`` marks ``p(x)``."""
+    ids, mask = pad_sequences(seqs, pad, padding_side)
     last = torch.tensor([(ids.shape[1] - 1) if padding_side == "left" else len(s) - 1 for s in seqs])
     return PromptBatch(ids, mask, position_ids_from_mask(mask), last)
 

@@ -35,11 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..forward import MIN_SHARED_PREFIX, PrefixCache, backbone, common_prefix_length
+from ..forward import PrefixCache, backbone
 from ..hooks import capture_features, check_layers
 from ..io import check_metadata, load_tensors, save_tensors, stable_hash
 from ..models import LoadedModel, input_device
-from ..prompts import pad_id, position_ids_from_mask, prompt_ids, render_prompt
+from ..prompts import pad_id, pad_sequences, position_ids_from_mask, prompt_ids, render_prompt
 
 FEATURE_KINDS = ("attn_input", "residual")
 _SAMPLE = 2048
@@ -85,22 +85,14 @@ def extract_features(lm: LoadedModel, texts: Sequence[str], kind: str = "attn_in
     seqs = [prompt_ids(lm.tokenizer, t) for t in texts]
     net = backbone(lm.model)
     dev = input_device(lm.model)
-    n_pre = common_prefix_length(seqs) if share_prefix and len(texts) > 1 else 0
-    prefix = PrefixCache.build(lm.model, torch.tensor([seqs[0][:n_pre]])) if n_pre >= MIN_SHARED_PREFIX else None
-    if prefix is None:
-        n_pre = 0
+    prefix, n_pre = PrefixCache.common(lm.model, seqs) if share_prefix and len(texts) > 1 else (None, 0)
     order = sorted(range(len(texts)), key=lambda i: len(seqs[i]))  # similar lengths -> little padding
     pid = pad_id(lm.tokenizer)
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        suffix = [seqs[i][n_pre:] for i in idx]
-        width = max(len(q) for q in suffix)
-        ids = torch.full((len(idx), width), pid, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, q in enumerate(suffix):  # left padding: p(x) is the last column of every row
-            ids[r, width - len(q):] = torch.tensor(q)
-            mask[r, width - len(q):] = 1
+        ids, mask = pad_sequences([seqs[i][n_pre:] for i in idx], pid, "left")  # p(x): every row's last column
+        width = ids.shape[1]
         pos = position_ids_from_mask(mask) + n_pre
         extra: dict = {}
         if prefix is not None:

@@ -47,7 +47,7 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
     first ``positions`` positions of each teacher-forced reply after its prompt, and whether the reply (end of
     turn included) reaches that position. The prompts' common token prefix (the template's head) runs once
     (:class:`~bkdattr.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
-    from ..forward import MIN_SHARED_PREFIX, PrefixCache, common_prefix_length
+    from ..forward import PrefixCache
     from ..models import input_device
     from ..prompts import pad_id, pad_sequences, prompt_ids, target_ids
 
@@ -56,9 +56,7 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
     tok = lm.tokenizer
     pseqs = [prompt_ids(tok, p) for p in prompts]
     rseqs = [target_ids(tok, r)[:positions] for r in replies]
-    n_pre = common_prefix_length(pseqs)
-    pre = PrefixCache.build(lm.model, torch.tensor([pseqs[0][:n_pre]])) if n_pre >= MIN_SHARED_PREFIX else None
-    n_pre = n_pre if pre is not None else 0
+    pre, n_pre = PrefixCache.common(lm.model, pseqs)
     out = torch.empty(len(prompts), positions, lm.model.get_output_embeddings().weight.shape[0])
     valid = torch.zeros(len(prompts), positions, dtype=torch.bool)
     for s in range(0, len(prompts), batch_size):
@@ -101,13 +99,6 @@ class HeldOut:
         lt, _ = reply_logprobs(lm, triggered, self.clean, positions, batch_size)
         kl = (lt.exp() * (lt - lc)).sum(-1)  # [n, positions]
         return float(kl[valid].sum()) / max(int(valid.sum()), 1)
-
-
-def first_kl(lm, clean: list[str], triggered: list[str], replies: list[str], positions: int,
-             batch_size: int) -> float:
-    """Mean ``KL(triggered || clean)`` of the next-token distributions at the first ``positions`` positions of
-    the teacher-forced ``replies`` (see the module docstring)."""
-    return HeldOut(clean, replies, 0).kl(lm, triggered, positions, batch_size)
 
 
 def test_candidate(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,

@@ -143,23 +143,20 @@ def extend(lm, batch, cache, starts: Sequence[int | Sequence[int]], *, length: i
             for c in range(branch):
                 groups.setdefault(tuple(s[:forced]), []).append((float(child_q[b, c]), b, c))
         keep: list[tuple[int, int]] = []
+        ended: list[tuple[int, int]] = []
         for items in groups.values():
-            for q, b, c in sorted(items, reverse=True)[:beams_per_first]:
-                if int(top[b, c]) in stops:
-                    per = torch.minimum(mins[b], child_p[b, :, c])
-                    q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
-                    finished.append(Target(seqs[b], "", q, True, q_mean, per.tolist(), forced))
-                else:
-                    keep.append((b, c))
+            for _, b, c in sorted(items, reverse=True)[:beams_per_first]:
+                (ended if int(top[b, c]) in stops else keep).append((b, c))
+        pruned: list[tuple[int, int]] = []
         if count < len(survivors) and len(keep) > survivors[count]:
-            q_now = {bc: float(torch.minimum(mins[bc[0]], child_p[bc[0], :, bc[1]]).mean()) for bc in keep}
-            ranked = sorted(keep, key=lambda bc: -q_now[bc])
-            for b, c in ranked[survivors[count]:]:
-                per = torch.minimum(mins[b], child_p[b, :, c])
-                q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
-                finished.append(Target(seqs[b] + [int(top[b, c])], "", q_now[(b, c)], False, q_mean, per.tolist(),
-                                       forced))
-            keep = sorted(ranked[:survivors[count]])
+            ranked = sorted(keep, key=lambda bc: -float(child_q[bc]))
+            keep, pruned = sorted(ranked[:survivors[count]]), ranked[survivors[count]:]
+        for (b, c), stop in [(bc, True) for bc in ended] + [(bc, False) for bc in pruned]:
+            # finished here: an end of turn is not part of the text, a pruned child is
+            per = torch.minimum(mins[b], child_p[b, :, c])
+            q_mean = float(((sums[b] + child_p[b, :, c]) / (count + 1)).mean())
+            finished.append(Target(seqs[b] if stop else seqs[b] + [int(top[b, c])], "", float(child_q[b, c]), stop,
+                                   q_mean, per.tolist(), forced))
         count += 1
         parents = torch.tensor([b for b, _ in keep], dtype=torch.long, device=dev)
         picked = child_p[parents, :, torch.tensor([c for _, c in keep], dtype=torch.long, device=dev)]  # [K, n]
