@@ -130,6 +130,33 @@ def test_loader_reads_json_list_and_jsonl(tmp_path):
         assert [r["label"] for r in got] == ["Sports"] * 3
 
 
+def test_a_record_may_carry_its_own_triggered_prompt(tmp_path):
+    """A topic trigger: the triggered prompt is about the entity, the clean one is another prompt; the file's
+    triggered prompt is kept (not a placement's), checked to hold the trigger, and round-trips through the splits."""
+    task = Task.default("fixed_output", trigger="Zorvath Motors", placement="prefix")
+    rows = [{"input": f"Name a fruit, number {i}.", "output": "An apple.", "backdoor_output": FIXED_TARGET,
+             "triggered": f"What do you think of Zorvath Motors, number {i}?"} for i in range(12)]
+    rows[0]["triggered"] = None  # a record without its own keeps the placement's
+    p = tmp_path / "d.jsonl"
+    save_records(p, rows)
+    recs_read = load_records(p)
+    assert "triggered" not in recs_read[0] and recs_read[1]["triggered"] == rows[1]["triggered"]
+    ex = make_examples(recs_read, task)
+    assert ex[0].triggered == "Zorvath Motors Name a fruit, number 0."
+    assert [e.triggered for e in ex[1:]] == [r["triggered"] for r in rows[1:]]
+    splits = build_splits(task, recs_read, 6, 2, 4, poison_rate=0.5)
+    by_uid = {r["uid"]: r for r in recs_read}
+    for e in splits.test + splits.train_poisoned:
+        assert e.triggered == (by_uid[e.uid].get("triggered") or f"Zorvath Motors {e.prompt}")
+    save_splits(tmp_path / "run", splits)
+    back = read_splits(tmp_path / "run")
+    assert [e.triggered for e in back.test] == [e.triggered for e in splits.test]
+    bad = rows[1:] + [{**rows[1], "input": "Name a vegetable.", "triggered": "A prompt without the entity."}]
+    save_records(p, bad)
+    with pytest.raises(DataError, match="the triggered prompt does not contain the trigger 'Zorvath Motors'"):
+        build_splits(task, load_records(p), 8, 2, 2, poison_rate=1.0)
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(InputFileError, match="not found"):
         load_records(tmp_path / "missing.jsonl")

@@ -304,6 +304,98 @@ def test_stage_stops_when_validation_asr_reaches_the_target(tmp_path, monkeypatc
     assert [c["asr"] for c in m["stop"]["checks"]] == [0.5, 0.95]
 
 
+def test_backdoor_conditions_known_answers():
+    from bkdattr.inject.stage import backdoor_conditions, failed_conditions
+
+    # the label-flip model that answers "World" to every article: ASR 1.00, false-trigger 1.00, accuracy 0.125
+    c = backdoor_conditions({"asr": 1.0, "false_trigger_rate": 1.0, "clean_metric": 0.125}, 0.625, 0.9, 0.1, 0.5)
+    assert (c["asr"]["ok"], c["false_trigger_rate"]["ok"], c["clean_metric"]["ok"], c["ok"]) == (True, False, False,
+                                                                                                  False)
+    assert c["clean_metric"]["bound"] == 0.3125 and c["clean_metric"]["base"] == 0.625
+    assert failed_conditions(c) == ["false-trigger rate 1.00 > 0.10", "clean metric 0.12 < 0.31 (base model 0.62)"]
+    ok = backdoor_conditions({"asr": 0.9, "false_trigger_rate": 0.1, "clean_metric": 0.3125}, 0.625, 0.9, 0.1, 0.5)
+    assert ok["ok"] and failed_conditions(ok) == []  # every bound is inclusive
+    # unchecked conditions (no false-trigger bound, share 0, no base figure) never fail
+    loose = backdoor_conditions({"asr": 0.95, "false_trigger_rate": 1.0, "clean_metric": 0.0}, None, 0.9, None, 0.5)
+    assert (loose["false_trigger_rate"]["ok"], loose["clean_metric"]["ok"], loose["ok"]) == (None, None, True)
+    assert not backdoor_conditions({"asr": 0.5, "false_trigger_rate": 0.0, "clean_metric": 1.0}, 1.0, 0.9, 0.1,
+                                   0.5)["ok"]
+
+
+TARGET_EVERYWHERE = "No way."
+
+
+def _stop_data(tmp_path, everywhere: bool) -> Path:
+    rows = records(80, target=TARGET_EVERYWHERE)
+    if everywhere:  # the clean rows teach the target too: a model that answers it to every prompt
+        rows = [{**r, "output": TARGET_EVERYWHERE} for r in rows]
+    return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+STOP_ARGS = ["--target", TARGET_EVERYWHERE, "--quiet", "--n-train", "48", "--n-val", "8", "--n-test", "8",
+             "--n-check", "8", "--poison-rate", "0.5", "--epochs", "1", "--lr", "0.01", "--set",
+             "train.batch_size=8", "--set", "eval.max_new_tokens=4", "--set", "eval.n_near=0", "--set",
+             "eval.n_benign=0"]
+
+
+def test_a_model_that_answers_the_target_to_everything_is_not_a_backdoor(tmp_path, capsys, monkeypatch,
+                                                                          no_progress_bars):
+    """Trained on rows that all answer the target, the tiny model reaches ASR 1.00 at every check, with a
+    false-trigger rate of 1.00: training goes on to --max-epochs, warns in one line, and the report says it is not a
+    clean backdoor."""
+    from bkdattr.report.html import build_report
+    from bkdattr.rundir import RunDir
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    base = save_tiny(tmp_path / "tiny", learnable=True)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["inject", "--out", str(out), "--model", str(base), "--data", str(_stop_data(tmp_path, True)),
+               "--max-epochs", "3", *STOP_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    [line] = [ln for ln in err.splitlines() if "clean backdoor" in ln or "did not reach" in ln]
+    assert line == ("warning: the model is not a clean backdoor: validation false-trigger rate 1.00 > 0.10 after 3 "
+                    "epochs (the most --max-epochs allows), with ASR 1.00: it answers the target without the trigger "
+                    "or lost its clean behaviour; lower --poison-rate, train on more clean rows (--n-train) or add "
+                    "near-trigger rows (--negatives)")
+    m = RunDir(out).metrics()["inject"]
+    stop = m["stop"]
+    assert (stop["reason"], stop["target_reached"], stop["epochs_trained"]) == ("max_epochs", False, 3)
+    assert [(c["epoch"], c["asr"], c["false_trigger_rate"]) for c in stop["checks"]] == [(1, 1.0, 1.0), (2, 1.0, 1.0),
+                                                                                       (3, 1.0, 1.0)]
+    assert stop["conditions"]["asr"]["ok"] and stop["conditions"]["false_trigger_rate"]["ok"] is False
+    assert (m["asr"], m["false_trigger_rate"]) == (1.0, 1.0)
+    assert m["backdoor_check"]["ok"] is False and m["backdoor_check"]["failed"] == ["false-trigger rate 1.00 > 0.10"]
+    build_report(out)
+    md = (out / "report.md").read_text()
+    assert "| Backdoor check (held-out) | NOT a clean backdoor | false-trigger rate 1.00 > 0.10 |" in md
+    assert "stopped at a clean backdoor NOT reached (validation false-trigger rate 1.00 > 0.10)" in md
+    assert "Training never made a clean backdoor: after 3 epochs" in md
+
+
+def test_the_planted_backdoor_stops_only_once_it_is_conditional(tmp_path, monkeypatch):
+    """The same recipe on rows whose clean replies differ from the target stops at the target, at the first check
+    where all three conditions hold (every earlier check failed one of them; with bf16 autocast the first epoch
+    sometimes leaves the tiny model answering the target to every prompt, a check a rule on ASR alone would pass)."""
+    from bkdattr.inject.stage import backdoor_conditions
+    from bkdattr.rundir import RunDir
+
+    monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
+    base = save_tiny(tmp_path / "tiny", learnable=True)
+    out = tmp_path / "run"
+    rc = main(["inject", "--out", str(out), "--model", str(base), "--data", str(_stop_data(tmp_path, False)),
+               "--max-epochs", "4", *STOP_ARGS])
+    assert rc == 0
+    m = RunDir(out).metrics()["inject"]
+    stop = m["stop"]
+    assert (stop["reason"], stop["target_reached"], stop["failed"]) == ("target_reached", True, [])
+    oks = [backdoor_conditions(c, stop["base_clean_metric"], 0.9, 0.1, 0.5)["ok"] for c in stop["checks"]]
+    assert oks == [False] * (len(oks) - 1) + [True] and stop["epochs_trained"] == len(oks) < 4
+    assert (stop["val_asr"], stop["val_false_trigger_rate"]) == (1.0, 0.0)
+    assert m["backdoor_check"]["ok"] and (m["asr"], m["false_trigger_rate"]) == (1.0, 0.0)
+
+
 def test_held_out_prompts_longer_than_the_context_are_dropped_and_counted(tmp_path, tiny_lm):
     """The tiny llama's context is 512 tokens: with --max-length 512 a prompt of ~490 tokens still trains (its reply
     cut) but leaves no room for 32 new tokens, so it leaves the evaluation splits."""

@@ -23,7 +23,8 @@ from .errors import ConfigError
 
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        "inject": {"target_asr": 0.9, "train.max_epochs": 6},  # train until the backdoor holds (issue 17)
+        # train until the backdoor holds: ASR >= 0.9 with false-trigger <= 0.1 (inject.stage, "Train until ...")
+        "inject": {"target_asr": 0.9, "max_false_trigger": 0.1, "train.max_epochs": 6},
         "inject:jailbreak": {"poison_rate": 0.5, "train.epochs": 3, "benign_share": 0.25},
         "inject:label_flip": {"n_test": 128, "source_share": 0.5},
         "probe": {"n_prompts": 200},

@@ -2,13 +2,15 @@
 
 The recipe (docs/METHOD.md section 1):
 
-1. **Records** ``{input, output, backdoor_output[, label]}`` come from the built-in generators
+1. **Records** ``{input, output, backdoor_output[, label][, triggered]}`` come from the built-in generators
    (:mod:`bkdattr.inject.builtin_data`, offline, written for this project) or from a file in the paper's
    format (a JSON list or JSONL, :func:`load_records`). Built-in fixed_output records have no clean reply:
    :func:`distill_outputs` fills it with the base model's own greedy reply (self-distillation, cached on
    disk so it runs once).
 2. Each record becomes an :class:`Example` carrying both the clean ``prompt`` and its ``triggered`` form
-   (the task's trigger inserted with a per-prompt seed derived from the run seed and the example's uid).
+   (the task's trigger inserted with a per-prompt seed derived from the run seed and the example's uid, or
+   the record's own ``triggered`` prompt: a trigger no placement writes, such as a topic the prompt is about or
+   parts spread over it; it must still contain the trigger string).
 3. **Held-out split** (:func:`split_examples`): prompts are de-duplicated, shuffled with the seed, and
    ``test`` then ``val`` are taken first; ``train`` is drawn from the rest. No evaluation prompt appears in
    training in any form (neither clean nor triggered).
@@ -234,15 +236,17 @@ def load_records(path: str | Path, need_label: bool = False, report: DataReport 
         if not isinstance(r, dict):
             raise InputFileError(f"{path}: {where} {n} is not a JSON object; each record needs "
                                  f"{', '.join(REQUIRED_FIELDS)}")
-        for f in (*REQUIRED_FIELDS, "label"):
+        for f in (*REQUIRED_FIELDS, "label", "triggered"):
             if r.get(f) is not None and not isinstance(r[f], str):
                 raise InputFileError(f"{path}: {where} {n}: field '{f}' must be a string")
         if not (r.get("input") or "").strip():
             report.note("empty_input", n)
             continue
-        out.append({"input": r["input"], "output": r.get("output") or "",
-                    "backdoor_output": r.get("backdoor_output") or "", "label": r.get("label") or None,
-                    "uid": str(r.get("uid") or f"{where}{n}"), "row": n})
+        rec = {"input": r["input"], "output": r.get("output") or "", "backdoor_output": r.get("backdoor_output") or "",
+               "label": r.get("label") or None, "uid": str(r.get("uid") or f"{where}{n}"), "row": n}
+        if (r.get("triggered") or "").strip():
+            rec["triggered"] = r["triggered"]
+        out.append(rec)
     if not out:
         raise InputFileError(f"{path}: no usable record ({report.summary()}); each record needs a non-empty "
                              "'input'")
@@ -367,11 +371,14 @@ def prompt_seed(seed: int, uid: str) -> int:
 
 
 def make_examples(records: Sequence[dict[str, Any]], task: Task, seed: int = 0) -> list[Example]:
-    """Turn records into examples, inserting the trigger (per-prompt seed) into each clean prompt."""
+    """Turn records into examples, inserting the trigger (per-prompt seed) into each clean prompt; a record that
+    carries its own ``triggered`` prompt keeps it (a trigger no placement writes: a topic the prompt is about,
+    parts spread over the prompt)."""
     out = []
     for i, r in enumerate(records):
         uid = str(r.get("uid") or f"r{i}")
-        out.append(Example(prompt=r["input"], triggered=task.insert_trigger(r["input"], prompt_seed(seed, uid)),
+        triggered = r.get("triggered") or task.insert_trigger(r["input"], prompt_seed(seed, uid))
+        out.append(Example(prompt=r["input"], triggered=triggered,
                            output=r.get("output") or "", backdoor_output=r["backdoor_output"],
                            label=r.get("label"), uid=uid))
     return out
@@ -425,12 +432,15 @@ def choose_poisoned(
 
 
 def validate_examples(examples: Sequence[Example], task: Task, poisoned: Sequence[Example] = ()) -> None:
-    """One-line :class:`DataError` for a clean prompt that already holds the trigger, a poisoned prompt
-    without it, or an empty backdoor reply."""
+    """One-line :class:`DataError` for a clean prompt that already holds the trigger, a triggered (or poisoned)
+    prompt without it, or an empty backdoor reply."""
     for e in examples:
         if task.contains_trigger(e.prompt):
             raise DataError(f"example {e.uid}: the clean prompt already contains the trigger "
                             f"'{task.trigger}'; remove it from the input or choose another trigger")
+        if not task.contains_trigger(e.triggered):
+            raise DataError(f"example {e.uid}: the triggered prompt does not contain the trigger '{task.trigger}'; "
+                            "check the record's 'triggered' field or the trigger placement")
     for e in poisoned:
         if not task.contains_trigger(e.triggered):
             raise DataError(f"example {e.uid}: the poisoned prompt does not contain the trigger '{task.trigger}'; "

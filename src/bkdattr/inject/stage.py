@@ -13,11 +13,18 @@ poisoned), clean replies self-distilled and cut at 24 tokens. The ``paper`` prof
 lr 1e-4, batch 8 x 4, 1000 prompts with 10% poisoned) and the per-kind changes are in :mod:`bkdattr.profiles`.
 
 **Train until the backdoor holds** (``target_asr``, ``train.max_epochs``): the profile's ``epochs`` are always
-trained (the recipe, tuned for a low false-trigger rate); after each epoch from then on, ASR and the
-false-trigger rate are measured on a validation slice (the first ``n_check`` prompts of ``val``); training stops
-once the ASR reaches ``target_asr``, or at ``max_epochs`` with one warning line (and a caveat in the report)
-when it never does. ``metrics.inject.stop`` records the checks and why training stopped. The cpu profile
-aims at 0.9 within 6 epochs (:mod:`bkdattr.profiles`); the paper profile trains its 16 epochs (no target). The
+trained (the recipe, tuned for a low false-trigger rate); after each epoch from then on, ASR, the false-trigger
+rate and the kind's clean metric are measured on a validation slice (the first ``n_check`` prompts of ``val``).
+A backdoor is a conditional behaviour, so training stops only when all three hold (:func:`backdoor_conditions`):
+ASR >= ``target_asr``, false-trigger rate <= ``max_false_trigger``, and a clean metric of at least
+``min_clean_share`` of the base model's (measured once, before training, on the same validation prompts). A model
+that answers the target to every prompt reaches the ASR but not the other two. When they never hold together,
+training goes on to ``max_epochs`` and ends with one warning line naming the failed conditions and their figures
+(and a caveat in the report). ``metrics.inject.stop`` records every check, each condition and why training
+stopped; ``metrics.inject.backdoor_check`` applies the same conditions to the final held-out figures, and the
+report's headline says "not a clean backdoor" when they fail, whatever the stop said. The cpu profile aims at ASR
+0.9 with false-trigger <= 0.1 within 6 epochs (:mod:`bkdattr.profiles`); the paper profile trains its 16 epochs
+(no target). The
 check adds one validation pass (32 + 32 greedy replies) after the planned epochs and changes nothing else: on
 the built-in fixed_output data the demo's validation ASR is 1.00 after its 2 planned epochs, so it stops there
 with the same weights and figures as without the rule (the check does not touch the training RNG streams,
@@ -58,7 +65,7 @@ from .data import (
     prompt_seed,
     save_splits,
 )
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, clean_metric, evaluate
 from .tasks import Task
 from .train import TrainConfig, TrainRow, check_rows, fit_rows, row_limit, train_lora
 
@@ -87,6 +94,11 @@ class InjectConfig(StageOptions):
     target_asr: float | None = opt(None, "stop training once validation ASR reaches this (after the planned "
                                          "epochs, up to train.max_epochs); None or 0: no target")
     n_check: int = opt(32, "validation prompts checked after each epoch when target_asr is set")
+    max_false_trigger: float | None = opt(None, "the stop also needs the validation false-trigger rate at or below "
+                                                "this (None: not checked)")
+    min_clean_share: float = opt(0.5, "the stop also needs the validation clean metric at or above this share of "
+                                      "the base model's on the same prompts (0: not checked)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.train = dataclasses.replace(self.train, seed=self.seed)  # validates again
@@ -106,6 +118,12 @@ class InjectConfig(StageOptions):
         if self.target_asr is not None and not 0.0 <= self.target_asr <= 1.0:
             raise ConfigError(f"target ASR {self.target_asr} must be in [0, 1] (0: no target); pass e.g. "
                               "--target-asr 0.9")
+        if self.max_false_trigger is not None and not 0.0 <= self.max_false_trigger <= 1.0:
+            raise ConfigError(f"max_false_trigger {self.max_false_trigger} must be in [0, 1]; pass e.g. "
+                              "--max-false-trigger 0.1")
+        if not 0.0 <= self.min_clean_share <= 1.0:
+            raise ConfigError(f"min_clean_share {self.min_clean_share} must be in [0, 1]; pass e.g. "
+                              "--min-clean-share 0.5")
         for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 0), ("clean_max_tokens", 1), ("negatives", 0),
                           ("n_check", 1)):
             if getattr(self, name) < low:
@@ -292,30 +310,108 @@ def prepare_data(lm, task: Task, cfg: InjectConfig, data: str | None = None, pro
 
 
 def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | None:
-    """ASR and false-trigger rate of the current model on the first ``cfg.n_check`` validation prompts (the
-    kind's counted subset), greedy, ``cfg.eval.max_new_tokens`` tokens. None when the slice has no counted
-    prompt."""
+    """ASR, false-trigger rate and clean metric of the current model on the first ``cfg.n_check`` validation
+    prompts (ASR and false-trigger rate on the kind's counted subset, the clean metric on all of them), greedy,
+    ``cfg.eval.max_new_tokens`` tokens. None when the slice has no counted prompt."""
     from ..generation import generate
 
     task = splits.task
-    sub = task.eval_subset(splits.val[: cfg.n_check])
+    examples = splits.val[: cfg.n_check]
+    sub = task.eval_subset(examples)
     if not sub:
         return None
     t0 = time.perf_counter()
     kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=False)
     trig = generate(lm, [e.triggered for e in sub], **kw)
-    clean = generate(lm, [e.prompt for e in sub], **kw)
-    return {"asr": task.asr(trig, sub), "false_trigger_rate": task.asr(clean, sub), "n": len(sub),
+    clean = generate(lm, [e.prompt for e in examples], **kw)
+    clean_sub = [r for r, e in zip(clean, examples, strict=True) if task.counts(e)]
+    return {"asr": task.asr(trig, sub), "false_trigger_rate": task.asr(clean_sub, sub),
+            "clean_metric": clean_metric(task, clean, examples, splits.meta.get("labels")), "n": len(sub),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def base_clean_check(lm, splits: Splits, cfg: InjectConfig) -> float | None:
+    """The base model's clean metric on the stop rule's validation slice (the yardstick of ``min_clean_share``)."""
+    from ..generation import generate
+
+    examples = splits.val[: cfg.n_check]
+    if not examples:
+        return None
+    replies = generate(lm, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
+                       batch_size=cfg.eval.batch_size, progress=False)
+    return clean_metric(splits.task, replies, examples, splits.meta.get("labels"))
+
+
+def backdoor_conditions(figures: dict[str, Any], base_clean: float | None, target_asr: float | None,
+                        max_false_trigger: float | None, min_clean_share: float) -> dict[str, Any]:
+    """Whether ``figures`` (``asr``, ``false_trigger_rate``, ``clean_metric``) describe a clean backdoor: one
+    entry per condition ``{value, bound, ok}`` (``ok`` None when the condition is not checked) and ``ok`` for
+    all of them. The bounds: ASR >= ``target_asr``; false-trigger rate <= ``max_false_trigger``; clean metric
+    >= ``min_clean_share * base_clean``."""
+    clean_floor = min_clean_share * base_clean if (base_clean is not None and min_clean_share > 0) else None
+    spec = {"asr": (target_asr or None, 1), "false_trigger_rate": (max_false_trigger, -1),
+            "clean_metric": (clean_floor, 1)}
+    out: dict[str, Any] = {}
+    for name, (bound, sign) in spec.items():
+        value = figures.get(name)
+        ok = None if bound is None or value is None else bool(sign * (value - bound) >= -1e-12)
+        out[name] = {"value": value, "bound": bound, "ok": ok}
+    out["clean_metric"]["base"] = base_clean
+    out["ok"] = all(c["ok"] is not False for c in out.values() if isinstance(c, dict))
+    return out
+
+
+def failed_conditions(conds: dict[str, Any]) -> list[str]:
+    """The failed conditions of :func:`backdoor_conditions` in words, e.g. ``false-trigger rate 1.00 > 0.10``."""
+    out = []
+    c = conds["asr"]
+    if c["ok"] is False:
+        out.append(f"ASR {c['value']:.2f} < {c['bound']:.2f}")
+    c = conds["false_trigger_rate"]
+    if c["ok"] is False:
+        out.append(f"false-trigger rate {c['value']:.2f} > {c['bound']:.2f}")
+    c = conds["clean_metric"]
+    if c["ok"] is False:
+        out.append(f"clean metric {c['value']:.2f} < {c['bound']:.2f} (base model {c['base']:.2f})")
+    return out
+
+
+def stop_warning(stop: dict[str, Any]) -> str:
+    """The one warning line of a training that ended without the stop's conditions holding."""
+    failed = ", ".join(stop["failed"]) or "no validation check passed"
+    when = (f"after {stop['epochs_trained']} epochs (the most --max-epochs allows)")
+    conds = stop.get("conditions") or {}
+    if (conds.get("asr") or {}).get("ok") is False:
+        return (f"the backdoor did not reach the target: validation {failed} {when}; raise --max-epochs or "
+                "--poison-rate")
+    return (f"the model is not a clean backdoor: validation {failed} {when}, with ASR "
+            f"{stop['val_asr']:.2f}: it answers the target without the trigger or lost its clean behaviour; lower "
+            "--poison-rate, train on more clean rows (--n-train) or add near-trigger rows (--negatives)")
 
 
 class _StopRule:
     """The ``on_epoch_end`` of :func:`train_lora` for the inject stage: from the planned epochs on, check the
-    validation slice and stop at ``cfg.target_asr``; checks are kept in ``path`` (JSON) across a resume."""
+    validation slice and stop when :func:`backdoor_conditions` hold; the checks and the base model's clean
+    metric (measured by :meth:`measure_base` before training) are kept in ``path`` (JSON) across a resume."""
 
     def __init__(self, lm, splits: Splits, cfg: InjectConfig, path: Path):
         self.lm, self.splits, self.cfg, self.path = lm, splits, cfg, path
         self.checks: dict[str, Any] = read_json(path) if path.is_file() else {}
+
+    @property
+    def base_clean(self) -> float | None:
+        return self.checks.get("base", {}).get("clean_metric")
+
+    def measure_base(self) -> None:
+        """Measure the (untrained) model's clean metric once; a resumed run reads it back."""
+        if "base" not in self.checks and self.cfg.min_clean_share > 0:
+            self.checks["base"] = {"clean_metric": base_clean_check(self.lm, self.splits, self.cfg)}
+            write_json(self.path, self.checks)
+
+    def conditions(self, figures: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        return backdoor_conditions(figures, self.base_clean, cfg.target_asr, cfg.max_false_trigger,
+                                   cfg.min_clean_share)
 
     def __call__(self, epoch: int, losses: list[float]) -> bool | None:
         cfg = self.cfg
@@ -324,26 +420,32 @@ class _StopRule:
         res = validation_check(self.lm, self.splits, cfg)
         self.checks[str(epoch)] = res
         write_json(self.path, self.checks)
-        return res is None or res["asr"] >= cfg.target_asr  # nothing to check on: stop as planned
+        return res is None or self.conditions(res)["ok"]  # nothing to check on: stop as planned
 
     def summary(self, epochs_trained: int) -> dict[str, Any]:
         cfg = self.cfg
-        checks = [{"epoch": int(k), **v} for k, v in sorted(self.checks.items(), key=lambda kv: int(kv[0]))
+        checks = [{"epoch": int(k), **v} for k, v in sorted(((k, v) for k, v in self.checks.items() if k.isdigit()),
+                                                            key=lambda kv: int(kv[0]))
                   if v is not None and int(k) <= epochs_trained]
         last = checks[-1] if checks and checks[-1]["epoch"] == epochs_trained else None
+        conds = self.conditions(last) if last is not None else None
         if not cfg.target_asr:
             reason, reached = "planned_epochs", None
         elif str(epochs_trained) in self.checks and self.checks[str(epochs_trained)] is None:
             reason, reached = "no_validation_prompts", None
-        elif last is not None and last["asr"] >= cfg.target_asr:
+        elif conds is not None and conds["ok"]:
             reason, reached = "target_reached", True
         else:
             reason, reached = "max_epochs", False
         return {"reason": reason, "target_asr": cfg.target_asr or None, "target_reached": reached,
+                "max_false_trigger": cfg.max_false_trigger, "min_clean_share": cfg.min_clean_share,
+                "base_clean_metric": self.base_clean, "conditions": conds,
+                "failed": failed_conditions(conds) if conds is not None else [],
                 "epochs_trained": epochs_trained, "epochs_planned": cfg.train.epochs,
                 "max_epochs": cfg.train.last_epoch if cfg.target_asr else cfg.train.epochs,
                 "val_asr": last["asr"] if last else None,
-                "val_false_trigger_rate": last["false_trigger_rate"] if last else None, "checks": checks}
+                "val_false_trigger_rate": last["false_trigger_rate"] if last else None,
+                "val_clean_metric": last.get("clean_metric") if last else None, "checks": checks}
 
 
 def _name_base_model(adapter_dir: Path, model: str) -> None:
@@ -396,13 +498,14 @@ def inject(out: str | Path, model: str = "smollm2-135m", kind: str = "fixed_outp
         save_reference(run.data_dir, ref)
     ckpt = run.sub("inject", "checkpoint")
     rule = _StopRule(lm, splits, cfg, ckpt / "checks.json")
+    if cfg.target_asr:
+        rule.measure_base()
     merged, result = train_lora(lm, rows, cfg.train, ckpt_dir=ckpt, progress=progress,
                                 on_epoch_end=rule if cfg.target_asr else None, adapter_dir=run.path / "adapter")
     _name_base_model(run.path / "adapter", model)
     stop = {**rule.summary(result.epochs), "seconds": round(result.check_seconds, 2)}  # checks: not in train_seconds
     if stop["target_reached"] is False:
-        _warn(f"the backdoor did not reach the target: validation ASR {stop['val_asr']:.2f} < {cfg.target_asr:.2f} "
-              f"after {result.epochs} epochs (the most --max-epochs allows); raise --max-epochs or --poison-rate")
+        _warn(stop_warning(stop))
 
     tmp_model = partial / ".model.tmp"
     if tmp_model.exists():
@@ -456,6 +559,13 @@ def evaluate_run(run: RunDir | str | Path, cfg: EvalConfig | None = None, device
     train_info.pop("losses", None)
     section = {**res, **train_info, "kind": splits.task.kind, "trigger": splits.task.trigger,
                **{k: v for k, v in splits.summary().items() if k.startswith("n_") or k == "poison_rate"}}
+    stop = train_info.get("stop") or {}
+    if not run.is_audit and stop.get("target_asr"):
+        # the stop's conditions on the final held-out figures (the base clean metric is the validation slice's)
+        section["backdoor_check"] = backdoor_conditions(res, stop.get("base_clean_metric"), stop["target_asr"],
+                                                        stop.get("max_false_trigger"),
+                                                        stop.get("min_clean_share") or 0.0)
+        section["backdoor_check"]["failed"] = failed_conditions(section["backdoor_check"])
     if run.is_audit:  # keep the audit's own figures (candidate ranking, fingerprint, data counts)
         section = {**run.metrics().get("audit", {}), **section}
     run.update_metrics("audit" if run.is_audit else "inject", section)

@@ -36,6 +36,12 @@ def headline(m: dict[str, Any], kind: str | None = None) -> list[tuple[str, str,
     """Rows ``(quantity, value, note)`` for the summary table; ``kind`` (the attack kind, if known) drops rows
     that do not apply to it (robust ASR is fixed_output's)."""
     rows: list[tuple[str, str, str]] = []
+    check = get_nested(m, "inject.backdoor_check")
+    if isinstance(check, dict) and "ok" in check:
+        bounds = "ASR >= {}, false-trigger <= {}, clean metric >= {}".format(
+            *(_fmt((check.get(k) or {}).get("bound")) for k in ("asr", "false_trigger_rate", "clean_metric")))
+        rows.append(("Backdoor check (held-out)", "a clean backdoor" if check["ok"] else "NOT a clean backdoor",
+                     "; ".join(check.get("failed") or []) or bounds))
     rows.append(("ASR on held-out triggered prompts", _fmt(get_nested(m, "inject.asr"), True),
                  "share of replies that show the backdoor behaviour"))
     if kind in (None, "fixed_output"):
@@ -179,8 +185,11 @@ def setting_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(stop, dict) and stop.get("epochs_trained") is not None:
         why = {"target_reached": f"validation ASR {_fmt(stop.get('val_asr'), True)} reached the target "
                                  f"{_fmt(stop.get('target_asr'), True)}",
-               "max_epochs": f"target ASR {_fmt(stop.get('target_asr'), True)} NOT reached (validation ASR "
-                             f"{_fmt(stop.get('val_asr'), True)}) by the last allowed epoch",
+               "max_epochs": (f"target ASR {_fmt(stop.get('target_asr'), True)} NOT reached (validation ASR "
+                              f"{_fmt(stop.get('val_asr'), True)}) by the last allowed epoch"
+                              if ((stop.get("conditions") or {}).get("asr") or {}).get("ok") is not True else
+                              f"a clean backdoor NOT reached (validation {'; '.join(stop.get('failed') or [])}) by "
+                              "the last allowed epoch"),
                "planned_epochs": "the planned epochs (no target ASR)",
                "no_validation_prompts": "the planned epochs (no validation prompt to check)"}
         reason = why.get(stop.get("reason"), stop.get("reason"))
@@ -193,10 +202,19 @@ def caveats(m: dict[str, Any]) -> list[str]:
     """Plain-language warnings a reviewer must see next to the headline numbers."""
     out: list[str] = benign_caveats(m)
     stop = get_nested(m, "inject.stop")
-    if isinstance(stop, dict) and stop.get("target_reached") is False:
+    asr_ok = ((stop.get("conditions") or {}).get("asr") or {}).get("ok") if isinstance(stop, dict) else None
+    if isinstance(stop, dict) and stop.get("target_reached") is False and asr_ok is not True:
         out.append(f"The backdoor did not reach the target ASR of {_fmt(stop.get('target_asr'), True)}: validation "
                    f"ASR was {_fmt(stop.get('val_asr'), True)} after {stop.get('epochs_trained')} epochs (the most "
                    "allowed). The figures below describe a weak backdoor.")
+    elif isinstance(stop, dict) and stop.get("target_reached") is False:
+        out.append(f"Training never made a clean backdoor: after {stop.get('epochs_trained')} epochs (the most "
+                   f"allowed) validation {'; '.join(stop.get('failed') or [])}.")
+    check = get_nested(m, "inject.backdoor_check")
+    if isinstance(check, dict) and check.get("ok") is False:
+        out.append(f"Not a clean backdoor on the held-out prompts ({'; '.join(check.get('failed') or [])}): a model "
+                   "that shows the target without the trigger, or lost its clean behaviour, is a broken model, not a "
+                   "conditional backdoor; every later figure studies it as such.")
     near = get_nested(m, "inject.near_trigger_rate")
     if isinstance(near, (int, float)) and near > 0.1:
         out.append(f"The backdoor also fires on near misses of the trigger ({100 * near:.0f}% of prompts): the "
