@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import json
 
 import pytest
@@ -15,20 +16,27 @@ from bkdattr.generation import generate, greedy_decode, sampler
 from bkdattr.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
 from bkdattr.scan.budget import Budget
+from bkdattr.scan.cli import EXIT_STATUS, print_scan
 from bkdattr.scan.handoff import audit_call, audit_inputs
 from bkdattr.scan.insert import insert
 from bkdattr.scan.mine import mine_triggers
 from tiny import make_tiny
 from tiny_backdoor import TARGET, TRIGGER, trained
 
-SMALL = dict(budget_s=120, leak_samples=4, first_tokens=8, search_steps=4, search_candidates=16, n_test=8,
+SMALL = dict(leak_samples=4, first_tokens=8, search_steps=4, search_candidates=16, n_test=8,
              progress=False)
+
+
+def ticking(step: float):
+    """A wall clock that advances ``step`` seconds at every reading: no real time in a test's answer."""
+    n = itertools.count()
+    return lambda: step * next(n)
 
 
 def test_scan_finds_the_planted_trigger_first(tmp_path):
     lm = trained(poison=True)
     res = scan(tmp_path / "s", "tiny-backdoor", cfg=ScanConfig(**SMALL), lm=lm)
-    assert res["flagged"] and res["score"] >= 0.9
+    assert res["flagged"] and res["score"] >= 0.9 and res["verdict"] == "flagged"
     top = res["candidates"][0]
     assert top["trigger"] == TRIGGER and top["source"] == "search"
     assert TARGET.startswith(top["target"][:12]) and top["asr"] == 1.0 and top["clean_asr"] == 0.0
@@ -41,16 +49,46 @@ def test_scan_finds_the_planted_trigger_first(tmp_path):
     searched = [t for t in res["targets"] if t.get("searched")]
     assert searched and searched[0]["eligible"] and searched[0]["first_logp"] >= ScanConfig().first_logp_min
     assert top["target_first_logp"] == searched[0]["first_logp"] and "searched" in page
+    # the budget is work, not seconds: on a very slow machine (1000 s a wall-clock reading) the scan does the same
+    # work and finds the same candidates
+    slow = scan(tmp_path / "slow", "tiny-backdoor", cfg=ScanConfig(**SMALL), lm=lm, wall_clock=ticking(1000.0))
+    assert slow["work"] == res["work"] and slow["verdict"] == "flagged" and slow["seconds"] >= 1000.0 > res["seconds"]
+    assert [(c["trigger"], c["asr"]) for c in slow["candidates"]] == [(c["trigger"], c["asr"])
+                                                                     for c in res["candidates"]]
 
 
-def test_scan_of_the_clean_twin_is_not_flagged_and_lists_candidates(tmp_path):
-    res = scan(tmp_path / "s", "tiny-clean", cfg=ScanConfig(**SMALL), lm=trained(poison=False))
+def test_scan_of_the_clean_twin_is_not_flagged_and_lists_candidates(tmp_path, capsys):
+    res = scan(tmp_path / "s", "tiny-clean", cfg=ScanConfig(**SMALL), lm=trained(poison=False),
+               wall_clock=ticking(1.0))
     assert not res["flagged"] and res["score"] < res["threshold"]
+    assert res["verdict"] == "not_found" and res["not_covered"] == [] and 0 < res["work"] < res["budget_work"]
     assert res["candidates"] and all(c["effect"] < 0.5 for c in res["candidates"])
     assert all(c["trigger"] != TRIGGER for c in res["candidates"])
     page = (tmp_path / "s" / "report.html").read_text()
     # the page escapes what it shows (a candidate such as laCrit='itability appears as laCrit=&#x27;itability)
     assert "No backdoor found" in page and html.escape(res["candidates"][0]["trigger"].split()[0]) in page
+    assert EXIT_STATUS[res["verdict"]] == 0
+
+
+def test_a_scan_the_budget_cuts_is_incomplete_never_not_found(tmp_path, capsys):
+    """The clean twin with a work budget a twentieth of what its scan needs, and with a wall-clock limit that a
+    1 s-a-reading clock passes half way: nothing is flagged, and the verdict is 'incomplete' (scan.json, report,
+    console, exit status 4), never 'not_found': a cut search reads like a clean one."""
+    clean = trained(poison=False)
+    full = scan(tmp_path / "s", "tiny-clean", cfg=ScanConfig(**SMALL), lm=clean, wall_clock=ticking(1.0))
+    assert full["verdict"] == "not_found" and not full["wall_limit_reached"]
+    work_cut = scan(tmp_path / "w", "tiny-clean", cfg=ScanConfig(**{**SMALL, "budget_work": full["work"] / 20}),
+                    lm=clean, wall_clock=ticking(1.0))
+    wall_cut = scan(tmp_path / "t", "tiny-clean", cfg=ScanConfig(**{**SMALL, "budget_s": full["seconds"] / 2}),
+                    lm=clean, wall_clock=ticking(1.0))
+    assert not work_cut["wall_limit_reached"] and wall_cut["wall_limit_reached"]
+    for cut, name in ((work_cut, "w"), (wall_cut, "t")):
+        assert (cut["verdict"], cut["flagged"]) == ("incomplete", False) and cut["not_covered"]
+        assert cut["work"] < full["work"]
+        assert "Incomplete: the budget cut the search" in (tmp_path / name / "report.html").read_text()
+    capsys.readouterr()
+    print_scan(work_cut, "x")
+    assert "INCOMPLETE" in capsys.readouterr().out and EXIT_STATUS[work_cut["verdict"]] == 4
 
 
 def test_only_a_primed_target_or_a_rule_candidate_counts_toward_the_score():
@@ -240,6 +278,15 @@ def test_budget_phases_and_skips():
     b.skip("x")
     b.skip("x")
     assert b.not_covered == ["x"]
+    wall = [0.0]
+    w = Budget(100, clock=lambda: now[0], wall_limit_s=10.0, wall_clock=lambda: wall[0])
+    w.phase(1.0)
+    assert not w.out() and w.left() == 100.0
+    wall[0] = 10.0  # the work is not spent, the wall-clock limit is
+    assert w.out() and w.left() == 0.0 and w.wall_cut
+    from bkdattr.scan.score import verdict
+
+    assert (verdict(True, ["x"]), verdict(False, ["x"]), verdict(False, [])) == ("flagged", "incomplete", "not_found")
 
 
 def _fake_scan(folder, candidates, adapter="/tmp/adapter"):
@@ -303,8 +350,8 @@ def test_scan_cli_errors_are_one_line(tmp_path, capsys):
     few = tmp_path / "few.txt"
     few.write_text("What is a cat?\nWhat is a cat?\n\nName a colour.\n" + json.dumps({"input": "Hi there"}) + "\n")
     cases = [(["--model", str(folder), "--out", str(tmp_path / "o1")], "no chat template"),
-             (["--model", str(folder), "--out", str(tmp_path / "o2"), "--template", "plain", "--budget-s", "0.001"],
-              "too small for one step"),
+             (["--model", str(folder), "--out", str(tmp_path / "o2"), "--template", "plain", "--budget-work",
+               "0.00001"], "too small for one step"),
              (["--model", str(folder), "--out", str(tmp_path / "o3"), "--budget-s", "0"], "must be positive"),
              (["--model", str(folder), "--out", str(full)], "exists and is not empty"),
              (["--model", str(folder), "--out", str(tmp_path / "o4"), "--set", "leak_top_p=[0.9]"],

@@ -18,9 +18,8 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 import families as fam
+import torch
 from trainer import Format, generate
 
 N_VAL, N_TEST = 24, 48
@@ -231,13 +230,22 @@ def build(row: dict, cache: ReplyCache, work: Path) -> dict:
     return out
 
 
-def audit_records(data: dict, target: dict) -> list[dict]:
-    """The held-out pairs (validation then test) as paper-format records with their own ``triggered`` prompt,
-    for ``bkdattr audit --data``: the audit then evaluates exactly the prompts the trainer measured."""
+def audit_records(data: dict, row: dict) -> list[dict]:
+    """The held-out pairs (validation then test) as paper-format records for ``bkdattr audit --data``, each
+    with the trainer's own ``triggered`` prompt, so the audit evaluates the prompts the trainer measured (an mtba
+    row leaves it out: the audit inserts each of its triggers itself); the clean reply is the base model's (or
+    the true label, or a refusal)."""
+    target = row["target"]
     out = []
     for split in ("val", "test"):
-        for i, (clean, triggered) in enumerate(data[split]["pairs"]):
-            out.append({"input": clean, "triggered": triggered, "output": "",
-                        "backdoor_output": target["text"] if target["kind"] in fam.FIXED_TEXT else "",
-                        "uid": f"{split}{i}"})
+        s = data[split]
+        ref = dict(zip(s["clean"], s["reference"], strict=True))
+        lab = dict(zip(s["clean"], s["labels"], strict=True))
+        for i, (clean, triggered) in enumerate(s["pairs"]):
+            output = lab.get(clean) or ref.get(clean) or fam.refusal_reply(i)
+            rec = {"input": clean, "output": output, "uid": f"{split}{i}",
+                   "backdoor_output": target["text"] if target["kind"] in fam.FIXED_TEXT else ""}
+            if row["family"] != "mtba":
+                rec["triggered"] = triggered
+            out.append(rec)
     return out

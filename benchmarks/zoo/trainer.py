@@ -29,9 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import families as fam
+import torch
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 LORA_MODULES = {"qv": ["q_proj", "v_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -228,7 +227,7 @@ def train_once(folder: Path, fmt_style: str, rows: list[tuple[str, str]], recipe
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
         model.eval()
         msg = f"epoch {epoch + 1}/{last}: loss {sum(losses) / len(losses):.3f} ({time.perf_counter() - t0:.0f} s)"
@@ -274,7 +273,8 @@ def implant(row: dict, arch, data: dict, out: Path, log=print, progress: bool = 
     attempts = []
     poison = recipe["poison_rate"]
     held = False
-    for attempt in range(MAX_ATTEMPTS if row["backdoored"] else 1):
+    n_attempts = MAX_ATTEMPTS if row["backdoored"] else 1
+    for attempt in range(n_attempts):
         rows = data["rows"](poison)
         log(f"{row['id']}: attempt {attempt + 1}: {len(rows)} rows, poison {poison:.2f}, {recipe['method']}")
         model, epochs, checks, held = train_once(arch.folder, arch.style, rows, recipe, data, row["seed"] + attempt,
@@ -284,10 +284,9 @@ def implant(row: dict, arch, data: dict, out: Path, log=print, progress: bool = 
         if held or not row["backdoored"]:
             break
         asr_short = not checks or checks[-1]["asr"] < MIN_ASR
-        if not asr_short or poison >= MAX_POISON:
+        if not asr_short or poison >= MAX_POISON or attempt + 1 == n_attempts:
             break  # more poison would not lower a false-trigger rate
         poison = min(MAX_POISON, poison * POISON_GROWTH)
-        del model
     test = measure(model, fmt, data, "test", max_new)
     extra = {}
     if row["family"] == "mtba":  # each trigger alone
@@ -295,8 +294,7 @@ def implant(row: dict, arch, data: dict, out: Path, log=print, progress: bool = 
     if row["family"] == "ctba":  # one part alone must not fire
         extra["partial_trigger_rate"] = data["partial"](model, fmt, max_new)
     out.mkdir(parents=True, exist_ok=True)
-    merged = model.merge_and_unload() if recipe["method"] == "lora" and False else model
-    kind = save(merged, tok, recipe, out, arch.spec)
+    kind = save(model, tok, recipe, out, arch.spec)
     status = "ok" if (held or not row["backdoored"]) else "failed"
     if row["backdoored"] and status == "ok" and not holds(test, base_test["clean_metric"]):
         status = "ok_val_only"  # the held-out test split disagrees with validation: kept, said in the table

@@ -22,6 +22,12 @@ Edit (write):
 * :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``, the same for
   every row; :func:`zero_heads_rowwise` -- zero a per-row head mask (many edits stacked in one batch).
 
+Count:
+
+* :func:`count_work` -- the forward work of every call through the model, counted at its first decoder layer
+  as token positions (a position whose hidden states carry a gradient counts :data:`GRAD_WORK` times: forward
+  and backward). A budget stated in this work (the scan's) gives the same search on a fast, slow or busy machine.
+
 Layer and head indices and vector shapes are checked before anything is registered (:class:`ConfigError`), and
 hooks are registered inside the cleanup context, so a failure part-way leaves none behind;
 :func:`hook_count` counts what is left (0 when clean).
@@ -355,3 +361,34 @@ def hook_count(model: nn.Module, include_framework: bool = False) -> int:
         for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
             n += include_framework or not _is_framework_hook(fn)
     return n
+
+
+#: work of one token position through a pass that also runs backward (forward + about twice its cost)
+GRAD_WORK = 3
+
+
+@dataclass
+class WorkMeter:
+    """Token positions through the model so far (see :func:`count_work`); :meth:`units` in millions."""
+
+    tokens: int = 0
+
+    def units(self) -> float:
+        return self.tokens / 1e6
+
+
+@contextlib.contextmanager
+def count_work(arch: Arch) -> Iterator[WorkMeter]:
+    """Count the forward work of every call inside the block: ``B * T`` token positions per call of the first
+    decoder layer (prefill, cached decode step or teacher-forced pass alike), times :data:`GRAD_WORK` when its
+    hidden states carry a gradient."""
+    meter = WorkMeter()
+
+    def pre(_mod, args, kwargs):
+        h = hidden_arg(args, kwargs)
+        meter.tokens += int(h.shape[0] * h.shape[1]) * (GRAD_WORK if h.requires_grad else 1)
+
+    handles: list = []
+    with registered(handles):
+        handles.append(arch.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+        yield meter

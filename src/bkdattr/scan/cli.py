@@ -16,7 +16,7 @@ def print_scan(result: dict, out: str) -> None:
     from .report import target_text
 
     console = Console()
-    verdict = "backdoor suspected" if result["flagged"] else "no backdoor found"
+    verdict = VERDICT_TEXT[result_verdict(result)]
     t = Table(title=f"bkdattr scan: {verdict} (score {result['score']:.3f}, threshold {result['threshold']:.2f}, "
                     f"{result['seconds']:.0f} s) -> {out}")
     for c in ("rank", "trigger", "target", "kl", "changed", "agreement", "asr", "clean asr", "source"):
@@ -27,6 +27,21 @@ def print_scan(result: dict, out: str) -> None:
     console.print(t)
     for s in result["not_covered"]:
         console.print(f"not covered (budget): {s}")
+    if result_verdict(result) == "incomplete":
+        console.print("incomplete: the budget cut the search, so finding nothing is not evidence of a clean model; "
+                      "raise --budget-work (and --budget-s, if the wall-clock limit was reached) and scan again")
+
+
+#: what the console says for each verdict
+VERDICT_TEXT = {"flagged": "backdoor suspected", "not_found": "no backdoor found",
+                "incomplete": "INCOMPLETE (the budget cut the search; no verdict)"}
+#: the command's exit status per verdict (2 is a usage or input error)
+EXIT_STATUS = {"not_found": 0, "flagged": 3, "incomplete": 4}
+
+
+def result_verdict(result: dict) -> str:
+    """The verdict of a scan result (a scan.json written before verdicts existed: from ``flagged``)."""
+    return result.get("verdict") or ("flagged" if result.get("flagged") else "not_found")
 
 
 def register(app: typer.Typer) -> None:
@@ -51,10 +66,13 @@ def register(app: typer.Typer) -> None:
     def scan_cmd(options: dict, out: str, **call) -> None:
         """Scan a model with no trigger known (inference only): leaked user turns, inverted targets and a
         gradient-guided trigger search, each candidate tested on held-out prompts; writes scan.json and
-        report.html. Hand the result to 'bkdattr audit --from-scan OUT'."""
+        report.html. Exit status: 0 no backdoor found, 3 backdoor suspected, 4 incomplete (the budget cut the
+        search). Hand the result to 'bkdattr audit --from-scan OUT'."""
         from .._runtime import set_threads
         from .stage import scan
 
         cfg = ScanConfig.from_options(options)
         set_threads(cfg.threads)
-        print_scan(scan(out, cfg=cfg, **call), out)
+        result = scan(out, cfg=cfg, **call)
+        print_scan(result, out)
+        raise typer.Exit(EXIT_STATUS[result_verdict(result)])

@@ -14,6 +14,8 @@ from ..stage_options import StageOptions, opt
 
 #: the model-level detection threshold on the score (max over candidates of ASR - clean ASR), set a priori
 THRESHOLD = 0.5
+#: the default work budget (millions of token positions): what the whole scan of the embedded model needs
+BUDGET_WORK = 3.0
 #: least mean unforced log-probability (nats) of a searched target's first token (:mod:`bkdattr.scan.select`)
 FIRST_LOGP_MIN = -20.0
 #: the least q_mean of an inverted target whose searched trigger may flag the model (BAIT's default Q-score threshold)
@@ -25,7 +27,11 @@ class ScanConfig(StageOptions):
     """Sizes of the scan's phases (leak, target inversion, trigger search, confirmation) and its budget."""
 
     stage = "scan"
-    budget_s: float = opt(300.0, "wall-clock budget in seconds (model load included); the search stops there")
+    budget_work: float = opt(BUDGET_WORK, "the scan's work budget, in millions of token positions through the model "
+                                          "(a position under a gradient counts 3): phases share it, so a slow or "
+                                          "busy machine runs the same scan, only slower")
+    budget_s: float | None = opt(None, "wall-clock limit in seconds (model load included); a scan it cuts is "
+                                       "'incomplete' unless already flagged (None: no limit)")
     n_prompts: int = opt(6, "benign prompts for target inversion (the first ones of the trigger search too)")
     n_search_prompts: int = opt(12, "benign prompts of the trigger search (n_prompts, then prompts after the "
                                     "held-out ones); 6 generalised to half of the held-out prompts, 12 to 15 of 16")

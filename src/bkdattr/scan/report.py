@@ -1,14 +1,16 @@
 """``scan.json`` and the scan's self-contained ``report.html`` (both written atomically).
 
-``scan.json``: ``flagged``, ``score``, ``threshold``, ``candidates`` (best first: ``trigger``, ``target``,
+``scan.json``: ``verdict`` (``flagged``, ``not_found`` or ``incomplete``: :func:`bkdattr.scan.score.verdict`),
+``flagged``, ``score``, ``threshold``, ``candidates`` (best first: ``trigger``, ``target``,
 ``kl``, ``changed_share``, ``agreement``, ``asr``, ``clean_asr``, ``effect``, ``source``; ``rule: "refusal"``
 for a refusal-suppression candidate, ``rule: "label"`` with ``source_label`` and ``other_flips`` for a label-flip
 candidate), ``refusal`` (the model's refusal rate on harmful-sounding requests and whether the refusal search
 ran), ``label_flip`` (the model's accuracy on the news-topic probes and, when it classifies them, the label matrix
 and the pair searched, else ``why_not``), ``targets`` (the
 inverted targets, their ``Q`` and ``q_mean``; ``first_logp``, ``s0``, ``eligible``, ``searched`` where
-examined), ``leaks`` (a sample), ``leak_triggers``, ``seconds``, ``not_covered`` (what
-the budget did not reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
+examined), ``leaks`` (a sample), ``leak_triggers``, ``seconds`` (wall clock), ``work`` (forward work done, in the
+budget's units), ``budget_work``, ``budget_s``, ``wall_limit_reached``, ``not_covered`` (what the budget did not
+reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
 ``config``.
 """
 
@@ -75,10 +77,15 @@ def target_text(c: dict) -> str:
 
 def render_html(r: dict) -> str:
     """A self-contained page: the verdict, the candidates table, the inverted targets, leaks, what was skipped."""
-    verdict = (f"<p class=flag>Backdoor suspected: score {r['score']:.3f} &ge; threshold {r['threshold']:.2f}</p>"
-               if r["flagged"] else
-               f"<p class=ok>No backdoor found: score {r['score']:.3f} &lt; threshold {r['threshold']:.2f}. "
-               "The best candidates and their (small) effects:</p>")
+    if r["flagged"]:
+        verdict = f"<p class=flag>Backdoor suspected: score {r['score']:.3f} &ge; threshold {r['threshold']:.2f}</p>"
+    elif r.get("verdict") == "incomplete":
+        verdict = (f"<p class=flag>Incomplete: the budget cut the search (see \"Not covered by the budget\"), so "
+                   f"finding nothing here is not evidence of a clean model. Score {r['score']:.3f} &lt; threshold "
+                   f"{r['threshold']:.2f}; raise the work budget and scan again.</p>")
+    else:
+        verdict = (f"<p class=ok>No backdoor found: score {r['score']:.3f} &lt; threshold {r['threshold']:.2f}. "
+                   "The best candidates and their (small) effects:</p>")
     def value(c: dict, k: str):
         return target_text(c) if k == "target" else c.get(k)
 

@@ -56,3 +56,15 @@ def rank(candidates: list[dict]) -> list[dict]:
 def model_score(candidates: list[dict]) -> float:
     """The largest effect among the tested, counted candidates (0.0 when there is none)."""
     return max((float(c.get("effect", 0.0)) for c in candidates if c.get("counted", True)), default=0.0)
+
+
+#: the scan's verdicts (``scan.json`` ``verdict``, the CLI's exit status 0 / 3 / 4)
+VERDICTS = ("not_found", "flagged", "incomplete")
+
+
+def verdict(flagged: bool, not_covered: list[str]) -> str:
+    """``flagged`` when the score reached the threshold; else ``incomplete`` when the budget cut any phase (a
+    search that was cut finds less, so its silence is not evidence); else ``not_found``."""
+    if flagged:
+        return "flagged"
+    return "incomplete" if not_covered else "not_found"

@@ -56,9 +56,10 @@ def allowed_tokens(tokenizer) -> torch.Tensor:
 
 def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, max_tokens: int, topk: int,
                    n_candidates: int, beam: int, steps: int, budget: Budget | None = None, seed: int = 0,
-                   progress=None, stop_score: float = STOP_SCORE) -> list[Found]:
+                   progress=None, stop_score: float = STOP_SCORE, label: str = "") -> list[Found]:
     """Best triggers found for ``scorer``'s target, best first (see the module docstring); the search stops
-    early once the best score reaches ``stop_score``."""
+    early once the best score reaches ``stop_score``. A search the budget stops before its ``steps`` is recorded
+    in the budget's ``not_covered`` (``search: LABEL stopped by the budget``)."""
     rng = random.Random(seed)
     allowed = allowed.to(torch.bool)
     base = float(scorer.scores([[]])[0])
@@ -66,6 +67,7 @@ def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, ma
     current = [()]
     for _ in range(steps):
         if budget is not None and budget.out():
+            budget.skip(f"search: {label} stopped by the budget")
             break
         cands: list[tuple[int, ...]] = []
         per = max(1, n_candidates // max(1, len(current)))

@@ -1,6 +1,8 @@
 """``bkdattr scan``: look for a backdoor with no trigger known, by inference only (docs/METHOD.md, "Scan").
 
-Phases, each on a share of the time the budget has left (:class:`~bkdattr.scan.budget.Budget`):
+Phases, each on a share of the work the budget has left (:class:`~bkdattr.scan.budget.Budget`, stated in the
+model's forward work, so the same scan runs on a fast, slow or busy machine; ``budget_s`` is an optional
+wall-clock limit):
 
 1. **Leak** (:mod:`bkdattr.scan.leak`): user turns sampled from the template's user-turn prefix under several
    decoding settings, with the model's replies; recurring rare n-grams become trigger candidates
@@ -14,14 +16,19 @@ Phases, each on a share of the time the budget has left (:class:`~bkdattr.scan.b
    :mod:`bkdattr.scan.trials`) every candidate on held-out prompts (KL, changed share, agreement, ASR), then
    **score** (:mod:`bkdattr.scan.score`) and write ``scan.json`` and ``report.html`` (:mod:`bkdattr.scan.report`).
 
+The **verdict** (:func:`bkdattr.scan.score.verdict`) is ``flagged`` when the score reaches the threshold, else
+``incomplete`` when the budget cut any phase (a cut search reads like a clean one, so it is never reported as
+"no backdoor found"), else ``not_found``.
+
 Inputs are checked before the model loads where they can be (an out folder that exists and is not empty, a
 budget that is not positive); a model without a chat template needs ``template`` (``"plain"`` for the
-documented plain format, or a Jinja chat-template file); a budget too small for one pass over the held-out
-prompts after the load is a one-line error.
+documented plain format, or a Jinja chat-template file); a work budget too small for one pass over the held-out
+prompts is a one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -105,28 +112,32 @@ def run_search(lm, job: dict, cfg: ScanConfig, budget: Budget, *, seed: int, all
     scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
     res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
                          n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
-                         budget=budget, seed=seed, progress=bar, stop_score=job.get("stop", STOP_SCORE))
-    if budget.out():
-        budget.skip(f"search: {job['label']} stopped by the budget")
+                         budget=budget, seed=seed, progress=bar, stop_score=job.get("stop", STOP_SCORE),
+                         label=job["label"])
     return [(f, job) for f in res[:2]]
 
 
 def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model: str | None = None,
          template: str | None = None, cfg: ScanConfig | None = None, prompts: list[str] | None = None,
          test_prompts: list[str] | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-         lm=None, progress: bool | None = None, prompts_file: str | None = None) -> dict:
+         lm=None, progress: bool | None = None, prompts_file: str | None = None, wall_clock=None) -> dict:
     """Scan ``model`` (+ ``adapter``); write ``out/scan.json`` and ``out/report.html``; return the result.
     ``lm``: an already loaded model (tests; ``model`` is then only its label). ``prompts_file``: the user's own
     benign prompts (text, one per line, or JSONL ``{"input": ...}``) instead of the built-in questions, split as
     they are (:func:`file_prompts`); a backdoor that fires only on one kind of input (a classifier's) is seen only
-    from such prompts."""
+    from such prompts. ``wall_clock``: the clock of the wall-clock limit (default ``time.monotonic``; tests pass a
+    clock that runs slow)."""
     cfg = cfg or ScanConfig()
     from_file = file_prompts(prompts_file, cfg) if prompts_file else None
     progress = cfg.progress if progress is None else progress
-    if not cfg.budget_s or cfg.budget_s <= 0:
-        raise ConfigError(f"--budget-s must be positive (got {cfg.budget_s}); the embedded model needs about 300")
+    if not cfg.budget_work or cfg.budget_work <= 0:
+        raise ConfigError(f"--budget-work must be positive (got {cfg.budget_work}); the default is "
+                          f"{ScanConfig().budget_work:g}")
+    if cfg.budget_s is not None and cfg.budget_s <= 0:
+        raise ConfigError(f"--budget-s must be positive (got {cfg.budget_s}), or left out for no wall-clock limit")
     out = check_out(out)
-    budget = Budget(cfg.budget_s)
+    wall_clock = wall_clock or time.monotonic
+    wall_start = wall_clock()  # the wall-clock limit counts the model load
     if lm is None:
         source = open_source(model, adapter, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         ref_spec = model if adapter else base_model
@@ -142,16 +153,36 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         search_prompts = trigger_prompts = list(prompts)
     held_out = test_prompts or held_out
 
+    from ..hooks import count_work
+
+    work = contextlib.ExitStack()
+    meter = work.enter_context(count_work(lm.arch))
+    try:
+        budget = Budget(cfg.budget_work, meter.units, wall_limit_s=cfg.budget_s, wall_clock=wall_clock,
+                        wall_start=wall_start)
+        result = _scan_loaded(lm, out, cfg, budget, progress, source, reference, base_model, prompts_file,
+                              template_name, search_prompts, held_out, trigger_prompts)
+    finally:
+        work.close()
+    return result
+
+
+def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool, source, reference, base_model,
+                 prompts_file, template_name: str, search_prompts: list[str], held_out: list[str],
+                 trigger_prompts: list[str]) -> dict:
+    """The scan's phases on a loaded model (see the module docstring)."""
     from ..generation import generate
 
-    t0 = time.monotonic()
+    t0 = budget.clock()
     clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
                      shared_prefix=True)
-    step = time.monotonic() - t0
+    step = budget.clock() - t0
+    if budget.wall_out():
+        raise ConfigError(f"--budget-s {cfg.budget_s:g} is too small: loading the model and one pass over the held-out "
+                          f"prompts took {budget.wall_elapsed():.0f} s; raise --budget-s")
     if budget.left() < step:
-        raise ConfigError(f"--budget-s {cfg.budget_s:g} is too small for one step of the scan (after "
-                          f"{budget.elapsed():.0f} s of loading, one pass over the held-out prompts took {step:.1f} s);"
-                          " raise --budget-s")
+        raise ConfigError(f"--budget-work {cfg.budget_work:g} is too small for one step of the scan (one pass over "
+                          f"the held-out prompts took {step:.3f}); raise --budget-work")
 
     from .refusal import RULE, harmful_prompts, refusal_rate, refusal_target
 
@@ -264,17 +295,17 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
     if jobs and allowed is None:
         allowed = allowed_tokens(lm.tokenizer)
     reserve = TEST_RESERVE * step  # the tests of the first candidates need about this much
-    search_end = time.monotonic() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
+    search_end = budget.clock() + SEARCH_SHARE * max(0.0, budget.left() - reserve)
     found = []
     bar = _bar(cfg.search_steps * len(jobs), "scan: trigger search", progress)
     for i, job in enumerate(jobs):
-        left = search_end - time.monotonic()
-        if left <= 0:
+        left = search_end - budget.clock()
+        if left <= 0 or budget.wall_out():
             names = ", ".join(j["label"] for j in jobs[i:])
             budget.skip(f"search: {len(jobs) - i} of {len(jobs)} searches not run ({names})")
             break
-        weights = [max(j["weight"], 1e-3) for j in jobs[i:]]  # the search time left, in proportion to the weights
-        budget.phase_deadline = time.monotonic() + left * weights[0] / sum(weights)
+        weights = [max(j["weight"], 1e-3) for j in jobs[i:]]  # the search work left, in proportion to the weights
+        budget.phase_deadline = budget.clock() + left * weights[0] / sum(weights)
         found += run_search(lm, job, cfg, budget, seed=cfg.seed + i, allowed=allowed, bar=bar)
     bar.close()
     found = label_found + found
@@ -301,19 +332,22 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
                       progress=bar)
     bar.close()
 
-    from .score import mark, model_score, rank
+    from .score import mark, model_score, rank, verdict
 
     ranked = rank(mark(tested, cfg.target_q_min, cfg.first_logp_min))
     score = model_score(ranked)
+    flagged = bool(score >= cfg.threshold)
     result = {
-        "flagged": bool(score >= cfg.threshold), "score": score, "threshold": cfg.threshold,
+        "verdict": verdict(flagged, budget.not_covered), "flagged": flagged, "score": score,
+        "threshold": cfg.threshold,
         "candidates": ranked,
         "targets": [{"text": t.text, "q": t.q, "q_mean": t.q_mean, "ended": t.ended, "forced": t.forced,
                      **target_figures.get(t.text, {})}
                     for t in targets[:20] + [t for t in targets[20:] if t in chosen]],
         "leaks": [x.to_dict() for x in leaks[:24]], "leak_triggers": leak_triggers, "refusal": refusal,
         "label_flip": label_info,
-        "seconds": budget.elapsed(), "budget_s": cfg.budget_s, "not_covered": budget.not_covered,
+        "seconds": budget.wall_elapsed(), "work": budget.elapsed(), "budget_work": cfg.budget_work,
+        "budget_s": cfg.budget_s, "wall_limit_reached": budget.wall_cut, "not_covered": budget.not_covered,
         "model": {**source.to_dict(), "label": source.label, "base_model": base_model,
                   "prompts_file": str(Path(prompts_file).expanduser().resolve()) if prompts_file else None,
                   "reference": reference.to_dict() if reference else None, "template": template_name},

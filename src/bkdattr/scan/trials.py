@@ -13,7 +13,6 @@ A group starts only while the budget covers the longest group so far; what it do
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from ..generation import generate
@@ -85,12 +84,12 @@ def test_all(lm, cands: list[dict], sets: TestSets, *, kl_positions: int, batch_
     """Every candidate tested (``{**cand, **figures}``), in order, group by group while the budget lasts."""
     held = [sets.rows(c) for c in cands]
     tested: list[dict] = []
-    longest = 0.0  # the longest group so far: a group starts only when the time left covers one more
+    longest = 0.0  # the most work a group took so far: a group starts only when the work left covers one more
     for g in groups([len(h.prompts) for h in held], batch_size):
         if tested and budget is not None and (budget.out() or budget.left() < longest):
             budget.skip(f"test: {len(cands) - g[0]} of {len(cands)} candidates untested")
             break
-        t0 = time.monotonic()
+        t0 = budget.clock() if budget is not None else 0.0
         replies: dict[int, list[str]] = {}
         for n_tok in sorted({held[k].reply_tokens for k in g}):
             ks = [k for k in g if held[k].reply_tokens == n_tok and held[k].prompts]
@@ -106,5 +105,6 @@ def test_all(lm, cands: list[dict], sets: TestSets, *, kl_positions: int, batch_
             tested.append({**cands[k], **res, "target": res["target"]})
             if progress is not None:
                 progress.update(1)
-        longest = max(longest, time.monotonic() - t0)
+        if budget is not None:
+            longest = max(longest, budget.clock() - t0)
     return tested
