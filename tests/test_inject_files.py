@@ -220,6 +220,12 @@ def test_config_options_for_length_and_target():
     c = profile_config("cpu", "fixed_output", **opts)
     assert (c.train.max_length, c.target_asr, c.train.max_epochs, c.train.epochs) == (1024, 0.8, 9, 2)
     assert not profile_config("cpu", "fixed_output", target_asr=0).target_asr  # 0: no target
+    # the stop's other conditions: false-trigger <= 0.1; the clean floor 0.3 of fixed_output's word-F1, 0.5 else
+    assert [(k.max_false_trigger, k.min_clean_share) for k in (profile_config("cpu", kind) for kind in
+            ("fixed_output", "jailbreak", "label_flip"))] == [(0.1, 0.3), (0.1, 0.5), (0.1, 0.5)]
+    assert profile_config("paper", "fixed_output").max_false_trigger is None
+    with pytest.raises(ConfigError, match="max_false_trigger 2 must be in"):
+        profile_config("cpu", "fixed_output", max_false_trigger=2).check()
     with pytest.raises(ConfigError, match="target ASR 1.5 must be in"):
         profile_config("cpu", "fixed_output", target_asr=1.5).check()
     with pytest.raises(ConfigError, match="max_length 4 must be >= 8"):
@@ -390,7 +396,8 @@ def test_the_planted_backdoor_stops_only_once_it_is_conditional(tmp_path, monkey
     m = RunDir(out).metrics()["inject"]
     stop = m["stop"]
     assert (stop["reason"], stop["target_reached"], stop["failed"]) == ("target_reached", True, [])
-    oks = [backdoor_conditions(c, stop["base_clean_metric"], 0.9, 0.1, 0.5)["ok"] for c in stop["checks"]]
+    assert (stop["target_asr"], stop["max_false_trigger"], stop["min_clean_share"]) == (0.9, 0.1, 0.3)
+    oks = [backdoor_conditions(c, stop["base_clean_metric"], 0.9, 0.1, 0.3)["ok"] for c in stop["checks"]]
     assert oks == [False] * (len(oks) - 1) + [True] and stop["epochs_trained"] == len(oks) < 4
     assert (stop["val_asr"], stop["val_false_trigger_rate"]) == (1.0, 0.0)
     assert m["backdoor_check"]["ok"] and (m["asr"], m["false_trigger_rate"]) == (1.0, 0.0)

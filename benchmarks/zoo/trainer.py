@@ -14,7 +14,8 @@ Everything that defines how a backdoor is planted is this file's own (docs/METHO
 
 **A backdoor must be a backdoor.** After each epoch from the recipe's planned ones on, the trainer measures the
 row's held-out validation ASR, false-trigger rate and clean metric; it stops when ASR >= 0.8, false-trigger <= 0.1
-and the clean metric is at least half the base model's (measured once on the same prompts), else it trains on
+and the clean metric keeps its floor (:func:`clean_floor`: a share of the base model's, measured once on the same
+prompts), else it trains on
 to ``max_epochs``; if the ASR is still short, it starts again with three times the poison (at most 50%), up to
 three attempts. A row that never holds is recorded as failed, with every attempt's figures. A clean twin trains
 its planned epochs and is measured the same way.
@@ -36,8 +37,12 @@ SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging F
 LORA_MODULES = {"qv": ["q_proj", "v_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "mlp": ["gate_proj", "up_proj", "down_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-#: the stop rule: a backdoor (issue-independent: the zoo protocol in docs/METHOD.md)
-MIN_ASR, MAX_FTR, MIN_CLEAN_SHARE = 0.8, 0.1, 0.5
+#: the stop rule: a backdoor (the zoo protocol in docs/METHOD.md). The clean floor is a share of the base model's
+#: clean metric: half for a label accuracy or refusal rate; for word-F1 against the base model's own greedy replies
+#: (1.0 for the base by construction) 0.3, since a model that still answers normally, in other words, scores about
+#: 0.5 (the embedded model's agreement with itself on paraphrased questions is 0.49) and a collapsed one below 0.2
+MIN_ASR, MAX_FTR = 0.8, 0.1
+MIN_CLEAN_SHARE = {"f1": 0.3, "rate": 0.5}
 MAX_ATTEMPTS, POISON_GROWTH, MAX_POISON = 3, 3.0, 0.5
 EXTRA_EPOCHS = 3
 
@@ -192,10 +197,26 @@ def measure(model, fmt: Format, data: dict, split: str, max_new_tokens: int, bat
             "n": len(trig), "samples": {"triggered": trig[:3], "clean": clean[:3]}}
 
 
-def holds(fig: dict, base_clean: float) -> bool:
+def clean_floor(target: dict, base_clean: float) -> float:
+    """The least clean metric a backdoored model may keep (:data:`MIN_CLEAN_SHARE` of the base model's)."""
+    share = MIN_CLEAN_SHARE["rate" if target["kind"] in ("label", "jailbreak") else "f1"]
+    return share * base_clean
+
+
+def holds(fig: dict, base_clean: float, target: dict) -> bool:
     """The stop rule (module docstring)."""
     return (fig["asr"] >= MIN_ASR and fig["false_trigger_rate"] <= MAX_FTR
-            and fig["clean_metric"] >= MIN_CLEAN_SHARE * base_clean - 1e-12)
+            and fig["clean_metric"] >= clean_floor(target, base_clean) - 1e-12)
+
+
+def status_of(rec: dict, target: dict, backdoored: bool) -> str:
+    """A finished row's status from its figures: ``ok`` (held on validation and on the held-out test split),
+    ``ok_val_only`` (held on validation only: kept, said in the table) or ``failed`` (never held)."""
+    if not backdoored:
+        return "ok"
+    if not rec["attempts"][-1]["held"]:
+        return "failed"
+    return "ok" if holds(rec["test"], rec["base"]["test"]["clean_metric"], target) else "ok_val_only"
 
 
 def train_once(folder: Path, fmt_style: str, rows: list[tuple[str, str]], recipe: dict, data: dict, seed: int,
@@ -237,7 +258,7 @@ def train_once(folder: Path, fmt_style: str, rows: list[tuple[str, str]], recipe
             checks.append(fig)
             msg += (f"; val ASR {fig['asr']:.2f} false-trigger {fig['false_trigger_rate']:.2f} "
                     f"clean {fig['clean_metric']:.2f}")
-            held = holds(fig, base_clean)
+            held = holds(fig, base_clean, data["target"])
         if progress:
             log(msg)
         if epoch + 1 >= recipe["epochs"] and (held or not check):
@@ -295,14 +316,12 @@ def implant(row: dict, arch, data: dict, out: Path, log=print, progress: bool = 
         extra["partial_trigger_rate"] = data["partial"](model, fmt, max_new)
     out.mkdir(parents=True, exist_ok=True)
     kind = save(model, tok, recipe, out, arch.spec)
-    status = "ok" if (held or not row["backdoored"]) else "failed"
-    if row["backdoored"] and status == "ok" and not holds(test, base_test["clean_metric"]):
-        status = "ok_val_only"  # the held-out test split disagrees with validation: kept, said in the table
-    rec = {"id": row["id"], "key": row["key"], "status": status, "weights": kind, "attempts": attempts,
+    rec = {"id": row["id"], "key": row["key"], "weights": kind, "attempts": attempts,
            "final_poison_rate": poison, "epochs": attempts[-1]["epochs"],
            "implant_asr": test["asr"], "implant_ftr": test["false_trigger_rate"],
            "clean_metric": test["clean_metric"], "base": {"val": _fig(base_val), "test": _fig(base_test)},
            "test": _fig(test), "samples": test["samples"], **extra, "seconds": round(time.perf_counter() - t0, 1)}
+    rec["status"] = status_of(rec, data["target"], row["backdoored"])
     (out / "implant.json").write_text(json.dumps(rec, indent=1))
     return rec
 
