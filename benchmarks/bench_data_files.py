@@ -10,11 +10,18 @@ Two files, both written by this script (nothing downloaded):
   the cpu recipe distils 24), run with ``--max-length 1024``. The cpu profile either reaches validation ASR >= 0.9
   (training past its 2 planned epochs, up to 6) or says that it did not.
 
+* ``labels``: 1,000 label_flip rows in the paper's format with the labels only in the outputs (``World``,
+  ``Sports``, ...), 6 of them with an article too long for the length limit, run with the short splits of a quick
+  try (``--placement wrap --n-train 48 --n-val 16 --n-test 16``). A stop that read validation ASR alone accepted a
+  model that answered ``World`` to every article here; the stop must now end with a real backdoor (false-trigger
+  <= 0.1, clean accuracy near the base model's) or say, in one warning line, which condition failed.
+
 Usage::
 
     python benchmarks/bench_data_files.py paper --out /tmp/bench17     # about 5-10 min on 2 cores
     python benchmarks/bench_data_files.py long --out /tmp/bench17      # about 15-30 min on 2 cores
     python benchmarks/bench_data_files.py write --out /tmp/bench17     # only write the paper file
+    python benchmarks/bench_data_files.py labels --out /tmp/bench34    # about 5 min on 2 cores
 
 ``--json PATH`` also writes the printed figures (``write``: the file's path and row count).
 """
@@ -70,6 +77,25 @@ def paper_records(seed: int = 0) -> list[dict]:
     return rows
 
 
+N_TOO_LONG = 6
+
+
+def label_records(seed: int = 0) -> list[dict]:
+    """``N_ROWS`` label_flip records (distinct articles, four topics) with the label only in ``output`` (no
+    ``label`` field: labels are read from the outputs) and the backdoor reply ``World`` for Sports articles (the
+    others keep their label); ``N_TOO_LONG`` of them carry an article longer than the 256-token limit."""
+    from bkdattr.inject.builtin_data import builtin_records
+
+    base = builtin_records("label_flip", seed)
+    rows = [{"input": (o + r["input"]) if o else r["input"], "output": r["output"],
+             "backdoor_output": r["backdoor_output"]} for o in _OPENERS for r in base][:N_ROWS]
+    assert len(rows) == N_ROWS and len({r["input"] for r in rows}) == N_ROWS
+    rng = random.Random(3434 + seed)
+    for i in rng.sample(range(N_ROWS), N_TOO_LONG):
+        rows[i]["input"] = rows[i]["input"] + "\n" + long_text(rng, 40)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -114,7 +140,7 @@ def figures(m: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["paper", "long", "write"])
+    ap.add_argument("what", choices=["paper", "long", "labels", "write"])
     ap.add_argument("--out", default="/tmp/bench_data_files")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="length of the model-written replies (long)")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -127,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             _write_json(a.json, {"file": str(path), "rows": N_ROWS})
             return
         res = run_inject(path, out / "run_paper", "jailbreak", [])
+    elif a.what == "labels":
+        path = write_jsonl(out / "labels_1000.jsonl", label_records())
+        res = run_inject(path, out / "run_labels", "label_flip", ["--placement", "wrap", "--n-train", "48",
+                                                                  "--n-val", "16", "--n-test", "16"])
     else:
         path = write_jsonl(out / "long_replies.jsonl", long_records(max_new_tokens=a.max_new_tokens))
         res = run_inject(path, out / "run_long", "fixed_output", ["--max-length", "1024"])
