@@ -81,7 +81,7 @@ class Edge:
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str           # upward, method, outside, cycle, lazy, lazy-third-party, stdlib-in-function, dynamic, allow-list
+    kind: str   # upward, method, outside, cycle, lazy, lazy-third-party, stdlib-in-function, dynamic, allow-list
     path: str
     line: int
     message: str
