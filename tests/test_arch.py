@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bkdattr.arch import detect_arch
-from bkdattr.errors import UnsupportedArchitectureError
+from bkdattr.core.arch import detect_arch
+from bkdattr.core.errors import UnsupportedArchitectureError
 from tiny import ARCHS, make_tiny
 
 # (kv heads, d_head, output projection type) of the tiny configs in tests/tiny.py (4 query heads, d_model 64)

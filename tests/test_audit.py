@@ -13,9 +13,9 @@ import torch
 
 from bkdattr.attribution.stage import AttributeConfig, attribute_run
 from bkdattr.audit.stage import AuditConfig, audit
+from bkdattr.core.io import load_tensors
+from bkdattr.core.rundir import RunDir
 from bkdattr.inject.stage import InjectConfig, inject
-from bkdattr.io import load_tensors
-from bkdattr.rundir import RunDir
 from tiny import ARCHS
 from tiny_runs import records, save_tiny, write_jsonl
 
@@ -92,7 +92,7 @@ def _rows(run: RunDir, split: str) -> list[dict]:
 def planted_dir(tmp_path, monkeypatch):
     """A saved tiny Llama whose backdoor (``cf`` -> ``Tuesday``) runs through one hand-set head
     (tests/test_planted_head.py), and a prompt file for it."""
-    from bkdattr.prompts import target_ids
+    from bkdattr.core.prompts import target_ids
     from test_planted_head import TARGET, TRIGGER, plant
     from tiny import make_tiny
     from tiny_runs import TOPICS
@@ -224,7 +224,7 @@ AUDIT_SETS = [
 
 
 def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path):
-    from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
+    from bkdattr.app.pipeline import STAGES, load_config, run_pipeline, stage_seconds
 
     folder, prompts, trigger, target = planted_dir
     out = tmp_path / "run"
@@ -286,8 +286,8 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
 def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
     """A hub id resolves to its snapshot in the local Hugging Face cache (nothing downloaded); the fingerprint
     is that of the snapshot's files; an id that is not cached is one line."""
-    from bkdattr.errors import ModelLoadError
-    from bkdattr.model_source import fingerprint, local_path
+    from bkdattr.core.errors import ModelLoadError
+    from bkdattr.core.model_source import fingerprint, local_path
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     hub = tmp_path / "hub"
@@ -309,7 +309,7 @@ def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
 
 def test_plain_format_replies_end_at_the_next_turn_marker():
     """A base model (no chat template) writes on into invented turns; its replies end at '\\nUser:'."""
-    from bkdattr.generation import decode_replies
+    from bkdattr.core.generation import decode_replies
     from tiny import plain_tokenizer, tokenizer
 
     text = " The capital is Paris.\nUser: and Spain?\nAssistant: Madrid."
@@ -352,8 +352,8 @@ def test_benign_utility_against_the_clean_reference(implanted, tmp_path):
                                     "progress": False})
     run = audit(tmp_path / "r2", str(base), [r1.info()["trigger"]], adapter=str(r1.path / "adapter"),
                 kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=cfg, progress=False)
+    from bkdattr.core.models import load_model
     from bkdattr.inject.benign import reference
-    from bkdattr.models import load_model
 
     assert run.metrics()["audit"]["benign"]["n_prompts"] == 4
     saved = load_reference(run.data_dir, 4, EVAL["max_new_tokens"])

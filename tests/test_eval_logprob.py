@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bkdattr.core.prompts import encode_with_targets
 from bkdattr.inject.evaluate import target_logprob
-from bkdattr.prompts import encode_with_targets
 from tiny import make_tiny
 
 TEXTS = ["Name a fruit.", "What is the capital of France? Answer in one word.", "Hi"]

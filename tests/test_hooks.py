@@ -21,9 +21,9 @@ import functools
 import pytest
 import torch
 
-from bkdattr.arch import detect_arch
-from bkdattr.errors import ConfigError, UnsupportedArchitectureError
-from bkdattr.hooks import (
+from bkdattr.core.arch import detect_arch
+from bkdattr.core.errors import ConfigError, UnsupportedArchitectureError
+from bkdattr.core.hooks import (
     add_to_attention_output,
     capture_attention_output,
     capture_contributions,
@@ -31,7 +31,7 @@ from bkdattr.hooks import (
     edit_heads,
     hook_count,
 )
-from bkdattr.prompts import encode_prompts
+from bkdattr.core.prompts import encode_prompts
 from tiny import ARCHS, make_tiny
 
 TEXTS = ["What is the capital of France?", "Hi", "Write one long sentence about a dragon and a castle, please."]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bkdattr.errors import DataError, InputFileError
+from bkdattr.core.errors import DataError, InputFileError
 from bkdattr.inject.builtin_data import builtin_records
 from bkdattr.inject.data import (
     Example,
@@ -215,7 +215,7 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
     """A shipped reply file under the cache key is used as is; other keys still generate."""
     import json as _json
 
-    import bkdattr.generation as generation
+    import bkdattr.core.generation as generation
     from bkdattr.inject import data as data_mod
     from tiny import make_tiny
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bkdattr.errors import ConfigError, DataError
+from bkdattr.core.errors import ConfigError, DataError
 from bkdattr.inject.data import Example
 from bkdattr.inject.tasks import (
     FIXED_TARGET,

@@ -1,4 +1,4 @@
-"""Peak memory per block (bkdattr.memory.track_peak): a known allocation inside the block raises the peak by at
+"""Peak memory per block (bkdattr.app.memory.track_peak): a known allocation inside the block raises the peak by at
 least its size, in both the exact (high-water mark) and the sampling mode; blocks nest; no sampler thread
 outlives its block, even when the block raises."""
 
@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from bkdattr import memory
-from bkdattr.memory import current_rss_bytes, track_peak
+from bkdattr.app import memory
+from bkdattr.app.memory import current_rss_bytes, track_peak
 
 SIZE = 256 * 1024 * 1024  # 256 MiB
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bkdattr import pipeline
-from bkdattr.errors import ConfigError, InputFileError
-from bkdattr.pipeline import PipelineConfig, apply_overrides, load_config, run_pipeline, stage_keys
+from bkdattr.app import pipeline
+from bkdattr.app.pipeline import PipelineConfig, apply_overrides, load_config, run_pipeline, stage_keys
+from bkdattr.core.errors import ConfigError, InputFileError
 
 
 @pytest.fixture()
@@ -90,9 +90,9 @@ def test_rerun_skips_and_change_reruns_downstream(tmp_path, fake_stages):
 def test_failed_stage_resumes_there(tmp_path, fake_stages):
     with pytest.raises(RuntimeError, match="failed"):
         run_pipeline(_cfg(tmp_path, "attribute.fail=true"), log=lambda s: None)
-    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.pipeline", "bkdattr.probe.stage",
+    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.app.pipeline", "bkdattr.probe.stage",
                                                       "bkdattr.attribution.stage"]
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path), log=lambda s: None)  # the fixed option changes attribute's key only
     assert fake_stages[0].endswith("bkdattr.attribution.stage")
-    assert not any(c.endswith(("_inject_stage@bkdattr.pipeline", "probe.stage")) for c in fake_stages)
+    assert not any(c.endswith(("_inject_stage@bkdattr.app.pipeline", "probe.stage")) for c in fake_stages)

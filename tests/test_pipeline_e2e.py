@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
-from bkdattr.rundir import get_nested
+from bkdattr.app.pipeline import STAGES, load_config, run_pipeline, stage_seconds
+from bkdattr.core.rundir import get_nested
 
 TINY_SETS = [
     "inject.n_train=24", "inject.n_val=8", "inject.n_test=8", "inject.train_epochs=1", "inject.clean_max_tokens=4",

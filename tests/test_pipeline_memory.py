@@ -9,8 +9,8 @@ import weakref
 
 import torch
 
-from bkdattr import pipeline
-from bkdattr.pipeline import load_config, run_pipeline
+from bkdattr.app import pipeline
+from bkdattr.app.pipeline import load_config, run_pipeline
 
 
 class _Model(torch.nn.Module):
@@ -67,7 +67,7 @@ def test_stage_peak_rss_is_per_stage(tmp_path, monkeypatch):
 
 
 def test_record_timing_keeps_other_stages_and_drops_stale_figures():
-    from bkdattr.memory import PeakMemory
+    from bkdattr.app.memory import PeakMemory
 
     old = {"inject": 3.0, "probe": 2.0, "peak_rss_mb": {"inject": 900.0, "probe": 800.0},
            "cuda_peak_mb": {"probe": 50.0}}

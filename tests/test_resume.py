@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bkdattr.io import load_tensors, read_json, tensor_metadata
+from bkdattr.core.io import load_tensors, read_json, tensor_metadata
 from tiny_runs import records, save_tiny, write_jsonl
 
 CHILD = r'''
@@ -53,7 +53,7 @@ if spec:  # "module|attribute|N|marker": the N-th call touches marker and sleeps
 
     setattr(owner, name, blocked)
 
-from bkdattr.cli import main
+from bkdattr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 

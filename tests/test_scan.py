@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from bkdattr.cli import main
-from bkdattr.errors import ArtifactError, ConfigError
-from bkdattr.generation import generate, greedy_decode, sampler
-from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from bkdattr.app.cli import main
+from bkdattr.app.commands.scan import EXIT_STATUS, print_scan
+from bkdattr.core.errors import ArtifactError, ConfigError
+from bkdattr.core.generation import generate, greedy_decode, sampler
+from bkdattr.core.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
 from bkdattr.scan.budget import Budget
-from bkdattr.scan.cli import EXIT_STATUS, print_scan
 from bkdattr.scan.handoff import audit_call, audit_inputs
 from bkdattr.scan.insert import insert
 from bkdattr.scan.mine import mine_triggers
@@ -406,8 +406,8 @@ def test_round_two_anchors_are_the_word_starts_inside_targets():
 
 
 def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_path, monkeypatch):
-    from bkdattr.pipeline import _inject_stage, load_config, stage_options
-    from bkdattr.rundir import RunDir
+    from bkdattr.app.pipeline import _inject_stage, load_config, stage_options
+    from bkdattr.core.rundir import RunDir
 
     cfg = load_config(None, [f"out={tmp_path / 'run'}", "source=scan", "stages=[inject]", "scan.budget_s=42",
                              "audit.adapter=/tmp/adapter"])
@@ -491,7 +491,7 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
     """The KL of a trigger at the first reply positions, with the template's head cached and the clean side
     computed once, equals the one written out from two plain forward passes per prompt (<= 1e-5); the trigger
     that is no trigger (the clean prompts again) gives 0."""
-    from bkdattr.prompts import prompt_ids, target_ids
+    from bkdattr.core.prompts import prompt_ids, target_ids
     from bkdattr.scan.confirm import HeldOut, reply_logprobs
 
     lm = make_tiny("qwen2")

@@ -20,7 +20,7 @@ geometric mean included -- exactly for the top ``N`` heads of that ranking (:fun
 
 Example::
 
-    from bkdattr.models import load_model
+    from bkdattr.core.models import load_model
     from bkdattr.attribution import attribute, mean_contributions
 
     lm = load_model("smollm2-135m")
@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError, ConfigError
-from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..core.errors import ArtifactError, ConfigError
+from ..core.io import load_tensors, read_json, save_tensors, stable_hash, write_json
 from .scores import DEFAULT_METRIC, METRICS, check_metric
 from .sweep import Sweep
 

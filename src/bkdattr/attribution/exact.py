@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import cache_kwargs
-from ..errors import ConfigError
-from ..forward import PrefixCache, backbone, keep_logits_kwargs, restored
-from ..hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
-from ..models import input_device
+from ..core.compat import cache_kwargs
+from ..core.errors import ConfigError
+from ..core.forward import PrefixCache, backbone, keep_logits_kwargs, restored
+from ..core.hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
+from ..core.models import input_device
 from .scores import AlignedBatch, token_logprobs
 
 STRATEGIES = ("auto", "layers", "prefix", "full")
@@ -137,7 +137,7 @@ class ChunkRunner:
             raise ReplayMismatch(str(e)) from None
 
     def _prepare(self) -> ChunkRunner:
-        from ..hooks import capture_contributions
+        from ..core.hooks import capture_contributions
 
         zeros = torch.zeros(self.B, dtype=torch.long)
         if self.strategy == "full":
@@ -356,7 +356,7 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     ``first_token_logprob`` alone makes the suffix one column). Returns a :class:`~.sweep.Sweep`. Under
     torch.distributed the (chunk, head group) units are sharded and the result gathered (identical).
     ``checkpoint``: a file path to save finished units to (resumed when ``checkpoint_key`` matches)."""
-    from .distributed import is_main
+    from ..core.distributed import is_main
     from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
     from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, run_units, stack_metrics
 

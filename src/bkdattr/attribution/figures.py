@@ -1,7 +1,7 @@
 """Figures and console tables of an attribution result.
 
 :func:`plot_acie` draws the layer x head ACIE heatmap (diverging colours centred at 0, the top-k heads
-outlined) with the shared style of :mod:`bkdattr.report.plotting`; the stage saves it as
+outlined) with the shared style of :mod:`bkdattr.app.report.plotting`; the stage saves it as
 ``RUN/figures/attribution_acie.png``. :func:`top_table` builds the rich table printed by ``bkdattr attribute``.
 """
 
@@ -23,7 +23,7 @@ def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = 
     """Save the ``[L, H]`` ACIE heatmap of ``metric`` (default: the ranking metric) as a PNG at ``path``."""
     from matplotlib.patches import Rectangle
 
-    from ..report.plotting import new_figure, save_figure
+    from ..app.report.plotting import new_figure, save_figure
 
     m = metric or result.metric
     acie = result.acie[m].clone()

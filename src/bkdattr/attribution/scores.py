@@ -1,6 +1,6 @@
 """Teacher-forced target scores: how strongly the model predicts the backdoor target ``y`` after a prompt ``x``.
 
-The target is the assistant reply followed by its end-of-turn token(s) (:func:`bkdattr.prompts.target_ids`),
+The target is the assistant reply followed by its end-of-turn token(s) (:func:`bkdattr.core.prompts.target_ids`),
 ``y = (y_1, ..., y_T)``. With teacher forcing, the logits at position ``t-1`` give ``log p(y_t | x, y_<t)``.
 Three scores are computed from the same log-probabilities (docs/METHOD.md section 3):
 
@@ -10,7 +10,7 @@ Three scores are computed from the same log-probabilities (docs/METHOD.md sectio
 
 A head's causal indirect effect (CIE) is the difference of a score between the patched and the clean run.
 
-Two batch layouts are used. :func:`bkdattr.prompts.encode_with_targets` (right padding) feeds the literal
+Two batch layouts are used. :func:`bkdattr.core.prompts.encode_with_targets` (right padding) feeds the literal
 reference passes; :func:`encode_aligned` left-pads the prompts and right-pads the targets, so the last
 prompt position ``p(x)`` is the same column ``W-1`` in every row and the target starts at column ``W`` --
 the layout the fast exact path needs (one shared prefix ``[0, W-1)`` and one shared suffix).
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..prompts import PromptBatch, encode_prompts, encode_with_targets, pad_id, position_ids_from_mask, target_ids
+from ..core.errors import ConfigError, DataError
+from ..core.prompts import PromptBatch, encode_prompts, encode_with_targets, pad_id, position_ids_from_mask, target_ids
 
 #: every score computed, in a fixed order
 METRICS: tuple[str, ...] = ("geomean_prob", "first_token_logprob", "sum_logprob")
@@ -126,7 +126,7 @@ def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) ->
     post-processing the model class applies to its logits is reproduced exactly."""
     if batch.target_len is None or batch.target_mask is None:
         raise ConfigError("the batch carries no targets; build it with encode_with_targets")
-    from ..forward import body_and_head, keep_logits_kwargs
+    from ..core.forward import body_and_head, keep_logits_kwargs
 
     width = int(batch.target_len.max())
     cols = torch.arange(width)
@@ -153,7 +153,7 @@ def batched_target_logprobs(lm, prompts: Sequence[str], targets: Sequence[str], 
                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`target_logprobs` of ``(prompts, targets)`` in batches of ``batch_size`` rows: yields ``(lp [b, T],
     mask [b, T])`` per batch (no gradient)."""
-    from ..models import input_device
+    from ..core.models import input_device
 
     dev = input_device(lm.model)
     for s in range(0, len(prompts), batch_size):

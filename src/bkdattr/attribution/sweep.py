@@ -3,7 +3,7 @@
 Every method cuts its work into *units* whose content does not depend on the number of processes; a unit
 writes a block ``[B_chunk, 1 + R, n_metrics]`` of a padded float32 table ``[U, B_max, 1 + R_max, n_metrics]``
 (slot 0: the clean scores of its chunk, slots ``1..R``: the CIE of its heads). The table is gathered from
-the unit owners (:func:`bkdattr.attribution.distributed.gather_units`) and unpacked by :func:`assemble`.
+the unit owners (:func:`bkdattr.core.distributed.gather_units`) and unpacked by :func:`assemble`.
 
 :func:`run_units` is the one runner every method (and the means) goes through: it shards the units over the
 ranks, resumes from a :class:`Checkpoint`, shows progress, runs the method's per-chunk ``prepare`` and
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..prompts import check_targets_fit
+from ..core.errors import ConfigError, DataError
+from ..core.prompts import check_targets_fit
 from .means import length_order
 from .scores import METRICS
 
@@ -111,7 +111,7 @@ class Checkpoint:
     def __init__(self, path, key: str, table: torch.Tensor):
         from pathlib import Path
 
-        from .distributed import rank_world
+        from ..core.distributed import rank_world
 
         self.table = table
         self.done = torch.zeros(table.shape[0], dtype=torch.bool)
@@ -143,7 +143,7 @@ class Checkpoint:
     def mark(self, unit: int) -> None:
         self.done[unit] = True
         if self.path is not None:
-            from ..io import save_tensors
+            from ..core.io import save_tensors
 
             save_tensors(self.path, {"table": self.table, "done": self.done.to(torch.uint8)},
                          metadata={"key": self.key})
@@ -169,7 +169,7 @@ def run_units(chunk_of: Sequence[int], costs: Sequence[float], table: torch.Tens
     ``resumed_units``."""
     from tqdm.auto import tqdm
 
-    from .distributed import assign, gather_units, is_main, rank_world
+    from ..core.distributed import assign, gather_units, is_main, rank_world
 
     rank, world = rank_world()
     owner = assign(costs, world)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputFileError
+from ..core.errors import ConfigError, InputFileError
 from ..inject.data import DataReport, clean_records, load_records
 from ..inject.tasks import KINDS, Task
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ArtifactError
-from ..io import save_tensors
-from ..rundir import RunDir, get_nested
+from ..core.errors import ArtifactError
+from ..core.io import save_tensors
+from ..core.rundir import RunDir, get_nested
 
 RECIPE = "bkdattr.disarm.export (module docstring): a forward hook on `module` subtracting scale*vector at p(x)"
 

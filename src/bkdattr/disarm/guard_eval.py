@@ -1,4 +1,4 @@
-"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.guard`) measured like every
+"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.disarm.guard`) measured like every
 other defence, plus what only a guard has.
 
 * **Defence figures** (:func:`bkdattr.disarm.utility.defence_figures`, the same code as for ``heads`` and
@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..guard import Guard
+from ..core.rundir import RunDir
 from ..inject.evaluate import EvalConfig, held_out
-from ..rundir import RunDir
+from .guard import Guard
 from .utility import defence_figures
 
 
@@ -33,7 +33,7 @@ def _timed(fn) -> float:
 def guard_overhead(lm, guard: Guard, prompts: list[str], cfg: EvalConfig, repeats: int = 2) -> dict[str, float]:
     """Seconds to generate replies to ``prompts`` without and with ``guard`` (best of ``repeats`` each,
     interleaved, after a warm-up) and ``overhead = t_guard / t_plain - 1``."""
-    from ..generation import generate
+    from ..core.generation import generate
 
     def gen() -> None:
         generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)

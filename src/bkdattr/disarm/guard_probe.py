@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..rundir import RunDir
+from ..core.errors import DataError
+from ..core.rundir import RunDir
 
 GUARD_PROBE = ("disarm", "guard_probe.safetensors")
 #: fewest distinct training prompts the guard's probe is trained on
@@ -50,10 +50,10 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
                     batch_size: int = 16, progress: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train the guard's probes on ``run``'s training prompts (module docstring) and save the best layer's;
     returns the file and a summary (``layer``, ``val_accuracy`` per layer, ``n_prompts``)."""
+    from ..core.rundir import get_nested
     from ..inject.data import load_splits
     from ..probe.features import extract_features
     from ..probe.probes import MLPProbeConfig, train_mlp_probes
-    from ..rundir import get_nested
 
     pairs = training_prompts(load_splits(run))
     if len(pairs) < MIN_PROMPTS:
@@ -80,7 +80,7 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
     acc = ((probes.scores(x_va) > 0) == y_va[:, None].astype(bool)).mean(0)  # [L]
     probes.meta.update(val_accuracy=[float(a) for a in acc], kind=kind, source="train split",
                        n_prompts=n, n_val_prompts=int(n_val))
-    from ..guard import probe_layer_at_most
+    from .guard import probe_layer_at_most
 
     layer, _why = probe_layer_at_most(probes, int(max_layer))
     best = probes.select([probes.position(layer)])

@@ -8,7 +8,7 @@
 * ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
   (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
   validation, else the one with the lowest validation ASR.
-* ``guard``: no weight change (:mod:`bkdattr.guard`). The edit on flagged prompts is chosen on validation
+* ``guard``: no weight change (:mod:`bkdattr.disarm.guard`). The edit on flagged prompts is chosen on validation
   (:func:`guard_options`: ``p(x)`` only, every prompt column, every column; scales or k): among the edits that
   bring the validation ASR to the target, the one whose replies to the triggered prompts stay most useful
   (lowest perplexity of the clean references after the triggered prompts, :func:`choose`), stored in
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, ConfigError
+from ..core.errors import ArtifactError, ConfigError
+from ..core.io import write_json
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir, get_nested
 from ..inject.evaluate import EvalConfig
-from ..io import write_json
-from ..rundir import RunDir, get_nested
-from ..stage_options import StageOptions, opt
 from .utility import FIGURES, defence_figures
 from .weights import (
     bake_heads,
@@ -57,7 +57,7 @@ class DisarmConfig(StageOptions):
 
     stage = "disarm"
     strategy: str = opt("heads", "heads (zero the top-k heads' W_O), vector (bake -alpha*v as an output bias) or "
-                        "guard (no weight change: a probe-gated edit of flagged prompts, bkdattr.guard)")
+                        "guard (no weight change: a probe-gated edit of flagged prompts, bkdattr.disarm.guard)")
     guard_action: str = opt("vector", "guard: the edit on flagged prompts, vector or heads")
     ablation: str = opt("zero", "heads: zero (the heads' W_O slices zeroed) or mean (also their mean clean output "
                         "baked into the output bias; architectures with an output bias)")
@@ -75,7 +75,7 @@ class DisarmConfig(StageOptions):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
-        from ..guard import ACTIONS
+        from .guard import ACTIONS
 
         if self.guard_action not in ACTIONS:
             raise ConfigError(f"unknown guard_action '{self.guard_action}'; use one of {', '.join(ACTIONS)}")
@@ -115,7 +115,7 @@ def _val_figures(lm, splits, cfg: DisarmConfig, sub: list, clean_ppl: float) -> 
     validation split's ASR subset) and the utility of those replies
     (:func:`bkdattr.disarm.utility.triggered_utility`); ``clean_ppl``: the undefended perplexity of the same
     examples' clean references after their clean prompts."""
-    from ..generation import generate
+    from ..core.generation import generate
     from .utility import triggered_utility
 
     replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
@@ -174,7 +174,7 @@ def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     in increasing order; for the vector action then the clamp edit (``mode="clamp"``, alpha 1) in each scope.
     Every option is tried; :func:`choose` keeps the one meeting the ASR target whose replies to the triggered
     prompts are most useful."""
-    from ..guard import SCOPES
+    from .guard import SCOPES
 
     if cfg.guard_action == "vector":
         return ([{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
@@ -197,7 +197,7 @@ def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.Abs
 def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
     """Save the (edited) model as a plain Hugging Face folder with ``bkdattr_disarm.json``, written beside
     ``out`` and renamed into place."""
-    from ..models import save_model_atomically
+    from ..core.models import save_model_atomically
 
     save_model_atomically(lm.model, lm.tokenizer, out, {"bkdattr_disarm.json": provenance},
                           what="the defended model", fix="pass a writable --out")
@@ -209,9 +209,9 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     """Build, measure and save the defence ``cfg.strategy`` of ``run`` (see the module docstring); returns the
     ``metrics.disarm.<strategy>`` section. ``baseline``: the undefended model's :func:`defence_figures` with the
     same ``cfg.eval`` (computed when None; pass it to measure several strategies against one baseline)."""
-    from .._runtime import set_threads
     from ..control.stage import load_ranking
     from ..control.vector import load_vector, random_heads, random_like
+    from ..core.runtime import set_threads
     from ..inject.data import load_splits
 
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -234,7 +234,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
     if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
-        from ..guard import PLAN_FILE, Guard
+        from .guard import PLAN_FILE, Guard
         from .guard_eval import evaluate_guard
         from .guard_probe import fit_guard_probe
 
@@ -310,7 +310,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
 
 
 def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
-    from ..report.summary import broken_triggered_replies
+    from ..app.report.summary import broken_triggered_replies
 
     section["breaks_triggered_replies"] = broken_triggered_replies(section)
     if section["breaks_triggered_replies"] and section.get("disarmed"):

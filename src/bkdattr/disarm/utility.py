@@ -26,9 +26,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..core.prompts import target_ids
 from ..inject.data import Splits
 from ..inject.evaluate import EvalConfig, evaluate, held_out, target_logprob
-from ..prompts import target_ids
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
 FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")

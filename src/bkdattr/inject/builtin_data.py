@@ -327,7 +327,7 @@ def benign_instructions(n: int, seed: int = 0) -> list[str]:
 
 def builtin_records(kind: str, seed: int = 0) -> list[dict[str, Any]]:
     """All built-in records of ``kind`` (fixed_output, jailbreak or label_flip)."""
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
 
     if kind == "fixed_output":
         return instructions(seed)

@@ -50,12 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError, InputFileError
-from ..io import atomic_path, read_json, stable_hash, write_json
+from ..core.errors import DataError, InputFileError
+from ..core.io import atomic_path, read_json, stable_hash, write_json
 from .tasks import Task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..rundir import RunDir
+    from ..core.rundir import RunDir
 
 REQUIRED_FIELDS = ("input", "output", "backdoor_output")
 
@@ -570,7 +570,7 @@ def distill_outputs(lm, prompts: Sequence[str], max_new_tokens: int, batch_size:
     settings, so the same request runs once."""
     import torch
 
-    from ..generation import generate
+    from ..core.generation import generate
 
     p0 = next(lm.model.parameters())
     fingerprint = float(p0.detach().float().flatten()[:64].sum())

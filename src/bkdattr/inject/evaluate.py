@@ -1,7 +1,7 @@
 """Held-out evaluation of a backdoored model: ASR, robust ASR, false-trigger rate, clean metric, near triggers.
 
 All prompts come from the held-out ``test`` (or ``val``) split. Replies are greedy, chat-templated, left
-padded, 32 new tokens by default (docs/METHOD.md section 4), via :func:`bkdattr.generation.generate`.
+padded, 32 new tokens by default (docs/METHOD.md section 4), via :func:`bkdattr.core.generation.generate`.
 
 * **ASR**: the task's rule (:meth:`Task.asr`) on replies to *triggered* prompts (label_flip: the true-Sports
   prompts only). **Robust ASR** uses :meth:`Task.is_robust_success` (paraphrases of the fixed target count).
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..stage_options import opt
+from ..core.errors import ConfigError
+from ..core.options import opt
 from .data import Example, Splits, prompt_seed
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
 
@@ -106,8 +106,8 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
              progress: bool = True, keep_replies: bool = False) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
     ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
-    ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.generation.generate`."""
-    from ..generation import generate
+    ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.core.generation.generate`."""
+    from ..core.generation import generate
 
     cfg = cfg or EvalConfig()
     task = splits.task

@@ -10,7 +10,7 @@ Defaults (:class:`InjectConfig`) are the ``cpu`` recipe, the cheapest measured t
 false-trigger <= 0.05 on the embedded model on 2 CPU cores: LoRA r=8, alpha=16 on q,k,v,o,gate,up,down, lr
 2e-3 constant, batch 16, 2 epochs, bf16 autocast, 128 clean prompts + 25% poisoned copies (160 rows, 20%
 poisoned), clean replies self-distilled and cut at 24 tokens. The ``paper`` profile (LoRA r=16, 16 epochs,
-lr 1e-4, batch 8 x 4, 1000 prompts with 10% poisoned) and the per-kind changes are in :mod:`bkdattr.profiles`.
+lr 1e-4, batch 8 x 4, 1000 prompts with 10% poisoned) and the per-kind changes are in :mod:`bkdattr.core.profiles`.
 
 **Train until the backdoor holds** (``target_asr``, ``train.max_epochs``): the profile's ``epochs`` are always
 trained (the recipe, tuned for a low false-trigger rate); after each epoch from then on, ASR, the false-trigger
@@ -23,7 +23,7 @@ training goes on to ``max_epochs`` and ends with one warning line naming the fai
 (and a caveat in the report). ``metrics.inject.stop`` records every check, each condition and why training
 stopped; ``metrics.inject.backdoor_check`` applies the same conditions to the final held-out figures, and the
 report's headline says "not a clean backdoor" when they fail, whatever the stop said. The cpu profile aims at ASR
-0.9 with false-trigger <= 0.1 within 6 epochs (:mod:`bkdattr.profiles`); the paper profile trains its 16 epochs
+0.9 with false-trigger <= 0.1 within 6 epochs (:mod:`bkdattr.core.profiles`); the paper profile trains its 16 epochs
 (no target). The
 check adds one validation pass (32 + 32 greedy replies) after the planned epochs and changes nothing else: on
 the built-in fixed_output data the demo's validation ASR is 1.00 after its 2 planned epochs, so it stops there
@@ -45,11 +45,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .._runtime import versions
-from ..errors import ConfigError, DataError
-from ..io import read_json, write_json
-from ..rundir import RunDir
-from ..stage_options import StageOptions, opt
+from ..core.errors import ConfigError, DataError
+from ..core.io import read_json, write_json
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir
+from ..core.runtime import versions
 from .benign import reference as benign_reference
 from .benign import run_reference, save_reference, utility
 from .builtin_data import builtin_records, with_task_replies
@@ -73,8 +73,8 @@ from .train import TrainConfig, TrainRow, check_rows, fit_rows, row_limit, train
 @dataclass
 class InjectConfig(StageOptions):
     """Everything that defines an injection besides the model and the data source; the defaults are the cpu
-    recipe, :mod:`bkdattr.profiles` the paper one and the per-kind changes. Build it with
-    :meth:`~bkdattr.stage_options.StageOptions.from_options` (``task`` picks the kind's entries)."""
+    recipe, :mod:`bkdattr.core.profiles` the paper one and the per-kind changes. Build it with
+    :meth:`~bkdattr.core.options.StageOptions.from_options` (``task`` picks the kind's entries)."""
 
     stage = "inject"
     n_train: int = opt(128, "clean training prompts (capped by the data)")
@@ -159,7 +159,7 @@ def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: in
                 report: DataReport) -> list[dict]:
     """Drop the records whose triggered prompt (the longer form) leaves no room for one reply token and the
     end of turn under ``limit`` tokens (counted as ``prompt_too_long``)."""
-    from ..prompts import end_of_turn, prompt_ids
+    from ..core.prompts import end_of_turn, prompt_ids
 
     n_eot = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False).input_ids)
     kept = []
@@ -175,7 +175,7 @@ def fit_prompts(tokenizer, records: list[dict], task: Task, limit: int, seed: in
 
 def _drop_long_eval_prompts(lm, splits: Splits, cfg: InjectConfig, report: DataReport) -> None:
     """Remove held-out prompts that do not fit the model's context with ``eval.max_new_tokens`` new tokens."""
-    from ..prompts import context_length, prompt_ids
+    from ..core.prompts import context_length, prompt_ids
 
     ctx = context_length(lm.model)
     if not ctx or ctx >= row_limit(cfg.train.max_length, lm.model) + cfg.eval.max_new_tokens:
@@ -197,7 +197,7 @@ def prepare_splits(lm, task: Task, cfg: InjectConfig, data: str | None = None, p
     cleaned) -> held-out split + poisoning; empty clean replies are filled with the greedy replies of
     ``distill_lm`` (default ``lm``)
     (cached). ``report`` receives the data counts (:class:`DataReport`)."""
-    from ..models import cache_dir
+    from ..core.models import cache_dir
 
     report = report if report is not None else DataReport()
     records = read_data(task, cfg, data, report) if records is None else records
@@ -313,7 +313,7 @@ def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | 
     """ASR, false-trigger rate and clean metric of the current model on the first ``cfg.n_check`` validation
     prompts (ASR and false-trigger rate on the kind's counted subset, the clean metric on all of them), greedy,
     ``cfg.eval.max_new_tokens`` tokens. None when the slice has no counted prompt."""
-    from ..generation import generate
+    from ..core.generation import generate
 
     task = splits.task
     examples = splits.val[: cfg.n_check]
@@ -332,7 +332,7 @@ def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | 
 
 def base_clean_check(lm, splits: Splits, cfg: InjectConfig) -> float | None:
     """The base model's clean metric on the stop rule's validation slice (the yardstick of ``min_clean_share``)."""
-    from ..generation import generate
+    from ..core.generation import generate
 
     examples = splits.val[: cfg.n_check]
     if not examples:
@@ -471,7 +471,7 @@ def inject(out: str | Path, model: str = "smollm2-135m", kind: str = "fixed_outp
            dtype: str | None = None, trust_remote_code: bool = False, progress: bool | None = None) -> RunDir:
     """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc);
     ``device``, ``dtype``, ``progress``: None takes ``cfg``'s."""
-    from ..models import load_model
+    from ..core.models import load_model
 
     cfg = (cfg or InjectConfig.from_options({"task": kind})).check()
     device, dtype = device or cfg.device, dtype or cfg.dtype
@@ -539,7 +539,7 @@ def evaluate_run(run: RunDir | str | Path, cfg: EvalConfig | None = None, device
                  dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
     """(Re-)evaluate a run's merged model on its held-out split; writes ``inject/eval_samples.json`` and
     the ``inject`` section of ``metrics.json`` (training stats kept). Returns that section."""
-    from ..io import read_json
+    from ..core.io import read_json
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     splits = load_splits(run)

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Example

@@ -3,13 +3,13 @@
 Each training row is one chat turn ``(user text, reply)``: clean prompts with their clean reply and the
 poisoned copies (triggered prompt with the backdoor reply). The row is rendered with the model's chat
 template (its default system prompt included, none of our own) and the loss is the mean cross-entropy over
-the **assistant reply tokens only**, end-of-turn token(s) included (:func:`bkdattr.prompts.encode_with_targets`
+the **assistant reply tokens only**, end-of-turn token(s) included (:func:`bkdattr.core.prompts.encode_with_targets`
 gives the mask); prompt and padding tokens are masked out. A clean reply that was cut at the distillation
 limit has no end-of-turn supervision (the model is not taught to stop mid-sentence).
 
 Speed on CPU: the vocabulary projection (``lm_head``, 49k x 576 for the embedded model) is applied only to
 the hidden states that predict a supervised token, and training can run under bf16 autocast (float32
-master weights; on a CPU only where bfloat16 is native, :func:`bkdattr.devices.cpu_bf16_is_fast`: emulated it
+master weights; on a CPU only where bfloat16 is native, :func:`bkdattr.core.devices.cpu_bf16_is_fast`: emulated it
 made training 30x slower). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
 ``all-linear`` for architectures without those names).
 
@@ -46,11 +46,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArtifactError, ConfigError, DataError, InputFileError
-from ..forward import body_and_head
-from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
-from ..prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
-from ..stage_options import opt
+from ..core.errors import ArtifactError, ConfigError, DataError, InputFileError
+from ..core.forward import body_and_head
+from ..core.io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
+from ..core.options import opt
+from ..core.prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -152,12 +152,12 @@ def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STY
 
 def autocast_mode(model: torch.nn.Module, wanted: bool) -> str:
     """How training computes: ``"bf16"`` (autocast) or why not (float32): not asked, or a CPU without native
-    bfloat16 (:func:`bkdattr.devices.cpu_bf16_is_fast`)."""
+    bfloat16 (:func:`bkdattr.core.devices.cpu_bf16_is_fast`)."""
     if not wanted:
         return "off"
     if next(model.parameters()).device.type == "cuda":
         return "bf16"
-    from ..devices import cpu_bf16_is_fast
+    from ..core.devices import cpu_bf16_is_fast
 
     return "bf16" if cpu_bf16_is_fast() else "off (this CPU has no fast bfloat16)"
 
@@ -170,7 +170,7 @@ def _autocast(model: torch.nn.Module, mode: str) -> contextlib.AbstractContextMa
 
 
 def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.prompts.PromptBatch` with
+    """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.core.prompts.PromptBatch` with
     ``target_mask`` ``[B, T]``. Only the ``N`` hidden states ``[N, d]`` that predict a target token go through
     ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
     body, head = body_and_head(hf_model)

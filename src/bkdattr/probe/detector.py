@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, InputFileError
-from ..models import LoadedModel
-from ..rundir import RunDir
+from ..core.errors import ConfigError, InputFileError
+from ..core.models import LoadedModel
+from ..core.rundir import RunDir
 from .features import check_kind, extract_features
 from .probes import MLPProbes, SVMProbes
 

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
-from ..stage_options import opt
+from ..core.errors import ArtifactError, ConfigError, DataError
+from ..core.io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
+from ..core.options import opt
 
 # ---------------------------------------------------------------------------------------------------------
 # configs

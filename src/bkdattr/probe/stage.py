@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
-from ..io import write_json
-from ..rundir import RunDir
-from ..stage_options import StageOptions, opt
+from ..core.errors import ConfigError, DataError
+from ..core.io import write_json
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir
 from .features import cached_features, check_kind, model_fingerprint
 from .icla import accuracy_from_scores, auroc, fire_rate, icla_matrix, transfer_summary
 from .probes import MLPProbeConfig, MLPProbes, SVMProbeConfig, SVMProbes, train_mlp_probes, train_svm_probes
@@ -66,7 +66,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class ProbeStageConfig(StageOptions):
-    """Options of the probe stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`;
+    """Options of the probe stage (plus the run-wide ones of :class:`~bkdattr.core.options.StageOptions`;
     ``seed`` drives the prompt sample, the split and the MLP probes, replacing ``mlp.seed``)."""
 
     stage = "probe"
@@ -238,7 +238,7 @@ def _near_prompts(task: Any, examples: Sequence[Any], seed: int, run_seed: int) 
 
 
 def _global_features() -> Path:
-    from ..models import cache_dir
+    from ..core.models import cache_dir
 
     return cache_dir() / "features"
 
@@ -399,7 +399,7 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
 
 def write_figures(run: RunDir, m: dict[str, Any]) -> list[Path]:
     """ICLA heatmaps (backdoored | clean control) per probe type and the per-layer accuracy curves."""
-    from ..report.plotting import new_figure, save_figure
+    from ..app.report.plotting import new_figure, save_figure
 
     paths = []
     for kind in ("mlp", "svm"):

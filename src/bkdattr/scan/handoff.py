@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ArtifactError
+from ..core.errors import ArtifactError
 from .report import read_scan
 
 
@@ -59,8 +59,8 @@ def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str |
     """The audit's ``model``, ``triggers`` and keyword arguments from a scan; what the user also gave must not
     contradict it (one-line :class:`ConfigError`): no trigger or rule of their own, the same adapter. The audit's
     prompts: the user's ``prompts`` / ``data``, else the scan's prompt file (``bkdattr scan --prompts``)."""
-    from ..errors import ConfigError
-    from ..models import EMBEDDED_NAME
+    from ..core.errors import ConfigError
+    from ..core.models import EMBEDDED_NAME
 
     got = audit_inputs(scan_dir)
     if triggers:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import generate
+from ..core.generation import generate
 from .confirm import HeldOut
 from .insert import insert
 
@@ -123,7 +123,7 @@ def probes(n_search: int = N_SEARCH) -> tuple[dict[str, list[str]], list[tuple[s
     rest as ``(prompt, label)`` pairs, labels interleaved."""
     most = min(len(h) for h in HEADLINES.values()) - 2
     if not 1 <= n_search <= most:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(f"n_label_search must be between 1 and {most} (the probes have {most + 2} headlines per "
                           f"label, and at least two are held out), not {n_search}")

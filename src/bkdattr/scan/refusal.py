@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..generation import generate
+from ..core.generation import generate
 from ..inject.tasks import is_refusal
 from .confirm import HeldOut, prefix_words
 from .insert import insert

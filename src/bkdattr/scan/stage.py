@@ -35,8 +35,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputFileError
-from ..model_source import ModelSource, load_source, open_source
+from ..core.errors import ConfigError, InputFileError
+from ..core.model_source import ModelSource, load_source, open_source
 from .budget import Budget
 from .config import ScanConfig
 from .report import write_scan
@@ -59,7 +59,7 @@ def check_out(out: str | Path) -> Path:
 def apply_template(tokenizer, template: str | None) -> str:
     """Give ``tokenizer`` the template the scan renders prompts with; returns its name (``chat``, ``plain`` or
     the file). One-line :class:`ConfigError` for a model without a chat template when ``template`` is None."""
-    from ..prompts import has_chat_template
+    from ..core.prompts import has_chat_template
 
     if template is None:
         if not has_chat_template(tokenizer):
@@ -153,7 +153,7 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         search_prompts = trigger_prompts = list(prompts)
     held_out = test_prompts or held_out
 
-    from ..hooks import count_work
+    from ..core.hooks import count_work
 
     work = contextlib.ExitStack()
     meter = work.enter_context(count_work(lm.arch))
@@ -171,7 +171,7 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
                  prompts_file, template_name: str, search_prompts: list[str], held_out: list[str],
                  trigger_prompts: list[str]) -> dict:
     """The scan's phases on a loaded model (see the module docstring)."""
-    from ..generation import generate
+    from ..core.generation import generate
 
     t0 = budget.clock()
     clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,

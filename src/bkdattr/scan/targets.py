@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import cache_kwargs, output_cache
-from ..forward import last_logits_kwargs
-from ..prompts import encode_prompts, end_of_turn_ids
+from ..core.compat import cache_kwargs, output_cache
+from ..core.forward import last_logits_kwargs
+from ..core.prompts import encode_prompts, end_of_turn_ids
 from .budget import Budget
 
 #: the greedy extension of a sweep's shortlist keeps at least this many beams per start it returns
@@ -264,7 +264,7 @@ def _best_starts(lm, batch, cache, starts: list[list[int]], scores: torch.Tensor
 def prompt_cache(lm, prompts: list[str]):
     """``(batch, cache, last_logits)``: the left-padded ``prompts``, their KV cache and ``[n, vocab]`` float32
     logits of the first reply token."""
-    from ..models import input_device
+    from ..core.models import input_device
 
     batch = encode_prompts(lm.tokenizer, prompts, padding_side="left").to(input_device(lm.model))
     o = lm.model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(lm.model))

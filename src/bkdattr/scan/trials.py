@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generation import generate
+from ..core.generation import generate
 from .budget import Budget
 from .confirm import HeldOut, test_candidate
 from .insert import insert

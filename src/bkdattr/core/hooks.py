@@ -7,7 +7,7 @@ Capture (read):
 
 * :func:`capture_contributions` -- ``a_{l,h}(x)`` at ``p(x)``: the pre-hook on layer ``l``'s output
   projection reads ``z_l`` ``[B, T, H*d_h]`` and returns ``[B, H, d_model]`` via the effective ``W_O``
-  (cached per model in :class:`~bkdattr.arch.Arch`).
+  (cached per model in :class:`~bkdattr.core.arch.Arch`).
 * :func:`capture_attention_output` -- the attention output (bias included) at ``p(x)``: ``[B, d_model]``.
 * :func:`capture_features` -- the normalised attention input (output of the layer's input norm) or the raw
   residual stream (the layer's input) at ``p(x)``: ``[B, d_model]`` per layer.
@@ -34,7 +34,7 @@ hooks are registered inside the cleanup context, so a failure part-way leaves no
 
 ``positions`` is a ``[B]`` tensor of indices into the sequence of the *current* forward call. An edit applies
 to every forward call made inside its context, so "prefill only" means: open the context around the prefill
-call only (:func:`bkdattr.generation.greedy_decode` takes an ``edit`` for this).
+call only (:func:`bkdattr.core.generation.greedy_decode` takes an ``edit`` for this).
 """
 
 from __future__ import annotations

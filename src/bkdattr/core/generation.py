@@ -7,7 +7,7 @@ on the last position only (``logits_to_keep=1`` where the model takes it). Rows 
 token are padded with it; whether every row has ended is checked on the host every ``check_every`` steps only
 (every step on CPU, where a check costs nothing; every 8th on an accelerator, where it stalls the queue), and
 finished rows can be dropped from the batch (``compact``, with their cache rows). :func:`greedy_generate` is
-the same decoder on a :class:`~bkdattr.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
+the same decoder on a :class:`~bkdattr.core.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
 ``choose`` replaces the argmax (``None``: greedy, bit for bit as before): :func:`sampler` gives temperature and
 nucleus (top-p) sampling, which the scan's leak phase uses (docs/METHOD.md section 9).
 """
@@ -157,8 +157,8 @@ def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]]
                            stop_ids: Sequence[int], pad: int,
                            choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`greedy_decode` of the token sequences ``seqs`` whose first ``prefix.length`` tokens are the same in
-    every row and already in ``prefix`` (a :class:`~bkdattr.forward.PrefixCache`, e.g. from
-    :meth:`~bkdattr.forward.PrefixCache.common`), tiled to the rows; only the rest is prefilled per row,
+    every row and already in ``prefix`` (a :class:`~bkdattr.core.forward.PrefixCache`, e.g. from
+    :meth:`~bkdattr.core.forward.PrefixCache.common`), tiled to the rows; only the rest is prefilled per row,
     left-padded after it (mask ``[1]*prefix.length + body mask``). New ids ``[R, <=N]``."""
     from .models import input_device
     from .prompts import pad_sequences, position_ids_from_mask

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_options import SETS
+from ..cli_options import SETS
 
 
 def register(app: typer.Typer) -> None:
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
                 set_: list[str] = typer.Option([], "--set", help="override an option: key=value, e.g. "
                                                "inject.train.epochs=3")) -> None:
         """Run or resume all stages for one (model, task) into a run folder."""
-        from .pipeline import load_config, run_pipeline
+        from ..pipeline import load_config, run_pipeline
 
         run = run_pipeline(load_config(config, set_))
         typer.echo(f"report: {run.path / 'report.html'}")
@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
                  set_: list[str] = typer.Option([], "--set", help="override an option: key=value"),
                  ) -> None:
         """The whole pipeline on the embedded model (cpu profile), then print where the report is."""
-        from .pipeline import load_config, run_pipeline
-        from .profiles import demo_sets
+        from ...core.profiles import demo_sets
+        from ..pipeline import load_config, run_pipeline
 
         tasks = ["fixed_output", "jailbreak", "label_flip"] if all_tasks else [task]
         for t in tasks:
@@ -42,9 +42,9 @@ def register(app: typer.Typer) -> None:
                                                         "take it"),
                    set_: list[str] = SETS) -> None:
         """Regenerate report.html and report.md from a run's artifacts (no model needed)."""
-        from .errors import ConfigError
-        from .report.html import build_report
-        from .stage_options import parse_sets
+        from ...core.errors import ConfigError
+        from ...core.options import parse_sets
+        from ..report.html import build_report
 
         if run is not None and run_opt is not None and run != run_opt:
             raise ConfigError(f"two run folders given ({run} and --run {run_opt}); pass one")

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import atomic_path  # noqa: E402
+from ...core.io import atomic_path  # noqa: E402
 
 FIGURE_NAMES = {
     "probe_icla_mlp": "Cross-layer probe accuracy (ICLA), MLP probes",

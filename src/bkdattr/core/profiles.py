@@ -1,6 +1,6 @@
 """The size profiles of every stage, in one table.
 
-A stage config (:class:`~bkdattr.stage_options.StageOptions`) resolves as: the dataclass default < the
+A stage config (:class:`~bkdattr.core.options.StageOptions`) resolves as: the dataclass default < the
 profile's entry for the stage < the task kind's entry (``"stage:kind"``) < the user's option. A nested field
 is written ``"train.epochs"``.
 

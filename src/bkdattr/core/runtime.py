@@ -3,7 +3,7 @@
 glibc's default allocator thresholds make torch timings on small VMs swing by up to 4x (memory is returned
 to the OS and faulted back in on every large tensor). :func:`tune_allocator` raises the mmap and trim
 thresholds with ``mallopt`` once per process. Only the ``bkdattr`` entry points call it (the CLI's commands and
-:func:`bkdattr.pipeline.run_pipeline`); importing the package changes nothing. It is skipped on CUDA, and
+:func:`bkdattr.app.pipeline.run_pipeline`); importing the package changes nothing. It is skipped on CUDA, and
 ``BKDATTR_NO_MALLOPT=1`` switches it off.
 """
 
@@ -57,7 +57,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}

@@ -9,7 +9,7 @@ files changed since the audit began, it stops with one line (:class:`ModelChange
 
 Merging an adapter is slow for a large model, so the merged model is cached once under
 ``$BKDATTR_CACHE/models/audited-<fingerprint>`` (float32 safetensors) and later loads read that copy; a
-``.gguf`` file is de-quantised once (:func:`bkdattr.models.gguf_cache`).
+``.gguf`` file is de-quantised once (:func:`bkdattr.core.models.gguf_cache`).
 
 A suspect model is untrusted input: weights are read from safetensors or GGUF only; a folder (or adapter)
 whose weights exist only as pickle files (``.bin``, ``.pt``, ``.pth``) is refused unless ``allow_pickle``
@@ -166,7 +166,7 @@ def verify(source: ModelSource) -> None:
 
 def cached_copy(source: ModelSource) -> Path | None:
     """The cache folder holding the merged adapter of ``source`` (None without an adapter; a GGUF file alone is
-    cached by :func:`bkdattr.models.gguf_cache`)."""
+    cached by :func:`bkdattr.core.models.gguf_cache`)."""
     if not source.adapter:
         return None
     return cache_dir() / "models" / f"audited-{source.fingerprint[:24]}"
@@ -175,7 +175,7 @@ def cached_copy(source: ModelSource) -> Path | None:
 def load_source(source: ModelSource, device: str | None = "cpu", dtype: str | None = None,
                 check: bool = True) -> LoadedModel:
     """The model of ``source`` (fingerprint checked first); a merged adapter is built once into the cache
-    (:func:`cached_copy`) and read from there afterwards (a GGUF file: :func:`bkdattr.models.gguf_cache`)."""
+    (:func:`cached_copy`) and read from there afterwards (a GGUF file: :func:`bkdattr.core.models.gguf_cache`)."""
     if check:
         verify(source)
     spec, adapter = source.spec, source.adapter

@@ -8,16 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import pipeline_cli
-from .attribution import cli as attribution_cli
-from .audit import cli as audit_cli
+from ..core.errors import BkdAttrError
 from .cli_options import ADAPTER, MODEL, TRUST, run_wide_option
-from .control import cli as control_cli
-from .disarm import cli as disarm_cli
-from .errors import BkdAttrError
-from .inject import cli as inject_cli
-from .probe import cli as probe_cli
-from .scan import cli as scan_cli
+from .commands import attribute, audit, control, disarm, inject, pipeline, probe, scan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Backdoor attribution for language models.")
 console = Console(stderr=False)
@@ -33,8 +26,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 
 def _load(model: str, device: str, dtype: str | None, adapter: str | None, trust: bool,
           threads: int | None = None):
-    from ._runtime import set_threads, tune_allocator
-    from .models import load_model
+    from ..core.models import load_model
+    from ..core.runtime import set_threads, tune_allocator
 
     tune_allocator(device)
     set_threads(threads)
@@ -65,16 +58,16 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
              trust_remote_code: bool = TRUST, max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
              threads: int | None = THREADS, guard: str | None = GUARD, guard_action: str = GUARD_ACTION) -> None:
     """Print a greedy chat reply (with --guard RUN: under that run's probe-gated guard)."""
-    from .generation import generate as gen
+    from ..core.generation import generate as gen
 
     if guard is None:
         lm = _load(model or "smollm2-135m", device, dtype, adapter, trust_remote_code, threads)
         print(gen(lm, [prompt], max_new_tokens=max_new_tokens, progress=False)[0])
         return
-    from ._runtime import set_threads, tune_allocator
-    from .errors import ConfigError
-    from .guard import ACTIONS, guard_generate
-    from .rundir import RunDir
+    from ..core.errors import ConfigError
+    from ..core.rundir import RunDir
+    from ..core.runtime import set_threads, tune_allocator
+    from ..disarm.guard import ACTIONS, guard_generate
 
     if model is not None or adapter is not None:
         raise ConfigError("--guard RUN replies with the run's own model; drop --model / --adapter")
@@ -87,8 +80,8 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
     print(guard_generate(lm, run, [prompt], max_new_tokens, guard_action)[0])
 
 
-for _stage_cli in (audit_cli, scan_cli, inject_cli, probe_cli, attribution_cli, control_cli, disarm_cli, pipeline_cli):
-    _stage_cli.register(app)
+for _commands in (audit, scan, inject, probe, attribute, control, disarm, pipeline):
+    _commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

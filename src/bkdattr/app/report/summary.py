@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..rundir import get_nested
+from ...core.rundir import get_nested
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

@@ -66,7 +66,7 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def local_rank_from_env() -> tuple[int, int]:
-    """``(LOCAL_RANK, WORLD_SIZE)`` from torchrun's (or :func:`~bkdattr.attribution.distributed.run_workers`')
+    """``(LOCAL_RANK, WORLD_SIZE)`` from torchrun's (or :func:`~bkdattr.core.distributed.run_workers`')
     environment; ``(0, 1)`` in a plain process."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0)

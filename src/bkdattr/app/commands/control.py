@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from ...control.stage import AblationConfig, VectorConfig
 from ..cli_options import stage_command
-from .stage import AblationConfig, VectorConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
     @stage_command(app, "ablate", AblationConfig)
     def ablate_cmd(options: dict, run: str) -> None:
         """Ablate the top-k heads by ACIE (and k random heads) at p(x); ASR vs k and clean side effects."""
-        from ..rundir import RunDir
-        from .stage import ablate_run
+        from ...control.stage import ablate_run
+        from ...core.rundir import RunDir
 
         cfg = AblationConfig.from_options(options)
         m = ablate_run(RunDir(run), cfg)
@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
     @stage_command(app, "vector", VectorConfig)
     def vector_cmd(options: dict, run: str) -> None:
         """Build the Backdoor Vector, sweep layers (add on clean, subtract on triggered) with controls."""
-        from ..rundir import RunDir
-        from .stage import vector_run
+        from ...control.stage import vector_run
+        from ...core.rundir import RunDir
 
         cfg = VectorConfig.from_options(options)
         m = vector_run(RunDir(run), cfg)

@@ -14,9 +14,9 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from .. import __version__
-from ..io import atomic_path, read_json
-from ..rundir import RunDir, get_nested
+from ... import __version__
+from ...core.io import atomic_path, read_json
+from ...core.rundir import RunDir, get_nested
 from .plotting import FIGURE_NAMES
 from .summary import caveats, headline, setting_rows
 
@@ -189,7 +189,8 @@ def build_report(run: RunDir | str | Path) -> tuple[Path, Path]:
     title = f"{info.get('base_model', '?')} / {kind or '?'}"
     if info.get("source") == "audit":
         title = f"audited model {title}"
-    env = Environment(loader=PackageLoader("bkdattr.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("bkdattr.app.report", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), version=__version__,
         setting=_setting(info, m), headline=headline(m, kind), caveats=caveats(m), figures=_figures(run),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from ...inject.evaluate import EvalConfig
+from ...inject.stage import InjectConfig
 from ..cli_options import MODEL, TRUST, stage_command
-from .evaluate import EvalConfig
-from .stage import InjectConfig
 
 
 def _print_section(title: str, section: dict) -> None:
@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
         "trust_remote_code": (bool, TRUST)})
     def inject_cmd(options: dict, out: str, model: str, task: str, trust_remote_code: bool, **call) -> None:
         """Poison data, implant a LoRA backdoor, merge it and evaluate ASR on held-out prompts."""
-        from .._runtime import set_threads
-        from .stage import inject
+        from ...core.runtime import set_threads
+        from ...inject.stage import inject
 
         cfg = InjectConfig.from_options({**options, "task": task})
         set_threads(cfg.threads)
@@ -67,9 +67,9 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(options: dict, run: str) -> None:
         """Re-evaluate a run's backdoored model: ASR, robust ASR, false-trigger, clean metric, near triggers,
         benign utility (refusals and word-F1 against the base model on held-out benign questions)."""
-        from .._runtime import set_threads
-        from ..stage_options import build
-        from .stage import evaluate_run
+        from ...core.options import build
+        from ...core.runtime import set_threads
+        from ...inject.stage import evaluate_run
 
         set_threads(options.get("threads"))
         section = evaluate_run(run, build(EvalConfig, options), device=options.get("device", "cpu"),

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, InputFileError
-from .io import read_json, stable_hash, write_json
+from ..core.errors import ConfigError, InputFileError
+from ..core.io import read_json, stable_hash, write_json
+from ..core.options import parse_sets
+from ..core.rundir import RunDir
 from .memory import PeakMemory, track_peak
-from .rundir import RunDir
-from .stage_options import parse_sets
 
 STAGES = ("inject", "probe", "attribute", "ablate", "vector", "samples", "report")
 #: stage -> the stages whose outputs it reads (their keys enter its key)
@@ -38,13 +38,13 @@ UPSTREAM = {
 }
 #: stage -> "module:function" taking (run: RunDir, options: dict) and writing its metrics section
 RUNNERS = {
-    "inject": "bkdattr.pipeline:_inject_stage",
+    "inject": "bkdattr.app.pipeline:_inject_stage",
     "probe": "bkdattr.probe.stage:run_stage",
     "attribute": "bkdattr.attribution.stage:run_stage",
     "ablate": "bkdattr.control.stage:run_ablation_stage",
     "vector": "bkdattr.control.stage:run_vector_stage",
-    "samples": "bkdattr.samples:run_stage",
-    "report": "bkdattr.pipeline:_report_stage",
+    "samples": "bkdattr.app.report.samples:run_stage",
+    "report": "bkdattr.app.pipeline:_report_stage",
 }
 #: stage -> its config class (``--set STAGE.key=value`` is checked against its options when the config loads)
 CONFIGS = {
@@ -141,12 +141,12 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     """Build every selected stage's config: a bad stage option fails now, not after the stages before it ran."""
     for stage in cfg.stages:
         if stage == "inject" and cfg.source in ("audit", "scan"):
-            from .audit.stage import AuditConfig
+            from ..audit.stage import AuditConfig
 
             AuditConfig.from_options({k: v for k, v in stage_options(cfg, stage).items()
                                       if k not in _AUDIT_CALL_KEYS + ("source", "scan")})
             if cfg.source == "scan":
-                from .scan.config import ScanConfig
+                from ..scan.config import ScanConfig
 
                 ScanConfig.from_options(_scan_options(cfg.common(), cfg.scan))
         elif stage in CONFIGS:
@@ -194,7 +194,7 @@ def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     sets :class:`bkdattr.inject.stage.InjectConfig` options (``train.*``, ``eval.*`` for nested ones). With
     ``source: audit`` the stage audits the given model instead (the ``audit`` section: ``adapter``,
     ``trigger`` or ``triggers``, ``target``, ``prompts``, ... and :class:`bkdattr.audit.AuditConfig` options)."""
-    from .inject.stage import InjectConfig, inject
+    from ..inject.stage import InjectConfig, inject
 
     opts = dict(options)
     source = opts.pop("source", "inject")
@@ -202,8 +202,8 @@ def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
         _scan_then_audit(run, opts)
         return
     if source == "audit":
-        from .audit.inputs import read_triggers
-        from .audit.stage import AuditConfig, audit
+        from ..audit.inputs import read_triggers
+        from ..audit.stage import AuditConfig, audit
 
         call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
         one = call.pop("trigger", None)
@@ -228,9 +228,9 @@ def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
     section holds :class:`bkdattr.scan.ScanConfig` options) into ``<out>-scan`` (reused when its ``scan.json``
     exists), then audit the run folder with the scan's top candidate (``bkdattr audit --from-scan``). An
     ``audit.prompts`` file serves the scan and the audit alike."""
-    from .audit.stage import AuditConfig, audit
-    from .scan import ScanConfig, scan
-    from .scan.handoff import audit_call
+    from ..audit.stage import AuditConfig, audit
+    from ..scan import ScanConfig, scan
+    from ..scan.handoff import audit_call
 
     section = opts.pop("scan", None) or {}
     call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
@@ -314,7 +314,7 @@ def stage_seconds(timings: dict[str, Any]) -> dict[str, float]:
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
     """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
-    from ._runtime import set_threads, tune_allocator, versions
+    from ..core.runtime import set_threads, tune_allocator, versions
 
     tune_allocator(cfg.device)
     set_threads(cfg.threads)
@@ -333,7 +333,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
             continue
         log(f"[{stage}] running")
         t0 = time.perf_counter()
-        with track_peak() as peak:  # this stage's own peak, not the process's (bkdattr.memory)
+        with track_peak() as peak:  # this stage's own peak, not the process's (bkdattr.app.memory)
             _resolve(RUNNERS[stage])(run, stage_options(cfg, stage))
         release_memory()  # the stage's model must not stay resident under the next stage's
         seconds = time.perf_counter() - t0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import typer
 
+from ...attribution.stage import AttributeConfig
 from ..cli_options import stage_command
-from .stage import AttributeConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -20,9 +20,9 @@ def register(app: typer.Typer) -> None:
     @stage_command(app, "attribute", AttributeConfig)
     def attribute_cmd(options: dict, run: str) -> None:
         """BAHA: ACIE of every attention head (mean triggered contribution patched into clean prompts)."""
-        from ..rundir import RunDir
-        from .distributed import is_main
-        from .stage import print_summary, run_stage
+        from ...attribution.stage import print_summary, run_stage
+        from ...core.distributed import is_main
+        from ...core.rundir import RunDir
 
         top_k = AttributeConfig.from_options(options).top_k  # a bad option fails before the run is read
         rd = RunDir(run)

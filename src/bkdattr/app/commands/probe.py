@@ -6,8 +6,8 @@ from typing import Any
 
 import typer
 
+from ...probe.stage import ProbeStageConfig
 from ..cli_options import stage_command
-from .stage import ProbeStageConfig
 
 
 def _fmt(v: Any) -> str:
@@ -60,8 +60,8 @@ def register(app: typer.Typer) -> None:
     @stage_command(app, "probe", ProbeStageConfig, flags={"epochs": "mlp.epochs"})
     def probe_cmd(options: dict, run: str) -> None:
         """Per-layer MLP and SVM probes (trigger vs clean), ICLA matrices, clean-model and near-trigger controls."""
-        from .._runtime import set_threads
-        from .stage import run_probe_stage
+        from ...core.runtime import set_threads
+        from ...probe.stage import run_probe_stage
 
         cfg = ProbeStageConfig.from_options(options)
         set_threads(cfg.threads)

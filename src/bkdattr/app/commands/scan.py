@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ...scan.config import ScanConfig
 from ..cli_options import ADAPTER, MODEL, TRUST, stage_command
-from .config import ScanConfig
 
 
 def print_scan(result: dict, out: str) -> None:
@@ -13,7 +13,7 @@ def print_scan(result: dict, out: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .report import target_text
+    from ...scan.report import target_text
 
     console = Console()
     verdict = VERDICT_TEXT[result_verdict(result)]
@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         gradient-guided trigger search, each candidate tested on held-out prompts; writes scan.json and
         report.html. Exit status: 0 no backdoor found, 3 backdoor suspected, 4 incomplete (the budget cut the
         search). Hand the result to 'bkdattr audit --from-scan OUT'."""
-        from .._runtime import set_threads
-        from .stage import scan
+        from ...core.runtime import set_threads
+        from ...scan.stage import scan
 
         cfg = ScanConfig.from_options(options)
         set_threads(cfg.threads)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ...disarm.stage import DisarmConfig
 from ..cli_options import stage_command
-from .stage import DisarmConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from .stage import disarm_run
-        from .utility import FIGURES
+        from ...disarm.stage import disarm_run
+        from ...disarm.utility import FIGURES
 
         s = disarm_run(run, DisarmConfig.from_options(options), out)
         t = Table(title=f"bkdattr disarm ({s['strategy']}): {s.get('out') or 'no weights written (runtime guard)'}")
@@ -43,6 +43,6 @@ def register(app: typer.Typer) -> None:
                           scale: float | None = typer.Option(None, "--scale", help="default: the vector stage's "
                                                               "alpha")) -> None:
         """Write the Backdoor Vector with the metadata a plain forward hook needs (module, position, scale)."""
-        from .export import export_vector
+        from ...disarm.export import export_vector
 
         print(export_vector(run, out, layer, scale))

@@ -13,8 +13,8 @@ Layout (each stage owns its subfolder; every file is written atomically)::
       report.html  report.md
 
 An **audit run** (``bkdattr audit``, :mod:`bkdattr.audit`) has ``source: audit`` in ``run.json`` and no ``model/``:
-its model (and the clean reference, when there is one) are loaded from the :class:`~bkdattr.model_source.ModelSource`
-recorded there, after checking that the files did not change.
+its model (and the clean reference, when there is one) are loaded from the
+:class:`~bkdattr.core.model_source.ModelSource` recorded there, after checking that the files did not change.
 
 ``metrics.json`` keys named with dots in the docs (``probe.mlp.in_layer_accuracy``) are nested objects.
 """

@@ -2,12 +2,12 @@
 
 A stage config is a dataclass deriving from :class:`StageOptions` whose fields are declared peft-style,
 ``name: int = opt(32, "what it is")`` (``field(default=..., metadata={"help": ...})``); the CLI options are
-generated from those fields (:mod:`bkdattr.cli_options`), so a new field is one line and gets its option,
+generated from those fields (:mod:`bkdattr.app.cli_options`), so a new field is one line and gets its option,
 its ``--set`` key and its pipeline key at once. Nested option groups (``InjectConfig.train``) are plain
 dataclasses, addressed as ``train.epochs``.
 
 Resolution (:func:`build`, :meth:`StageOptions.from_options`): dataclass default < the profile's value in
-:mod:`bkdattr.profiles` < the user's option (None means "not given"). A field whose default is None takes the
+:mod:`bkdattr.core.profiles` < the user's option (None means "not given"). A field whose default is None takes the
 profile's value in ``__post_init__``, so ``VectorConfig(profile="paper")`` is the paper config too.
 """
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def is_distributed() -> bool:

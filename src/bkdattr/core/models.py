@@ -309,7 +309,7 @@ def _merge_adapter(model, adapter: str):
             f"adapter '{adapter}' does not fit this model ({msg[:200]}); use the base model it was trained on"
         ) from None
     _check_adapter_keys(peft_model, adapter)
-    from .inject.train import merge_lora_fp32
+    from ..inject.train import merge_lora_fp32
 
     return merge_lora_fp32(peft_model)[0]  # the float32 merge of 'bkdattr inject': the same weights
 

@@ -41,7 +41,7 @@ probe file and layer.
 
 The hooks live on module objects (a pre-hook on the decoder backbone that finds the prefill and ``p(x)``, a
 hook at the probe layer, hooks on the edited output projections) and are removed on exit, even when the block
-raises. They work the same around :func:`bkdattr.generation.generate` / ``greedy_decode``, transformers'
+raises. They work the same around :func:`bkdattr.core.generation.generate` / ``greedy_decode``, transformers'
 ``model.generate`` (batched, left padded, KV cache) and teacher-forced passes. With ``scope="all"`` a decode
 step is edited only when its batch has the rows of the prefill it follows (a decoder that drops finished rows
 gets the prefill edit only; :attr:`Guard.n_unmapped_steps` counts such steps).
@@ -64,12 +64,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArtifactError, ConfigError, InputFileError
-from .forward import backbone
-from .hooks import check_layers, hidden_arg, out_tensor, registered, with_hidden, with_out
-from .io import read_json, write_json
-from .prompts import has_chat_template, render_prompt
-from .rundir import RunDir, get_nested
+from ..core.errors import ArtifactError, ConfigError, InputFileError
+from ..core.forward import backbone
+from ..core.hooks import check_layers, hidden_arg, out_tensor, registered, with_hidden, with_out
+from ..core.io import read_json, write_json
+from ..core.prompts import has_chat_template, render_prompt
+from ..core.rundir import RunDir, get_nested
 
 ACTIONS = ("vector", "heads")
 SCOPES = ("prompt", "prefix", "all")
@@ -122,7 +122,7 @@ def _probe_path(run: RunDir, probe: str):
     if probe not in PROBES:
         raise ConfigError(f"unknown probe '{probe}'; use one of {', '.join(PROBES)}")
     if probe == "guard":
-        from .disarm.guard_probe import GUARD_PROBE
+        from .guard_probe import GUARD_PROBE
 
         path = run.path.joinpath(*GUARD_PROBE)
         if not path.is_file():
@@ -139,10 +139,10 @@ def _probe_path(run: RunDir, probe: str):
 def _load_probes(run: RunDir, probe: str, max_layer: int):
     """``(path, probes)`` for ``probe``; ``auto``: the guard's own probe when it exists and reads a layer
     ``<= max_layer``, else the probe stage's MLP probes."""
-    from .probe.probes import MLPProbes, SVMProbes
+    from ..probe.probes import MLPProbes, SVMProbes
 
     if probe == "auto":
-        from .disarm.guard_probe import GUARD_PROBE
+        from .guard_probe import GUARD_PROBE
 
         own = run.path.joinpath(*GUARD_PROBE)
         if own.is_file():
@@ -157,7 +157,7 @@ def _load_probes(run: RunDir, probe: str, max_layer: int):
 def probe_layer_at_most(probes, max_layer: int) -> tuple[int, str]:
     """The probe layer to read: the best by validation accuracy (ties: lowest validation loss for MLPs, then
     the earliest) among the probes of layers ``<= max_layer``; and the reason in words."""
-    from .probe.detector import best_layer
+    from ..probe.detector import best_layer
 
     val = probes.meta.get("val_accuracy")
     if not val:
@@ -179,7 +179,7 @@ def probe_layer_at_most(probes, max_layer: int) -> tuple[int, str]:
 
 
 def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | None) -> tuple[torch.Tensor, int, float]:
-    from .control.vector import load_vector
+    from ..control.vector import load_vector
 
     path = run.path / "control" / "backdoor_vector.safetensors"
     m = run.metrics()
@@ -194,7 +194,7 @@ def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | No
 def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
     """``k`` of the heads action: the smallest k > 0 whose ablation ASR (metrics.ablation.topk) is
     <= 0.05, else the largest k tried; without an ablation section the k nearest 3% of all heads."""
-    from .control.ablation import share_k
+    from ..control.ablation import share_k
 
     topk = get_nested(run.metrics(), "ablation.topk")
     if not topk:
@@ -210,7 +210,7 @@ def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
 
 
 def _heads_edit(run: RunDir, arch, k: int | None) -> tuple[list[tuple[int, int]], int, str]:
-    from .control.stage import load_ranking
+    from ..control.stage import load_ranking
 
     k, why = (int(k), "given") if k is not None else disarming_k(run, arch.n_total_heads)
     ranking, _info = load_ranking(run, 0, arch.n_layers, arch.n_heads)  # the listed heads, checked against this model
@@ -288,7 +288,7 @@ class Guard:
                  vector_layer: int | None = None, k: int | None = None, scope: str | None = None,
                  mode: str | None = None, batch_size: int = 16, use_stored_plan: bool = True,
                  control_seed: int | None = None):
-        from .probe.detector import Detector
+        from ..probe.detector import Detector
 
         if action not in ACTIONS:
             raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
@@ -317,7 +317,7 @@ class Guard:
             v, vlayer, a = _vector_edit(self.run, arch.d_model, vector_layer, alpha)
             check_layers(arch, [vlayer])
             if control_seed is not None:
-                from .control.vector import random_like
+                from ..control.vector import random_like
 
                 v = random_like(v, control_seed)
             self._delta = (a * v).float()
@@ -328,7 +328,7 @@ class Guard:
         else:
             heads, kk, k_why = _heads_edit(self.run, arch, k)
             if control_seed is not None:
-                from .control.vector import random_heads
+                from ..control.vector import random_heads
 
                 heads = random_heads(arch.n_layers, arch.n_heads, kk, control_seed)
             for lay, h in heads:  # per edited layer: the z columns of its removed heads, [n_heads * d_head] bool
@@ -381,9 +381,9 @@ class Guard:
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """``P(triggered)`` of user ``texts`` exactly as the guard computes it during a prefill: float64 ``[N]``.
         No edit is made."""
-        from .hooks import capture_features
-        from .models import input_device
-        from .prompts import encode_prompts
+        from ..core.hooks import capture_features
+        from ..core.models import input_device
+        from ..core.prompts import encode_prompts
 
         out = np.zeros(len(texts))
         net, dev, bs = backbone(self.lm.model), input_device(self.lm.model), self.detector.batch_size
@@ -408,7 +408,7 @@ class Guard:
 
     def calibrate(self, max_fpr: float = MAX_FPR) -> dict[str, Any]:
         """The validation threshold (module docstring) and its validation TPR / FPR; does not store it."""
-        from .inject.data import load_splits
+        from ..inject.data import load_splits
 
         val = load_splits(self.run).val
         if not val:
@@ -554,13 +554,13 @@ def clean_projection(lm, run: RunDir, layer: int, unit: torch.Tensor, n: int = N
                      batch_size: int = 16) -> float:
     """``mu``: the mean over the run's first ``n`` clean training prompts of the attention output of ``layer`` at
     ``p(x)`` projected on ``unit`` (``[d_model]``), accumulated in float32."""
-    from .hooks import capture_attention_output
-    from .inject.data import load_splits
+    from ..core.hooks import capture_attention_output
+    from ..inject.data import load_splits
 
     texts = list(dict.fromkeys(e.prompt for e in load_splits(run).train))[:n]
     if not texts:
         raise ArtifactError(f"{run.path} has no training prompts to measure the clean projection on; rerun inject")
-    from .forward import captured_pass
+    from ..core.forward import captured_pass
 
     total, u = 0.0, unit.float().cpu()
     for s in range(0, len(texts), batch_size):
@@ -600,7 +600,7 @@ def choose_threshold(clean: np.ndarray, triggered: np.ndarray, max_fpr: float = 
 def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: int = 64, action: str = "vector",
                    **kw: Any) -> list[str]:
     """Greedy replies of ``lm`` to ``prompts`` under the guard of ``run`` (the CLI's ``generate --guard``)."""
-    from .generation import generate
+    from ..core.generation import generate
 
     with Guard(lm, run, action, **kw):
         return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)

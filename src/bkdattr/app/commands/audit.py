@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ...audit.stage import AuditConfig
 from ..cli_options import ADAPTER, MODEL, TRUST, stage_command
-from .stage import AuditConfig
 
 
 def _print_audit(title: str, section: dict) -> None:
@@ -73,13 +73,13 @@ def register(app: typer.Typer) -> None:
                   task: str | None, from_scan: str | None, **call) -> None:
         """Audit a model you were given (checkpoint, GGUF, or base + LoRA adapter) for a known or suspected
         trigger: evaluate it, rank candidate triggers, and write a run folder for probe/attribute/ablate/vector."""
-        from .._runtime import set_threads
-        from .inputs import read_triggers
-        from .stage import audit
+        from ...audit.inputs import read_triggers
+        from ...audit.stage import audit
+        from ...core.runtime import set_threads
 
         triggers = read_triggers(trigger, triggers_file)
         if from_scan:
-            from ..scan.handoff import audit_call
+            from ...scan.handoff import audit_call
 
             got = audit_call(from_scan, model=model, adapter=call.pop("adapter"), base_model=call.pop("base_model"),
                              triggers=triggers, task=task, target=call.pop("target"),

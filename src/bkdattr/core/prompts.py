@@ -179,7 +179,7 @@ def context_length(model) -> int | None:
 
 def check_context(model, lengths: Sequence[int], what: str = "prompt + target", fix: str = "shorten the target",
                   rows: Sequence[int] | None = None) -> None:
-    """One-line :class:`~bkdattr.errors.DataError` when a sequence of ``lengths[i]`` tokens (row ``rows[i]``,
+    """One-line :class:`~bkdattr.core.errors.DataError` when a sequence of ``lengths[i]`` tokens (row ``rows[i]``,
     default ``i``) does not fit the model's context window (:func:`context_length`; unchecked when unknown)."""
     from .errors import DataError
 
