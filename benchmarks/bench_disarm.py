@@ -61,7 +61,7 @@ def _run_for(task: str, runs: str | None, dry: bool) -> Path:
 def guard_goals(section: dict) -> dict[str, bool]:
     """Which of the issue's guard goals ``section`` (``metrics.disarm.guard``) meets, and whether its replies to
     the triggered prompts stay useful (the report's caveat: clean metric at least half the clean prompts')."""
-    from bkdattr.app.report.summary import broken_triggered_replies
+    from bkdattr.disarm.utility import broken_triggered_replies
 
     goals = {k: section.get(k) is not None and section[k] <= v for k, v in GUARD_GOALS.items()}
     goals["useful_triggered_replies"] = not broken_triggered_replies(section)

@@ -61,7 +61,9 @@ def clean_finetune(out: Path, seed: int, threads: int | None = None, task: str =
         return adapter
     from bkdattr.core.models import load_model
     from bkdattr.core.runtime import set_threads
-    from bkdattr.inject.stage import InjectConfig, _name_base_model, prepare_data
+    from bkdattr.inject.config import InjectConfig
+    from bkdattr.inject.prepare import prepare_data
+    from bkdattr.inject.stage import _name_base_model
     from bkdattr.inject.tasks import Task
     from bkdattr.inject.train import train_lora
 

@@ -14,10 +14,10 @@ Steps (each in its own process with its own time limit; a failing step is record
 4. ``exact_7b``: the exact BAHA sweep on a randomly initialised Llama-7B-shaped model built from a config (32
    layers x 32 heads, d 4096, d_ff 11008; the vocabulary is the embedded tokenizer's, 49,152, so the prompts
    are real text; no weights are read), 96 prompts over every head (first-token score), in bfloat16 and in
-   float32: seconds, peak GPU memory, and beside it the estimate of :func:`bkdattr.core.devices.exact_sweep_bytes`
-   for one layer's heads with every metric (batch 8, 32 heads per pass, the prompts' own lengths); the
-   exact-vs-reference difference of the per-prompt CIE on a few heads. Dry run: a 2-layer x 4-head model,
-   8 short prompts.
+   float32: seconds, peak GPU memory, and beside it the estimate of
+   :func:`bkdattr.attribution.exact_memory.exact_sweep_bytes` for one layer's heads with every metric (batch 8,
+   32 heads per pass, the prompts' own lengths); the exact-vs-reference difference of the per-prompt CIE on a
+   few heads. Dry run: a 2-layer x 4-head model, 8 short prompts.
 5. ``nccl``: with 2+ GPUs, the attribute stage of the demo run again with ``--workers 2`` (nccl), compared with
    the single-process result. Dry run: the same with gloo on the CPU. Skipped with one GPU.
 
@@ -237,7 +237,7 @@ def step_demo(dry: bool, work: Path) -> dict:
     run = run_pipeline(cfg, log=logs.append)
     m = run.metrics()
     att = m.get("attribution", {})
-    from bkdattr.app.pipeline import stage_seconds
+    from bkdattr.app.report.summary import stage_seconds
 
     timings = m.get("timings", {})
     return {"device": cfg.device, "dtype": cfg.dtype or "default", "stage_seconds": stage_seconds(timings),
@@ -312,8 +312,8 @@ def _exact_one_dtype(dry: bool, dtype_name: str) -> dict:
     import torch
 
     from bkdattr.attribution.baha import attribute
+    from bkdattr.attribution.exact_memory import exact_sweep_bytes
     from bkdattr.attribution.means import mean_contributions
-    from bkdattr.core.devices import exact_sweep_bytes
     from bkdattr.core.prompts import render_prompt, target_ids
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]

@@ -23,12 +23,12 @@ from bkdattr.attribution.scores import (
     cie_from_logprobs,
     encode_aligned,
     metrics_from_logprobs,
-    token_logprobs,
 )
 from bkdattr.core.distributed import assign, gather_units, ordered_sum
 from bkdattr.core.errors import ConfigError, DataError
 from bkdattr.core.hooks import capture_contributions, hook_count
 from bkdattr.core.prompts import encode_prompts, target_ids
+from bkdattr.core.scoring import token_logprobs
 from tiny import ARCHS, make_tiny
 
 PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi",

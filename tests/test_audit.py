@@ -15,7 +15,8 @@ from bkdattr.attribution.stage import AttributeConfig, attribute_run
 from bkdattr.audit.stage import AuditConfig, audit
 from bkdattr.core.io import load_tensors
 from bkdattr.core.rundir import RunDir
-from bkdattr.inject.stage import InjectConfig, inject
+from bkdattr.inject.config import InjectConfig
+from bkdattr.inject.stage import inject
 from tiny import ARCHS
 from tiny_runs import records, save_tiny, write_jsonl
 
@@ -224,7 +225,8 @@ AUDIT_SETS = [
 
 
 def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path):
-    from bkdattr.app.pipeline import STAGES, load_config, run_pipeline, stage_seconds
+    from bkdattr.app.pipeline import STAGES, load_config, run_pipeline
+    from bkdattr.app.report.summary import stage_seconds
 
     folder, prompts, trigger, target = planted_dir
     out = tmp_path / "run"

@@ -10,8 +10,10 @@ from bkdattr.app.report.html import build_report
 from bkdattr.app.report.summary import benign_caveats, caveats, headline
 from bkdattr.inject import benign
 from bkdattr.inject.builtin_data import benign_instructions, benign_questions, builtin_records, instructions
+from bkdattr.inject.config import profile_config
 from bkdattr.inject.evaluate import EvalConfig
-from bkdattr.inject.stage import evaluate_run, prepare_splits, profile_config, training_rows
+from bkdattr.inject.prepare import prepare_splits, training_rows
+from bkdattr.inject.stage import evaluate_run
 from bkdattr.inject.tasks import Task, is_refusal
 from bkdattr.inject.train import TrainConfig, TrainRow, train_lora
 from tiny import make_tiny

@@ -19,8 +19,8 @@ from bkdattr.app.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_
 from bkdattr.core import profiles
 from bkdattr.core.errors import ConfigError
 from bkdattr.core.options import StageOptions, nested
+from bkdattr.inject.config import InjectConfig
 from bkdattr.inject.evaluate import EvalConfig
-from bkdattr.inject.stage import InjectConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_configs.json"
 KINDS = ("fixed_output", "jailbreak", "label_flip")

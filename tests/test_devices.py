@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr.core.devices import exact_sweep_bytes, plan_exact, rank_device, suggest_exact_batch
+from bkdattr.attribution.exact_memory import exact_sweep_bytes, plan_exact, suggest_exact_batch
+from bkdattr.core.devices import rank_device
 from bkdattr.core.errors import ConfigError
 
 GB = 1e9

@@ -240,7 +240,8 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
 def test_builtin_data_trains_the_tasks_own_target_and_labels():
     """A custom --target (and label_flip's --source-label) is the reply the built-in poisoned rows train, not
     the default attack's (regression: the run recorded the new target while training the default one)."""
-    from bkdattr.inject.stage import profile_config, read_data
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import read_data
 
     fo = Task.default("fixed_output", trigger="cf", target="Please visit the help centre.")
     rows = read_data(fo, profile_config("cpu", "fixed_output"), None)
@@ -254,7 +255,8 @@ def test_builtin_data_trains_the_tasks_own_target_and_labels():
 
 
 def test_inject_refuses_a_file_whose_replies_never_show_the_target(tmp_path):
-    from bkdattr.inject.stage import profile_config, read_data
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import read_data
 
     path = tmp_path / "d.jsonl"
     save_records(path, recs(12))  # every backdoor_output is "B"

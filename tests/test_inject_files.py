@@ -14,9 +14,10 @@ import torch
 from bkdattr.app.cli import main
 from bkdattr.core.errors import DataError
 from bkdattr.core.prompts import prompt_ids, target_ids
+from bkdattr.inject.config import profile_config
 from bkdattr.inject.data import DataReport, Example, clean_records, load_records
 from bkdattr.inject.evaluate import clean_metric
-from bkdattr.inject.stage import prepare_data, profile_config
+from bkdattr.inject.prepare import prepare_data
 from bkdattr.inject.tasks import FIXED_TARGET, Task
 from bkdattr.inject.train import TrainConfig, TrainRow, check_rows, row_limit, train_lora
 from tiny import make_tiny, tokenizer
@@ -457,7 +458,7 @@ def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch
     in its outputs: a model that always answers 'Health' is right on exactly the Health prompts."""
     import bkdattr.core.generation
     from bkdattr.inject.evaluate import EvalConfig, evaluate
-    from bkdattr.inject.stage import prepare_splits
+    from bkdattr.inject.prepare import prepare_splits
 
     topics = ["World", "Sports", "Health", "Arts"]
     path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=with_label))

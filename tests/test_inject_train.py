@@ -137,8 +137,9 @@ def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
     """The whole stage on a saved tiny model: run folder layout, loadable merged model, metrics, eval CLI."""
     from bkdattr.app.cli import main
     from bkdattr.core.rundir import RunDir
+    from bkdattr.inject.config import profile_config
     from bkdattr.inject.data import load_splits
-    from bkdattr.inject.stage import inject, profile_config
+    from bkdattr.inject.stage import inject
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     lm = learnable_tiny()
@@ -177,7 +178,7 @@ def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
 
 def test_profiles_match_spec_and_overrides():
     from bkdattr.core.errors import ConfigError
-    from bkdattr.inject.stage import profile_config
+    from bkdattr.inject.config import profile_config
 
     p = profile_config("paper", "jailbreak")
     t = p.train
@@ -194,7 +195,8 @@ def test_profiles_match_spec_and_overrides():
 
 
 def test_training_rows_cut_replies_and_negatives():
-    from bkdattr.inject.stage import profile_config, training_rows
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import training_rows
 
     lm = make_tiny("llama")
     task, s = fixed_output_splits(20, 4)

@@ -10,10 +10,11 @@ import torch
 
 from bkdattr.attribution import exact, patching
 from bkdattr.attribution.exact import ChunkRunner
-from bkdattr.attribution.scores import encode_aligned, target_logprobs, token_logprobs
+from bkdattr.attribution.scores import encode_aligned
 from bkdattr.core import forward
 from bkdattr.core.forward import keep_logits_kwargs
 from bkdattr.core.prompts import encode_with_targets
+from bkdattr.core.scoring import target_logprobs, token_logprobs
 from tiny import ARCHS, make_tiny, tokenizer
 
 PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi"]

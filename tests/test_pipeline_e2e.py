@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bkdattr.app.pipeline import STAGES, load_config, run_pipeline, stage_seconds
+from bkdattr.app.pipeline import STAGES, load_config, run_pipeline
+from bkdattr.app.report.summary import stage_seconds
 from bkdattr.core.rundir import get_nested
 
 TINY_SETS = [

@@ -11,6 +11,7 @@ import torch
 
 from bkdattr.app import pipeline
 from bkdattr.app.pipeline import load_config, run_pipeline
+from bkdattr.app.report.summary import stage_seconds
 
 
 class _Model(torch.nn.Module):
@@ -63,7 +64,7 @@ def test_stage_peak_rss_is_per_stage(tmp_path, monkeypatch):
     t = run.metrics()["timings"]
     assert set(t) == {"inject", "probe", "peak_rss_mb"} and t["inject"] >= 0
     assert t["peak_rss_mb"]["inject"] - t["peak_rss_mb"]["probe"] >= 0.9 * size / 2**20
-    assert pipeline.stage_seconds(t) == {"inject": t["inject"], "probe": t["probe"]}
+    assert stage_seconds(t) == {"inject": t["inject"], "probe": t["probe"]}
 
 
 def test_record_timing_keeps_other_stages_and_drops_stale_figures():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bkdattr.app.report.html import build_report
-from bkdattr.app.report.plotting import new_figure, save_figure
+from bkdattr.core.figures import new_figure, save_figure
 from bkdattr.core.io import write_json
 from bkdattr.core.rundir import RunDir
 
@@ -125,7 +125,8 @@ def test_defence_caveats_flag_a_defence_that_breaks_the_triggered_replies():
     """fixed_output's guard at every position, alpha 1 (this project's measurement): ASR 0 and clean replies
     untouched, but the clean answers are 3.3x less likely after the triggered prompts (undefended 1.7x) and the
     replies read "Deditál, ali unam, ...". The caveat says so; a defence that restores them gets none."""
-    from bkdattr.app.report.summary import broken_triggered_replies, defence_caveats
+    from bkdattr.app.report.summary import defence_caveats
+    from bkdattr.disarm.utility import broken_triggered_replies
 
     und = {"triggered_perplexity_ratio": 1.71, "triggered_clean_metric": 0.06}
     broken = {"asr": 0.0, "disarmed": True, "clean_metric": 0.51, "changed_reply_share": 0.0,

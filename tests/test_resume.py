@@ -161,7 +161,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup):
     # 4. probe reruns on the cached backdoored features; killed in the exact ACIE sweep as it saves unit 3
     #    (the mean-contribution pass before it runs one unit through the same runner, without a checkpoint:
     #    that is mark call 1)
-    run_child(root, env, killed_cfg, block="bkdattr.attribution.sweep|Checkpoint.mark|4")
+    run_child(root, env, killed_cfg, block="bkdattr.core.runner|Checkpoint.mark|4")
     partial_acie = list((out / "attribution").glob(".partial_exact.*.safetensors"))
     assert len(partial_acie) == 1 and int(load_tensors(partial_acie[0])["done"].sum()) == 2
     # 5. the rest

@@ -24,6 +24,7 @@ from ..core.io import read_json, stable_hash, write_json
 from ..core.options import parse_sets
 from ..core.rundir import RunDir
 from .memory import PeakMemory, track_peak
+from .report.summary import MEMORY_KEYS
 
 STAGES = ("inject", "probe", "attribute", "ablate", "vector", "samples", "report")
 #: stage -> the stages whose outputs it reads (their keys enter its key)
@@ -48,7 +49,7 @@ RUNNERS = {
 }
 #: stage -> its config class (``--set STAGE.key=value`` is checked against its options when the config loads)
 CONFIGS = {
-    "inject": "bkdattr.inject.stage:InjectConfig",
+    "inject": "bkdattr.inject.config:InjectConfig",
     "probe": "bkdattr.probe.stage:ProbeStageConfig",
     "attribute": "bkdattr.attribution.stage:AttributeConfig",
     "ablate": "bkdattr.control.stage:AblationConfig",
@@ -191,10 +192,11 @@ _AUDIT_CALL_KEYS = ("adapter", "base_model", "trigger", "triggers", "triggers_fi
 
 def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     """Inject into the run folder itself: run-wide keys pick the model/task/profile, the ``inject`` section
-    sets :class:`bkdattr.inject.stage.InjectConfig` options (``train.*``, ``eval.*`` for nested ones). With
+    sets :class:`bkdattr.inject.config.InjectConfig` options (``train.*``, ``eval.*`` for nested ones). With
     ``source: audit`` the stage audits the given model instead (the ``audit`` section: ``adapter``,
     ``trigger`` or ``triggers``, ``target``, ``prompts``, ... and :class:`bkdattr.audit.AuditConfig` options)."""
-    from ..inject.stage import InjectConfig, inject
+    from ..inject.config import InjectConfig
+    from ..inject.stage import inject
 
     opts = dict(options)
     source = opts.pop("source", "inject")
@@ -285,10 +287,6 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-#: the per-stage memory figures kept in ``metrics.timings`` beside the stage seconds
-MEMORY_KEYS = ("peak_rss_mb", "cuda_peak_mb")
-
-
 def record_timing(timings: dict[str, Any], stage: str, seconds: float, peak: PeakMemory) -> dict[str, Any]:
     """``metrics.timings`` with ``stage``'s figures set: ``timings[stage]`` = seconds, ``timings["peak_rss_mb"]
     [stage]`` = the stage's peak resident memory (MiB) and, where CUDA was used, ``timings["cuda_peak_mb"][stage]``
@@ -305,11 +303,6 @@ def record_timing(timings: dict[str, Any], stage: str, seconds: float, peak: Pea
         else:
             out.pop(key, None)
     return out
-
-
-def stage_seconds(timings: dict[str, Any]) -> dict[str, float]:
-    """The ``{stage: seconds}`` entries of ``metrics.timings`` (without the memory sections)."""
-    return {k: v for k, v in timings.items() if k not in MEMORY_KEYS and isinstance(v, (int, float))}
 
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:

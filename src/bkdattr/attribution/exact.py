@@ -46,7 +46,8 @@ from ..core.errors import ConfigError
 from ..core.forward import PrefixCache, backbone, keep_logits_kwargs, restored
 from ..core.hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
 from ..core.models import input_device
-from .scores import AlignedBatch, token_logprobs
+from ..core.scoring import token_logprobs
+from .scores import AlignedBatch
 
 STRATEGIES = ("auto", "layers", "prefix", "full")
 #: max rows sent through the LM head at once (bounds the [rows, vocab] logits buffer)
@@ -357,8 +358,9 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     torch.distributed the (chunk, head group) units are sharded and the result gathered (identical).
     ``checkpoint``: a file path to save finished units to (resumed when ``checkpoint_key`` matches)."""
     from ..core.distributed import is_main
+    from ..core.runner import run_units
     from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
-    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, run_units, stack_metrics
+    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")

@@ -1,7 +1,7 @@
 """Figures and console tables of an attribution result.
 
 :func:`plot_acie` draws the layer x head ACIE heatmap (diverging colours centred at 0, the top-k heads
-outlined) with the shared style of :mod:`bkdattr.app.report.plotting`; the stage saves it as
+outlined) with the shared style of :mod:`bkdattr.core.figures`; the stage saves it as
 ``RUN/figures/attribution_acie.png``. :func:`top_table` builds the rich table printed by ``bkdattr attribute``.
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.figures import new_figure, save_figure
 from .baha import AttributionResult
 from .scores import METRICS
 
@@ -22,8 +23,6 @@ _LABELS = {"geomean_prob": "P(y|x) (geometric mean)", "first_token_logprob": "fi
 def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = None, top_k: int = 8) -> Path:
     """Save the ``[L, H]`` ACIE heatmap of ``metric`` (default: the ranking metric) as a PNG at ``path``."""
     from matplotlib.patches import Rectangle
-
-    from ..app.report.plotting import new_figure, save_figure
 
     m = metric or result.metric
     acie = result.acie[m].clone()

@@ -32,8 +32,10 @@ from ..core.distributed import is_main
 from ..core.forward import PrefixCache, keep_logits_kwargs
 from ..core.hooks import add_to_attention_output, capture_contributions
 from ..core.models import input_device
-from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs, token_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
+from ..core.runner import run_units
+from ..core.scoring import token_logprobs
+from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
 
 
 def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers: Sequence[int],

@@ -17,8 +17,10 @@ import torch
 from ..core.hooks import add_to_attention_output, capture_contributions
 from ..core.models import input_device
 from ..core.prompts import encode_with_targets
-from .scores import METRICS, cie_from_logprobs, metrics_from_logprobs, target_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
+from ..core.runner import run_units
+from ..core.scoring import target_logprobs
+from .scores import METRICS, cie_from_logprobs, metrics_from_logprobs
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
 
 
 @torch.no_grad()

@@ -147,11 +147,12 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
 
 def _memory_plan(lm, cfg: AttributeConfig, clean: list) -> tuple[int, int | None, dict | None]:
     """On one CUDA device, the exact sweep's ``batch_size`` / ``heads_per_pass`` from the free GPU memory when
-    ``heads_per_pass`` is unset (:func:`bkdattr.core.devices.plan_exact`); elsewhere the configured values."""
+    ``heads_per_pass`` is unset (:func:`~bkdattr.attribution.exact_memory.plan_exact`); elsewhere the configured
+    values."""
     split = len(set((getattr(lm.model, "hf_device_map", None) or {"": 0}).values())) > 1
     if cfg.method != "exact" or lm.device.type != "cuda" or split or not clean:
         return cfg.batch_size, cfg.heads_per_pass, None
-    from ..core.devices import plan_exact
+    from .exact_memory import plan_exact
 
     free, _total = torch.cuda.mem_get_info(lm.device)
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters() if p.device == lm.device)

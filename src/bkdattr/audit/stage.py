@@ -7,7 +7,7 @@ Steps (docs/METHOD.md section 7, "Audit"):
    unless ``allow_pickle``; :func:`~bkdattr.core.model_source.open_source` fingerprints them).
 2. **Splits as inject makes them**: the same records, length limit, seed and sizes give the same held-out
    ``val``/``test`` prompts and the same ``train`` prompts (whose triggered forms give ``abar``, disjoint from
-   val/test) as ``bkdattr inject`` would (:func:`bkdattr.inject.stage.prepare_splits`); nothing is poisoned or
+   val/test) as ``bkdattr inject`` would (:func:`bkdattr.inject.prepare.prepare_splits`); nothing is poisoned or
    trained: every ``train`` prompt with a backdoor reply counts as triggered for the control stages' means.
    Empty clean replies are the clean reference's greedy replies (as inject's are the base model's), or the
    audited model's own when there is no reference.
@@ -59,8 +59,8 @@ class AuditConfig(StageOptions):
         self.eval = dataclasses.replace(self.eval, seed=self.seed)
 
     def inject_config(self, kind: str):
-        """The :class:`~bkdattr.inject.stage.InjectConfig` whose data settings the audit shares."""
-        from ..inject.stage import InjectConfig
+        """The :class:`~bkdattr.inject.config.InjectConfig` whose data settings the audit shares."""
+        from ..inject.config import InjectConfig
 
         own = {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
                "clean_max_tokens": self.clean_max_tokens, "train.max_length": self.max_length}
@@ -108,7 +108,7 @@ def rank_triggers(lm, task: Task, triggers: list[str], records: list[dict], icfg
     """ASR of every candidate trigger on its triggered test prompts, best first (ties keep the given order);
     returns the ranking and each candidate's splits."""
     from ..core.generation import generate
-    from ..inject.stage import prepare_splits
+    from ..inject.prepare import prepare_splits
 
     rows, splits_of = [], {}
     for i, trig in enumerate(triggers):
@@ -154,10 +154,10 @@ def audit(
 ) -> RunDir:
     """Audit ``model`` (+ ``adapter``) for a backdoor fired by one of ``triggers``; write the run folder ``out``
     (see the module docstring) and return it. Nothing is trained and no weights are copied."""
+    from ..core.io import swap_into_place
     from ..core.runtime import versions
     from ..inject.benign import reference as benign_reference
     from ..inject.benign import save_reference, utility
-    from ..inject.stage import _swap_into_place
 
     cfg = cfg or AuditConfig()
     progress = cfg.progress if progress is None else progress
@@ -221,5 +221,5 @@ def audit(
         "fingerprint": source.fingerprint, "clean_reference": reference.label if reference else None,
         "data": report.to_dict(), **{k: v for k, v in splits.summary().items() if k.startswith("n_")}})
     del lm
-    _swap_into_place(partial, out)
+    swap_into_place(partial, out)
     return RunDir(out)

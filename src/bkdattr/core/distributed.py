@@ -7,7 +7,7 @@ owns exactly as a single process would (same batch shapes, same order of operati
 by a deterministic greedy longest-processing-time assignment (:func:`assign`), and :func:`gather_units`
 copies each unit's values from its owner -- no cross-rank arithmetic. Means are gathered as per-batch sums
 and added in batch order on every rank (:func:`ordered_sum`). The runner every method uses is
-:func:`bkdattr.attribution.sweep.run_units`.
+:func:`bkdattr.core.runner.run_units`.
 
 Identity holds at the same torch thread count per process: CPU kernels split some reductions by thread, so
 the thread count itself moves exact CIE by up to ~2.5e-5 on the embedded model (1 vs 2 threads, one process).

@@ -36,3 +36,10 @@ class ConfigError(BkdAttrError):
 
 class ArtifactError(BkdAttrError):
     """A saved artifact is stale, foreign or corrupt."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The informative line of an exception message (a ``size mismatch`` line when torch lists several)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    best = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+    return best[:limit]

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -161,3 +162,16 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of a JSON-serialisable object (keys sorted), for keying cached artifacts."""
     data = json.dumps(obj, sort_keys=True, default=_json_default).encode()
     return hashlib.sha256(data).hexdigest()[:n]
+
+
+def swap_into_place(partial: Path, out: Path) -> None:
+    """Rename the finished folder ``partial`` onto ``out``, replacing what was there (the old folder is moved
+    aside first and deleted after, so ``out`` is never half-written)."""
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BkdAttrError, ModelLoadError
+from .lora import check_adapter_folder
 from .models import (
     EMBEDDED_NAME,
     LoadedModel,
     cache_dir,
-    check_adapter_folder,
     digest_file,
     ensure_embedded_cache,
     load_model,

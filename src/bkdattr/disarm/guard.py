@@ -70,6 +70,7 @@ from ..core.hooks import check_layers, hidden_arg, out_tensor, registered, with_
 from ..core.io import read_json, write_json
 from ..core.prompts import has_chat_template, render_prompt
 from ..core.rundir import RunDir, get_nested
+from .plan import GUARD_PROBE, probe_layer_at_most
 
 ACTIONS = ("vector", "heads")
 SCOPES = ("prompt", "prefix", "all")
@@ -122,8 +123,6 @@ def _probe_path(run: RunDir, probe: str):
     if probe not in PROBES:
         raise ConfigError(f"unknown probe '{probe}'; use one of {', '.join(PROBES)}")
     if probe == "guard":
-        from .guard_probe import GUARD_PROBE
-
         path = run.path.joinpath(*GUARD_PROBE)
         if not path.is_file():
             raise InputFileError(f"{path} missing: the guard's own probe is trained by 'bkdattr disarm -r {run.path} "
@@ -142,8 +141,6 @@ def _load_probes(run: RunDir, probe: str, max_layer: int):
     from ..probe.probes import MLPProbes, SVMProbes
 
     if probe == "auto":
-        from .guard_probe import GUARD_PROBE
-
         own = run.path.joinpath(*GUARD_PROBE)
         if own.is_file():
             probes = MLPProbes.load(own)
@@ -152,30 +149,6 @@ def _load_probes(run: RunDir, probe: str, max_layer: int):
         probe = "mlp"
     path = _probe_path(run, probe)
     return path, MLPProbes.load(path) if probe != "svm" else SVMProbes.load(path)
-
-
-def probe_layer_at_most(probes, max_layer: int) -> tuple[int, str]:
-    """The probe layer to read: the best by validation accuracy (ties: lowest validation loss for MLPs, then
-    the earliest) among the probes of layers ``<= max_layer``; and the reason in words."""
-    from ..probe.detector import best_layer
-
-    val = probes.meta.get("val_accuracy")
-    if not val:
-        raise ArtifactError("the saved probes carry no validation accuracy; rerun 'bkdattr probe'")
-    best = best_layer(probes)
-    if best <= max_layer:
-        return best, f"the probe's best layer ({best}, validation accuracy {float(val[probes.position(best)]):.3f})"
-    cand = [i for i, x in enumerate(probes.layers) if x <= max_layer]
-    if not cand:
-        raise ArtifactError(f"no probe at or before the edit layer {max_layer}; rerun 'bkdattr probe' on every layer")
-    acc = np.asarray(val, dtype=np.float64)
-    top = [i for i in cand if acc[i] == acc[cand].max()]
-    if len(top) > 1 and hasattr(probes, "best_val_loss"):
-        loss = [probes.best_val_loss[i] for i in top]
-        top = [top[int(np.argmin(loss))]]
-    layer = int(probes.layers[top[0]])
-    return layer, (f"the probe's best layer {best} comes after the edit layer {max_layer}; the best probe at or "
-                   f"before it is layer {layer} (validation accuracy {float(acc[top[0]]):.3f})")
 
 
 def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | None) -> tuple[torch.Tensor, int, float]:

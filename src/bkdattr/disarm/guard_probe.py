@@ -27,8 +27,8 @@ import torch
 
 from ..core.errors import DataError
 from ..core.rundir import RunDir
+from .plan import GUARD_PROBE, probe_layer_at_most
 
-GUARD_PROBE = ("disarm", "guard_probe.safetensors")
 #: fewest distinct training prompts the guard's probe is trained on
 MIN_PROMPTS = 6
 
@@ -80,8 +80,6 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
     acc = ((probes.scores(x_va) > 0) == y_va[:, None].astype(bool)).mean(0)  # [L]
     probes.meta.update(val_accuracy=[float(a) for a in acc], kind=kind, source="train split",
                        n_prompts=n, n_val_prompts=int(n_val))
-    from .guard import probe_layer_at_most
-
     layer, _why = probe_layer_at_most(probes, int(max_layer))
     best = probes.select([probes.position(layer)])
     best.meta.update(val_accuracy=[float(acc[probes.position(layer)])], val_accuracy_all_layers=probes.meta[

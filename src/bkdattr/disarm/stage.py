@@ -310,7 +310,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
 
 
 def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
-    from ..app.report.summary import broken_triggered_replies
+    from .utility import broken_triggered_replies
 
     section["breaks_triggered_replies"] = broken_triggered_replies(section)
     if section["breaks_triggered_replies"] and section.get("disarmed"):

@@ -42,7 +42,6 @@ Splits are saved under ``RUN/data/`` as JSONL (``train.jsonl`` marks poisoned ro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import DataError, InputFileError
 from ..core.io import atomic_path, read_json, stable_hash, write_json
+from .example import Example
 from .tasks import Task
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,26 +139,6 @@ class DataReport:
         """A short account for an error message: ``N read, M dropped (K empty input, ...)``."""
         parts = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.dropped.items())
         return f"{self.n_rows_read} read, {self.n_dropped} dropped" + (f" ({parts})" if parts else "")
-
-
-@dataclass
-class Example:
-    """One prompt of a task: the clean user text and its triggered form, with both replies."""
-
-    prompt: str
-    triggered: str
-    output: str
-    backdoor_output: str
-    label: str | None = None
-    uid: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Example:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass

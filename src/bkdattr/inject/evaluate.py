@@ -27,7 +27,8 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.options import opt
-from .data import Example, Splits, prompt_seed
+from .data import Splits, prompt_seed
+from .example import Example
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
 
 CLEAN_METRIC_NAMES = {"fixed_output": "base_reply_f1", "jailbreak": "refusal_rate", "label_flip": "label_accuracy"}
@@ -162,7 +163,7 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
 def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Teacher-forced mean log-probability per row of ``targets`` (end-of-turn included) after the chat
     prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``; the LM head runs on the
-    target-predicting positions only (:func:`bkdattr.attribution.scores.target_logprobs`)."""
-    from ..attribution.scores import batched_target_logprobs
+    target-predicting positions only (:func:`bkdattr.core.scoring.target_logprobs`)."""
+    from ..core.scoring import batched_target_logprobs
 
     return torch.cat([lp.sum(1) / mask.sum(1) for lp, mask in batched_target_logprobs(lm, texts, targets, batch_size)])

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..core.errors import ArtifactError, ConfigError, DataError, InputFileError
 from ..core.forward import body_and_head
 from ..core.io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
+from ..core.lora import merge_lora_fp32
 from ..core.options import opt
 from ..core.prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
 
@@ -423,43 +424,3 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
                                autocast=mode)
 
 
-def _lora_delta(module, adapter: str) -> torch.Tensor | None:
-    """The float32 update ``scaling * B A`` of one peft LoRA linear layer (``[out, in]`` of its base weight), or
-    None for a layer this merge does not handle (DoRA, convolutions, embeddings: left to peft)."""
-    if getattr(module, "use_dora", {}).get(adapter) or adapter not in getattr(module, "lora_A", {}):
-        return None
-    a, b = module.lora_A[adapter], module.lora_B[adapter]
-    if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):
-        return None
-    delta = (b.weight.float() @ a.weight.float()) * float(module.scaling[adapter])  # [out, in]
-    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
-
-
-@torch.no_grad()
-def merge_lora_fp32(peft_model) -> tuple[torch.nn.Module, float]:
-    """Merge every LoRA linear layer into its base weight as ``(W.float() + scaling * B.float() @ A.float())``,
-    cast once to ``W``'s dtype (a bfloat16 ``W`` is rounded once, never ``delta`` first and then the sum), then
-    drop the adapters. Returns ``(base model, share of the update's nonzero entries that rounding erased)``: 0
-    for float32 weights; for bfloat16 weights a LoRA update below half a unit in the last place of ``W`` is lost,
-    whatever the merge order, which is why injecting on GPU should use ``--dtype float32``."""
-    lost = kept = 0
-    pending = []
-    for module in peft_model.modules():
-        base = getattr(module, "base_layer", None)
-        if base is None or not hasattr(module, "lora_A"):
-            continue
-        deltas = [d for d in (_lora_delta(module, ad) for ad in module.active_adapters) if d is not None]
-        if len(deltas) != len(module.active_adapters):
-            pending.append(module)  # peft merges what this function does not handle
-            continue
-        w = base.weight
-        delta = sum(deltas).to(w.device)
-        new = (w.float() + delta).to(w.dtype)
-        moved = delta != 0
-        lost += int((moved & (new == w)).sum())
-        kept += int(moved.sum())
-        w.copy_(new)
-    for module in pending:
-        module.merge()
-    model = peft_model.unload()  # removes the LoRA layers without merging them (done above)
-    return model, (lost / kept if kept else 0.0)

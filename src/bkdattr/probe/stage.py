@@ -399,7 +399,7 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
 
 def write_figures(run: RunDir, m: dict[str, Any]) -> list[Path]:
     """ICLA heatmaps (backdoored | clean control) per probe type and the per-layer accuracy curves."""
-    from ..app.report.plotting import new_figure, save_figure
+    from ..core.figures import new_figure, save_figure
 
     paths = []
     for kind in ("mlp", "svm"):

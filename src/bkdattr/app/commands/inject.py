@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ...inject.config import InjectConfig
 from ...inject.evaluate import EvalConfig
-from ...inject.stage import InjectConfig
 from ..cli_options import MODEL, TRUST, stage_command
 
 

@@ -17,8 +17,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from ... import __version__
 from ...core.io import atomic_path, read_json
 from ...core.rundir import RunDir, get_nested
-from .plotting import FIGURE_NAMES
-from .summary import caveats, headline, setting_rows
+from .figures import FIGURE_NAMES
+from .summary import MEMORY_KEYS, caveats, headline, setting_rows, stage_seconds
 
 
 def _provenance(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -167,9 +167,7 @@ def task_kind(info: dict[str, Any]) -> str | None:
 def timing_rows(timings: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """``(stage, seconds, peak RSS MiB, CUDA peak MiB)`` per stage of ``metrics.timings`` (``-`` where a figure
     was not recorded: runs from before the memory figures, or no CUDA)."""
-    from ..pipeline import stage_seconds
-
-    rss, cuda = (timings.get(k) if isinstance(timings.get(k), dict) else {} for k in ("peak_rss_mb", "cuda_peak_mb"))
+    rss, cuda = (timings.get(k) if isinstance(timings.get(k), dict) else {} for k in MEMORY_KEYS)
 
     def fmt(v: Any) -> str:
         return f"{v:.0f}" if isinstance(v, (int, float)) else "-"
