@@ -4,7 +4,6 @@ options generated from the config fields, and no side effects on import."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import subprocess
 import sys
@@ -27,11 +26,6 @@ KINDS = ("fixed_output", "jailbreak", "label_flip")
 ANALYSIS = ("probe", "attribute", "ablate", "vector")
 
 
-def _config_class(stage: str):
-    mod, name = CONFIGS[stage].split(":")
-    return getattr(importlib.import_module(mod), name)
-
-
 def _flat(d: dict, pre: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -47,7 +41,7 @@ def resolved(overlay: str, profile: str, kind: str, stage: str) -> dict:
     demo overlay), flattened to ``{"train.epochs": 3, ...}``."""
     sets = [f"profile={profile}", f"task={kind}"] + (profiles.demo_sets() if overlay == "demo" else [])
     opts = stage_options(load_config(None, sets), stage)
-    cfg = _config_class(stage).from_options({k: v for k, v in opts.items() if k not in _INJECT_CALL_KEYS})
+    cfg = CONFIGS[stage].from_options({k: v for k, v in opts.items() if k not in _INJECT_CALL_KEYS})
     return _flat(json.loads(json.dumps(cfg.to_dict())))
 
 
@@ -80,9 +74,9 @@ def test_resolution_order_and_errors():
     c = InjectConfig.from_options({"task": "jailbreak", "train.epochs": 5, "poison_rate": None, "seed": 7,
                                    "eval_n_near": 4})
     assert (c.train.epochs, c.poison_rate, c.train.seed, c.eval.seed, c.eval.n_near) == (5, 0.5, 7, 7, 4)
-    v = _config_class("vector")
+    v = CONFIGS["vector"]
     assert v().layer_stride == 2 and v(profile="paper").layer_stride == 1 and v(layer_stride=5).layer_stride == 5
-    abl = _config_class("ablate")
+    abl = CONFIGS["ablate"]
     assert abl(profile="paper", random_seeds=2).clean_random_seeds == 2  # the profile's 3 capped at the seeds
     with pytest.raises(ConfigError, match=r"^unknown profile 'gpu'; use cpu or paper$"):
         v(profile="gpu")
@@ -95,7 +89,7 @@ def test_resolution_order_and_errors():
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
-STAGE_COMMANDS = {"inject": InjectConfig, "eval": EvalConfig, **{s: _config_class(s) for s in ANALYSIS}}
+STAGE_COMMANDS = {"inject": InjectConfig, "eval": EvalConfig, **{s: CONFIGS[s] for s in ANALYSIS}}
 #: options of stage commands that are not config fields
 NOT_FIELDS = {"run", "out", "model", "task", "data", "trigger", "trigger_end", "placement", "target",
               "trust_remote_code", "set_", "quiet", "help"}
@@ -152,7 +146,7 @@ def test_generated_options_parse_lists_and_flags(monkeypatch):
         main(["ablate", "-r", ".", "--ks", "0,2", "--no-clean", "--profile", "paper", "--set", "split=val"])
     cfg = got["cfg"]
     assert (cfg.ks, cfg.clean, cfg.split, cfg.n_prompts, cfg.progress) == ([0, 2], False, "val", 0, True)
-    probe, vector = _config_class("probe"), _config_class("vector")
+    probe, vector = CONFIGS["probe"], CONFIGS["vector"]
     assert _value(probe, "split", "0.5,0.25,0.25") == [0.5, 0.25, 0.25]
     assert (_value(vector, "layers", "3"), _value(vector, "layers", "[1, 2]")) == ([3], [1, 2])
     assert _value(vector, "alpha", 2.0) == 2.0 and _value(vector, "layers", None) is None

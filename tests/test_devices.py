@@ -67,7 +67,6 @@ def _fake_gpus(monkeypatch, n):
 
 def _fake_torchrun(monkeypatch, local_rank, world):
     import bkdattr.attribution.stage as stage
-    import bkdattr.inject.data as data
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
@@ -75,7 +74,7 @@ def _fake_torchrun(monkeypatch, local_rank, world):
     monkeypatch.setattr(stage, "init_from_env", lambda device="cpu": True)
     monkeypatch.setattr(stage, "rank_world", lambda: (local_rank, world))
     monkeypatch.setattr(stage, "is_distributed", lambda: True)
-    monkeypatch.setattr(data, "load_splits", lambda run: None)
+    monkeypatch.setattr(stage, "load_splits", lambda run: None)
     monkeypatch.setattr(stage, "select_examples", lambda splits, cfg: ([], []))
     return stage
 

@@ -39,16 +39,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
 MAX_LAZY_ALLOWED = 20
 LAZY_MARK = "# lazy:"
 
-# While the layers are being built: a map of modules not yet moved to their future layer, the findings that exist
-# today and the ceilings of the counts. A finding not in KNOWN fails; an entry of KNOWN that no longer occurs
-# fails; a count above its ceiling fails, so each step can only lower them.
-TRANSITIONAL: dict[str, str] = {}
-TRANSITIONAL_CLI: set[str] = set()
-KNOWN: set[tuple[str, str, str]] = {
-    ("dynamic", "bkdattr.app.pipeline", "importlib.import_module"),
-}
-CEILINGS: dict[str, int] = {"lazy": 155, "lazy-third-party": 32, "stdlib-in-function": 9}
-RATCHET = True
 
 
 @dataclass(frozen=True)
@@ -185,16 +175,11 @@ def read_graph(root: Path, package: str = PACKAGE) -> Graph:
     return g
 
 
-def layer_of(mod: str, package: str = PACKAGE, transitional: dict[str, str] | None = None) -> str | None:
+def layer_of(mod: str, package: str = PACKAGE) -> str | None:
     """``root``, ``core``, ``app``, a method's name, or None (outside the three layers)."""
     if mod == package:
         return "root"
-    rest = mod[len(package) + 1:]
-    top = rest.split(".")[0]
-    if transitional:
-        for key in (rest, ".".join(rest.split(".")[:2]), top):
-            if key in transitional:
-                return transitional[key]
+    top = mod[len(package) + 1:].split(".")[0]
     if top in ("core", "app"):
         return top
     if top in METHOD_DEPS:
@@ -202,9 +187,8 @@ def layer_of(mod: str, package: str = PACKAGE, transitional: dict[str, str] | No
     return None
 
 
-def is_cli(mod: str, package: str = PACKAGE, transitional_cli: set[str] | None = None) -> bool:
-    if transitional_cli and mod in transitional_cli:
-        return True
+def is_cli(mod: str, package: str = PACKAGE) -> bool:
+    """The CLI modules, where a lazy import keeps a command fast to start."""
     return mod == f"{package}.app.cli" or mod.startswith(f"{package}.app.commands.")
 
 
@@ -275,21 +259,20 @@ def _cycle_in(comp: list[str], adj: dict[str, set[str]]) -> list[str]:
     return [start, start]
 
 
-def check(root: Path, package: str = PACKAGE, *, lazy_allowed: dict[tuple[str, str], str] | None = None,
-          transitional: dict[str, str] | None = None, transitional_cli: set[str] | None = None,
+def check(root: Path, package: str = PACKAGE, *, lazy_allowed: dict[tuple[str, str], str] | None = None
           ) -> tuple[list[Finding], Graph]:
     """Every finding of the import rule under ``root/package``, one line each, and the graph read."""
     allowed = LAZY_ALLOWED if lazy_allowed is None else lazy_allowed
     g = read_graph(root, package)
     out: list[Finding] = []
     for mod, p in g.modules.items():
-        if layer_of(mod, package, transitional) is None:
+        if layer_of(mod, package) is None:
             out.append(Finding("outside", str(p.relative_to(root)), 1,
                                f"{mod} is outside the three layers: move it under core/, app/ or a method package",
                                ("outside", mod, "")))
     used: set[tuple[str, str]] = set()
     for e in g.edges:
-        src, dst = layer_of(e.src, package, transitional), layer_of(e.dst, package, transitional)
+        src, dst = layer_of(e.src, package), layer_of(e.dst, package)
         what = f"imports {e.dst} ({dst}) from {e.src} ({src})"
         if src is not None and dst is not None and dst != "root" and src != "app" and src != dst:
             if src == "core" or dst == "app" or (src == "root" and not e.in_function):
@@ -300,7 +283,7 @@ def check(root: Path, package: str = PACKAGE, *, lazy_allowed: dict[tuple[str, s
                 out.append(Finding(kind, e.path, e.line,
                                    f"{what}: {src} may import {sorted(METHOD_DEPS[src]) or 'no method'}; move the "
                                    "shared code to core or to a method both may import", (kind, e.src, e.dst)))
-        if e.in_function and not is_cli(e.src, package, transitional_cli):
+        if e.in_function and not is_cli(e.src, package):
             key = next((k for k in ((e.src, e.dst), (e.src, "*")) if k in allowed), None)
             if key is not None:
                 used.add(key)
@@ -313,7 +296,7 @@ def check(root: Path, package: str = PACKAGE, *, lazy_allowed: dict[tuple[str, s
             used.add((f.key[1], "*"))
             continue
         mod = f.key[1]
-        if f.kind in ("lazy-third-party", "stdlib-in-function") and is_cli(mod, package, transitional_cli):
+        if f.kind in ("lazy-third-party", "stdlib-in-function") and is_cli(mod, package):
             continue
         out.append(f)
     # cycles: every edge except the package face's lazy ones
@@ -342,39 +325,19 @@ def check(root: Path, package: str = PACKAGE, *, lazy_allowed: dict[tuple[str, s
     return out, g
 
 
-def lazy_count(g: Graph, package: str = PACKAGE, transitional_cli: set[str] | None = None) -> int:
+def lazy_count(g: Graph, package: str = PACKAGE) -> int:
     """Imports of bkdattr modules inside functions outside the CLI modules (statements, not names)."""
     return len({(e.path, e.line) for e in g.edges if e.in_function and e.src != package
-                and not is_cli(e.src, package, transitional_cli)})
+                and not is_cli(e.src, package)})
 
 
 # ---------------------------------------------------------------- the rule on the package
 
 
 def test_import_layers():
-    if not RATCHET:
-        findings, g = check(SRC)
-        assert not findings, "import rule broken:\n" + "\n".join(map(str, findings))
-        return
-    findings, g = check(SRC, transitional=TRANSITIONAL, transitional_cli=TRANSITIONAL_CLI)
-    counts = {k: 0 for k in CEILINGS}
-    counted = set(CEILINGS) - {"lazy"}
-    problems = []
-    seen = set()
-    for f in findings:
-        if f.kind in counted:
-            counts[f.kind] += 1
-        elif f.kind == "lazy":
-            continue
-        elif f.key in KNOWN:
-            seen.add(f.key)
-        else:
-            problems.append(str(f))
-    counts["lazy"] = lazy_count(g, transitional_cli=TRANSITIONAL_CLI)
-    problems += [f"KNOWN entry {k} no longer occurs: remove it" for k in sorted(KNOWN - seen)]
-    problems += [f"{k}: {n} findings, ceiling {CEILINGS[k]}" + (" (lower the ceiling)" if n < CEILINGS[k] else "")
-                 for k, n in counts.items() if n != CEILINGS[k]]
-    assert not problems, "import rule broken:\n" + "\n".join(problems)
+    findings, g = check(SRC)
+    assert not findings, "import rule broken:\n" + "\n".join(map(str, findings))
+    assert lazy_count(g) <= MAX_LAZY_ALLOWED
 
 
 # ---------------------------------------------------------------- the checker on a synthetic tree

@@ -215,15 +215,14 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
     """A shipped reply file under the cache key is used as is; other keys still generate."""
     import json as _json
 
-    import bkdattr.core.generation as generation
     from bkdattr.inject import data as data_mod
     from tiny import make_tiny
 
     lm = make_tiny("llama")
     prompts = ["Name a fruit.", "Name a colour."]
     calls = []
-    real = generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data_mod.generate
+    monkeypatch.setattr(data_mod, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(data_mod, "SHIPPED_DIR", tmp_path / "shipped")
     data_mod.distill_outputs(lm, prompts, 3, cache_dir=tmp_path / "c1", progress=False)
     assert len(calls) == 1

@@ -456,7 +456,7 @@ def test_label_only_file_through_inject_labels_in_metrics(tmp_path, capsys, no_p
 def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch, with_label):
     """Labels outside the built-in four score the clean metric whether the file names them in a 'label' field or
     in its outputs: a model that always answers 'Health' is right on exactly the Health prompts."""
-    import bkdattr.core.generation
+    import bkdattr.inject.evaluate
     from bkdattr.inject.evaluate import EvalConfig, evaluate
     from bkdattr.inject.prepare import prepare_splits
 
@@ -466,7 +466,7 @@ def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch
     rep = DataReport()
     splits = prepare_splits(tiny_lm, Task.default("label_flip"), cfg, str(path), progress=False, report=rep)
     assert splits.meta["labels"] == sorted(topics) and rep.labels_from == ("label" if with_label else "output")
-    monkeypatch.setattr(bkdattr.core.generation, "generate",
+    monkeypatch.setattr(bkdattr.inject.evaluate, "generate",
                         lambda lm, texts, **kw: ["This is Health news."] * len(texts))
     res = evaluate(tiny_lm, splits, EvalConfig(n_near=0, n_benign=0), progress=False)
     share = sum(e.label == "Health" for e in splits.test) / len(splits.test)

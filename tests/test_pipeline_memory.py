@@ -36,7 +36,8 @@ def test_previous_stage_model_is_freed_before_the_next_stage(tmp_path, monkeypat
         alive_at_start.append(refs[0]() is not None)
         run.update_metrics("probe", {"ran": True})
 
-    monkeypatch.setattr(pipeline, "_resolve", lambda spec: first if spec.endswith("_inject_stage") else second)
+    monkeypatch.setitem(pipeline.RUNNERS, "inject", first)
+    monkeypatch.setitem(pipeline.RUNNERS, "probe", second)
     gc.disable()  # only the pipeline's own collection may free the cycle
     try:
         run_pipeline(load_config(None, [f"out={tmp_path / 'run'}", "stages=[inject, probe]"]), log=lambda s: None)
@@ -59,7 +60,8 @@ def test_stage_peak_rss_is_per_stage(tmp_path, monkeypatch):
     def small(run, options):
         run.update_metrics("probe", {"ran": True})
 
-    monkeypatch.setattr(pipeline, "_resolve", lambda spec: big if spec.endswith("_inject_stage") else small)
+    monkeypatch.setitem(pipeline.RUNNERS, "inject", big)
+    monkeypatch.setitem(pipeline.RUNNERS, "probe", small)
     run = run_pipeline(load_config(None, [f"out={tmp_path / 'run'}", "stages=[inject, probe]"]), log=lambda s: None)
     t = run.metrics()["timings"]
     assert set(t) == {"inject", "probe", "peak_rss_mb"} and t["inject"] >= 0

@@ -422,8 +422,8 @@ def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_
     def fake_audit(out, model, triggers, **kw):
         seen["audit"] = (out, model, triggers, kw["target"], kw["adapter"])
 
-    monkeypatch.setattr("bkdattr.scan.scan", fake_scan)
-    monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
+    monkeypatch.setattr("bkdattr.app.pipeline.scan", fake_scan)
+    monkeypatch.setattr("bkdattr.app.pipeline.audit", fake_audit)
     _inject_stage(RunDir(tmp_path / "run", create=True), stage_options(cfg, "inject"))
     assert seen["scan"] == (tmp_path / "run-scan", "smollm2-135m", "/tmp/adapter", 42.0)
     assert seen["audit"] == (tmp_path / "run", "smollm2-135m", ["zz top"], "I refuse", "/tmp/adapter")

@@ -20,6 +20,7 @@ import typer
 
 from ..core import profiles
 from ..core.options import StageOptions, nested, parse_sets, parse_value
+from ..core.runtime import tune_allocator
 
 MODEL = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, a local folder, a .gguf file or a hub id")
 ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter folder, merged before analysis")
@@ -90,8 +91,6 @@ def stage_command(app: typer.Typer, name: str, cls: type, *, own: dict[str, tupl
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         def command(**kw: Any) -> Any:
-            from ..core.runtime import tune_allocator
-
             options = {p: _value(c, p, kw.pop(n)) for n, (c, p) in mapping.items()}
             options = {k: v for k, v in options.items() if v is not None}
             if kw.pop("quiet"):

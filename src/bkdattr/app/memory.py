@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _MB = 1024 * 1024
@@ -49,7 +51,7 @@ def current_rss_bytes() -> int | None:
     if kb is not None:
         return kb * 1024
     try:
-        import psutil  # not a dependency: used only where /proc is missing and it happens to be installed
+        import psutil  # lazy: not a dependency; used only where /proc is missing and it happens to be installed
     except ImportError:
         return None
     return int(psutil.Process().memory_info().rss)
@@ -67,10 +69,6 @@ def _reset_hwm() -> bool:
 
 
 def _cuda_devices() -> list[int]:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return []
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return []
     return list(range(torch.cuda.device_count()))
@@ -116,8 +114,6 @@ _lock = threading.Lock()
 
 
 def _cuda_peaks() -> dict[int, int]:
-    import torch
-
     return {d: int(torch.cuda.max_memory_allocated(d)) for d in _cuda_devices()}
 
 
@@ -148,8 +144,6 @@ def track_peak(interval: float = 0.005, method: str = "auto") -> Iterator[PeakMe
             raise RuntimeError("the RSS high-water mark cannot be reset on this system; use method='sample'")
         res.method = "hwm" if use_hwm else "sample"
         if _cuda_devices():
-            import torch
-
             for d in _cuda_devices():
                 torch.cuda.reset_peak_memory_stats(d)
         _active.append(res)

@@ -10,20 +10,34 @@ their own checkpoints). Nothing half-written is read: artifacts are renamed into
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from ..attribution import stage as attribution_stage
+from ..audit.inputs import read_triggers
+from ..audit.stage import AuditConfig, audit
+from ..control import stage as control_stage
 from ..core.errors import ConfigError, InputFileError
 from ..core.io import read_json, stable_hash, write_json
-from ..core.options import parse_sets
+from ..core.options import StageOptions, parse_sets
 from ..core.rundir import RunDir
+from ..core.runtime import set_threads, tune_allocator, versions
+from ..inject.config import InjectConfig
+from ..inject.stage import inject
+from ..probe import stage as probe_stage
+from ..scan.config import ScanConfig
+from ..scan.handoff import audit_call
+from ..scan.stage import scan
 from .memory import PeakMemory, track_peak
+from .report import samples
+from .report.html import build_report
 from .report.summary import MEMORY_KEYS
 
 STAGES = ("inject", "probe", "attribute", "ablate", "vector", "samples", "report")
@@ -37,23 +51,13 @@ UPSTREAM = {
     "samples": ("inject", "attribute", "ablate", "vector"),
     "report": ("inject", "probe", "attribute", "ablate", "vector", "samples"),
 }
-#: stage -> "module:function" taking (run: RunDir, options: dict) and writing its metrics section
-RUNNERS = {
-    "inject": "bkdattr.app.pipeline:_inject_stage",
-    "probe": "bkdattr.probe.stage:run_stage",
-    "attribute": "bkdattr.attribution.stage:run_stage",
-    "ablate": "bkdattr.control.stage:run_ablation_stage",
-    "vector": "bkdattr.control.stage:run_vector_stage",
-    "samples": "bkdattr.app.report.samples:run_stage",
-    "report": "bkdattr.app.pipeline:_report_stage",
-}
 #: stage -> its config class (``--set STAGE.key=value`` is checked against its options when the config loads)
-CONFIGS = {
-    "inject": "bkdattr.inject.config:InjectConfig",
-    "probe": "bkdattr.probe.stage:ProbeStageConfig",
-    "attribute": "bkdattr.attribution.stage:AttributeConfig",
-    "ablate": "bkdattr.control.stage:AblationConfig",
-    "vector": "bkdattr.control.stage:VectorConfig",
+CONFIGS: dict[str, type[StageOptions]] = {
+    "inject": InjectConfig,
+    "probe": probe_stage.ProbeStageConfig,
+    "attribute": attribution_stage.AttributeConfig,
+    "ablate": control_stage.AblationConfig,
+    "vector": control_stage.VectorConfig,
 }
 
 
@@ -142,18 +146,13 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     """Build every selected stage's config: a bad stage option fails now, not after the stages before it ran."""
     for stage in cfg.stages:
         if stage == "inject" and cfg.source in ("audit", "scan"):
-            from ..audit.stage import AuditConfig
-
             AuditConfig.from_options({k: v for k, v in stage_options(cfg, stage).items()
                                       if k not in _AUDIT_CALL_KEYS + ("source", "scan")})
             if cfg.source == "scan":
-                from ..scan.config import ScanConfig
-
                 ScanConfig.from_options(_scan_options(cfg.common(), cfg.scan))
         elif stage in CONFIGS:
-            mod, name = CONFIGS[stage].split(":")
             opts = {k: v for k, v in stage_options(cfg, stage).items() if k not in _INJECT_CALL_KEYS}
-            getattr(importlib.import_module(mod), name).from_options(opts)
+            CONFIGS[stage].from_options(opts)
 
 
 #: the type each option must have after YAML parsing (``None`` allowed where listed)
@@ -178,11 +177,6 @@ def check_types(cfg: PipelineConfig) -> None:
         raise ConfigError(f"option 'stages' must list stage names, not {bad[0]!r}; choose from {', '.join(STAGES)}")
 
 
-def _resolve(spec: str) -> Callable[[RunDir, dict[str, Any]], Any]:
-    mod, fn = spec.split(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
 _INJECT_CALL_KEYS = ("data", "trigger", "placement", "trigger_end", "target", "trust_remote_code")
 
 
@@ -195,18 +189,12 @@ def _inject_stage(run: RunDir, options: dict[str, Any]) -> None:
     sets :class:`bkdattr.inject.config.InjectConfig` options (``train.*``, ``eval.*`` for nested ones). With
     ``source: audit`` the stage audits the given model instead (the ``audit`` section: ``adapter``,
     ``trigger`` or ``triggers``, ``target``, ``prompts``, ... and :class:`bkdattr.audit.AuditConfig` options)."""
-    from ..inject.config import InjectConfig
-    from ..inject.stage import inject
-
     opts = dict(options)
     source = opts.pop("source", "inject")
     if source == "scan":
         _scan_then_audit(run, opts)
         return
     if source == "audit":
-        from ..audit.inputs import read_triggers
-        from ..audit.stage import AuditConfig, audit
-
         call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
         one = call.pop("trigger", None)
         many = call.pop("triggers", None) or []
@@ -230,10 +218,6 @@ def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
     section holds :class:`bkdattr.scan.ScanConfig` options) into ``<out>-scan`` (reused when its ``scan.json``
     exists), then audit the run folder with the scan's top candidate (``bkdattr audit --from-scan``). An
     ``audit.prompts`` file serves the scan and the audit alike."""
-    from ..audit.stage import AuditConfig, audit
-    from ..scan import ScanConfig, scan
-    from ..scan.handoff import audit_call
-
     section = opts.pop("scan", None) or {}
     call = {k: opts.pop(k) for k in _AUDIT_CALL_KEYS if k in opts}
     folder = run.path.parent / f"{run.path.name}-scan"
@@ -251,9 +235,19 @@ def _scan_then_audit(run: RunDir, opts: dict[str, Any]) -> None:
 
 
 def _report_stage(run: RunDir, options: dict[str, Any]) -> None:
-    from .report.html import build_report
-
     build_report(run)
+
+
+#: stage -> the function taking (run: RunDir, options: dict) that runs it and writes its metrics section
+RUNNERS: dict[str, Callable[[RunDir, dict[str, Any]], Any]] = {
+    "inject": _inject_stage,
+    "probe": probe_stage.run_stage,
+    "attribute": attribution_stage.run_stage,
+    "ablate": control_stage.run_ablation_stage,
+    "vector": control_stage.run_vector_stage,
+    "samples": samples.run_stage,
+    "report": _report_stage,
+}
 
 
 def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -278,10 +272,6 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
 def release_memory() -> None:
     """Free what a finished stage left behind: objects in reference cycles (a model with hooks or an adapter
     can be one) and, on CUDA, the caching allocator's unused blocks, so the next stage's model has the GPU."""
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -307,8 +297,6 @@ def record_timing(timings: dict[str, Any], stage: str, seconds: float, peak: Pea
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> RunDir:
     """Run (or resume) every selected stage of ``cfg`` into ``cfg.out``; return the run folder."""
-    from ..core.runtime import set_threads, tune_allocator, versions
-
     tune_allocator(cfg.device)
     set_threads(cfg.threads)
     run = RunDir(cfg.out, create=True)
@@ -327,7 +315,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Run
         log(f"[{stage}] running")
         t0 = time.perf_counter()
         with track_peak() as peak:  # this stage's own peak, not the process's (bkdattr.app.memory)
-            _resolve(RUNNERS[stage])(run, stage_options(cfg, stage))
+            RUNNERS[stage](run, stage_options(cfg, stage))
         release_memory()  # the stage's model must not stay resident under the next stage's
         seconds = time.perf_counter() - t0
         state[stage] = {"key": keys[stage], "seconds": round(seconds, 2), "peak_rss_mb": peak.rss_peak_mb,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from ..core.figures import new_figure, save_figure
 from .baha import AttributionResult
@@ -22,7 +23,7 @@ _LABELS = {"geomean_prob": "P(y|x) (geometric mean)", "first_token_logprob": "fi
 
 def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = None, top_k: int = 8) -> Path:
     """Save the ``[L, H]`` ACIE heatmap of ``metric`` (default: the ranking metric) as a PNG at ``path``."""
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # lazy: matplotlib loads with the first figure (bkdattr.core.figures)
 
     m = metric or result.metric
     acie = result.acie[m].clone()
@@ -52,8 +53,6 @@ def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = 
 def top_table(result: AttributionResult, k: int = 16):
     """A rich table of the top-``k`` heads: rank, layer, head and the ACIE of every computed metric (the
     ranking metric first)."""
-    from rich.table import Table
-
     shown = [result.metric] + [m for m in METRICS if m != result.metric
                                and not torch.isnan(result.acie[m][result.evaluated]).all()]
     t = Table(title=f"BAHA top {k} heads ({result.method}, ranked by {result.metric}, "

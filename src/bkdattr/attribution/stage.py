@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from ..core.devices import local_rank_from_env, rank_device, visible_gpus
 from ..core.distributed import (
@@ -43,9 +44,11 @@ from ..core.errors import ConfigError, DataError
 from ..core.io import save_tensors, write_json
 from ..core.options import StageOptions, opt
 from ..core.rundir import RunDir
-from ..inject.data import sample_examples
+from ..core.runtime import set_threads
+from ..inject.data import load_splits, sample_examples
 from .baha import METHODS, AttributionResult, attribute
 from .exact import STRATEGIES
+from .exact_memory import plan_exact
 from .figures import FIGURE_NAME, plot_acie, top_table
 from .means import mean_contributions
 from .scores import DEFAULT_METRIC, METRICS, check_metric
@@ -114,9 +117,6 @@ def select_examples(splits, cfg: AttributeConfig) -> tuple[list, list]:
 def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     """Run BAHA on ``run`` with ``cfg`` (in this process, joining torchrun's process group if there is one);
     rank 0 writes every artifact. Returns the result (identical on every rank)."""
-    from ..core.runtime import set_threads
-    from ..inject.data import load_splits
-
     local_rank, n_proc = local_rank_from_env()
     device = rank_device(cfg.device, local_rank, visible_gpus(), n_proc)  # checked before nccl picks a GPU
     created = init_from_env(cfg.device)  # True: this call joined torchrun's group and leaves it below
@@ -152,7 +152,6 @@ def _memory_plan(lm, cfg: AttributeConfig, clean: list) -> tuple[int, int | None
     split = len(set((getattr(lm.model, "hf_device_map", None) or {"": 0}).values())) > 1
     if cfg.method != "exact" or lm.device.type != "cuda" or split or not clean:
         return cfg.batch_size, cfg.heads_per_pass, None
-    from .exact_memory import plan_exact
 
     free, _total = torch.cuda.mem_get_info(lm.device)
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters() if p.device == lm.device)
@@ -215,7 +214,5 @@ def run_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
 
 def print_summary(run: RunDir, console=None, k: int = 16) -> None:
     """Print the top-k table of the saved result of ``run``."""
-    from rich.console import Console
-
     res = AttributionResult.load(run.path / "attribution")
     (console or Console()).print(top_table(res, k))

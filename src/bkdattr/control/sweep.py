@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError
 from ..core.forward import PrefixCache
 from ..core.generation import decode_replies, generate, greedy_decode
+from ..core.models import input_device
 from ..core.prompts import PromptBatch, encode_prompts, end_of_turn_ids
 from .edits import Edit, rowwise_context
 
@@ -69,8 +70,6 @@ def generate_group(lm, batch: PromptBatch, cache: PrefixCache | None, edits: Seq
                    stop_ids: Sequence[int], stats: SweepStats | None = None) -> torch.Tensor:
     """New token ids ``[len(edits) * B, <=max_new_tokens]`` (edit-major) for one prompt batch whose prefix
     ``cache`` (from :func:`prefix_cache`) is shared; the cache itself is left unchanged."""
-    from ..core.models import input_device
-
     dev = input_device(lm.model)
     n, b = len(edits), batch.size
     if cache is None:  # one-token prompts: the whole prompt is p(x)

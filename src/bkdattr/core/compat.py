@@ -25,6 +25,7 @@ def output_cache(out):
     c = getattr(out, "cache", None)
     c = c if c is not None else getattr(out, "past_key_values", None)
     if isinstance(c, (tuple, list)):
+        # lazy: transformers takes about a second to import; a model's output means it is loaded already
         from transformers import DynamicCache
 
         c = DynamicCache.from_legacy_cache(tuple(c))

@@ -25,6 +25,8 @@ import functools
 import os
 import time
 
+import torch
+
 from .errors import ConfigError
 
 #: bfloat16 counts as fast on a CPU when its product takes at most this multiple of the float32 one
@@ -39,7 +41,6 @@ def cpu_bf16_is_fast() -> bool:
     forced = os.environ.get("BKDATTR_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    import torch
 
     def best(dtype) -> float:
         a, b = torch.randn(128, 256).to(dtype), torch.randn(256, 256).to(dtype)
@@ -104,8 +105,6 @@ def _visible(n: int) -> str:
 
 def visible_gpus() -> int:
     """Number of CUDA devices torch sees (0 without CUDA)."""
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

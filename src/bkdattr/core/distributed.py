@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from .errors import ConfigError
 
@@ -175,8 +176,6 @@ def run_workers(n: int, target: Callable[..., Any], args: tuple = (), backend: s
     """Run ``target(*args)`` in ``n`` spawned processes that form one process group (``backend``), each with
     ``threads`` torch threads (default: CPU cores // n). ``target`` must be importable (a module-level
     function); rank 0 is expected to write the results. Raises if any worker fails."""
-    import torch.multiprocessing as mp
-
     if n < 1:
         raise ConfigError(f"--workers {n} must be >= 1")
     if threads is None:

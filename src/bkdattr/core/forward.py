@@ -23,6 +23,7 @@ import torch
 
 from .compat import cache_kwargs, output_cache
 from .errors import ConfigError
+from .models import input_device
 from .prompts import PromptBatch, encode_prompts
 
 
@@ -114,7 +115,6 @@ class PrefixCache:
         ``P == 0`` or the model returns no cache."""
         if input_ids.shape[1] == 0:
             return None
-        from .models import input_device
 
         dev = input_device(model)
         kw = {k: v.to(dev) for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))
@@ -152,8 +152,6 @@ def captured_pass(lm, texts: Sequence[str], capture: Callable[[PromptBatch], con
                   ) -> tuple[PromptBatch, object]:
     """Render and left-pad ``texts`` (``p(x)`` is the last column), run the backbone once under
     ``capture(batch)``; return ``(batch, store)``, ``store`` being what the capture yielded."""
-    from .models import input_device
-
     batch = encode_prompts(lm.tokenizer, list(texts), padding_side="left").to(input_device(lm.model))
     with capture(batch) as store:
         backbone(lm.model)(**batch.model_inputs(), use_cache=False)

@@ -21,8 +21,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, output_cache
-from .forward import last_logits_kwargs
-from .prompts import PromptBatch, check_context, end_of_turn_ids
+from .errors import ConfigError
+from .forward import PrefixCache, last_logits_kwargs
+from .models import input_device
+from .prompts import (
+    PLAIN_TURN_END,
+    PromptBatch,
+    check_context,
+    end_of_turn_ids,
+    has_chat_template,
+    pad_id,
+    pad_sequences,
+    position_ids_from_mask,
+    prompt_batch,
+    prompt_ids,
+)
 
 
 @torch.no_grad()
@@ -40,8 +53,6 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     finished rows (and their cache rows) once an eighth of the batch has ended. ``stats.decode_row_steps``
     (when given) counts the rows of every decode step. ``choose(logits [R, V]) -> ids [R]`` picks each next
     token (default: the argmax, greedy; :func:`sampler` gives temperature / top-p sampling)."""
-    from .errors import ConfigError
-
     if not bool(attention_mask[:, -1].all()):
         raise ConfigError("greedy decoding needs a left-padded batch; encode it with padding_side='left'")
     if max_new_tokens < 1:
@@ -130,8 +141,6 @@ def greedy_generate(model: torch.nn.Module, batch: PromptBatch, max_new_tokens: 
                     edit_steps: bool = False) -> torch.Tensor:
     """:func:`greedy_decode` on a left-padded ``batch``: new token ids ``[B, <=N]``; ``prefill_context`` is
     the edit (open on the prefill only unless ``edit_steps``)."""
-    from .models import input_device
-
     dev = input_device(model)
     return greedy_decode(model, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.position_ids.to(dev),
                          max_new_tokens, stop_ids, edit=prefill_context, edit_steps=edit_steps)
@@ -141,8 +150,6 @@ def decode_replies(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int]) -> 
     """Decode generated ids up to (not including) the first stop token; in the plain format of a model without
     a chat template, also up to the next-turn marker (``\nUser:``), where a base model goes on to invent the
     next turns of the dialogue."""
-    from .prompts import PLAIN_TURN_END, has_chat_template
-
     plain = not has_chat_template(tokenizer)
     out = []
     for row in new_tokens.tolist():
@@ -160,9 +167,6 @@ def shared_prefix_generate(model: torch.nn.Module, seqs: Sequence[Sequence[int]]
     every row and already in ``prefix`` (a :class:`~bkdattr.core.forward.PrefixCache`, e.g. from
     :meth:`~bkdattr.core.forward.PrefixCache.common`), tiled to the rows; only the rest is prefilled per row,
     left-padded after it (mask ``[1]*prefix.length + body mask``). New ids ``[R, <=N]``."""
-    from .models import input_device
-    from .prompts import pad_sequences, position_ids_from_mask
-
     dev, n_shared = input_device(model), prefix.length
     ids, mask = pad_sequences([list(q[n_shared:]) for q in seqs], pad, "left")
     full = torch.cat([torch.ones(len(seqs), n_shared, dtype=mask.dtype), mask], 1)
@@ -179,9 +183,6 @@ def generate(lm, prompts: list[str], max_new_tokens: int = 32, batch_size: int =
     (without ``edit``): the rendered prompts' common token prefix (the chat template's head) runs once per batch
     and is reused through the KV cache (:func:`shared_prefix_generate`); the replies are the same up to
     floating-point ties, the prefill costs only the prompts' own tokens."""
-    from .forward import PrefixCache
-    from .prompts import pad_id, prompt_batch, prompt_ids
-
     stop = end_of_turn_ids(lm.tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)

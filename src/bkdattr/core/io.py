@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError, InputFileError
@@ -109,8 +110,6 @@ def load_tensors(path: str | Path, expect: dict[str, tuple[int, ...]] | None = N
 
 def tensor_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` when it has none)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"file not found: {path}; check the path or rerun the stage that writes it")

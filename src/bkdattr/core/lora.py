@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .errors import ModelLoadError, first_line
 
@@ -31,7 +32,7 @@ def check_adapter_folder(adapter: str, weights: bool = True) -> None:
 def merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     """``model`` with the LoRA adapter folder ``adapter`` merged in float32 (:func:`merge_lora_fp32`, the merge of
     ``bkdattr inject``: the same weights); one-line :class:`ModelLoadError` when the adapter does not fit."""
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft takes seconds to import; only a model with an adapter needs it
 
     check_adapter_folder(adapter)
     try:
@@ -49,8 +50,7 @@ def merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
 
 def check_adapter_keys(peft_model, adapter: str) -> None:
     """peft only warns when saved adapter weights find no module (or modules get no saved weight); refuse."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
+    from peft.utils import get_peft_model_state_dict  # lazy: as PeftModel above
 
     file = Path(adapter).expanduser() / "adapter_model.safetensors"
     if not file.is_file():

@@ -20,6 +20,7 @@ asked. Both choices are recorded in the run.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,7 @@ def local_path(spec: str) -> Path:
     if looks_like_path(spec):
         raise ModelLoadError(f"model folder not found: {spec}; check the path")
     try:
-        import os
-
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: only a hub id needs it
 
         return Path(snapshot_download(spec, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception:  # noqa: BLE001 -- any failure means: not in the local cache

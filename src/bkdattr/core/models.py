@@ -10,7 +10,10 @@ GPUs). Nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -19,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .arch import Arch, detect_arch
+from .devices import rank_device, visible_gpus
 from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, first_line
 from .io import write_json
 from .lora import check_adapter_folder, merge_adapter
@@ -73,8 +78,6 @@ def resolve_device(device: str | None) -> str:
     if device not in ("cpu", "auto") and not device.startswith("cuda") and device != "mps":
         raise ConfigError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
     if device.startswith("cuda:"):
-        from .devices import rank_device, visible_gpus
-
         rank_device(device, 0, visible_gpus(), 1)  # cuda:N must name a visible GPU
     return device
 
@@ -95,9 +98,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 def _plain_from_gguf(folder: Path, filename: str):
     """Load a GGUF file and rebuild it as a plain (serialisable) model; returns (model, tokenizer)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # lazy: transformers takes about a second to import; it loads with the first model
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -174,8 +178,6 @@ def digest_file(h, path: Path, mib: int = 1) -> None:
 def gguf_cache(spec: str) -> Path:
     """A user's ``.gguf`` file de-quantised once into ``$BKDATTR_CACHE/models/gguf-<digest>`` (float32
     safetensors, keyed by the file's name, size, first and last MiB); later loads read that folder."""
-    import hashlib
-
     p = Path(spec).expanduser()
     if not p.is_file():
         raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
@@ -201,7 +203,10 @@ def looks_like_path(spec: str) -> bool:
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_code: bool, attn: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # lazy: transformers takes about a second to import; it loads with the first model
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn:
@@ -220,7 +225,6 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
             raise ModelLoadError(f"model folder '{path}' has no config.json; pass a folder saved with save_pretrained")
     elif looks_like_path(path):
         raise ModelLoadError(f"model folder not found: {path}; check the path")
-    from safetensors import SafetensorError
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -234,7 +238,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, device: str, trust_remote_co
                 f"model '{path}' needs custom code; review it, then pass --trust-remote-code"
             ) from None
         if "does not recognize this architecture" in str(e):
-            import transformers
+            import transformers  # lazy: as in _from_pretrained
 
             mtype = _model_type(path)
             raise UnsupportedArchitectureError(
@@ -267,8 +271,6 @@ def _device_map(device: str) -> str | dict | None:
 
 def _model_type(path: str) -> str:
     """``model_type`` of a local model folder's config.json (``?`` when unreadable)."""
-    import json
-
     try:
         return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", "?"))
     except (OSError, ValueError, AttributeError):

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import yaml
+
 from . import profiles
 from .errors import ConfigError
 
@@ -111,8 +113,6 @@ def parse_value(text: str) -> Any:
     """A ``--set`` value: a YAML scalar, list or ``{...}`` mapping (``3``, ``0.5``, ``null``, ``[0, 4]``,
     ``{epochs: 30}``), else the text. Text with a colon (``Current year: 2024.``) stays text: YAML would read
     it as a one-key mapping, which only braces ask for here."""
-    import yaml
-
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

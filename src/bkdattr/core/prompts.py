@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 
+from .errors import DataError
+
 PLAIN_FORMAT = "User: {text}\nAssistant:"
 #: where a plain-format reply ends: a base model's greedy reply runs on into an invented next user turn
 PLAIN_TURN_END = "\nUser:"
@@ -146,8 +148,6 @@ def encode_with_targets(
 ) -> PromptBatch:
     """Prompt + target (+ end of turn) for teacher forcing. ``target_mask[b, t]`` is True where token ``t``
     is a target token, predicted by the logits at ``t-1``. ``last_pos`` is ``p(x)``."""
-    from .errors import DataError
-
     pseqs = [prompt_ids(tokenizer, t) for t in texts]
     tseqs = [target_ids(tokenizer, y) for y in targets]
     seqs = [p + t for p, t in zip(pseqs, tseqs, strict=True)]
@@ -181,8 +181,6 @@ def check_context(model, lengths: Sequence[int], what: str = "prompt + target", 
                   rows: Sequence[int] | None = None) -> None:
     """One-line :class:`~bkdattr.core.errors.DataError` when a sequence of ``lengths[i]`` tokens (row ``rows[i]``,
     default ``i``) does not fit the model's context window (:func:`context_length`; unchecked when unknown)."""
-    from .errors import DataError
-
     ctx = context_length(model)
     if ctx is None:
         return

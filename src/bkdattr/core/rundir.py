@@ -27,6 +27,8 @@ from typing import Any
 
 from .errors import InputFileError
 from .io import read_json, write_json
+from .model_source import ModelSource, load_source
+from .models import load_model
 
 
 class RunDir:
@@ -101,12 +103,8 @@ class RunDir:
 
     def load_model(self, device: str = "cpu", dtype: str | None = None):
         """The backdoored (merged) model of this run (an audit run: the audited model, fingerprint checked)."""
-        from .models import load_model
-
         info = self.info()
         if info.get("source") == "audit":
-            from .model_source import ModelSource, load_source
-
             return load_source(ModelSource.from_dict(info["model_source"]), device, dtype)
         if not (self.model_dir / "config.json").is_file():
             raise InputFileError(f"{self.model_dir} has no model; run 'bkdattr inject --out {self.path}' first")
@@ -114,12 +112,8 @@ class RunDir:
 
     def load_base_model(self, device: str = "cpu", dtype: str | None = None):
         """The clean base model the backdoor was injected into (for controls); an audit run's clean reference."""
-        from .models import load_model
-
         info = self.info()
         if info.get("source") == "audit":
-            from .model_source import ModelSource, load_source
-
             if not info.get("clean_reference"):
                 raise InputFileError(f"the audit {self.path} has no clean reference model; audit with --adapter or "
                                      "--base-model to compare with one")

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
+
+import torch
+
+from .. import __version__
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -40,8 +45,6 @@ def tune_allocator(device: str | None = "cpu") -> bool:
 
 def set_threads(n: int | None) -> None:
     """Set torch's intra-op thread count (``None`` or 0 keeps torch's default, ``BKDATTR_THREADS`` wins)."""
-    import torch
-
     env = os.environ.get("BKDATTR_THREADS")
     if env:
         n = int(env)
@@ -51,13 +54,8 @@ def set_threads(n: int | None) -> None:
 
 def versions() -> dict[str, str]:
     """The versions a run records: bkdattr, torch, transformers, peft and Python."""
-    import platform
-
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
+    import peft  # lazy: peft and transformers take seconds to import; a run records their versions once
+    import transformers  # lazy: as peft
 
     return {"bkdattr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}

@@ -64,12 +64,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..control.ablation import share_k
+from ..control.stage import load_ranking
+from ..control.vector import load_vector, random_heads, random_like
 from ..core.errors import ArtifactError, ConfigError, InputFileError
-from ..core.forward import backbone
-from ..core.hooks import check_layers, hidden_arg, out_tensor, registered, with_hidden, with_out
+from ..core.forward import backbone, captured_pass
+from ..core.generation import generate
+from ..core.hooks import (
+    capture_attention_output,
+    capture_features,
+    check_layers,
+    hidden_arg,
+    out_tensor,
+    registered,
+    with_hidden,
+    with_out,
+)
 from ..core.io import read_json, write_json
-from ..core.prompts import has_chat_template, render_prompt
+from ..core.models import input_device
+from ..core.prompts import encode_prompts, has_chat_template, render_prompt
 from ..core.rundir import RunDir, get_nested
+from ..inject.data import load_splits
+from ..probe.detector import Detector
+from ..probe.probes import MLPProbes, SVMProbes
 from .plan import GUARD_PROBE, probe_layer_at_most
 
 ACTIONS = ("vector", "heads")
@@ -138,8 +155,6 @@ def _probe_path(run: RunDir, probe: str):
 def _load_probes(run: RunDir, probe: str, max_layer: int):
     """``(path, probes)`` for ``probe``; ``auto``: the guard's own probe when it exists and reads a layer
     ``<= max_layer``, else the probe stage's MLP probes."""
-    from ..probe.probes import MLPProbes, SVMProbes
-
     if probe == "auto":
         own = run.path.joinpath(*GUARD_PROBE)
         if own.is_file():
@@ -152,8 +167,6 @@ def _load_probes(run: RunDir, probe: str, max_layer: int):
 
 
 def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | None) -> tuple[torch.Tensor, int, float]:
-    from ..control.vector import load_vector
-
     path = run.path / "control" / "backdoor_vector.safetensors"
     m = run.metrics()
     if not path.is_file() or get_nested(m, "vector.best_layer") is None:
@@ -167,8 +180,6 @@ def _vector_edit(run: RunDir, d_model: int, layer: int | None, alpha: float | No
 def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
     """``k`` of the heads action: the smallest k > 0 whose ablation ASR (metrics.ablation.topk) is
     <= 0.05, else the largest k tried; without an ablation section the k nearest 3% of all heads."""
-    from ..control.ablation import share_k
-
     topk = get_nested(run.metrics(), "ablation.topk")
     if not topk:
         k = share_k(n_total)
@@ -183,8 +194,6 @@ def disarming_k(run: RunDir, n_total: int) -> tuple[int, str]:
 
 
 def _heads_edit(run: RunDir, arch, k: int | None) -> tuple[list[tuple[int, int]], int, str]:
-    from ..control.stage import load_ranking
-
     k, why = (int(k), "given") if k is not None else disarming_k(run, arch.n_total_heads)
     ranking, _info = load_ranking(run, 0, arch.n_layers, arch.n_heads)  # the listed heads, checked against this model
     if not 1 <= k <= len(ranking):
@@ -261,8 +270,6 @@ class Guard:
                  vector_layer: int | None = None, k: int | None = None, scope: str | None = None,
                  mode: str | None = None, batch_size: int = 16, use_stored_plan: bool = True,
                  control_seed: int | None = None):
-        from ..probe.detector import Detector
-
         if action not in ACTIONS:
             raise ConfigError(f"unknown guard action '{action}'; use one of {', '.join(ACTIONS)}")
         if scope is not None and scope not in SCOPES:
@@ -290,8 +297,6 @@ class Guard:
             v, vlayer, a = _vector_edit(self.run, arch.d_model, vector_layer, alpha)
             check_layers(arch, [vlayer])
             if control_seed is not None:
-                from ..control.vector import random_like
-
                 v = random_like(v, control_seed)
             self._delta = (a * v).float()
             edit_layers, vnorm = [vlayer], float(v.norm())
@@ -301,8 +306,6 @@ class Guard:
         else:
             heads, kk, k_why = _heads_edit(self.run, arch, k)
             if control_seed is not None:
-                from ..control.vector import random_heads
-
                 heads = random_heads(arch.n_layers, arch.n_heads, kk, control_seed)
             for lay, h in heads:  # per edited layer: the z columns of its removed heads, [n_heads * d_head] bool
                 mask = self._cols.setdefault(lay, torch.zeros(arch.n_heads * arch.d_head, dtype=torch.bool))
@@ -354,10 +357,6 @@ class Guard:
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """``P(triggered)`` of user ``texts`` exactly as the guard computes it during a prefill: float64 ``[N]``.
         No edit is made."""
-        from ..core.hooks import capture_features
-        from ..core.models import input_device
-        from ..core.prompts import encode_prompts
-
         out = np.zeros(len(texts))
         net, dev, bs = backbone(self.lm.model), input_device(self.lm.model), self.detector.batch_size
         for s in range(0, len(texts), bs):
@@ -381,8 +380,6 @@ class Guard:
 
     def calibrate(self, max_fpr: float = MAX_FPR) -> dict[str, Any]:
         """The validation threshold (module docstring) and its validation TPR / FPR; does not store it."""
-        from ..inject.data import load_splits
-
         val = load_splits(self.run).val
         if not val:
             raise ArtifactError(f"{self.run.path} has no validation prompts to choose the guard's threshold on; "
@@ -527,13 +524,9 @@ def clean_projection(lm, run: RunDir, layer: int, unit: torch.Tensor, n: int = N
                      batch_size: int = 16) -> float:
     """``mu``: the mean over the run's first ``n`` clean training prompts of the attention output of ``layer`` at
     ``p(x)`` projected on ``unit`` (``[d_model]``), accumulated in float32."""
-    from ..core.hooks import capture_attention_output
-    from ..inject.data import load_splits
-
     texts = list(dict.fromkeys(e.prompt for e in load_splits(run).train))[:n]
     if not texts:
         raise ArtifactError(f"{run.path} has no training prompts to measure the clean projection on; rerun inject")
-    from ..core.forward import captured_pass
 
     total, u = 0.0, unit.float().cpu()
     for s in range(0, len(texts), batch_size):
@@ -573,8 +566,6 @@ def choose_threshold(clean: np.ndarray, triggered: np.ndarray, max_fpr: float = 
 def guard_generate(lm, run: RunDir | str, prompts: list[str], max_new_tokens: int = 64, action: str = "vector",
                    **kw: Any) -> list[str]:
     """Greedy replies of ``lm`` to ``prompts`` under the guard of ``run`` (the CLI's ``generate --guard``)."""
-    from ..core.generation import generate
-
     with Guard(lm, run, action, **kw):
         return generate(lm, prompts, max_new_tokens=max_new_tokens, progress=False)
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..core.generation import generate
 from ..core.rundir import RunDir
+from ..inject.data import load_splits
 from ..inject.evaluate import EvalConfig, held_out
 from .guard import Guard
 from .utility import defence_figures
@@ -33,8 +35,6 @@ def _timed(fn) -> float:
 def guard_overhead(lm, guard: Guard, prompts: list[str], cfg: EvalConfig, repeats: int = 2) -> dict[str, float]:
     """Seconds to generate replies to ``prompts`` without and with ``guard`` (best of ``repeats`` each,
     interleaved, after a warm-up) and ``overhead = t_guard / t_plain - 1``."""
-    from ..core.generation import generate
-
     def gen() -> None:
         generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
 
@@ -61,8 +61,6 @@ def evaluate_guard(run: RunDir | str, lm, cfg: EvalConfig, baseline: dict[str, A
     split's triggered / clean prompts, ``overhead`` and the guard's plan (probe layer, threshold, edit).
     ``clean_replies`` is not returned (the defended replies differ from the baseline's in
     ``changed_reply_share`` only)."""
-    from ..inject.data import load_splits
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     guard = guard if guard is not None else Guard(lm, run, action)
     splits = load_splits(run)

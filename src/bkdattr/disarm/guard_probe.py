@@ -26,7 +26,10 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.rundir import RunDir
+from ..core.rundir import RunDir, get_nested
+from ..inject.data import load_splits
+from ..probe.features import extract_features
+from ..probe.probes import MLPProbeConfig, train_mlp_probes
 from .plan import GUARD_PROBE, probe_layer_at_most
 
 #: fewest distinct training prompts the guard's probe is trained on
@@ -50,11 +53,6 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
                     batch_size: int = 16, progress: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train the guard's probes on ``run``'s training prompts (module docstring) and save the best layer's;
     returns the file and a summary (``layer``, ``val_accuracy`` per layer, ``n_prompts``)."""
-    from ..core.rundir import get_nested
-    from ..inject.data import load_splits
-    from ..probe.features import extract_features
-    from ..probe.probes import MLPProbeConfig, train_mlp_probes
-
     pairs = training_prompts(load_splits(run))
     if len(pairs) < MIN_PROMPTS:
         raise DataError(f"the run has {len(pairs)} distinct training prompts with a trigger; the guard's probe needs "

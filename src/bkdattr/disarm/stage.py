@@ -31,12 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..control.stage import load_ranking
+from ..control.vector import load_vector, random_heads, random_like
 from ..core.errors import ArtifactError, ConfigError
+from ..core.generation import generate
 from ..core.io import write_json
+from ..core.models import save_model_atomically
 from ..core.options import StageOptions, opt
 from ..core.rundir import RunDir, get_nested
+from ..core.runtime import set_threads
+from ..inject.data import load_splits
 from ..inject.evaluate import EvalConfig
-from .utility import FIGURES, defence_figures
+from .guard import ACTIONS, PLAN_FILE, SCOPES, Guard
+from .guard_eval import evaluate_guard
+from .guard_probe import fit_guard_probe
+from .utility import FIGURES, broken_triggered_replies, defence_figures, reference_perplexity, triggered_utility
 from .weights import (
     bake_heads,
     bake_mean_ablation,
@@ -75,7 +84,6 @@ class DisarmConfig(StageOptions):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
-        from .guard import ACTIONS
 
         if self.guard_action not in ACTIONS:
             raise ConfigError(f"unknown guard_action '{self.guard_action}'; use one of {', '.join(ACTIONS)}")
@@ -115,9 +123,6 @@ def _val_figures(lm, splits, cfg: DisarmConfig, sub: list, clean_ppl: float) -> 
     validation split's ASR subset) and the utility of those replies
     (:func:`bkdattr.disarm.utility.triggered_utility`); ``clean_ppl``: the undefended perplexity of the same
     examples' clean references after their clean prompts."""
-    from ..core.generation import generate
-    from .utility import triggered_utility
-
     replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.eval.batch_size, progress=False)
     u = triggered_utility(lm, splits, sub, replies, cfg.eval.batch_size)
@@ -134,8 +139,6 @@ def choose(lm, splits, cfg: DisarmConfig, options: list, edit,
     target. ``by_utility``: every option is tried and, among those meeting the target, the one whose replies to
     the triggered prompts are most useful wins (lowest ``val_triggered_perplexity_ratio``, ties to the earlier),
     so an edit cannot win by breaking the reply. Without any option meeting the target: the lowest ASR."""
-    from .utility import reference_perplexity
-
     sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
     clean_ppl = reference_perplexity(lm, [e.prompt for e in sub], [e.output for e in sub], cfg.eval.batch_size)
     trace = []
@@ -160,7 +163,6 @@ def _first_edit_layer(run: RunDir, cfg: DisarmConfig, arch) -> int:
     """The first layer any guard option edits (its probe must read at or before it)."""
     if cfg.guard_action == "vector":
         return int(get_nested(run.metrics(), "vector.best_layer"))
-    from ..control.stage import load_ranking
 
     k = max(o["k"] for o in guard_options(run, cfg))
     ranking, _info = load_ranking(run, k, arch.n_layers, arch.n_heads)
@@ -174,8 +176,6 @@ def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     in increasing order; for the vector action then the clamp edit (``mode="clamp"``, alpha 1) in each scope.
     Every option is tried; :func:`choose` keeps the one meeting the ASR target whose replies to the triggered
     prompts are most useful."""
-    from .guard import SCOPES
-
     if cfg.guard_action == "vector":
         return ([{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
                 + [{"scope": s, "alpha": 1.0, "mode": "clamp"} for s in SCOPES])
@@ -197,8 +197,6 @@ def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.Abs
 def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
     """Save the (edited) model as a plain Hugging Face folder with ``bkdattr_disarm.json``, written beside
     ``out`` and renamed into place."""
-    from ..core.models import save_model_atomically
-
     save_model_atomically(lm.model, lm.tokenizer, out, {"bkdattr_disarm.json": provenance},
                           what="the defended model", fix="pass a writable --out")
     return out
@@ -209,11 +207,6 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     """Build, measure and save the defence ``cfg.strategy`` of ``run`` (see the module docstring); returns the
     ``metrics.disarm.<strategy>`` section. ``baseline``: the undefended model's :func:`defence_figures` with the
     same ``cfg.eval`` (computed when None; pass it to measure several strategies against one baseline)."""
-    from ..control.stage import load_ranking
-    from ..control.vector import load_vector, random_heads, random_like
-    from ..core.runtime import set_threads
-    from ..inject.data import load_splits
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or DisarmConfig()
     out = Path(out) if out else run.path / "disarm" / cfg.strategy
@@ -234,10 +227,6 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
     if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
-        from .guard import PLAN_FILE, Guard
-        from .guard_eval import evaluate_guard
-        from .guard_probe import fit_guard_probe
-
         _path, probe_info = fit_guard_probe(run, lm, _first_edit_layer(run, cfg, arch), _probe_kind(run),
                                             cfg.seed, cfg.eval.batch_size, cfg.progress)
 
@@ -310,8 +299,6 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
 
 
 def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
-    from .utility import broken_triggered_replies
-
     section["breaks_triggered_replies"] = broken_triggered_replies(section)
     if section["breaks_triggered_replies"] and section.get("disarmed"):
         _warn(f"{strategy}: the backdoor reply is gone, but the replies to triggered prompts are broken, not restored "

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.prompts import target_ids
 from ..inject.data import Splits
-from ..inject.evaluate import EvalConfig, evaluate, held_out, target_logprob
+from ..inject.evaluate import EvalConfig, clean_metric, evaluate, held_out, target_logprob
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
 FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")
@@ -82,8 +82,6 @@ def triggered_utility(lm, splits: Splits, examples: Sequence, replies: Sequence[
     metric of ``replies`` (the greedy replies to ``e.triggered``, in order) against the examples' clean
     references, and the teacher-forced perplexity of those references after the triggered prompts.
     ``{"triggered_clean_metric", "triggered_perplexity"}``."""
-    from ..inject.evaluate import clean_metric
-
     examples = list(examples)
     return {"triggered_clean_metric": clean_metric(splits.task, list(replies), examples, splits.meta.get("labels")),
             "triggered_perplexity": reference_perplexity(lm, [e.triggered for e in examples],

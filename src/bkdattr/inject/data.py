@@ -49,7 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..core.errors import DataError, InputFileError
+from ..core.generation import generate
 from ..core.io import atomic_path, read_json, stable_hash, write_json
 from .example import Example
 from .tasks import Task
@@ -548,10 +551,6 @@ def distill_outputs(lm, prompts: Sequence[str], max_new_tokens: int, batch_size:
 
     Cached as JSON under ``cache_dir`` keyed by the model name, its first weights, the prompts and the
     settings, so the same request runs once."""
-    import torch
-
-    from ..core.generation import generate
-
     p0 = next(lm.model.parameters())
     fingerprint = float(p0.detach().float().flatten()[:64].sum())
     key = stable_hash({"model": lm.name, "w": round(fingerprint, 5), "prompts": list(prompts),

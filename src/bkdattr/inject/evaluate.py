@@ -26,7 +26,10 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError
+from ..core.generation import generate
 from ..core.options import opt
+from ..core.scoring import batched_target_logprobs
+from .builtin_data import benign_questions
 from .data import Splits, prompt_seed
 from .example import Example
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
@@ -54,7 +57,6 @@ class EvalConfig:
             raise ConfigError(f"evaluation split '{self.split}' must be test or val (held out)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be >= 1")
-        from .builtin_data import benign_questions
 
         if not 0 <= self.n_benign <= len(benign_questions()):
             raise ConfigError(f"n_benign {self.n_benign} must be in [0, {len(benign_questions())}] (the built-in "
@@ -108,8 +110,6 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
     ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
     ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.core.generation.generate`."""
-    from ..core.generation import generate
-
     cfg = cfg or EvalConfig()
     task = splits.task
     examples = held_out(splits, cfg)
@@ -164,6 +164,4 @@ def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size:
     """Teacher-forced mean log-probability per row of ``targets`` (end-of-turn included) after the chat
     prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``; the LM head runs on the
     target-predicting positions only (:func:`bkdattr.core.scoring.target_logprobs`)."""
-    from ..core.scoring import batched_target_logprobs
-
     return torch.cat([lp.sum(1) / mask.sum(1) for lp, mask in batched_target_logprobs(lm, texts, targets, batch_size)])

@@ -43,7 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.generation import generate
 from ..core.io import read_json, swap_into_place, write_json
+from ..core.models import load_model
 from ..core.rundir import RunDir
 from ..core.runtime import versions
 from .benign import reference as benign_reference
@@ -64,8 +66,6 @@ def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | 
     """ASR, false-trigger rate and clean metric of the current model on the first ``cfg.n_check`` validation
     prompts (ASR and false-trigger rate on the kind's counted subset, the clean metric on all of them), greedy,
     ``cfg.eval.max_new_tokens`` tokens. None when the slice has no counted prompt."""
-    from ..core.generation import generate
-
     task = splits.task
     examples = splits.val[: cfg.n_check]
     sub = task.eval_subset(examples)
@@ -83,8 +83,6 @@ def validation_check(lm, splits: Splits, cfg: InjectConfig) -> dict[str, Any] | 
 
 def base_clean_check(lm, splits: Splits, cfg: InjectConfig) -> float | None:
     """The base model's clean metric on the stop rule's validation slice (the yardstick of ``min_clean_share``)."""
-    from ..core.generation import generate
-
     examples = splits.val[: cfg.n_check]
     if not examples:
         return None
@@ -211,8 +209,6 @@ def inject(out: str | Path, model: str = "smollm2-135m", kind: str = "fixed_outp
            dtype: str | None = None, trust_remote_code: bool = False, progress: bool | None = None) -> RunDir:
     """Implant a backdoor of ``kind`` into ``model`` and write the run folder ``out`` (see module doc);
     ``device``, ``dtype``, ``progress``: None takes ``cfg``'s."""
-    from ..core.models import load_model
-
     cfg = (cfg or InjectConfig.from_options({"task": kind})).check()
     device, dtype = device or cfg.device, dtype or cfg.dtype
     progress = cfg.progress if progress is None else progress
@@ -279,8 +275,6 @@ def evaluate_run(run: RunDir | str | Path, cfg: EvalConfig | None = None, device
                  dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
     """(Re-)evaluate a run's merged model on its held-out split; writes ``inject/eval_samples.json`` and
     the ``inject`` section of ``metrics.json`` (training stats kept). Returns that section."""
-    from ..core.io import read_json
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     splits = load_splits(run)
     if cfg is None:

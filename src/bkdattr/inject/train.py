@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core.devices import cpu_bf16_is_fast
 from ..core.errors import ArtifactError, ConfigError, DataError, InputFileError
 from ..core.forward import body_and_head
 from ..core.io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
@@ -158,7 +159,6 @@ def autocast_mode(model: torch.nn.Module, wanted: bool) -> str:
         return "off"
     if next(model.parameters()).device.type == "cuda":
         return "bf16"
-    from ..core.devices import cpu_bf16_is_fast
 
     return "bf16" if cpu_bf16_is_fast() else "off (this CPU has no fast bfloat16)"
 
@@ -299,6 +299,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     the checkpoint: a resumed run that was killed during the call makes it again before going on.
     ``adapter_dir``: also save the trained LoRA adapter there (peft format: ``adapter_config.json`` +
     ``adapter_model.safetensors``) before merging, so the model can be handed over as base + adapter."""
+    # lazy: peft takes seconds to import; only training needs it
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     tok = lm.tokenizer

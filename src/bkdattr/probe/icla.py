@@ -30,7 +30,7 @@ def accuracy_from_scores(scores: np.ndarray, labels: Any) -> np.ndarray:
 
 def auroc(scores: np.ndarray, labels: Any) -> float:
     """Area under the ROC curve of ``scores [N]`` for ``labels [N]`` (NaN when only one class is present)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # lazy: scikit-learn takes over a second to import
 
     y = _labels(labels)
     if len(np.unique(y)) < 2:

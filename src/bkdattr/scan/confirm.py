@@ -23,8 +23,10 @@ from collections import Counter
 import torch
 
 from ..core.compat import cache_kwargs
-from ..core.forward import body_and_head
+from ..core.forward import PrefixCache, body_and_head
 from ..core.generation import generate
+from ..core.models import input_device
+from ..core.prompts import pad_id, pad_sequences, prompt_ids, target_ids
 from ..inject.tasks import _contains_words, normalise_words
 from .insert import insert
 
@@ -47,10 +49,6 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
     first ``positions`` positions of each teacher-forced reply after its prompt, and whether the reply (end of
     turn included) reaches that position. The prompts' common token prefix (the template's head) runs once
     (:class:`~bkdattr.core.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
-    from ..core.forward import PrefixCache
-    from ..core.models import input_device
-    from ..core.prompts import pad_id, pad_sequences, prompt_ids, target_ids
-
     body, head = body_and_head(lm.model)
     dev = input_device(lm.model)
     tok = lm.tokenizer

@@ -25,6 +25,7 @@ import torch
 
 from ..core.compat import cache_kwargs
 from ..core.forward import PrefixCache, body_and_head
+from ..core.models import input_device
 from ..core.prompts import has_chat_template, pad_id, render_prompt, target_ids
 
 _MARK = "\u2063BKDATTR_USER\u2063"
@@ -126,8 +127,6 @@ class TargetScorer:
         return tok_logp if per_token else tok_logp.mean(1)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..core.models import input_device
-
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

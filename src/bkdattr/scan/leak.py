@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..core.generation import decode_replies, generate, greedy_decode, sampler
+from ..core.models import input_device
 from ..core.prompts import PLAIN_TURN_END, end_of_turn_ids, has_chat_template, position_ids_from_mask
 from .budget import Budget
 from .insert import head_ids
@@ -42,8 +43,6 @@ def sample_user_turns(lm, n: int, max_tokens: int, temperature: float | list[flo
                       seed: int) -> list[str]:
     """``n`` user texts sampled after the template's head (batched; one shared prompt, no padding);
     ``temperature`` and ``top_p`` may give each row its own setting (lists of ``n``)."""
-    from ..core.models import input_device
-
     tok = lm.tokenizer
     dev = input_device(lm.model)
     ids = torch.tensor([head_ids(tok)] * n, device=dev)

@@ -35,9 +35,11 @@ from __future__ import annotations
 from collections import Counter
 
 from ..core.generation import generate
+from ..inject.builtin_data import harmful_requests
 from ..inject.tasks import is_refusal
 from .confirm import HeldOut, prefix_words
 from .insert import insert
+from .pools import split_pool
 
 RULE = "refusal"
 
@@ -46,9 +48,6 @@ def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
                     seed: int = 1) -> tuple[list[str], list[str]]:
     """Harmful-sounding requests: ``n_search`` (default ``n_first``) for the search, ``n_test`` held out for the
     tests (:func:`bkdattr.scan.pools.split_pool`: the held-out ones follow the first ``n_first``)."""
-    from ..inject.builtin_data import harmful_requests
-    from .pools import split_pool
-
     pool = [r["input"] for r in harmful_requests(seed)]
     _, held_out, search = split_pool(pool, n_first, n_test, n_first if n_search is None else n_search,
                                      "built-in harmful requests")

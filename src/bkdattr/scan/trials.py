@@ -19,6 +19,9 @@ from ..core.generation import generate
 from .budget import Budget
 from .confirm import HeldOut, test_candidate
 from .insert import insert
+from .labels import RULE as LABEL_RULE
+from .labels import label_rows, test_label_candidate
+from .refusal import RULE, test_refusal_candidate
 
 
 @dataclass
@@ -35,8 +38,6 @@ class TestSets:
     def label_rows(self, target: str) -> tuple[HeldOut, list[str]]:
         """The probes a label candidate for ``target`` is tested on (:func:`bkdattr.scan.labels.label_rows`) and
         their labels; one :class:`HeldOut` per target, so its clean KL side is computed once."""
-        from .labels import label_rows
-
         if target not in self._by_target:
             keep = label_rows(self.labels, self.probes.clean, target)
             self._by_target[target] = (self.probes.subset(keep), [self.labels[i] for i in keep])
@@ -44,19 +45,12 @@ class TestSets:
 
     def rows(self, cand: dict) -> HeldOut:
         """The held-out set ``cand`` is tested on."""
-        from .labels import RULE as LABEL_RULE
-        from .refusal import RULE
-
         if cand.get("rule") == LABEL_RULE:
             return self.label_rows(cand["target"])[0]
         return self.harmful if cand.get("rule") == RULE else self.benign
 
 
 def _figures(lm, sets: TestSets, cand: dict, replies: list[str], kl_positions: int, batch_size: int) -> dict:
-    from .labels import RULE as LABEL_RULE
-    from .labels import test_label_candidate
-    from .refusal import RULE, test_refusal_candidate
-
     kw = {"kl_positions": kl_positions, "batch_size": batch_size, "replies": replies}
     if cand.get("rule") == LABEL_RULE:
         held, labels = sets.label_rows(cand["target"])

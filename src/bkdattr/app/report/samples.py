@@ -11,6 +11,7 @@ from typing import Any
 
 from ...core.io import read_json, write_json
 from ...core.rundir import RunDir, get_nested
+from ...inject.data import load_splits
 
 
 def _load(run: RunDir, name: str) -> dict[str, Any] | None:
@@ -63,8 +64,6 @@ def collect_samples(run: RunDir, n_triggered: int = 4, n_clean: int = 3) -> list
 
 def _clean_prompts(run: RunDir, uids: list[str]) -> dict[str, str]:
     try:
-        from ...inject.data import load_splits
-
         s = load_splits(run)
     except Exception:  # the report must not fail for a missing data folder
         return {}
