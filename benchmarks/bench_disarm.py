@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.table import Table
 
     from bkdattr.core.rundir import RunDir
-    from bkdattr.disarm.stage import DisarmConfig, disarm_run
+    from bkdattr.disarm.config import DisarmConfig
+    from bkdattr.disarm.stage import disarm_run
     from bkdattr.disarm.utility import defence_figures
     from bkdattr.inject.data import load_splits
 
@@ -138,9 +139,9 @@ def overhead_only(runs: dict[str, Path], repeats: int, threads: int | None, json
     number of decoding steps."""
     from bkdattr.core.rundir import RunDir
     from bkdattr.core.runtime import set_threads
-    from bkdattr.disarm.guard import Guard
+    from bkdattr.disarm.config import DisarmConfig
     from bkdattr.disarm.guard_eval import guard_overhead
-    from bkdattr.disarm.stage import DisarmConfig
+    from bkdattr.disarm.runtime import Guard
     from bkdattr.inject.data import load_splits
     from bkdattr.inject.evaluate import held_out
 

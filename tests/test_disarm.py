@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from bkdattr.core.rundir import RunDir
-from bkdattr.disarm.stage import DisarmConfig, disarm_run
+from bkdattr.disarm.config import DisarmConfig
+from bkdattr.disarm.stage import disarm_run
 from bkdattr.disarm.utility import changed_share, reference_perplexity
 from bkdattr.disarm.weights import bake_output_bias, output_bias, zeroed_heads
 from tiny import make_tiny

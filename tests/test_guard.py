@@ -24,7 +24,9 @@ from bkdattr.core.generation import decode_replies, generate, greedy_generate
 from bkdattr.core.hooks import hook_count, out_tensor, registered
 from bkdattr.core.prompts import encode_prompts, encode_with_targets, end_of_turn_ids, pad_id, target_ids
 from bkdattr.core.rundir import RunDir
-from bkdattr.disarm.guard import Guard, choose_threshold, header_ids, prompt_positions
+from bkdattr.disarm.calibrate import choose_threshold
+from bkdattr.disarm.runtime import Guard, header_ids, prompt_positions
+from bkdattr.disarm.stage import calibrate_guard
 from bkdattr.inject.data import load_splits
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -77,6 +79,7 @@ def guarded(tmp_path_factory):
         run = run_pipeline(load_config(None, sets), log=lambda _m: None)
         lm = run.load_model()
         splits = load_splits(run)
+        calibrate_guard(Guard(lm, run, "vector", threshold=float("nan")))  # what 'disarm --strategy guard' does
         yield SimpleNamespace(run=run, lm=lm, splits=splits, task=splits.task, folder=folder, tmp=tmp,
                               target=TARGET, trigger=TRIGGER)
 
@@ -167,11 +170,33 @@ def test_threshold_meets_the_fpr_rule_on_validation(guarded):
     guard = Guard(guarded.lm, guarded.run, "vector")
     saved = read_json(guarded.run.path / "disarm" / "guard_threshold.json")
     assert saved["threshold"] == guard.threshold and saved["probe_layer"] == 1 and saved["split"] == "val"
+    assert guard.plan.threshold_source == "stored (disarm/guard_threshold.json)"
     val = guarded.splits.val
     clean, trig = guard.scores([e.prompt for e in val]), guard.scores([e.triggered for e in val])
     assert (clean > guard.threshold).mean() <= 0.01 and (trig > guard.threshold).mean() == 1.0
     assert clean.max() == saved["bound"] < guard.threshold < trig.min()  # n < 100: no clean prompt may pass
     assert Guard(guarded.lm, guarded.run, "heads").plan.threshold_source.startswith("stored")
+
+
+def test_building_a_guard_writes_nothing(guarded, tmp_path):
+    """A guard on a run without a stored threshold calibrates in memory, says so, and leaves every file and
+    folder of the run as it was; its threshold is the one the explicit calibration stores."""
+    run = RunDir(shutil.copytree(guarded.run.path, tmp_path / "run"))
+    (run.path / "disarm" / "guard_threshold.json").unlink()
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(run.path)): p.stat().st_mtime_ns for p in [run.path, *run.path.rglob("*")]}
+
+    before = snapshot()
+    guard = Guard(guarded.lm, run, "heads", scope="all")
+    assert snapshot() == before
+    assert "in memory" in guard.plan.threshold_source and "not stored" in guard.plan.threshold_source
+    assert guard.threshold == Guard(guarded.lm, guarded.run, "heads").threshold
+    with guard:
+        generate(guarded.lm, ["Hi."], max_new_tokens=2, progress=False)
+    assert snapshot() == before
+    calibrate_guard(guard)
+    assert Guard(guarded.lm, run, "heads").plan.threshold_source.startswith("stored")
 
 
 def test_choose_threshold_known_answers():
@@ -315,7 +340,7 @@ def test_clamp_mode_removes_only_the_excess_along_the_vector(guarded, scope):
     hand-written projection); ``mu`` is the clean training prompts' mean projection at ``p(x)``; a clean row is
     untouched, and the clamp disarms the planted backdoor."""
     from bkdattr.control.vector import load_vector
-    from bkdattr.disarm.guard import clean_projection
+    from bkdattr.disarm.calibrate import clean_projection
 
     lm, arch, test = guarded.lm, guarded.lm.arch, guarded.splits.test[:3]
     trig, clean = [e.triggered for e in test], [e.prompt for e in test]
@@ -412,7 +437,7 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     # the edit was chosen on validation, stored, and is what a later guard uses by default
     plan = read_json(guarded.run.path / "disarm" / "guard_plan.json")
     assert plan["action"] == "vector" and plan["target_met_on_val"]
-    from bkdattr.disarm.guard import SCOPES
+    from bkdattr.disarm.config import SCOPES
 
     assert [t["value"] for t in plan["selection"]] == [{"scope": sc, "alpha": a} for sc in SCOPES
                                                        for a in (0.5, 1.0, 1.5, 2.0, 3.0)] + [
@@ -426,6 +451,10 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
     later = Guard(guarded.lm, guarded.run, "vector").plan
     assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source
+    # the threshold was calibrated for the guard's own probe, explicitly, and is what later guards read
+    saved = read_json(guarded.run.path / "disarm" / "guard_threshold.json")
+    assert saved["probe_layer"] == s["guard_probe"]["layer"] == later.probe_layer
+    assert later.threshold == saved["threshold"] and later.threshold_source.startswith("stored")
     assert later.mode == plan.get("mode", "subtract")
     # the guard's own probe: trained on the training split only, one layer at or before the edit layer
     probe = s["guard_probe"]

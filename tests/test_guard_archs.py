@@ -18,7 +18,7 @@ from bkdattr.control.vector import BackdoorVector, save_vector
 from bkdattr.core.generation import decode_replies, greedy_generate
 from bkdattr.core.hooks import hidden_arg, hook_count, out_tensor, registered, with_hidden, with_out
 from bkdattr.core.prompts import encode_prompts, end_of_turn_ids, pad_id
-from bkdattr.disarm.guard import Guard
+from bkdattr.disarm.runtime import Guard
 from bkdattr.probe.probes import MLPProbes
 from tiny import ARCHS
 

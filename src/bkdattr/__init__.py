@@ -31,7 +31,7 @@ _PUBLIC: dict[str, str] = {
     "load_splits": "bkdattr.inject.data",
     "attribute": "bkdattr.attribution.baha",
     "mean_contributions": "bkdattr.attribution.means",
-    "Guard": "bkdattr.disarm.guard",
+    "Guard": "bkdattr.disarm.runtime",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -67,7 +67,8 @@ def generate(prompt: str = typer.Argument(..., help="user message"), model: str 
     from ..core.errors import ConfigError
     from ..core.rundir import RunDir
     from ..core.runtime import set_threads, tune_allocator
-    from ..disarm.guard import ACTIONS, guard_generate
+    from ..disarm.config import ACTIONS
+    from ..disarm.runtime import guard_generate
 
     if model is not None or adapter is not None:
         raise ConfigError("--guard RUN replies with the run's own model; drop --model / --adapter")

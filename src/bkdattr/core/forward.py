@@ -156,3 +156,18 @@ def captured_pass(lm, texts: Sequence[str], capture: Callable[[PromptBatch], con
     with capture(batch) as store:
         backbone(lm.model)(**batch.model_inputs(), use_cache=False)
     return batch, store
+
+
+def past_length(kwargs: dict) -> int:
+    """Columns already in the KV cache of a forward call, from its keyword arguments (the cache keyword is
+    ``cache`` in newer transformers, ``past_key_values`` before; else ``cache_position``); 0 for a prefill."""
+    pkv = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+    if pkv is not None:
+        if hasattr(pkv, "get_seq_length"):
+            return int(pkv.get_seq_length())
+        with contextlib.suppress(Exception):
+            return int(pkv[0][0].shape[-2])
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, torch.Tensor) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    return 0

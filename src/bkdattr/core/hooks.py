@@ -21,6 +21,11 @@ Edit (write):
   left-padded batch, whose last column is ``p(x)``; single-token decode steps stay unedited.
 * :func:`edit_heads` -- zero (ablate) or replace chosen heads' slices of ``z_l`` at ``p(x)``, the same for
   every row; :func:`zero_heads_rowwise` -- zero a per-row head mask (many edits stacked in one batch).
+* :func:`masked_edit` -- any edit of chosen rows and columns of a layer's attention output or of its ``z``,
+  decided per forward call (the runtime guard's edit: only the rows its probe flags).
+
+Watch (read only, per call): :func:`watch_calls` -- a module's call arguments; :func:`tap` -- a module's output
+or hidden-states input.
 
 Count:
 
@@ -40,7 +45,7 @@ call only (:func:`bkdattr.core.generation.greedy_decode` takes an ``edit`` for t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -339,6 +344,80 @@ def zero_heads_rowwise(arch: Arch, masks: Mapping[int, torch.Tensor], positions:
         return zp.reshape(rows.shape[0], -1)
 
     with _edit_z(arch, {int(k): v for k, v in masks.items()}, positions, edit):
+        yield
+
+
+@contextlib.contextmanager
+def watch_calls(module: nn.Module, fn: Callable[[tuple, dict], None]) -> Iterator[None]:
+    """Call ``fn(args, kwargs)`` before every forward call of ``module`` inside the block (read only: the call's
+    inputs are passed on unchanged)."""
+    def pre(_m, args, kwargs):
+        fn(args, kwargs)
+
+    handles: list = []
+    with registered(handles):
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        yield
+
+
+@contextlib.contextmanager
+def tap(module: nn.Module, fn: Callable[[torch.Tensor], None], pre: bool = False) -> Iterator[None]:
+    """Call ``fn(x)`` on every forward call of ``module`` inside the block: ``x`` is the module's output tensor,
+    or (``pre``) its hidden-states input, ``[B, T, d]``. Read only."""
+    handles: list = []
+    with registered(handles):
+        if pre:
+            handles.append(module.register_forward_pre_hook(lambda _m, a, kw: fn(hidden_arg(a, kw)),
+                                                            with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out: fn(out_tensor(out))))
+        yield
+
+
+#: selected rows ``[R]`` of a call and, per row, the columns to edit (``[R, T]`` bool; None: every column)
+Selection = tuple[torch.Tensor, torch.Tensor | None]
+
+
+@contextlib.contextmanager
+def masked_edit(arch: Arch, layer: int, select: Callable[[torch.Tensor], Selection | None],
+                edit: Callable[[torch.Tensor], torch.Tensor], at: str = "out") -> Iterator[None]:
+    """Edit chosen rows and columns of layer ``layer``'s attention on every forward call inside the block.
+
+    ``at="out"``: the attention output (the output projection's output, ``[B, T, d_model]``); ``at="z"``: the
+    output projection's input ``z`` (``[B, T, H*d_h]``, every head's slice). ``select(x)`` returns the rows to
+    edit and their columns (:data:`Selection`), or None to leave the call alone; ``edit(sub)`` maps the selected
+    rows ``[R, T, D]`` (float32) to their new values. Selected columns take the new values, every other entry is
+    kept bit for bit, and the result is cast back to the model's dtype once."""
+    if at not in ("out", "z"):
+        raise ConfigError(f"unknown edit point '{at}'; use out or z")
+    check_layers(arch, [layer])
+
+    def apply(x: torch.Tensor) -> torch.Tensor | None:
+        sel = select(x)
+        if sel is None:
+            return None
+        rows, cols = sel
+        x = x.clone()
+        sub = x[rows].float()
+        new = edit(sub)
+        if cols is not None:
+            new = torch.where(cols[..., None], new, sub)
+        x[rows] = new.to(x.dtype)
+        return x
+
+    def hook(_m, _args, out):
+        o = apply(out_tensor(out))
+        return None if o is None else with_out(out, o)
+
+    def pre(_m, args, kwargs):
+        z = apply(hidden_arg(args, kwargs))
+        return None if z is None else with_hidden(args, kwargs, z)
+
+    handles: list = []
+    with registered(handles):
+        module = arch.out_proj[int(layer)]
+        handles.append(module.register_forward_hook(hook) if at == "out"
+                       else module.register_forward_pre_hook(pre, with_kwargs=True))
         yield
 
 

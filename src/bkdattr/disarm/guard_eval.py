@@ -1,4 +1,4 @@
-"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.disarm.guard`) measured like every
+"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.disarm.runtime`) measured like every
 other defence, plus what only a guard has.
 
 * **Defence figures** (:func:`bkdattr.disarm.utility.defence_figures`, the same code as for ``heads`` and
@@ -22,7 +22,7 @@ from ..core.generation import generate
 from ..core.rundir import RunDir
 from ..inject.data import load_splits
 from ..inject.evaluate import EvalConfig, held_out
-from .guard import Guard
+from .runtime import Guard
 from .utility import defence_figures
 
 
@@ -71,8 +71,8 @@ def evaluate_guard(run: RunDir | str, lm, cfg: EvalConfig, baseline: dict[str, A
     out.pop("clean_replies", None)
     flagged_during_eval = guard.n_flagged - n_flagged0
     thr = guard.threshold
-    trig = guard.scores([e.triggered for e in examples])
-    clean = guard.scores([e.prompt for e in examples])
+    trig = guard.scores([e.triggered for e in examples], progress)
+    clean = guard.scores([e.prompt for e in examples], progress)
     out.update(true_positive_rate=float((trig > thr).mean()) if len(trig) else None,
                false_positive_rate=float((clean > thr).mean()) if len(clean) else None,
                n_detection=len(examples), flagged_prefill_rows=flagged_during_eval)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ...disarm.stage import DisarmConfig
+from ...disarm.config import DisarmConfig
 from ..cli_options import stage_command
 
 
