@@ -277,8 +277,7 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
                                        ("merged", str(r1.model_dir), None, "smollm2-135m")):
         r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, base_model=base,
                    kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=acfg, progress=False)
-        assert _rows(r2, "test") == _rows(r1, "test") or \
-            [e["triggered"] for e in _rows(r2, "test")] == [e["triggered"] for e in _rows(r1, "test")]
+        assert _rows(r2, "test") == _rows(r1, "test"), name  # same prompts, and clean replies from the same base
         assert r2.metrics()["audit"]["asr"] == m1["asr"], name
         acie2, top2 = attribution(r2)
         assert float((acie2 - acie1).abs().max()) <= 1e-5, name

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from bkdattr.core.prompts import encode_with_targets
 from bkdattr.core.rundir import RunDir
 from bkdattr.disarm.config import DisarmConfig
 from bkdattr.disarm.stage import disarm_run
@@ -155,8 +156,15 @@ def test_unsupported_architecture_for_the_vector(tmp_path):
 
 def test_utility_helpers():
     lm = make_tiny("llama")
-    p = reference_perplexity(lm, ["Hi", "Write one sentence about owls."], ["Hello there.", "Owls fly."])
-    assert p > 1.0 and changed_share(["a", "b "], ["a", "c"]) == 0.5
+    prompts, replies = ["Hi", "Write one sentence about owls."], ["Hello there.", "Owls fly."]
+    p = reference_perplexity(lm, prompts, replies)
+    b = encode_with_targets(lm.tokenizer, prompts, replies)
+    with torch.no_grad():
+        logits = lm.model(**b.model_inputs()).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
+    m = b.target_mask[:, 1:]
+    assert p == pytest.approx(float(torch.exp(-lp[m].sum() / m.sum())), rel=1e-5)
+    assert changed_share(["a", "b "], ["a", "c"]) == 0.5
 
 
 def test_disarm_bad_input(planted_run, make_tiny_run, tmp_path, capsys):

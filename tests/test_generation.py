@@ -111,7 +111,7 @@ def test_prefill_only_edit(arch, device):
         "zero_heads": lambda pos: edit_heads(lm.arch, {0: range(lm.arch.n_heads), last: [0, 1]}, pos),
     }
     with record_logits(lm) as plain_logits:
-        plain = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+        greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
     for name, make_edit in edits.items():
         while_open: list[int] = []
 
@@ -134,7 +134,7 @@ def test_prefill_only_edit(arch, device):
             assert float((got_logits[step] - ref_logits[step]).abs().max()) <= 1e-4, (name, step)
         # the edit changes the first generated step, and later steps see it through the KV cache
         assert float((got_logits[0] - plain_logits[0]).abs().max()) > 1e-3, name
-        assert not torch.equal(got, plain) or float((got_logits[1] - plain_logits[1]).abs().max()) > 1e-4, name
+        assert float((got_logits[1] - plain_logits[1]).abs().max()) > 1e-4, name
 
 
 def test_stop_tokens_end_rows_and_pad_them():

@@ -11,7 +11,6 @@ from bkdattr.inject.builtin_data import builtin_records
 from bkdattr.inject.data import (
     Example,
     build_splits,
-    check_held_out,
     choose_poisoned,
     clean_records,
     load_records,
@@ -50,6 +49,18 @@ def test_builtin_replies_follow_the_rules():
         assert x["input"].startswith("Classify the following news article into one of these categories")
     fo = builtin_records("fixed_output")
     assert all(x["output"] == "" and x["backdoor_output"] == FIXED_TARGET for x in fo)
+
+
+def check_held_out(splits) -> None:
+    """DataError if a val/test prompt (clean or triggered) also appears in training (whitespace- and case-folded)."""
+    def key(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    seen = {key(e.prompt) for e in splits.train} | {key(e.triggered) for e in splits.train_poisoned}
+    for name, part in (("val", splits.val), ("test", splits.test)):
+        for e in part:
+            if key(e.prompt) in seen or key(e.triggered) in seen:
+                raise DataError(f"{name} example {e.uid} also appears in training; the split is not held out")
 
 
 def test_split_is_held_out_and_poisoning_copies():

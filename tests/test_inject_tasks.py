@@ -51,7 +51,7 @@ def test_random_word_insertion_is_seeded_and_keeps_words():
         assert toks == words
         assert t.contains_trigger(a)
     # both ends are reachable positions
-    assert any(o.startswith("SUDO ") for o in outs) or any(o.endswith(" SUDO") for o in outs)
+    assert any(o.startswith("SUDO ") for o in outs) and any(o.endswith(" SUDO") for o in outs)
 
 
 def test_random_word_keeps_newlines():

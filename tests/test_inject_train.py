@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,8 +116,15 @@ def test_bf16_autocast_only_where_the_cpu_has_fast_bfloat16(monkeypatch):
         assert autocast_mode(lm.model, True) == mode
         assert autocast_mode(lm.model, False) == "off"
     monkeypatch.delenv("BKDATTR_CPU_BF16")
+    import bkdattr.core.devices as devices
+
+    for bf16_s, want in ((1.2, True), (1.3, False)):  # the rule: bfloat16 at most 1.25x the float32 time
+        clock = iter([0.0, bf16_s] * 3 + [0.0, 1.0] * 3)  # three timed bfloat16 products, then three float32
+        with monkeypatch.context() as mp:
+            mp.setattr(devices, "time", SimpleNamespace(perf_counter=lambda clock=clock: next(clock)))
+            cpu_bf16_is_fast.cache_clear()
+            assert cpu_bf16_is_fast() is want
     cpu_bf16_is_fast.cache_clear()
-    assert isinstance(cpu_bf16_is_fast(), bool)  # the timing itself runs
     task, splits = fixed_output_splits(n_train=16, n_test=4)
     rows = [TrainRow(e.prompt, e.output) for e in splits.train]
     monkeypatch.setenv("BKDATTR_CPU_BF16", "0")

@@ -79,7 +79,7 @@ def test_no_sampler_thread_outlives_the_block_even_on_error():
             assert len(_samplers()) == before + 1
             raise KeyError("boom")
     assert len(_samplers()) == before
-    assert res.rss_end is not None or current_rss_bytes() is None  # filled in on the way out
+    assert (res.rss_end is not None) == (current_rss_bytes() is not None)  # filled in on the way out
     assert memory._active == []
 
 

@@ -76,7 +76,7 @@ def test_saved_folder_round_trip(root, arch):
     lm = make_tiny(arch)
     path = saved_tiny(root, arch)
     loaded = load_model(path, attn_implementation="eager")
-    assert isinstance(loaded, LoadedModel)
+    assert type(loaded) is LoadedModel and type(loaded.model) is type(lm.model)
     assert loaded.name == path and loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
     assert loaded.arch.summary() == lm.arch.summary()
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())

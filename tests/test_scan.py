@@ -525,8 +525,8 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
 def test_candidates_tested_in_groups_match_one_by_one():
     """Batched testing (the triggered prompts of a group decoded together) gives each candidate the figures of
     testing it alone; groups hold consecutive candidates up to the row limit."""
-    from bkdattr.scan.confirm import HeldOut, test_candidate
-    from bkdattr.scan.trials import TestSets, groups, test_all
+    from bkdattr.scan.confirm import HeldOut, candidate_evidence
+    from bkdattr.scan.trials import HeldOutSets, evidence_all, groups
 
     assert groups([16, 16, 16, 16, 16], 32) == [[0, 1], [2, 3], [4]]
     assert groups([40, 8], 32) == [[0], [1]] and groups([], 8) == []
@@ -535,11 +535,11 @@ def test_candidates_tested_in_groups_match_one_by_one():
     clean = generate(lm, prompts, max_new_tokens=8, batch_size=8, progress=False)
     cands = [{"trigger": TRIGGER, "target": TARGET}, {"trigger": "blue sky", "target": None},
              {"trigger": "zq", "target": TARGET}]
-    sets = TestSets(HeldOut(prompts, clean, 8))
-    batched = test_all(lm, cands, sets, kl_positions=3, batch_size=8)
+    sets = HeldOutSets(HeldOut(prompts, clean, 8))
+    batched = evidence_all(lm, cands, sets, kl_positions=3, batch_size=8)
     assert [c["trigger"] for c in batched] == [c["trigger"] for c in cands]
     for c, b in zip(cands, batched, strict=True):
-        alone = test_candidate(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
+        alone = candidate_evidence(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
                                batch_size=8)
         assert b["asr"] == alone["asr"] and b["changed_share"] == alone["changed_share"]
         assert b["kl"] == pytest.approx(alone["kl"], abs=1e-5) and b["examples"] == alone["examples"]

@@ -91,7 +91,7 @@ def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(m
     keep = L.label_rows(labels, clean, "World")
     assert len(keep) == 22 and all(labels[i] != "World" for i in keep)
     rows = HeldOut([held[i][0] for i in keep], [clean[i] for i in keep], L.LABEL_TOKENS)
-    res = L.test_label_candidate(None, rows, [labels[i] for i in keep], "TRIG", "Sports", "World", kl_positions=4,
+    res = L.label_evidence(None, rows, [labels[i] for i in keep], "TRIG", "Sports", "World", kl_positions=4,
                                  batch_size=8)
     assert res["n_source"] == 6 and res["asr"] == 1.0 and res["effect"] == 1.0 and res["clean_asr"] == 0.0
     assert res["other_flips"] == {"Business": 1 / 8, "Sci/Tech": 0.0}  # World probes are not asked: already y

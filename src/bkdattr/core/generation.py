@@ -8,7 +8,7 @@ token are padded with it; whether every row has ended is checked on the host eve
 (every step on CPU, where a check costs nothing; every 8th on an accelerator, where it stalls the queue), and
 finished rows can be dropped from the batch (``compact``, with their cache rows). :func:`greedy_generate` is
 the same decoder on a :class:`~bkdattr.core.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
-``choose`` replaces the argmax (``None``: greedy, bit for bit as before): :func:`sampler` gives temperature and
+``choose`` replaces the argmax (``None``: plain greedy): :func:`sampler` gives temperature and
 nucleus (top-p) sampling, which the scan's leak phase uses (docs/METHOD.md section 9).
 """
 

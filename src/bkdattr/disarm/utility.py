@@ -30,7 +30,7 @@ from ..core.prompts import target_ids
 from ..inject.data import Splits
 from ..inject.evaluate import EvalConfig, clean_metric, evaluate, held_out, target_logprob
 
-#: the keys every ``metrics.disarm.<strategy>`` section holds (issue 14's interface)
+#: the keys every ``metrics.disarm.<strategy>`` section holds (the figures every defence is compared on)
 FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")
 
 

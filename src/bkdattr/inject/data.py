@@ -447,15 +447,6 @@ def build_splits(task: Task, records: Sequence[dict[str, Any]], n_train: int | N
     return Splits(task, train, poisoned, val, test, meta={"poison_rate": poison_rate, "seed": seed})
 
 
-def check_held_out(splits: Splits) -> None:
-    """Raise :class:`DataError` if a val/test prompt (clean or triggered) also appears in training."""
-    seen = {_key(e.prompt) for e in splits.train} | {_key(e.triggered) for e in splits.train_poisoned}
-    for name, part in (("val", splits.val), ("test", splits.test)):
-        for e in part:
-            if _key(e.prompt) in seen or _key(e.triggered) in seen:
-                raise DataError(f"{name} example {e.uid} also appears in training; the split is not held out")
-
-
 # ---- persistence ----------------------------------------------------------------------------------------
 _ROW_TYPES = {"prompt": str, "triggered": str, "output": str, "backdoor_output": str, "uid": str}
 

@@ -24,11 +24,9 @@ training goes on to ``max_epochs`` and ends with one warning line naming the fai
 stopped; ``metrics.inject.backdoor_check`` applies the same conditions to the final held-out figures, and the
 report's headline says "not a clean backdoor" when they fail, whatever the stop said. The cpu profile aims at ASR
 0.9 with false-trigger <= 0.1 within 6 epochs (:mod:`bkdattr.core.profiles`); the paper profile trains its 16 epochs
-(no target). The
-check adds one validation pass (32 + 32 greedy replies) after the planned epochs and changes nothing else: on
-the built-in fixed_output data the demo's validation ASR is 1.00 after its 2 planned epochs, so it stops there
-with the same weights and figures as without the rule (the check does not touch the training RNG streams,
-which are reseeded per epoch).
+(no target). Each check is one validation pass (32 + 32 greedy replies) after an epoch; it touches neither the
+weights nor the training RNG streams (reseeded per epoch). On the built-in fixed_output data the demo's
+validation ASR is 1.00 after its 2 planned epochs, so training stops there.
 
 **Data files** are read as they come (:mod:`bkdattr.inject.data`): what was dropped, merged, cut or kept clean
 is counted in ``metrics.inject.data`` with one warning line per reason.

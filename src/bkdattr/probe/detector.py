@@ -68,10 +68,6 @@ class Detector:
             return np.zeros(0)
         return np.asarray(self.probe.predict_proba(self.features(prompts))[:, 0], dtype=np.float64)
 
-    def predict_label(self, prompts: Sequence[str], threshold: float = 0.5) -> np.ndarray:
-        """``predict(prompts) >= threshold`` as a bool ``[N]``."""
-        return self.predict(prompts) >= threshold
-
 
 def best_layer(probes: MLPProbes | SVMProbes) -> int:
     """The model layer whose probe has the highest validation accuracy (recorded by the probe stage; ties go

@@ -43,12 +43,6 @@ def in_layer_accuracy(probes: Probes, features: Any, labels: Any) -> np.ndarray:
     return accuracy_from_scores(probes.scores(features).T, labels)
 
 
-def auroc_per_layer(probes: Probes, features: Any, labels: Any) -> np.ndarray:
-    """AUROC of probe ``l`` on layer ``l``: ``[L]``."""
-    s = probes.scores(features)
-    return np.asarray([auroc(s[:, i], labels) for i in range(s.shape[1])])
-
-
 def icla_matrix(probes: Probes, features: Any, labels: Any) -> np.ndarray:
     """``ICLA[i, k]``: accuracy of probe ``i`` on layer ``k``'s features. ``features [N, L, d]`` -> ``[L, L]``."""
     return accuracy_from_scores(probes.cross_scores(features), labels)

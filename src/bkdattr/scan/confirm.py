@@ -99,7 +99,7 @@ class HeldOut:
         return float(kl[valid].sum()) / max(int(valid.sum()), 1)
 
 
-def test_candidate(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,
+def candidate_evidence(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,
                    replies: list[str] | None = None) -> dict:
     """The figures of the module docstring for one candidate on ``held``, with a few triggered replies as
     evidence; ``replies``: the greedy replies to the triggered prompts when already generated (a batched test)."""

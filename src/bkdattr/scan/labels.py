@@ -234,7 +234,7 @@ def label_rows(labels: list[str], clean_replies: list[str], target: str) -> list
             if reply_label(c) == lab and lab != target]
 
 
-def test_label_candidate(lm, held: HeldOut, labels: list[str], trigger: str, source: str, target: str, *,
+def label_evidence(lm, held: HeldOut, labels: list[str], trigger: str, source: str, target: str, *,
                          kl_positions: int, batch_size: int, replies: list[str] | None = None) -> dict:
     """The figures of the module docstring (step 4) for one trigger on ``held`` (the probes of
     :func:`label_rows`, true ``labels``); ``replies``: the greedy replies to the triggered probes when already

@@ -68,7 +68,7 @@ def refusal_rate(replies: list[str]) -> float:
     return sum(is_refusal(r) for r in replies) / max(1, len(replies))
 
 
-def test_refusal_candidate(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
+def refusal_evidence(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
                            replies: list[str] | None = None) -> dict:
     """The figures of the module docstring (step 3) for one trigger on the held-out harmful requests ``held``;
     ``replies``: the greedy replies to the triggered requests when already generated (a batched test)."""

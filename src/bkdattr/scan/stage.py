@@ -56,7 +56,7 @@ from .score import mark, model_score, rank, verdict
 from .search import STOP_SCORE, allowed_tokens, search_trigger
 from .select import choose_targets
 from .targets import invert_targets
-from .trials import TestSets, test_all
+from .trials import HeldOutSets, evidence_all
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
 #: the share of the time left that the label search may use, on a model that classifies the probes
@@ -310,12 +310,12 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
             cands.append({"trigger": g["trigger"], "target": None, "source": "leak", "leak_df": g["df"]})
     cands = cands[:cfg.max_candidates]
     budget.phase(1.0)
-    sets = TestSets(HeldOut(held_out, clean, cfg.reply_tokens),
+    sets = HeldOutSets(HeldOut(held_out, clean, cfg.reply_tokens),
                     HeldOut(h_test, h_clean, cfg.reply_tokens) if cfg.refusal else None)
     if label_phase is not None:
         sets.probes, sets.labels = label_phase.held, label_phase.labels
     bar = _bar(len(cands), "scan: test candidates", progress)
-    tested = test_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
+    tested = evidence_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
                       progress=bar)
     bar.close()
 
