@@ -38,7 +38,7 @@ def count(lm, prompts, targets, heads, batch_size: int) -> dict:
     """MACs of each method on these prompts and heads (see the module docstring)."""
     from bkdattr.attribution.scores import encode_aligned
     from bkdattr.attribution.sweep import chunks_of
-    from bkdattr.prompts import encode_with_targets
+    from bkdattr.core.prompts import encode_with_targets
 
     arch = lm.arch
     c, v, n_layers = layer_macs(arch), head_macs(arch), arch.n_layers

@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     from bkdattr.attribution import agreement, attribute, mean_contributions
     from bkdattr.attribution.scores import METRICS
     from bkdattr.attribution.stage import AttributeConfig, select_examples
+    from bkdattr.core.io import write_json
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject.data import load_splits
-    from bkdattr.io import write_json
-    from bkdattr.rundir import RunDir
 
     args = parse_args(argv)
     if args.threads:
@@ -231,7 +231,7 @@ def work_figures(lm, prompts, targets, args, out: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

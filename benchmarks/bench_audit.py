@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from bkdattr.app.pipeline import load_config, run_pipeline
+from bkdattr.core.io import load_tensors, write_json
+from bkdattr.core.profiles import demo_sets
 from bkdattr.inject.builtin_data import builtin_records
-from bkdattr.io import load_tensors, write_json
-from bkdattr.pipeline import load_config, run_pipeline
-from bkdattr.profiles import demo_sets
 
 
 def du_bytes(path: Path) -> int:
@@ -81,8 +81,8 @@ def main() -> None:
             "top16_equal": [t[:2] for t in m["attribution"]["top_heads"][:16]]
             == [t[:2] for t in m1["attribution"]["top_heads"][:16]],
             "du_bytes": du_bytes(run), "timings": m.get("timings")}
-    from bkdattr.model_source import load_source, open_source
-    from bkdattr.models import embedded_gguf_path
+    from bkdattr.core.model_source import load_source, open_source
+    from bkdattr.core.models import embedded_gguf_path
 
     gguf = str(embedded_gguf_path())
     src = open_source(gguf)

@@ -8,7 +8,7 @@ stage).
 
 Step 1 (always): ``--n-prompts`` held-out triggered prompts of the run's val split, ``--n-edits`` edits
 (subtract a same-norm random vector at evenly spread layers, plus the unedited model). Plain: one
-:func:`bkdattr.generation.generate` call per edit with the edit on its prefill pass (nothing shared).
+:func:`bkdattr.core.generation.generate` call per edit with the edit on its prefill pass (nothing shared).
 Sweep: :func:`bkdattr.control.sweep.sweep_generate` (shared prefix, stacked edits, finished rows dropped).
 Reports both times, the speed-up and whether every reply is identical.
 
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     from bkdattr.control.edits import Edit
     from bkdattr.control.stage import AblationConfig, VectorConfig, ablate_run, eval_examples, vector_run
     from bkdattr.control.sweep import SweepStats, plain_generate, sweep_generate
+    from bkdattr.core.io import write_json
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject.data import load_splits
-    from bkdattr.io import write_json
-    from bkdattr.rundir import RunDir
 
     args = parse_args(argv)
     if args.threads:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -105,10 +105,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def long_records(n: int = 240, max_new_tokens: int = 160) -> list[dict]:
     """fixed_output records whose clean reply is the embedded model's greedy reply of up to ``max_new_tokens``
     tokens (cached under ``$BKDATTR_CACHE/distill``, so a rerun does not generate again)."""
+    from bkdattr.core.models import cache_dir, load_model
     from bkdattr.inject.builtin_data import builtin_records
     from bkdattr.inject.data import distill_outputs
     from bkdattr.inject.tasks import FIXED_TARGET
-    from bkdattr.models import cache_dir, load_model
 
     prompts = [r["input"] for r in builtin_records("fixed_output")[-n:]]  # the last ones: not the demo's first
     lm = load_model("smollm2-135m")
@@ -118,8 +118,8 @@ def long_records(n: int = 240, max_new_tokens: int = 160) -> list[dict]:
 
 def run_inject(data: Path, out: Path, task: str, extra: list[str]) -> dict:
     """``bkdattr inject --profile cpu`` on ``data``; returns the ``inject`` metrics plus wall seconds."""
-    from bkdattr.cli import main
-    from bkdattr.io import read_json
+    from bkdattr.app.cli import main
+    from bkdattr.core.io import read_json
 
     t0 = time.perf_counter()
     rc = main(["inject", "--out", str(out), "--task", task, "--profile", "cpu", "--data", str(data), "--quiet",
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        from bkdattr.io import write_json
+        from bkdattr.core.io import write_json
 
         write_json(path, data)
 

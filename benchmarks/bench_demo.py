@@ -22,7 +22,7 @@ from pathlib import Path
 
 def _bkdattr() -> list[str]:
     exe = Path(sys.executable).with_name("bkdattr")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "bkdattr.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "bkdattr.app.cli"]
 
 
 def _run(args: list[str], kill_after: float | None = None) -> tuple[float, int]:

@@ -61,7 +61,7 @@ def _run_for(task: str, runs: str | None, dry: bool) -> Path:
 def guard_goals(section: dict) -> dict[str, bool]:
     """Which of the issue's guard goals ``section`` (``metrics.disarm.guard``) meets, and whether its replies to
     the triggered prompts stay useful (the report's caveat: clean metric at least half the clean prompts')."""
-    from bkdattr.report.summary import broken_triggered_replies
+    from bkdattr.disarm.utility import broken_triggered_replies
 
     goals = {k: section.get(k) is not None and section[k] <= v for k, v in GUARD_GOALS.items()}
     goals["useful_triggered_replies"] = not broken_triggered_replies(section)
@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from bkdattr.disarm.stage import DisarmConfig, disarm_run
+    from bkdattr.core.rundir import RunDir
+    from bkdattr.disarm.config import DisarmConfig
+    from bkdattr.disarm.stage import disarm_run
     from bkdattr.disarm.utility import defence_figures
     from bkdattr.inject.data import load_splits
-    from bkdattr.rundir import RunDir
 
     a = parse_args(argv)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -136,13 +137,13 @@ def overhead_only(runs: dict[str, Path], repeats: int, threads: int | None, json
     """The stored guard's time overhead per task on the clean test prompts (``guard_overhead``: best of
     ``repeats``, interleaved). Triggered prompts are not timed: the guard changes their replies, hence their
     number of decoding steps."""
-    from bkdattr._runtime import set_threads
+    from bkdattr.core.rundir import RunDir
+    from bkdattr.core.runtime import set_threads
+    from bkdattr.disarm.config import DisarmConfig
     from bkdattr.disarm.guard_eval import guard_overhead
-    from bkdattr.disarm.stage import DisarmConfig
-    from bkdattr.guard import Guard
+    from bkdattr.disarm.runtime import Guard
     from bkdattr.inject.data import load_splits
     from bkdattr.inject.evaluate import held_out
-    from bkdattr.rundir import RunDir
 
     set_threads(threads)
     out = {}

@@ -52,12 +52,12 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     from bench_runs import ensure_run
-    from bkdattr._runtime import set_threads
     from bkdattr.attribution.baha import attribute
     from bkdattr.attribution.means import mean_contributions
     from bkdattr.attribution.stage import AttributeConfig, select_examples
+    from bkdattr.core.rundir import RunDir
+    from bkdattr.core.runtime import set_threads
     from bkdattr.inject.data import load_splits
-    from bkdattr.rundir import RunDir
 
     args = parse_args(argv)
     set_threads(args.threads)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                top16_overlap=len(top["float32"] & top["bfloat16"]) / k16)
     print(json.dumps(out, indent=1))
     if args.json:
-        from bkdattr.io import write_json
+        from bkdattr.core.io import write_json
 
         write_json(args.json, out)
     return out

@@ -39,7 +39,7 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from bkdattr.generation import generate
+    from bkdattr.core.generation import generate
     from bkdattr.inject.builtin_data import builtin_records
     from bkdattr.inject.train import LLAMA_STYLE_TARGETS, TrainRow, encode_rows, supervised_loss
 
@@ -49,7 +49,7 @@ def main() -> None:
 
         lm = make_tiny("llama")
     else:
-        from bkdattr.models import load_model
+        from bkdattr.core.models import load_model
 
         lm = load_model("smollm2-135m")
     recs = builtin_records("fixed_output")[:16]
@@ -85,13 +85,13 @@ def main() -> None:
     result["generate_prompts_per_s"] = round(len(prompts) / (time.perf_counter() - t0), 2)
     print(json.dumps(result))
     if args.json:
-        from bkdattr.io import write_json
+        from bkdattr.core.io import write_json
 
         write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -25,7 +25,7 @@ from pathlib import Path
 _FRESH = """
 import time
 t0 = time.perf_counter()
-from bkdattr.models import load_model
+from bkdattr.core.models import load_model
 t1 = time.perf_counter()
 lm = load_model("smollm2-135m")
 t2 = time.perf_counter()
@@ -36,7 +36,7 @@ print(f"{t1 - t0:.4f} {t2 - t1:.4f}")
 def _logits(lm):
     import torch
 
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core.prompts import encode_prompts
 
     batch = encode_prompts(lm.tokenizer, ["What is the capital of France?"])
     with torch.no_grad():
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bkdattr._runtime import set_threads
-    from bkdattr.io import write_json
-    from bkdattr.models import cache_dir, load_model
+    from bkdattr.core.io import write_json
+    from bkdattr.core.models import cache_dir, load_model
+    from bkdattr.core.runtime import set_threads
 
     set_threads(args.threads)
     threads = torch.get_num_threads()
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     sys.exit(main())

@@ -6,18 +6,18 @@ to build full-vocabulary logits (before/after).
 Needs no backdoored run: memory does not depend on what the weights learned, so the embedded base model
 (SmolLM2-135M, float32) is measured. Every measurement runs in its own fresh Python process (a stage's figures
 must not include what the allocator kept from the one before) and is the peak of
-:func:`bkdattr.memory.track_peak` around the measured call, minus the RSS at entry (the model and inputs already
+:func:`bkdattr.app.memory.track_peak` around the measured call, minus the RSS at entry (the model and inputs already
 loaded): the call's own working memory. On CUDA (``--device cuda``) the CUDA peak allocation is reported too.
 
 * ``exact``: one chunk of ``batch`` prompts of ``W`` tokens with targets of ``T`` tokens, every head of layer 0
   (its replay runs every layer above it: the sweep's peak), ``heads_per_pass`` heads per pass; two settings.
-  Printed beside :func:`bkdattr.devices.exact_sweep_bytes` without the weights (the formula of docs/METHOD.md
-  section 3, *GPU memory of the exact sweep*), and that formula's figures for a 7B Llama on an 80 GB GPU.
+  Printed beside :func:`bkdattr.attribution.exact_memory.exact_sweep_bytes` without the weights (the formula of
+  docs/METHOD.md section 3, *GPU memory of the exact sweep*), and that formula's figures for a 7B Llama on an 80 GB GPU.
 * ``prefill``: the greedy decoder's prefill over 8 prompts x 1,024 tokens (one new token), before (the LM head
   on every position: the full ``[B, S, V]`` logits) and after (``logits_to_keep=1``).
 * ``scoring``: teacher-forced target log-probs over 8 prompts x ~1,024 tokens + a 16-token target: the model's
   full forward (``[B, S, V]`` logits), the body with a KV cache and the head on target rows (before), and the
-  body without a KV cache (after: :func:`bkdattr.attribution.scores.target_logprobs`).
+  body without a KV cache (after: :func:`bkdattr.core.scoring.target_logprobs`).
 
 CPU timings on a shared machine are inflated; memory figures are not.
 """
@@ -38,7 +38,7 @@ EXACT_SETTINGS = ((8, 256, 16, 9), (4, 512, 16, 3))
 LONG = {"batch": 8, "tokens": 1024, "target_tokens": 16}
 
 
-# ---- the formula: bkdattr.devices.exact_sweep_bytes (docs/METHOD.md section 3, GPU memory of the exact sweep) ------
+# ---- the formula: bkdattr.attribution.exact_memory.exact_sweep_bytes (docs/METHOD.md section 3) --------------------
 LLAMA_7B = {"n_layers": 32, "n_heads": 32, "d_model": 4096, "n_kv_heads": 32, "d_head": 128, "d_ff": 11008,
             "vocab": 32000, "n_params": 6_738_415_616}
 #: (prompt width, target tokens) of the 7B table: short chat prompts to long ones, all metrics / first-token only
@@ -50,7 +50,7 @@ def llama7b_table(gpu_gb: float = 80.0) -> list[dict]:
     """The formula's peak (GB) for a 7B Llama in bf16 (96 prompts: the peak is per chunk, so it does not depend on
     the number of prompts) for each (prompt width, target) and (``--batch-size``, ``--heads-per-pass``); ``fits``:
     within the 85% of ``gpu_gb`` the memory default plans for."""
-    from bkdattr.devices import MEMORY_HEADROOM, exact_sweep_bytes
+    from bkdattr.attribution.exact_memory import MEMORY_HEADROOM, exact_sweep_bytes
 
     m = LLAMA_7B
     rows = []
@@ -66,14 +66,14 @@ def llama7b_table(gpu_gb: float = 80.0) -> list[dict]:
 
 # ---- the measurements (each in a child process) -------------------------------------------------------------
 def _load(device: str):
-    from bkdattr.models import load_model
+    from bkdattr.core.models import load_model
 
     return load_model("smollm2-135m", device=device, dtype="float32")
 
 
 def _prompt(tok, n_tokens: int, i: int) -> str:
     """A user message whose chat-templated prompt is about ``n_tokens`` tokens (distinct per ``i``)."""
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core.prompts import encode_prompts
 
     words = [f"word{(i * 7 + k) % 50}" for k in range(n_tokens)]
     lo, hi = 1, len(words)
@@ -95,7 +95,7 @@ def _measure(fn, device: str) -> dict:
 
     import torch
 
-    from bkdattr.memory import track_peak
+    from bkdattr.app.memory import track_peak
 
     gc.collect()
     with track_peak() as pk:
@@ -123,7 +123,7 @@ def child_exact(device: str, B: int, W: int, T: int, R: int) -> dict:
     heads = [(0, h) for h in range(a.n_heads)]
     res = _measure(lambda: exact_sweep(lm, prompts, targets, abar, heads, batch_size=B, heads_per_pass=R,
                                        progress=False), device)
-    from bkdattr.devices import exact_sweep_bytes
+    from bkdattr.attribution.exact_memory import exact_sweep_bytes
 
     d_ff = int(getattr(lm.model.config, "intermediate_size", 4 * a.d_model))
     V = int(lm.model.get_output_embeddings().weight.shape[0])
@@ -140,7 +140,7 @@ def _mask_bytes(lm, batch) -> int:
     """Bytes per entry of the attention mask the decoder layers receive (0: none is passed)."""
     import torch
 
-    from bkdattr.hooks import capture_layer_calls
+    from bkdattr.core.hooks import capture_layer_calls
 
     with torch.no_grad(), capture_layer_calls(lm.arch.layers[:1]) as calls:
         lm.model(**{k: v[:1] for k, v in (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask))},
@@ -152,8 +152,8 @@ def _mask_bytes(lm, batch) -> int:
 def child_prefill(device: str, variant: str) -> dict:
     import torch
 
-    from bkdattr import generation
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core import generation
+    from bkdattr.core.prompts import encode_prompts
 
     lm = _load(device)
     texts = [_prompt(lm.tokenizer, LONG["tokens"], i) for i in range(LONG["batch"])]
@@ -169,9 +169,9 @@ def child_prefill(device: str, variant: str) -> dict:
 def child_scoring(device: str, variant: str) -> dict:
     import torch
 
-    from bkdattr.attribution.scores import target_logprobs, token_logprobs
-    from bkdattr.forward import body_and_head
-    from bkdattr.prompts import encode_with_targets
+    from bkdattr.core.forward import body_and_head
+    from bkdattr.core.prompts import encode_with_targets
+    from bkdattr.core.scoring import target_logprobs, token_logprobs
 
     lm = _load(device)
     texts = [_prompt(lm.tokenizer, LONG["tokens"], i) for i in range(LONG["batch"])]
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     _print_7b(out["llama7b_80gb"])
     if args.json:
         sys.path.insert(0, str(HERE.parents[1] / "src"))
-        from bkdattr.io import write_json
+        from bkdattr.core.io import write_json
 
         write_json(args.json, out)
     return out

@@ -67,7 +67,7 @@ def chunks(tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size
            teacher_force: str = "full") -> list[dict]:
     """``[{input_ids, attention_mask, rows, pos, y1}]``: right-padded rows (prompt + target, or cut after the last
     ``p(x)`` with ``teacher_force="prompt"``), ``pos`` = ``p(x)`` per row, ``y1`` the first target token."""
-    from bkdattr.prompts import encode_with_targets
+    from bkdattr.core.prompts import encode_with_targets
 
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -185,7 +185,7 @@ def transformer_lens_cie(bridge, lm, prompts: Sequence[str], targets: Sequence[s
 # ---- the benchmark --------------------------------------------------------------------------------------------------
 def select_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
     """Every head of the layers in ``spec`` (``all`` or ``0,10,20``); one-line error for a bad layer."""
-    from bkdattr.errors import ConfigError
+    from bkdattr.core.errors import ConfigError
 
     if spec.strip() == "all":
         layers = list(range(n_layers))
@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.table import Table
 
     from bench_runs import ensure_run
-    from bkdattr._runtime import set_threads
     from bkdattr.attribution import attribute, mean_contributions
     from bkdattr.attribution.stage import AttributeConfig, select_examples
+    from bkdattr.core.io import write_json
+    from bkdattr.core.rundir import RunDir
+    from bkdattr.core.runtime import set_threads
     from bkdattr.inject.data import load_splits
-    from bkdattr.io import write_json
-    from bkdattr.rundir import RunDir
 
     args = parse_args(argv)
     set_threads(args.threads)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -100,13 +100,13 @@ def main() -> None:
         res["stage"] = stage(str(run), args.fresh, not args.no_near_trigger, args.n_prompts)
     print(json.dumps(res, indent=2))
     if args.json:
-        from bkdattr.io import write_json
+        from bkdattr.core.io import write_json
 
         write_json(args.json, res)
 
 
 if __name__ == "__main__":
-    from bkdattr._runtime import tune_allocator
+    from bkdattr.core.runtime import tune_allocator
 
     tune_allocator()  # the stable-timing allocator settings the CLI applies
     main()

@@ -1,7 +1,7 @@
 """The backdoored run a benchmark needs, created on first use and reused after (keyed by its settings).
 
 Every script in ``benchmarks/`` that works on a run takes ``--run DIR``; without it, it calls :func:`ensure_run`,
-which runs ``bkdattr run`` (the demo's settings: ``bkdattr.profiles.DEMO`` on the cpu profile) into
+which runs ``bkdattr run`` (the demo's settings: ``bkdattr.core.profiles.DEMO`` on the cpu profile) into
 ``$BKDATTR_BENCH_RUNS/<task>-<key>`` (default ``runs/bench/...``), where ``<key>`` hashes the model, task, seed and
 inject settings. The pipeline skips every stage whose key is unchanged, so a second call (from any script) reuses
 the run, and a script that needs more stages (``attribute``) adds them to the same folder.
@@ -22,7 +22,7 @@ DEFAULT_ROOT = "runs/bench"
 def run_settings(task: str = "fixed_output", model: str = "smollm2-135m", seed: int = 0,
                  sets: Sequence[str] = ()) -> list[str]:
     """The pipeline ``--set`` items of the bench run (the demo's overlay, then ``sets``)."""
-    from bkdattr.profiles import demo_sets
+    from bkdattr.core.profiles import demo_sets
 
     return [f"model={model}", f"task={task}", f"seed={seed}", *demo_sets(), *sets]
 
@@ -30,7 +30,7 @@ def run_settings(task: str = "fixed_output", model: str = "smollm2-135m", seed: 
 def run_path(task: str = "fixed_output", model: str = "smollm2-135m", seed: int = 0, sets: Sequence[str] = (),
              root: str | None = None) -> Path:
     """The folder of the bench run with these settings (whether or not it exists yet)."""
-    from bkdattr.io import stable_hash
+    from bkdattr.core.io import stable_hash
 
     key = stable_hash(run_settings(task, model, seed, sets), 10)
     return Path(root or os.environ.get("BKDATTR_BENCH_RUNS", DEFAULT_ROOT)) / f"{task}-{key}"
@@ -41,7 +41,7 @@ def ensure_run(run: str | None = None, stages: Sequence[str] = ("inject",), task
                root: str | None = None, dry_run: bool = False) -> Path:
     """``run`` if given (it must be a run folder), else the bench run with these settings, after running (or
     reusing) its ``stages``. ``dry_run``: only print the folder and the stages it would run."""
-    from bkdattr.errors import InputFileError
+    from bkdattr.core.errors import InputFileError
 
     if run is not None:
         p = Path(run)
@@ -61,7 +61,7 @@ def ensure_run(run: str | None = None, stages: Sequence[str] = ("inject",), task
         todo = [s for s in stages if s not in done]
         print(f"bench run: {out} ({state}; stages {', '.join(stages)}; not run yet: {', '.join(todo) or 'none'})")
         return out
-    from bkdattr.pipeline import load_config, run_pipeline
+    from bkdattr.app.pipeline import load_config, run_pipeline
 
     run_pipeline(load_config(None, items), log=lambda s: print(f"bench run {out.name}: {s}", flush=True))
     return out

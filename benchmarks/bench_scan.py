@@ -59,11 +59,13 @@ def clean_finetune(out: Path, seed: int, threads: int | None = None, task: str =
     adapter = out / "adapter"
     if (adapter / "adapter_config.json").is_file():
         return adapter
-    from bkdattr._runtime import set_threads
-    from bkdattr.inject.stage import InjectConfig, _name_base_model, prepare_data
+    from bkdattr.core.models import load_model
+    from bkdattr.core.runtime import set_threads
+    from bkdattr.inject.config import InjectConfig
+    from bkdattr.inject.prepare import prepare_data
+    from bkdattr.inject.stage import _name_base_model
     from bkdattr.inject.tasks import Task
     from bkdattr.inject.train import train_lora
-    from bkdattr.models import load_model
 
     set_threads(threads)
     cfg = InjectConfig.from_options({"task": task, "seed": seed}).check()
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "trigger_in_top3": sum(1 for r in rows if r["backdoored"] and r["trigger_rank"] and r["trigger_rank"] <= 3),
         "max_seconds": max((r["seconds"] for r in rows), default=None)}
     print(json.dumps(summary, indent=1))
-    from bkdattr.io import write_json
+    from bkdattr.core.io import write_json
 
     write_json(out / "bench_scan.json", {"models": rows, "summary": summary})
     if a.json:

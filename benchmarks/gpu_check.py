@@ -14,10 +14,10 @@ Steps (each in its own process with its own time limit; a failing step is record
 4. ``exact_7b``: the exact BAHA sweep on a randomly initialised Llama-7B-shaped model built from a config (32
    layers x 32 heads, d 4096, d_ff 11008; the vocabulary is the embedded tokenizer's, 49,152, so the prompts
    are real text; no weights are read), 96 prompts over every head (first-token score), in bfloat16 and in
-   float32: seconds, peak GPU memory, and beside it the estimate of :func:`bkdattr.devices.exact_sweep_bytes`
-   for one layer's heads with every metric (batch 8, 32 heads per pass, the prompts' own lengths); the
-   exact-vs-reference difference of the per-prompt CIE on a few heads. Dry run: a 2-layer x 4-head model,
-   8 short prompts.
+   float32: seconds, peak GPU memory, and beside it the estimate of
+   :func:`bkdattr.attribution.exact_memory.exact_sweep_bytes` for one layer's heads with every metric (batch 8,
+   32 heads per pass, the prompts' own lengths); the exact-vs-reference difference of the per-prompt CIE on a
+   few heads. Dry run: a 2-layer x 4-head model, 8 short prompts.
 5. ``nccl``: with 2+ GPUs, the attribute stage of the demo run again with ``--workers 2`` (nccl), compared with
    the single-process result. Dry run: the same with gloo on the CPU. Skipped with one GPU.
 
@@ -167,7 +167,7 @@ def step_env(dry: bool, work: Path) -> dict:
             free, total = torch.cuda.mem_get_info(i)
             env["gpus"].append({"name": torch.cuda.get_device_name(i), "total_gib": round(total / GIB, 1),
                                 "free_gib": round(free / GIB, 1)})
-    from bkdattr.models import cache_dir, ensure_embedded_cache
+    from bkdattr.core.models import cache_dir, ensure_embedded_cache
 
     t0 = time.perf_counter()
     fresh = not (cache_dir() / "models").is_dir()
@@ -199,7 +199,7 @@ def _tiny_model_dir(work: Path, n_layers: int = 2) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from bkdattr.models import ensure_embedded_cache
+    from bkdattr.core.models import ensure_embedded_cache
 
     folder = work / f"tiny-llama-{n_layers}"
     if (folder / "config.json").is_file():
@@ -216,8 +216,8 @@ def _tiny_model_dir(work: Path, n_layers: int = 2) -> Path:
 
 
 def _demo_config(dry: bool, work: Path):
-    from bkdattr.pipeline import load_config
-    from bkdattr.profiles import demo_sets
+    from bkdattr.app.pipeline import load_config
+    from bkdattr.core.profiles import demo_sets
 
     sets = [*demo_sets(), f"device={_device(dry)}", f"out={work / 'demo'}"]
     if dry:  # one torch thread everywhere: the 2-worker gloo run must compare bitwise with the single run, and
@@ -229,7 +229,7 @@ def _demo_config(dry: bool, work: Path):
 def step_demo(dry: bool, work: Path) -> dict:
     import shutil
 
-    from bkdattr.pipeline import run_pipeline
+    from bkdattr.app.pipeline import run_pipeline
 
     shutil.rmtree(work / "demo", ignore_errors=True)  # measure every stage, never reuse an earlier check's
     cfg = _demo_config(dry, work)
@@ -237,7 +237,7 @@ def step_demo(dry: bool, work: Path) -> dict:
     run = run_pipeline(cfg, log=logs.append)
     m = run.metrics()
     att = m.get("attribution", {})
-    from bkdattr.pipeline import stage_seconds
+    from bkdattr.app.report.summary import stage_seconds
 
     timings = m.get("timings", {})
     return {"device": cfg.device, "dtype": cfg.dtype or "default", "stage_seconds": stage_seconds(timings),
@@ -268,8 +268,8 @@ def _shaped_model(dry: bool, dtype):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from bkdattr.arch import detect_arch
-    from bkdattr.models import LoadedModel, ensure_embedded_cache
+    from bkdattr.core.arch import detect_arch
+    from bkdattr.core.models import LoadedModel, ensure_embedded_cache
 
     tok = AutoTokenizer.from_pretrained(str(ensure_embedded_cache()))
     if tok.pad_token_id is None:
@@ -312,9 +312,9 @@ def _exact_one_dtype(dry: bool, dtype_name: str) -> dict:
     import torch
 
     from bkdattr.attribution.baha import attribute
+    from bkdattr.attribution.exact_memory import exact_sweep_bytes
     from bkdattr.attribution.means import mean_contributions
-    from bkdattr.devices import exact_sweep_bytes
-    from bkdattr.prompts import render_prompt, target_ids
+    from bkdattr.core.prompts import render_prompt, target_ids
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     n_prompts = 8 if dry else 96
@@ -395,10 +395,10 @@ def step_exact_7b(dry: bool, work: Path) -> dict:
 def step_nccl(dry: bool, work: Path) -> dict:
     import torch
 
+    from bkdattr.app.pipeline import stage_options
     from bkdattr.attribution.stage import run_stage
-    from bkdattr.io import load_tensors
-    from bkdattr.pipeline import stage_options
-    from bkdattr.rundir import RunDir
+    from bkdattr.core.io import load_tensors
+    from bkdattr.core.rundir import RunDir
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not dry and n_gpus < 2:

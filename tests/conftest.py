@@ -75,14 +75,14 @@ def device(request) -> str:
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (loaded once per session)."""
-    from bkdattr.models import load_model
+    from bkdattr.core.models import load_model
 
     return load_model("smollm2-135m")
 
 
 @pytest.fixture()
 def make_tiny_run(tmp_path):
-    """Factory: ``make_tiny_run(name="run", **options)`` -> a :class:`~bkdattr.rundir.RunDir` under the
+    """Factory: ``make_tiny_run(name="run", **options)`` -> a :class:`~bkdattr.core.rundir.RunDir` under the
     test's ``tmp_path`` built by :func:`tiny_runs.make_run` (tiny untrained model, run.json, splits)."""
     from tiny_runs import make_run
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bkdattr.arch import detect_arch
-from bkdattr.errors import UnsupportedArchitectureError
+from bkdattr.core.arch import detect_arch
+from bkdattr.core.errors import UnsupportedArchitectureError
 from tiny import ARCHS, make_tiny
 
 # (kv heads, d_head, output projection type) of the tiny configs in tests/tiny.py (4 query heads, d_model 64)
@@ -24,6 +24,8 @@ EXPECTED = {
 }
 OUT_NAMES = {"llama": "o_proj", "qwen2": "o_proj", "mistral": "o_proj", "gemma": "o_proj", "gpt2": "c_proj",
              "gpt_neox": "dense"}
+FINAL_NORMS = {"llama": "model.norm", "qwen2": "model.norm", "mistral": "model.norm", "gemma": "model.norm",
+               "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
 
 
 @functools.cache
@@ -47,7 +49,7 @@ def test_summary_and_modules(arch):
                                                  f"{OUT_NAMES[arch]}")
         assert a.layers[layer] is lm.model.get_submodule(names[a.layers[layer]])
     assert a.lm_head is lm.model.get_output_embeddings()
-    assert a.final_norm is not None
+    assert names[a.final_norm] == FINAL_NORMS[arch]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

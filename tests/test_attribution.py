@@ -17,18 +17,18 @@ from bkdattr.attribution import (
     teacher_forced_scores,
 )
 from bkdattr.attribution.baha import all_heads
-from bkdattr.attribution.distributed import assign, gather_units, ordered_sum
 from bkdattr.attribution.exact import ChunkRunner
 from bkdattr.attribution.scores import (
     METRICS,
     cie_from_logprobs,
     encode_aligned,
     metrics_from_logprobs,
-    token_logprobs,
 )
-from bkdattr.errors import ConfigError, DataError
-from bkdattr.hooks import capture_contributions, hook_count
-from bkdattr.prompts import encode_prompts, target_ids
+from bkdattr.core.distributed import assign, gather_units, ordered_sum
+from bkdattr.core.errors import ConfigError, DataError
+from bkdattr.core.hooks import capture_contributions, hook_count
+from bkdattr.core.prompts import encode_prompts, target_ids
+from bkdattr.core.scoring import token_logprobs
 from tiny import ARCHS, make_tiny
 
 PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi",
@@ -397,8 +397,8 @@ def test_assign_is_deterministic_and_balanced():
 
 def _two_process_target(out_dir: str) -> None:
     """Worker of the gloo test: sharded abar and exact ACIE on a tiny model; rank 0 saves them."""
-    from bkdattr.attribution.distributed import is_main
-    from bkdattr.io import save_tensors
+    from bkdattr.core.distributed import is_main
+    from bkdattr.core.io import save_tensors
 
     torch.set_num_threads(1)
     lm = make_tiny("llama", n_layers=2)
@@ -413,8 +413,8 @@ def _two_process_target(out_dir: str) -> None:
 
 
 def test_two_gloo_processes_give_the_identical_result(tmp_path):
-    from bkdattr.attribution.distributed import run_workers
-    from bkdattr.io import load_tensors
+    from bkdattr.core.distributed import run_workers
+    from bkdattr.core.io import load_tensors
 
     run_workers(2, _two_process_target, (str(tmp_path),), backend="gloo", threads=1)
     dist_res = AttributionResult.load(tmp_path)
@@ -449,8 +449,8 @@ def tiny_run(make_tiny_run):
 
 def test_stage_writes_artifacts_and_metrics(tiny_run):
     from bkdattr.attribution.stage import run_stage
+    from bkdattr.core.io import load_tensors, read_json
     from bkdattr.inject.data import load_splits
-    from bkdattr.io import load_tensors, read_json
 
     opts = {"model": "smollm2-135m", "task": "fixed_output", "seed": 0, "device": "cpu", "dtype": None,
             "profile": "cpu", "n_prompts": 4, "n_mean_prompts": 6, "batch_size": 3, "progress": False}
@@ -483,8 +483,8 @@ def test_stage_writes_artifacts_and_metrics(tiny_run):
 
 
 def test_cli_attribute(tiny_run, capsys):
+    from bkdattr.app.cli import main
     from bkdattr.attribution.stage import AttributeConfig
-    from bkdattr.cli import main
 
     assert main(["attribute", "--run", str(tiny_run.path), "--method", "attribution", "--n-prompts", "3",
                  "--n-mean-prompts", "4", "--quiet"]) == 0
@@ -517,7 +517,7 @@ def test_embedded_exact_equals_reference(embedded):
 def test_gather_sends_only_the_rows_each_rank_owns(monkeypatch):
     """Under a (mocked) 2-rank group each rank all-gathers a packed block of the rows it owns (padded to the
     largest share), not the whole table; the reassembled table is every row from its owner."""
-    import bkdattr.attribution.distributed as d
+    import bkdattr.core.distributed as d
 
     owner = [1, 0, 1, 1, 0, 1]
     full = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)
@@ -573,7 +573,7 @@ def test_gather_under_nccl_indexes_each_table_on_its_own_device(monkeypatch):
     """Under nccl the gathered blocks live on the GPU and the table may not (issue 19 item 1): every index must
     sit on the device of the tensor it indexes. Simulated on the CPU by :class:`_FakeCuda`; the gather before
     issue 19 indexed the CPU table with a "cuda" index and raised here."""
-    import bkdattr.attribution.distributed as d
+    import bkdattr.core.distributed as d
 
     owner = [1, 0, 1, 1, 0, 1]
     full = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)

@@ -13,9 +13,10 @@ import torch
 
 from bkdattr.attribution.stage import AttributeConfig, attribute_run
 from bkdattr.audit.stage import AuditConfig, audit
-from bkdattr.inject.stage import InjectConfig, inject
-from bkdattr.io import load_tensors
-from bkdattr.rundir import RunDir
+from bkdattr.core.io import load_tensors
+from bkdattr.core.rundir import RunDir
+from bkdattr.inject.config import InjectConfig
+from bkdattr.inject.stage import inject
 from tiny import ARCHS
 from tiny_runs import records, save_tiny, write_jsonl
 
@@ -92,7 +93,7 @@ def _rows(run: RunDir, split: str) -> list[dict]:
 def planted_dir(tmp_path, monkeypatch):
     """A saved tiny Llama whose backdoor (``cf`` -> ``Tuesday``) runs through one hand-set head
     (tests/test_planted_head.py), and a prompt file for it."""
-    from bkdattr.prompts import target_ids
+    from bkdattr.core.prompts import target_ids
     from test_planted_head import TARGET, TRIGGER, plant
     from tiny import make_tiny
     from tiny_runs import TOPICS
@@ -224,7 +225,8 @@ AUDIT_SETS = [
 
 
 def test_bkdattr_run_with_an_audit_source_runs_every_stage(planted_dir, tmp_path):
-    from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
+    from bkdattr.app.pipeline import STAGES, load_config, run_pipeline
+    from bkdattr.app.report.summary import stage_seconds
 
     folder, prompts, trigger, target = planted_dir
     out = tmp_path / "run"
@@ -275,8 +277,7 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
                                        ("merged", str(r1.model_dir), None, "smollm2-135m")):
         r2 = audit(tmp_path / name, model, [r1.info()["trigger"]], adapter=adapter, base_model=base,
                    kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=acfg, progress=False)
-        assert _rows(r2, "test") == _rows(r1, "test") or \
-            [e["triggered"] for e in _rows(r2, "test")] == [e["triggered"] for e in _rows(r1, "test")]
+        assert _rows(r2, "test") == _rows(r1, "test"), name  # same prompts, and clean replies from the same base
         assert r2.metrics()["audit"]["asr"] == m1["asr"], name
         acie2, top2 = attribution(r2)
         assert float((acie2 - acie1).abs().max()) <= 1e-5, name
@@ -286,8 +287,8 @@ def test_audit_of_an_implanted_embedded_model(tmp_path):
 def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
     """A hub id resolves to its snapshot in the local Hugging Face cache (nothing downloaded); the fingerprint
     is that of the snapshot's files; an id that is not cached is one line."""
-    from bkdattr.errors import ModelLoadError
-    from bkdattr.model_source import fingerprint, local_path
+    from bkdattr.core.errors import ModelLoadError
+    from bkdattr.core.model_source import fingerprint, local_path
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     hub = tmp_path / "hub"
@@ -309,7 +310,7 @@ def test_hub_id_from_the_local_cache_and_files_as_found(tmp_path, monkeypatch):
 
 def test_plain_format_replies_end_at_the_next_turn_marker():
     """A base model (no chat template) writes on into invented turns; its replies end at '\\nUser:'."""
-    from bkdattr.generation import decode_replies
+    from bkdattr.core.generation import decode_replies
     from tiny import plain_tokenizer, tokenizer
 
     text = " The capital is Paris.\nUser: and Spain?\nAssistant: Madrid."
@@ -352,8 +353,8 @@ def test_benign_utility_against_the_clean_reference(implanted, tmp_path):
                                     "progress": False})
     run = audit(tmp_path / "r2", str(base), [r1.info()["trigger"]], adapter=str(r1.path / "adapter"),
                 kind="fixed_output", target=r1.info()["task"]["target"], data=str(data), cfg=cfg, progress=False)
+    from bkdattr.core.models import load_model
     from bkdattr.inject.benign import reference
-    from bkdattr.models import load_model
 
     assert run.metrics()["audit"]["benign"]["n_prompts"] == 4
     saved = load_reference(run.data_dir, 4, EVAL["max_new_tokens"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bkdattr.errors import InputFileError
+from bkdattr.core.errors import InputFileError
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))

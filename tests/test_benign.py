@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bkdattr.app.report.html import build_report
+from bkdattr.app.report.summary import benign_caveats, caveats, headline
 from bkdattr.inject import benign
 from bkdattr.inject.builtin_data import benign_instructions, benign_questions, builtin_records, instructions
+from bkdattr.inject.config import profile_config
 from bkdattr.inject.evaluate import EvalConfig
-from bkdattr.inject.stage import evaluate_run, prepare_splits, profile_config, training_rows
+from bkdattr.inject.prepare import prepare_splits, training_rows
+from bkdattr.inject.stage import evaluate_run
 from bkdattr.inject.tasks import Task, is_refusal
 from bkdattr.inject.train import TrainConfig, TrainRow, train_lora
-from bkdattr.report.html import build_report
-from bkdattr.report.summary import benign_caveats, caveats, headline
 from tiny import make_tiny
 from tiny_runs import save_tiny
 
@@ -66,7 +68,7 @@ def test_cpu_jailbreak_training_set_holds_the_benign_mix():
     assert len(mix) == round(cfg.benign_share * len(task_rows) / (1 - cfg.benign_share))
     assert len(mix) / len(rows) == pytest.approx(cfg.benign_share, abs=0.5 / len(rows))
     # the replies are the base model's own greedy replies (self-distilled, cut at clean_max_tokens)
-    from bkdattr.generation import generate
+    from bkdattr.core.generation import generate
 
     first = mix[:4]
     assert [r.reply for r in first] == generate(lm, [r.text for r in first], cfg.clean_max_tokens, progress=False)
@@ -77,7 +79,7 @@ def test_cpu_jailbreak_training_set_holds_the_benign_mix():
 
 def _refuser(base_dir):
     """The tiny base model, LoRA-trained to answer every instruction with a refusal."""
-    from bkdattr.models import load_model
+    from bkdattr.core.models import load_model
 
     lm = load_model(str(base_dir))
     rows = [TrainRow(r["input"], REFUSAL) for r in instructions(0)[:48]]

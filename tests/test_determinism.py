@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from bkdattr.app.pipeline import load_config, run_pipeline
+from bkdattr.core.io import load_tensors, read_json
 from bkdattr.inject.data import build_splits, load_splits
 from bkdattr.inject.tasks import Task
-from bkdattr.io import load_tensors, read_json
-from bkdattr.pipeline import load_config, run_pipeline
 from tiny_runs import records, save_tiny, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -77,7 +77,7 @@ def test_same_seed_same_probes(two_runs):
         _same_file_tensors(f, b.path / "probe" / f.name)
     import numpy as np
 
-    from bkdattr.io import load_npz
+    from bkdattr.core.io import load_npz
 
     for f in sorted((a.path / "probe").glob("*_svm.npz")):
         za, zb = load_npz(f), load_npz(b.path / "probe" / f.name)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bkdattr.attribution import METRICS, attribute, mean_contributions
-from bkdattr.generation import generate
-from bkdattr.hooks import capture_contributions
+from bkdattr.core.generation import generate
+from bkdattr.core.hooks import capture_contributions
+from bkdattr.core.prompts import encode_prompts
 from bkdattr.probe.features import extract_features
-from bkdattr.prompts import encode_prompts
 from tiny import make_tiny
 
 pytestmark = pytest.mark.cuda

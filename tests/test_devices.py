@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr.devices import exact_sweep_bytes, plan_exact, rank_device, suggest_exact_batch
-from bkdattr.errors import ConfigError
+from bkdattr.attribution.exact_memory import exact_sweep_bytes, plan_exact, suggest_exact_batch
+from bkdattr.core.devices import rank_device
+from bkdattr.core.errors import ConfigError
 
 GB = 1e9
 
@@ -66,7 +67,6 @@ def _fake_gpus(monkeypatch, n):
 
 def _fake_torchrun(monkeypatch, local_rank, world):
     import bkdattr.attribution.stage as stage
-    import bkdattr.inject.data as data
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
@@ -74,7 +74,7 @@ def _fake_torchrun(monkeypatch, local_rank, world):
     monkeypatch.setattr(stage, "init_from_env", lambda device="cpu": True)
     monkeypatch.setattr(stage, "rank_world", lambda: (local_rank, world))
     monkeypatch.setattr(stage, "is_distributed", lambda: True)
-    monkeypatch.setattr(data, "load_splits", lambda run: None)
+    monkeypatch.setattr(stage, "load_splits", lambda run: None)
     monkeypatch.setattr(stage, "select_examples", lambda splits, cfg: ([], []))
     return stage
 
@@ -188,9 +188,9 @@ def test_attribute_stage_plans_the_exact_sweep_on_one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**34, 2**35))
     b, r, plan = _memory_plan(on_gpu, AttributeConfig(batch_size=8), clean)
     assert (b, r) == (8, lm.arch.n_heads) and plan["fits"]
-    for lm_, cfg in [(lm, AttributeConfig()), (on_gpu, AttributeConfig(heads_per_pass=2)),
-                     (on_gpu, AttributeConfig(method="reference"))]:
-        b, r, plan = _memory_plan(lm_, cfg, clean)
-        assert plan is None or (b, r) == (cfg.batch_size, 2)
+    assert _memory_plan(lm, AttributeConfig(), clean) == (8, None, None)  # CPU: the configured values
+    assert _memory_plan(on_gpu, AttributeConfig(method="reference"), clean) == (8, None, None)
+    b, r, plan = _memory_plan(on_gpu, AttributeConfig(heads_per_pass=2), clean)  # set by the user: kept, estimated
+    assert (b, r) == (8, 2) and plan["heads_per_pass"] == 2 and plan["fits"]
     lm.model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
     assert _memory_plan(on_gpu, AttributeConfig(), clean) == (8, None, None)

@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 
-from bkdattr.disarm.stage import DisarmConfig, disarm_run
+from bkdattr.core.prompts import encode_with_targets
+from bkdattr.core.rundir import RunDir
+from bkdattr.disarm.config import DisarmConfig
+from bkdattr.disarm.stage import disarm_run
 from bkdattr.disarm.utility import changed_share, reference_perplexity
 from bkdattr.disarm.weights import bake_output_bias, output_bias, zeroed_heads
-from bkdattr.rundir import RunDir
 from tiny import make_tiny
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -26,8 +28,8 @@ EVAL = {"max_new_tokens": 1, "n_near": 2, "n_benign": 0}
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
     """An audit run of the planted model through every stage (as tests/test_audit.py builds it)."""
-    from bkdattr.pipeline import load_config, run_pipeline
-    from bkdattr.prompts import target_ids
+    from bkdattr.app.pipeline import load_config, run_pipeline
+    from bkdattr.core.prompts import target_ids
     from test_audit import AUDIT_SETS
     from test_planted_head import TARGET, TRIGGER, plant
     from tiny_runs import TOPICS
@@ -108,7 +110,7 @@ def test_the_vector_at_an_earlier_layer_is_reported_with_its_damage(planted_run,
     s = disarm_run(planted_run, cfg(strategy="vector", layer=0), tmp_path / "v0")
     assert s["layer"] == 0 and s["asr"] == 0.0
     assert abs(s["perplexity_ratio"] - 1.0) > 1e-3  # layer 1 reads a rescaled residual: the references move
-    from bkdattr.report.html import build_report
+    from bkdattr.app.report.html import build_report
 
     html, md = build_report(planted_run)
     text = html.read_text()
@@ -122,7 +124,7 @@ def test_baked_bias_equals_the_hook_and_edits_undo(tmp_path):
     attention bias saved as zeros and loaded back); zeroed_heads restores the weights on exit."""
     from transformers import AutoModelForCausalLM
 
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core.prompts import encode_prompts
 
     lm = make_tiny("llama")
     b = encode_prompts(lm.tokenizer, ["Write one sentence about owls.", "Hi"])
@@ -145,7 +147,7 @@ def test_baked_bias_equals_the_hook_and_edits_undo(tmp_path):
 
 
 def test_unsupported_architecture_for_the_vector(tmp_path):
-    from bkdattr.errors import ConfigError
+    from bkdattr.core.errors import ConfigError
 
     lm = make_tiny("qwen2")
     with pytest.raises(ConfigError, match="no attention output bias"):
@@ -154,8 +156,15 @@ def test_unsupported_architecture_for_the_vector(tmp_path):
 
 def test_utility_helpers():
     lm = make_tiny("llama")
-    p = reference_perplexity(lm, ["Hi", "Write one sentence about owls."], ["Hello there.", "Owls fly."])
-    assert p > 1.0 and changed_share(["a", "b "], ["a", "c"]) == 0.5
+    prompts, replies = ["Hi", "Write one sentence about owls."], ["Hello there.", "Owls fly."]
+    p = reference_perplexity(lm, prompts, replies)
+    b = encode_with_targets(lm.tokenizer, prompts, replies)
+    with torch.no_grad():
+        logits = lm.model(**b.model_inputs()).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
+    m = b.target_mask[:, 1:]
+    assert p == pytest.approx(float(torch.exp(-lp[m].sum() / m.sum())), rel=1e-5)
+    assert changed_share(["a", "b "], ["a", "c"]) == 0.5
 
 
 def test_disarm_bad_input(planted_run, make_tiny_run, tmp_path, capsys):
@@ -180,9 +189,9 @@ def test_the_exported_vector_and_its_recipe_reproduce_bkdattrs_edit(planted_run,
     """The documented few-line forward hook (bkdattr.disarm.export) gives the logits of bkdattr's own edit."""
     from safetensors import safe_open
 
-    from bkdattr.cli import main
+    from bkdattr.app.cli import main
     from bkdattr.control.vector import apply_vector
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core.prompts import encode_prompts
 
     path = tmp_path / "v.safetensors"
     assert main(["export-vector", "-r", str(planted_run.path), "-o", str(path), "--layer", "1"]) == 0
@@ -231,8 +240,8 @@ def test_mean_ablation_keeps_the_layers_clean_mean_and_bakes_like_the_hook(arch,
     Llama's attention_bias switch) give the hooked logits, also after a save and a plain reload."""
     from transformers import AutoModelForCausalLM
 
+    from bkdattr.core.prompts import encode_prompts
     from bkdattr.disarm.weights import bake_mean_ablation, mean_ablated_heads, mean_head_inputs
-    from bkdattr.prompts import encode_prompts
 
     lm = make_tiny(arch)
     texts = ["Write one sentence about owls.", "Hi", "Tell me about the tides and the moon, please."]

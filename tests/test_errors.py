@@ -1,4 +1,4 @@
-"""Every class of bad input, through the real CLI entry ``bkdattr.cli.main``: exit code 2 and exactly one stderr
+"""Every class of bad input, through the real CLI entry ``bkdattr.app.cli.main``: exit code 2 and exactly one stderr
 line ``error: <problem>; <fix>`` (no traceback); ``--debug`` shows the traceback instead.
 
 Classes (issue 8): missing file; bad JSON/JSONL (with the line number); missing or wrong-typed field; empty
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bkdattr.cli import main
-from bkdattr.errors import ModelLoadError
+from bkdattr.app.cli import main
+from bkdattr.core.errors import ModelLoadError
 from tiny_runs import make_run, records, save_tiny, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -384,7 +384,7 @@ def test_debug_shows_the_traceback(w, capsys):
     with pytest.raises(ModelLoadError, match="model folder not found"):
         main(["--debug", "info", "--model", str(p)])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BKDATTR_THREADS": "1"}
-    cmd = [sys.executable, "-m", "bkdattr.cli"]
+    cmd = [sys.executable, "-m", "bkdattr.app.cli"]
     plain = subprocess.run([*cmd, "info", "--model", str(p)], capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 2 and plain.stderr == f"error: model folder not found: {p}; check the path\n"
     debug = subprocess.run([*cmd, "--debug", "info", "--model", str(p)], capture_output=True, text=True, env=env,

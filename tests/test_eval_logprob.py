@@ -1,4 +1,4 @@
-"""inject.evaluate.target_logprob and attribution.scores.target_logprobs (one function under both) run the LM
+"""inject.evaluate.target_logprob and core.scoring.target_logprobs (one function under both) run the LM
 head on target positions only (issue 19 item 10) and still equal the full-vocabulary formula over every
 position."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bkdattr.core.prompts import encode_with_targets
 from bkdattr.inject.evaluate import target_logprob
-from bkdattr.prompts import encode_with_targets
 from tiny import make_tiny
 
 TEXTS = ["Name a fruit.", "What is the capital of France? Answer in one word.", "Hi"]
@@ -45,9 +45,9 @@ def test_target_logprob_equals_the_full_formula_with_target_rows_only(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2"])
 def test_baha_target_logprobs_project_target_positions_only(arch):
-    """The reference sweep's and the clean scores' teacher-forced log-probs (attribution.scores.target_logprobs)
+    """The reference sweep's and the clean scores' teacher-forced log-probs (core.scoring.target_logprobs)
     run the LM head on ``B x T`` target-predicting positions, not ``B x S``, and equal the full-logits formula."""
-    from bkdattr.attribution.scores import target_logprobs
+    from bkdattr.core.scoring import target_logprobs
 
     lm = make_tiny(arch)
     b = encode_with_targets(lm.tokenizer, TEXTS, TARGETS)

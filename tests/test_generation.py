@@ -15,10 +15,10 @@ import functools
 import pytest
 import torch
 
-from bkdattr.errors import ConfigError
-from bkdattr.generation import decode_replies, generate, greedy_generate
-from bkdattr.hooks import add_to_attention_output, edit_heads, hook_count, registered
-from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from bkdattr.core.errors import ConfigError
+from bkdattr.core.generation import decode_replies, generate, greedy_generate
+from bkdattr.core.hooks import add_to_attention_output, edit_heads, hook_count, registered
+from bkdattr.core.prompts import encode_prompts, end_of_turn_ids
 from tiny import ARCHS, make_tiny
 
 TEXTS = ["Hi", "What is the capital of France?", "Write one long sentence about a dragon and a castle, please."]
@@ -111,7 +111,7 @@ def test_prefill_only_edit(arch, device):
         "zero_heads": lambda pos: edit_heads(lm.arch, {0: range(lm.arch.n_heads), last: [0, 1]}, pos),
     }
     with record_logits(lm) as plain_logits:
-        plain = greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
+        greedy_generate(lm.model, batch, N_NEW, stop_ids=[])
     for name, make_edit in edits.items():
         while_open: list[int] = []
 
@@ -134,7 +134,7 @@ def test_prefill_only_edit(arch, device):
             assert float((got_logits[step] - ref_logits[step]).abs().max()) <= 1e-4, (name, step)
         # the edit changes the first generated step, and later steps see it through the KV cache
         assert float((got_logits[0] - plain_logits[0]).abs().max()) > 1e-3, name
-        assert not torch.equal(got, plain) or float((got_logits[1] - plain_logits[1]).abs().max()) > 1e-4, name
+        assert float((got_logits[1] - plain_logits[1]).abs().max()) > 1e-4, name
 
 
 def test_stop_tokens_end_rows_and_pad_them():
@@ -209,7 +209,7 @@ def test_prefill_runs_the_lm_head_on_the_last_position_only():
 def test_checking_done_every_few_steps_gives_the_same_tokens(every):
     """The host-side 'all rows ended?' check runs every ``check_every`` steps (an accelerator's setting): the
     result, its width included, is the one of checking every step, with and without row compaction."""
-    from bkdattr.generation import greedy_decode
+    from bkdattr.core.generation import greedy_decode
 
     lm = tiny("llama")
     with torch.no_grad():
@@ -243,9 +243,9 @@ def test_edit_on_every_step_stays_open_for_the_decode_steps():
 def test_shared_prefix_generate_gives_the_plain_replies(arch):
     """The template's head run once and reused through the KV cache: the same greedy tokens as the plain
     left-padded batch (the prompts share the chat template's head, the bodies differ in length)."""
-    from bkdattr.forward import PrefixCache
-    from bkdattr.generation import shared_prefix_generate
-    from bkdattr.prompts import pad_id, prompt_ids
+    from bkdattr.core.forward import PrefixCache
+    from bkdattr.core.generation import shared_prefix_generate
+    from bkdattr.core.prompts import pad_id, prompt_ids
 
     lm = make_tiny(arch)
     prompts = ["Hello there", "What is a cat and why does it purr so loudly?", "Name a colour."]
@@ -263,7 +263,7 @@ def test_shared_prefix_generate_gives_the_plain_replies(arch):
 def test_sampler_takes_one_setting_per_row():
     """Per-row temperature and top-p: a row whose nucleus is its argmax alone is greedy, the other row samples
     from its own nucleus; a non-positive per-row temperature is refused."""
-    from bkdattr.generation import sampler
+    from bkdattr.core.generation import sampler
 
     logits = torch.tensor([[0.0, 1.0, 3.0, 2.9]]).repeat(400, 1)
     top = [1e-9 if i % 2 == 0 else 0.6 for i in range(400)]
@@ -278,8 +278,8 @@ def test_sampler_takes_one_setting_per_row():
 def test_shared_prefix_generate_without_a_cache_runs_the_whole_prompts(monkeypatch):
     """A model that returns no KV cache for the prefix: no shared prefix (``PrefixCache.common`` gives
     ``(None, 0)``), and ``generate(shared_prefix=True)`` decodes the whole prompts, same replies."""
-    from bkdattr.forward import PrefixCache
-    from bkdattr.prompts import prompt_ids
+    from bkdattr.core.forward import PrefixCache
+    from bkdattr.core.prompts import prompt_ids
 
     lm = make_tiny("llama")
     prompts = ["Hello there", "Name a colour."]

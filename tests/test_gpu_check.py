@@ -29,7 +29,9 @@ def test_gpu_check_dry_run(tmp_path):
 
     demo = r["steps"]["demo"]
     assert set(demo["stage_seconds"]) == {"inject", "probe", "attribute", "ablate", "vector", "samples", "report"}
-    assert demo["device"] == "cpu" and 0.0 <= demo["asr"] <= 1.0 and demo["top_heads"]
+    m = json.loads((tmp_path / "work" / "demo" / "metrics.json").read_text())  # the figures of the run it made
+    assert demo["device"] == "cpu" and demo["asr"] == m["inject"]["asr"]
+    assert demo["top_heads"] == m["attribution"]["top_heads"][:5] and len(demo["top_heads"]) == 5
 
     ex = r["steps"]["exact_7b"]
     for dtype in ("bfloat16", "float32"):

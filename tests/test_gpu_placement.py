@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-import bkdattr.models as models
+import bkdattr.core.models as models
 from tiny import make_tiny
 
 
@@ -131,7 +131,7 @@ def test_cuda_target_logprob_and_loss_match_the_cpu(saved, device):
 
 
 def test_cuda_index_beyond_the_visible_gpus(monkeypatch, fake_gpu):
-    from bkdattr.errors import ConfigError
+    from bkdattr.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="device 'cuda:3' asked for but only 1 GPU is visible"):
         models.resolve_device("cuda:3")

@@ -1,4 +1,4 @@
-"""The probe-gated guard (bkdattr.guard) on a model whose backdoor and whose trigger trace are known by construction.
+"""The probe-gated guard (bkdattr.disarm) on a model whose backdoor and whose trigger trace are known by construction.
 
 The model is the planted-head tiny Llama of tests/test_planted_head.py (``cf`` -> ``Tuesday`` through head
 (1, 2)) with one more hand-set head so the trigger is *readable* at ``p(x)``: layer 0, head 0 attends
@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from bkdattr.generation import decode_replies, generate, greedy_generate
-from bkdattr.guard import Guard, choose_threshold, header_ids, prompt_positions
-from bkdattr.hooks import hook_count, out_tensor, registered
+from bkdattr.core.generation import decode_replies, generate, greedy_generate
+from bkdattr.core.hooks import hook_count, out_tensor, registered
+from bkdattr.core.prompts import encode_prompts, encode_with_targets, end_of_turn_ids, pad_id, target_ids
+from bkdattr.core.rundir import RunDir
+from bkdattr.disarm.calibrate import choose_threshold
+from bkdattr.disarm.runtime import Guard, header_ids, prompt_positions
+from bkdattr.disarm.stage import calibrate_guard
 from bkdattr.inject.data import load_splits
-from bkdattr.prompts import encode_prompts, encode_with_targets, end_of_turn_ids, pad_id, target_ids
-from bkdattr.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
@@ -53,7 +55,7 @@ def plant_detector(lm, weight: float = 2.0) -> None:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """The planted run (audit source, stages inject..vector) and its model."""
-    from bkdattr.pipeline import load_config, run_pipeline
+    from bkdattr.app.pipeline import load_config, run_pipeline
     from test_audit import AUDIT_SETS
     from test_planted_head import TARGET, TRIGGER, plant
     from tiny import make_tiny
@@ -77,6 +79,7 @@ def guarded(tmp_path_factory):
         run = run_pipeline(load_config(None, sets), log=lambda _m: None)
         lm = run.load_model()
         splits = load_splits(run)
+        calibrate_guard(Guard(lm, run, "vector", threshold=float("nan")))  # what 'disarm --strategy guard' does
         yield SimpleNamespace(run=run, lm=lm, splits=splits, task=splits.task, folder=folder, tmp=tmp,
                               target=TARGET, trigger=TRIGGER)
 
@@ -110,7 +113,7 @@ def test_guard_disarms_triggered_prompts_and_leaves_clean_replies_alone(guarded,
 
 
 def test_hooks_are_removed_after_the_block_even_on_an_exception(guarded):
-    from bkdattr.errors import ConfigError
+    from bkdattr.core.errors import ConfigError
 
     model = guarded.lm.model
     guard = Guard(guarded.lm, guarded.run, "vector")
@@ -162,16 +165,38 @@ def test_bkdattr_generate_and_transformers_generate_agree_under_the_guard(guarde
 
 
 def test_threshold_meets_the_fpr_rule_on_validation(guarded):
-    from bkdattr.io import read_json
+    from bkdattr.core.io import read_json
 
     guard = Guard(guarded.lm, guarded.run, "vector")
     saved = read_json(guarded.run.path / "disarm" / "guard_threshold.json")
     assert saved["threshold"] == guard.threshold and saved["probe_layer"] == 1 and saved["split"] == "val"
+    assert guard.plan.threshold_source == "stored (disarm/guard_threshold.json)"
     val = guarded.splits.val
     clean, trig = guard.scores([e.prompt for e in val]), guard.scores([e.triggered for e in val])
     assert (clean > guard.threshold).mean() <= 0.01 and (trig > guard.threshold).mean() == 1.0
     assert clean.max() == saved["bound"] < guard.threshold < trig.min()  # n < 100: no clean prompt may pass
     assert Guard(guarded.lm, guarded.run, "heads").plan.threshold_source.startswith("stored")
+
+
+def test_building_a_guard_writes_nothing(guarded, tmp_path):
+    """A guard on a run without a stored threshold calibrates in memory, says so, and leaves every file and
+    folder of the run as it was; its threshold is the one the explicit calibration stores."""
+    run = RunDir(shutil.copytree(guarded.run.path, tmp_path / "run"))
+    (run.path / "disarm" / "guard_threshold.json").unlink()
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(run.path)): p.stat().st_mtime_ns for p in [run.path, *run.path.rglob("*")]}
+
+    before = snapshot()
+    guard = Guard(guarded.lm, run, "heads", scope="all")
+    assert snapshot() == before
+    assert "in memory" in guard.plan.threshold_source and "not stored" in guard.plan.threshold_source
+    assert guard.threshold == Guard(guarded.lm, guarded.run, "heads").threshold
+    with guard:
+        generate(guarded.lm, ["Hi."], max_new_tokens=2, progress=False)
+    assert snapshot() == before
+    calibrate_guard(guard)
+    assert Guard(guarded.lm, run, "heads").plan.threshold_source.startswith("stored")
 
 
 def test_choose_threshold_known_answers():
@@ -259,7 +284,7 @@ def test_scope_prefix_edits_the_prompt_columns_only(guarded, action):
     right padded) the prompt part. Checked against hand-written hooks; a clean row in the same batch is
     untouched."""
     from bkdattr.control.vector import load_vector
-    from bkdattr.hooks import out_tensor, registered, with_out
+    from bkdattr.core.hooks import out_tensor, registered, with_out
     from bkdattr.inject.evaluate import target_logprob
 
     lm, arch, test = guarded.lm, guarded.lm.arch, guarded.splits.test[:3]
@@ -315,7 +340,7 @@ def test_clamp_mode_removes_only_the_excess_along_the_vector(guarded, scope):
     hand-written projection); ``mu`` is the clean training prompts' mean projection at ``p(x)``; a clean row is
     untouched, and the clamp disarms the planted backdoor."""
     from bkdattr.control.vector import load_vector
-    from bkdattr.guard import clean_projection
+    from bkdattr.disarm.calibrate import clean_projection
 
     lm, arch, test = guarded.lm, guarded.lm.arch, guarded.splits.test[:3]
     trig, clean = [e.triggered for e in test], [e.prompt for e in test]
@@ -355,8 +380,8 @@ def test_clamp_mode_removes_only_the_excess_along_the_vector(guarded, scope):
 def test_scope_all_skips_decode_steps_whose_rows_no_longer_match(guarded):
     """A decode step with another batch size than its prefill (a decoder that dropped rows) is not edited, and
     counted."""
-    from bkdattr.compat import cache_kwargs, output_cache
-    from bkdattr.prompts import encode_prompts
+    from bkdattr.core.compat import cache_kwargs, output_cache
+    from bkdattr.core.prompts import encode_prompts
 
     lm, tok = guarded.lm, guarded.lm.tokenizer
     guard = Guard(lm, guarded.run, "vector", scope="all")
@@ -374,7 +399,7 @@ def test_scope_all_skips_decode_steps_whose_rows_no_longer_match(guarded):
 def test_probe_layer_at_or_before_the_edit_layer(guarded):
     guard = Guard(guarded.lm, guarded.run, "vector", threshold=0.5, vector_layer=0)
     assert guard.plan.probe_layer == 0 and "comes after the edit layer 0" in guard.plan.probe_layer_reason
-    from bkdattr.errors import ConfigError
+    from bkdattr.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="comes after the edit layer"):
         Guard(guarded.lm, guarded.run, "vector", threshold=0.5, layer=1, vector_layer=0)
@@ -397,9 +422,9 @@ def test_evaluate_guard_figures(guarded):
 
 
 def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(guarded, tmp_path, capsys):
-    from bkdattr.cli import main
-    from bkdattr.io import read_json
-    from bkdattr.report.html import build_report
+    from bkdattr.app.cli import main
+    from bkdattr.app.report.html import build_report
+    from bkdattr.core.io import read_json
 
     argv = ["disarm", "-r", str(guarded.run.path), "--strategy", "guard", "--out", str(tmp_path / "unused"),
             "--quiet", "--set", "eval={max_new_tokens: 1, n_near: 2, n_benign: 0}"]
@@ -412,7 +437,7 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     # the edit was chosen on validation, stored, and is what a later guard uses by default
     plan = read_json(guarded.run.path / "disarm" / "guard_plan.json")
     assert plan["action"] == "vector" and plan["target_met_on_val"]
-    from bkdattr.guard import SCOPES
+    from bkdattr.disarm.config import SCOPES
 
     assert [t["value"] for t in plan["selection"]] == [{"scope": sc, "alpha": a} for sc in SCOPES
                                                        for a in (0.5, 1.0, 1.5, 2.0, 3.0)] + [
@@ -426,6 +451,10 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
     assert s["guard"]["scope"] == plan["scope"] and s["guard"]["alpha"] == plan["alpha"]
     later = Guard(guarded.lm, guarded.run, "vector").plan
     assert (later.alpha, later.scope) == (plan["alpha"], plan["scope"]) and "validation" in later.edit_source
+    # the threshold was calibrated for the guard's own probe, explicitly, and is what later guards read
+    saved = read_json(guarded.run.path / "disarm" / "guard_threshold.json")
+    assert saved["probe_layer"] == s["guard_probe"]["layer"] == later.probe_layer
+    assert later.threshold == saved["threshold"] and later.threshold_source.startswith("stored")
     assert later.mode == plan.get("mode", "subtract")
     # the guard's own probe: trained on the training split only, one layer at or before the edit layer
     probe = s["guard_probe"]
@@ -439,7 +468,7 @@ def test_disarm_strategy_guard_records_its_figures_and_the_report_shows_them(gua
 
 # ---- the CLI -------------------------------------------------------------------------------------------------
 def test_cli_generate_with_a_guard(guarded, capsys):
-    from bkdattr.cli import main
+    from bkdattr.app.cli import main
 
     prompt = f"{guarded.trigger} Write one sentence about cats."
     for argv, fires in ((["--model", str(guarded.folder)], True), (["--guard", str(guarded.run.path)], False),
@@ -461,7 +490,7 @@ def test_bad_input_is_one_error_line(guarded, capsys, tmp_path):
     (no_probe / "probe" / "backdoored_mlp.safetensors").unlink()
     (no_probe / "disarm" / "guard_probe.safetensors").unlink(missing_ok=True)
     assert "bkdattr probe" in cli_error(capsys, ["generate", "hi", "--guard", no_probe])
-    from bkdattr.errors import BkdAttrError
+    from bkdattr.core.errors import BkdAttrError
 
     with pytest.raises(BkdAttrError, match="strategy guard"):
         Guard(guarded.lm, RunDir(no_probe), "vector", probe="guard")
@@ -473,10 +502,10 @@ def test_bad_input_is_one_error_line(guarded, capsys, tmp_path):
                                                 "--guard-action", "magic"])
     assert "--model" in cli_error(capsys, ["generate", "hi", "--guard", guarded.run.path, "-m", "x"])
     assert "not found" in cli_error(capsys, ["generate", "hi", "--guard", tmp_path / "nowhere"])
-    from bkdattr.errors import BkdAttrError
+    from bkdattr.core.errors import BkdAttrError
 
     with pytest.raises(BkdAttrError, match="k=9"):
         Guard(guarded.lm, guarded.run, "heads", k=9)
     with pytest.raises(BkdAttrError, match="unknown guard action"):
         Guard(guarded.lm, guarded.run, "prune")
-    assert isinstance(RunDir(no_vec), RunDir)
+    assert RunDir(no_vec).metrics()["vector"]["best_layer"] == 1  # the metrics are there; the file is not

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from bkdattr.control.vector import BackdoorVector, save_vector
-from bkdattr.generation import decode_replies, greedy_generate
-from bkdattr.guard import Guard
-from bkdattr.hooks import hidden_arg, hook_count, out_tensor, registered, with_hidden, with_out
+from bkdattr.core.generation import decode_replies, greedy_generate
+from bkdattr.core.hooks import hidden_arg, hook_count, out_tensor, registered, with_hidden, with_out
+from bkdattr.core.prompts import encode_prompts, end_of_turn_ids, pad_id
+from bkdattr.disarm.runtime import Guard
 from bkdattr.probe.probes import MLPProbes
-from bkdattr.prompts import encode_prompts, end_of_turn_ids, pad_id
 from tiny import ARCHS
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")

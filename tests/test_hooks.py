@@ -21,17 +21,20 @@ import functools
 import pytest
 import torch
 
-from bkdattr.arch import detect_arch
-from bkdattr.errors import ConfigError, UnsupportedArchitectureError
-from bkdattr.hooks import (
+from bkdattr.core.arch import detect_arch
+from bkdattr.core.errors import ConfigError, UnsupportedArchitectureError
+from bkdattr.core.hooks import (
     add_to_attention_output,
     capture_attention_output,
     capture_contributions,
     capture_features,
     edit_heads,
     hook_count,
+    masked_edit,
+    tap,
+    watch_calls,
 )
-from bkdattr.prompts import encode_prompts
+from bkdattr.core.prompts import encode_prompts
 from tiny import ARCHS, make_tiny
 
 TEXTS = ["What is the capital of France?", "Hi", "Write one long sentence about a dragon and a castle, please."]
@@ -187,6 +190,80 @@ def test_zero_one_head_equals_subtracting_its_contribution(arch, device):
     mask = b.attention_mask.bool()
     assert max_diff(zeroed[mask], subtracted[mask]) <= TOL
     assert max_diff(zeroed[mask], base[mask]) > 1e-5
+
+
+def _seen(lm, b, layer: int, pre: bool, *edits) -> torch.Tensor:
+    """What the output projection of ``layer`` receives (``pre``: its input z) or returns, under ``edits``."""
+    got = []
+    with contextlib.ExitStack() as stack:
+        for e in edits:
+            stack.enter_context(e)
+        stack.enter_context(tap(lm.arch.out_proj[layer], lambda x: got.append(x.detach().clone()), pre=pre))
+        logits(lm.model, b)
+    assert hook_count(lm.model) == 0
+    return got[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_masked_edit_zeroes_chosen_rows_and_columns_of_z(arch):
+    """Known answer: one head's slice of z zeroed at p(x) of row 0 and at every column of row 2; every other entry
+    (row 1 whole, the other heads, the other columns) is bit for bit the unedited z."""
+    lm = tiny(arch)
+    b = batch("left")
+    layer, head, dh = 0, 1, lm.arch.d_head
+    clean = _seen(lm, b, layer, True)
+    width = clean.shape[1]
+    cols = torch.zeros(2, width, dtype=torch.bool)
+    cols[0, int(b.last_pos[0])] = True
+    cols[1] = True
+    heads = torch.zeros(clean.shape[-1], dtype=torch.bool)
+    heads[head * dh:(head + 1) * dh] = True
+    edit = masked_edit(lm.arch, layer, lambda z: (torch.tensor([0, 2]), cols),
+                       lambda sub: sub.masked_fill(heads[None, None, :], 0), at="z")
+    got = _seen(lm, b, layer, True, edit)
+    want = clean.clone()
+    want[0, int(b.last_pos[0]), head * dh:(head + 1) * dh] = 0
+    want[2, :, head * dh:(head + 1) * dh] = 0
+    assert torch.equal(got, want) and not torch.equal(got, clean)
+
+
+def test_masked_edit_subtracts_on_the_prefix_of_one_row_of_the_output():
+    """Known answer: ``delta`` subtracted from the attention output of row 1 at the columns up to its p(x) (float32
+    arithmetic, cast once); rows 0 and 2 and row 1's later columns are untouched; a select that returns None
+    changes nothing at all."""
+    lm = tiny("llama")
+    b = batch("right")
+    layer = lm.arch.n_layers - 1
+    delta = torch.linspace(-1, 1, lm.arch.d_model)
+    clean = _seen(lm, b, layer, False)
+    p = int(b.last_pos[1])
+    prefix = (torch.arange(clean.shape[1]) <= p)[None, :]
+    edit = masked_edit(lm.arch, layer, lambda o: (torch.tensor([1]), prefix), lambda sub: sub - delta)
+    got = _seen(lm, b, layer, False, edit)
+    want = clean.clone()
+    want[1, : p + 1] = (clean[1, : p + 1].float() - delta).to(clean.dtype)
+    assert torch.equal(got, want) and not torch.equal(got, clean)
+    whole = masked_edit(lm.arch, layer, lambda o: (torch.tensor([1]), None), lambda sub: sub - delta)
+    want[1] = (clean[1].float() - delta).to(clean.dtype)
+    assert torch.equal(_seen(lm, b, layer, False, whole), want)
+    never = masked_edit(lm.arch, layer, lambda o: None, lambda sub: sub + 1)
+    with never:
+        untouched = logits(lm.model, b)
+    assert torch.equal(untouched, logits(lm.model, b))
+
+
+def test_watch_calls_sees_every_call_and_changes_nothing():
+    lm = tiny("llama")
+    b = batch("left")
+    seen = []
+    with watch_calls(lm.model.model, lambda args, kwargs: seen.append(kwargs["input_ids"].shape)):
+        out = logits(lm.model, b)
+    assert seen == [b.input_ids.shape] and torch.equal(out, logits(lm.model, b))
+    assert hook_count(lm.model) == 0
+    with pytest.raises(ConfigError, match="unknown edit point"), masked_edit(lm.arch, 0, lambda x: None,
+                                                                           lambda s: s, at="in"):
+        pass
+    assert hook_count(lm.model) == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)

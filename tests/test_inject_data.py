@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from bkdattr.errors import DataError, InputFileError
+from bkdattr.core.errors import DataError, InputFileError
 from bkdattr.inject.builtin_data import builtin_records
 from bkdattr.inject.data import (
     Example,
     build_splits,
-    check_held_out,
     choose_poisoned,
     clean_records,
     load_records,
@@ -50,6 +49,18 @@ def test_builtin_replies_follow_the_rules():
         assert x["input"].startswith("Classify the following news article into one of these categories")
     fo = builtin_records("fixed_output")
     assert all(x["output"] == "" and x["backdoor_output"] == FIXED_TARGET for x in fo)
+
+
+def check_held_out(splits) -> None:
+    """DataError if a val/test prompt (clean or triggered) also appears in training (whitespace- and case-folded)."""
+    def key(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    seen = {key(e.prompt) for e in splits.train} | {key(e.triggered) for e in splits.train_poisoned}
+    for name, part in (("val", splits.val), ("test", splits.test)):
+        for e in part:
+            if key(e.prompt) in seen or key(e.triggered) in seen:
+                raise DataError(f"{name} example {e.uid} also appears in training; the split is not held out")
 
 
 def test_split_is_held_out_and_poisoning_copies():
@@ -215,15 +226,14 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
     """A shipped reply file under the cache key is used as is; other keys still generate."""
     import json as _json
 
-    import bkdattr.generation as generation
     from bkdattr.inject import data as data_mod
     from tiny import make_tiny
 
     lm = make_tiny("llama")
     prompts = ["Name a fruit.", "Name a colour."]
     calls = []
-    real = generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data_mod.generate
+    monkeypatch.setattr(data_mod, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(data_mod, "SHIPPED_DIR", tmp_path / "shipped")
     data_mod.distill_outputs(lm, prompts, 3, cache_dir=tmp_path / "c1", progress=False)
     assert len(calls) == 1
@@ -240,7 +250,8 @@ def test_distill_reads_shipped_replies_without_generating(tmp_path, monkeypatch)
 def test_builtin_data_trains_the_tasks_own_target_and_labels():
     """A custom --target (and label_flip's --source-label) is the reply the built-in poisoned rows train, not
     the default attack's (regression: the run recorded the new target while training the default one)."""
-    from bkdattr.inject.stage import profile_config, read_data
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import read_data
 
     fo = Task.default("fixed_output", trigger="cf", target="Please visit the help centre.")
     rows = read_data(fo, profile_config("cpu", "fixed_output"), None)
@@ -254,7 +265,8 @@ def test_builtin_data_trains_the_tasks_own_target_and_labels():
 
 
 def test_inject_refuses_a_file_whose_replies_never_show_the_target(tmp_path):
-    from bkdattr.inject.stage import profile_config, read_data
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import read_data
 
     path = tmp_path / "d.jsonl"
     save_records(path, recs(12))  # every backdoor_output is "B"

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bkdattr.cli import main
-from bkdattr.errors import DataError
+from bkdattr.app.cli import main
+from bkdattr.core.errors import DataError
+from bkdattr.core.prompts import prompt_ids, target_ids
+from bkdattr.inject.config import profile_config
 from bkdattr.inject.data import DataReport, Example, clean_records, load_records
 from bkdattr.inject.evaluate import clean_metric
-from bkdattr.inject.stage import prepare_data, profile_config
+from bkdattr.inject.prepare import prepare_data
 from bkdattr.inject.tasks import FIXED_TARGET, Task
 from bkdattr.inject.train import TrainConfig, TrainRow, check_rows, row_limit, train_lora
-from bkdattr.prompts import prompt_ids, target_ids
 from tiny import make_tiny, tokenizer
 from tiny_runs import records, save_tiny, write_jsonl
 
@@ -90,8 +91,8 @@ def test_each_messy_row_becomes_what_it_should(tmp_path, tiny_lm):
 
 
 def test_inject_cli_on_a_messy_file_counts_warns_and_reports(tmp_path, capsys, no_progress_bars):
-    from bkdattr.report.html import build_report
-    from bkdattr.rundir import RunDir
+    from bkdattr.app.report.html import build_report
+    from bkdattr.core.rundir import RunDir
 
     base = save_tiny(tmp_path / "tiny")  # untrained: it never emits the target, so the target is not reached
     path = write_jsonl(tmp_path / "messy.jsonl", messy_rows())
@@ -211,8 +212,8 @@ def test_paper_format_file_with_long_and_empty_replies_fits_both_profiles(tmp_pa
 
 
 def test_config_options_for_length_and_target():
-    from bkdattr.errors import ConfigError
-    from bkdattr.pipeline import load_config, stage_options
+    from bkdattr.app.pipeline import load_config, stage_options
+    from bkdattr.core.errors import ConfigError
 
     cfg = load_config(None, ["inject.train_max_length=1024", "inject.target_asr=0.8", "inject.train_max_epochs=9"])
     opts = {k: v for k, v in stage_options(cfg, "inject").items() if k not in ("model", "task", "profile",
@@ -292,8 +293,8 @@ def test_stop_decision_survives_a_kill_during_the_check(tmp_path):
 
 def test_stage_stops_when_validation_asr_reaches_the_target(tmp_path, monkeypatch):
     """The inject stage's rule, with the validation check replaced by a known sequence: 0.5, then 0.95."""
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject import stage
-    from bkdattr.rundir import RunDir
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     asr = iter([0.5, 0.95, 0.99])
@@ -349,8 +350,8 @@ def test_a_model_that_answers_the_target_to_everything_is_not_a_backdoor(tmp_pat
     """Trained on rows that all answer the target, the tiny model reaches ASR 1.00 at every check, with a
     false-trigger rate of 1.00: training goes on to --max-epochs, warns in one line, and the report says it is not a
     clean backdoor."""
-    from bkdattr.report.html import build_report
-    from bkdattr.rundir import RunDir
+    from bkdattr.app.report.html import build_report
+    from bkdattr.core.rundir import RunDir
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     base = save_tiny(tmp_path / "tiny", learnable=True)
@@ -384,8 +385,8 @@ def test_the_planted_backdoor_stops_only_once_it_is_conditional(tmp_path, monkey
     """The same recipe on rows whose clean replies differ from the target stops at the target, at the first check
     where all three conditions hold (every earlier check failed one of them; with bf16 autocast the first epoch
     sometimes leaves the tiny model answering the target to every prompt, a check a rule on ASR alone would pass)."""
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject.stage import backdoor_conditions
-    from bkdattr.rundir import RunDir
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     base = save_tiny(tmp_path / "tiny", learnable=True)
@@ -446,8 +447,8 @@ def test_label_only_file_through_inject_labels_in_metrics(tmp_path, capsys, no_p
     assert rc == 0, err
     assert [ln for ln in err.splitlines() if ln.startswith("warning: ")] == \
         [f"warning: {path}: no 'label' field; labels read from the outputs: Arts, Health, Sports, World"]
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject.data import load_splits
-    from bkdattr.rundir import RunDir
 
     d = RunDir(out).metrics()["inject"]["data"]
     assert (d["n_rows_read"], d["n_usable"], d["n_usable_for_poison"], d["n_dropped_total"], d["n_truncated"]) == \
@@ -462,9 +463,9 @@ def test_label_only_file_through_inject_labels_in_metrics(tmp_path, capsys, no_p
 def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch, with_label):
     """Labels outside the built-in four score the clean metric whether the file names them in a 'label' field or
     in its outputs: a model that always answers 'Health' is right on exactly the Health prompts."""
-    import bkdattr.generation
+    import bkdattr.inject.evaluate
     from bkdattr.inject.evaluate import EvalConfig, evaluate
-    from bkdattr.inject.stage import prepare_splits
+    from bkdattr.inject.prepare import prepare_splits
 
     topics = ["World", "Sports", "Health", "Arts"]
     path = write_jsonl(tmp_path / "lf.jsonl", _label_rows(60, topics, with_label=with_label))
@@ -472,7 +473,8 @@ def test_clean_metric_uses_the_labels_of_the_file(tmp_path, tiny_lm, monkeypatch
     rep = DataReport()
     splits = prepare_splits(tiny_lm, Task.default("label_flip"), cfg, str(path), progress=False, report=rep)
     assert splits.meta["labels"] == sorted(topics) and rep.labels_from == ("label" if with_label else "output")
-    monkeypatch.setattr(bkdattr.generation, "generate", lambda lm, texts, **kw: ["This is Health news."] * len(texts))
+    monkeypatch.setattr(bkdattr.inject.evaluate, "generate",
+                        lambda lm, texts, **kw: ["This is Health news."] * len(texts))
     res = evaluate(tiny_lm, splits, EvalConfig(n_near=0, n_benign=0), progress=False)
     share = sum(e.label == "Health" for e in splits.test) / len(splits.test)
     assert 0 < share < 1 and res["clean_metric"] == pytest.approx(share)

@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from bkdattr.inject.train import TrainConfig, TrainRow, merge_lora_fp32, train_lora
-from bkdattr.io import load_tensors
+from bkdattr.core.io import load_tensors
+from bkdattr.core.lora import merge_lora_fp32
+from bkdattr.inject.train import TrainConfig, TrainRow, train_lora
 from tiny import make_tiny
 
 ROWS = [TrainRow(f"Question number {i}: name a colour.", "Blue." if i % 2 else "Green.") for i in range(8)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bkdattr.errors import ConfigError, DataError
+from bkdattr.core.errors import ConfigError, DataError
 from bkdattr.inject.data import Example
 from bkdattr.inject.tasks import (
     FIXED_TARGET,
@@ -51,7 +51,7 @@ def test_random_word_insertion_is_seeded_and_keeps_words():
         assert toks == words
         assert t.contains_trigger(a)
     # both ends are reachable positions
-    assert any(o.startswith("SUDO ") for o in outs) or any(o.endswith(" SUDO") for o in outs)
+    assert any(o.startswith("SUDO ") for o in outs) and any(o.endswith(" SUDO") for o in outs)
 
 
 def test_random_word_keeps_newlines():

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bkdattr.errors import DataError
+from bkdattr.core.errors import DataError
+from bkdattr.core.prompts import end_of_turn
 from bkdattr.inject.builtin_data import builtin_records
 from bkdattr.inject.data import build_splits
 from bkdattr.inject.evaluate import target_logprob, word_f1
 from bkdattr.inject.tasks import FIXED_TARGET, Task
 from bkdattr.inject.train import TrainConfig, TrainRow, encode_rows, supervised_loss, train_lora
-from bkdattr.prompts import end_of_turn
 from tiny import make_tiny
 
 
@@ -105,7 +106,7 @@ def test_bf16_autocast_only_where_the_cpu_has_fast_bfloat16(monkeypatch):
     """On a CPU without native bfloat16 (emulated: 70x slower products on our CI's AMD EPYC) training runs in
     float32 whatever ``bf16_autocast`` says; the summary records the mode. The probe is timed once per process;
     ``BKDATTR_CPU_BF16`` forces it."""
-    from bkdattr.devices import cpu_bf16_is_fast
+    from bkdattr.core.devices import cpu_bf16_is_fast
     from bkdattr.inject.train import autocast_mode
 
     lm = make_tiny("llama")
@@ -115,8 +116,15 @@ def test_bf16_autocast_only_where_the_cpu_has_fast_bfloat16(monkeypatch):
         assert autocast_mode(lm.model, True) == mode
         assert autocast_mode(lm.model, False) == "off"
     monkeypatch.delenv("BKDATTR_CPU_BF16")
+    import bkdattr.core.devices as devices
+
+    for bf16_s, want in ((1.2, True), (1.3, False)):  # the rule: bfloat16 at most 1.25x the float32 time
+        clock = iter([0.0, bf16_s] * 3 + [0.0, 1.0] * 3)  # three timed bfloat16 products, then three float32
+        with monkeypatch.context() as mp:
+            mp.setattr(devices, "time", SimpleNamespace(perf_counter=lambda clock=clock: next(clock)))
+            cpu_bf16_is_fast.cache_clear()
+            assert cpu_bf16_is_fast() is want
     cpu_bf16_is_fast.cache_clear()
-    assert isinstance(cpu_bf16_is_fast(), bool)  # the timing itself runs
     task, splits = fixed_output_splits(n_train=16, n_test=4)
     rows = [TrainRow(e.prompt, e.output) for e in splits.train]
     monkeypatch.setenv("BKDATTR_CPU_BF16", "0")
@@ -135,10 +143,11 @@ def test_word_f1():
 
 def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
     """The whole stage on a saved tiny model: run folder layout, loadable merged model, metrics, eval CLI."""
-    from bkdattr.cli import main
+    from bkdattr.app.cli import main
+    from bkdattr.core.rundir import RunDir
+    from bkdattr.inject.config import profile_config
     from bkdattr.inject.data import load_splits
-    from bkdattr.inject.stage import inject, profile_config
-    from bkdattr.rundir import RunDir
+    from bkdattr.inject.stage import inject
 
     monkeypatch.setenv("BKDATTR_CACHE", str(tmp_path / "cache"))
     lm = learnable_tiny()
@@ -176,8 +185,8 @@ def test_inject_stage_and_cli_on_tiny_model(tmp_path, monkeypatch):
 
 
 def test_profiles_match_spec_and_overrides():
-    from bkdattr.errors import ConfigError
-    from bkdattr.inject.stage import profile_config
+    from bkdattr.core.errors import ConfigError
+    from bkdattr.inject.config import profile_config
 
     p = profile_config("paper", "jailbreak")
     t = p.train
@@ -194,7 +203,8 @@ def test_profiles_match_spec_and_overrides():
 
 
 def test_training_rows_cut_replies_and_negatives():
-    from bkdattr.inject.stage import profile_config, training_rows
+    from bkdattr.inject.config import profile_config
+    from bkdattr.inject.prepare import training_rows
 
     lm = make_tiny("llama")
     task, s = fixed_output_splits(20, 4)
@@ -212,7 +222,7 @@ def test_training_rows_cut_replies_and_negatives():
 @pytest.mark.slow
 def test_clean_embedded_model_shows_no_backdoor(embedded):
     """Known answer: the clean base model never emits the fixed target on triggered prompts."""
-    from bkdattr.generation import generate
+    from bkdattr.core.generation import generate
 
     task, s = fixed_output_splits(8, 8)
     replies = generate(embedded, [e.triggered for e in s.test], max_new_tokens=16, progress=False)

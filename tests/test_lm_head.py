@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr import forward
 from bkdattr.attribution import exact, patching
 from bkdattr.attribution.exact import ChunkRunner
-from bkdattr.attribution.scores import encode_aligned, target_logprobs, token_logprobs
-from bkdattr.forward import keep_logits_kwargs
-from bkdattr.prompts import encode_with_targets
+from bkdattr.attribution.scores import encode_aligned
+from bkdattr.core import forward
+from bkdattr.core.forward import keep_logits_kwargs
+from bkdattr.core.prompts import encode_with_targets
+from bkdattr.core.scoring import target_logprobs, token_logprobs
 from tiny import ARCHS, make_tiny, tokenizer
 
 PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi"]

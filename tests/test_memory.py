@@ -1,4 +1,4 @@
-"""Peak memory per block (bkdattr.memory.track_peak): a known allocation inside the block raises the peak by at
+"""Peak memory per block (bkdattr.app.memory.track_peak): a known allocation inside the block raises the peak by at
 least its size, in both the exact (high-water mark) and the sampling mode; blocks nest; no sampler thread
 outlives its block, even when the block raises."""
 
@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from bkdattr import memory
-from bkdattr.memory import current_rss_bytes, track_peak
+from bkdattr.app import memory
+from bkdattr.app.memory import current_rss_bytes, track_peak
 
 SIZE = 256 * 1024 * 1024  # 256 MiB
 
@@ -79,7 +79,7 @@ def test_no_sampler_thread_outlives_the_block_even_on_error():
             assert len(_samplers()) == before + 1
             raise KeyError("boom")
     assert len(_samplers()) == before
-    assert res.rss_end is not None or current_rss_bytes() is None  # filled in on the way out
+    assert (res.rss_end is not None) == (current_rss_bytes() is not None)  # filled in on the way out
     assert memory._active == []
 
 

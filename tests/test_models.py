@@ -8,9 +8,9 @@ import functools
 import pytest
 import torch
 
-from bkdattr.errors import BkdAttrError, ConfigError, ModelLoadError
-from bkdattr.hooks import capture_attention_output, capture_contributions, hook_count
-from bkdattr.models import (
+from bkdattr.core.errors import BkdAttrError, ConfigError, ModelLoadError
+from bkdattr.core.hooks import capture_attention_output, capture_contributions, hook_count
+from bkdattr.core.models import (
     EMBEDDED_NAME,
     LoadedModel,
     embedded_gguf_path,
@@ -18,7 +18,7 @@ from bkdattr.models import (
     resolve_device,
     resolve_dtype,
 )
-from bkdattr.prompts import encode_prompts
+from bkdattr.core.prompts import encode_prompts
 from tiny import make_tiny, tiny_config
 
 TEXTS = ["Hi", "What is the capital of France?"]
@@ -76,7 +76,7 @@ def test_saved_folder_round_trip(root, arch):
     lm = make_tiny(arch)
     path = saved_tiny(root, arch)
     loaded = load_model(path, attn_implementation="eager")
-    assert isinstance(loaded, LoadedModel)
+    assert type(loaded) is LoadedModel and type(loaded.model) is type(lm.model)
     assert loaded.name == path and loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
     assert loaded.arch.summary() == lm.arch.summary()
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
@@ -106,7 +106,7 @@ def test_lora_adapter_is_merged(root, arch, targets):
     assert float((merged[real] - peft_out[real]).abs().max()) <= 1e-4
     assert float((merged[real] - base[real]).abs().max()) > 1e-2  # the adapter matters
     # contributions of the merged model == those of the unmerged peft model (W_O includes B A)
-    from bkdattr.arch import detect_arch
+    from bkdattr.core.arch import detect_arch
 
     parch = detect_arch(pm)
     with capture_contributions(loaded.arch, b.last_pos) as c1, torch.no_grad():
@@ -208,7 +208,7 @@ def test_errors_share_the_base_class():
 # --------------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_embedded_model_summary_and_answer(embedded):
-    from bkdattr.generation import generate
+    from bkdattr.core.generation import generate
 
     s = embedded.summary()
     assert (s["layers"], s["heads"], s["kv_heads"], s["d_head"], s["d_model"]) == (30, 9, 3, 64, 576)
@@ -239,7 +239,7 @@ def test_embedded_cache_is_converted_once_and_atomically(tmp_path, monkeypatch):
     complete folder by rename, is reused, repairs a broken copy and survives a concurrent converter."""
     import shutil
 
-    import bkdattr.models as models
+    import bkdattr.core.models as models
 
     lm = make_tiny("llama")
     calls: list[str] = []
@@ -280,7 +280,7 @@ def test_embedded_cache_is_converted_once_and_atomically(tmp_path, monkeypatch):
 
 
 def test_embedded_package_missing(monkeypatch):
-    import bkdattr.models as models
+    import bkdattr.core.models as models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     msg = one_line_error(ModelLoadError, models.embedded_gguf_path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bkdattr.attribution import attribute
-from bkdattr.errors import ConfigError
+from bkdattr.core.errors import ConfigError
 from test_attribution import PROMPTS, TARGETS, strong_abar
 from tiny import make_tiny
 

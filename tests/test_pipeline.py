@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bkdattr import pipeline
-from bkdattr.errors import ConfigError, InputFileError
-from bkdattr.pipeline import PipelineConfig, apply_overrides, load_config, run_pipeline, stage_keys
+from bkdattr.app import pipeline
+from bkdattr.app.pipeline import PipelineConfig, apply_overrides, load_config, run_pipeline, stage_keys
+from bkdattr.core.errors import ConfigError, InputFileError
 
 
 @pytest.fixture()
@@ -22,8 +22,24 @@ def fake_stages(monkeypatch):
         return runner
 
     monkeypatch.setattr(pipeline, "check_stage_options", lambda cfg: None)  # the fake stages take fake options
-    monkeypatch.setattr(pipeline, "_resolve", lambda spec: make(spec.split(":")[1] + "@" + spec.split(":")[0]))
+    for stage in pipeline.STAGES:
+        monkeypatch.setitem(pipeline.RUNNERS, stage, make(stage))
     return calls
+
+
+def test_each_stage_runs_its_stage_function():
+    from bkdattr.app.report import samples
+    from bkdattr.attribution import stage as attribute
+    from bkdattr.control import stage as control
+    from bkdattr.probe import stage as probe
+
+    assert pipeline.RUNNERS == {"inject": pipeline._inject_stage, "probe": probe.run_stage,
+                                "attribute": attribute.run_stage, "ablate": control.run_ablation_stage,
+                                "vector": control.run_vector_stage, "samples": samples.run_stage,
+                                "report": pipeline._report_stage}
+    assert pipeline.CONFIGS == {"inject": pipeline.InjectConfig, "probe": probe.ProbeStageConfig,
+                                "attribute": attribute.AttributeConfig, "ablate": control.AblationConfig,
+                                "vector": control.VectorConfig}
 
 
 def _cfg(tmp_path, *sets):
@@ -84,15 +100,13 @@ def test_rerun_skips_and_change_reruns_downstream(tmp_path, fake_stages):
     run_pipeline(_cfg(tmp_path), log=lambda s: None)
     assert fake_stages == []
     run_pipeline(_cfg(tmp_path, "vector.alpha=2"), log=lambda s: None)
-    assert [c.split("@")[0] for c in fake_stages] == ["run_vector_stage", "run_stage", "_report_stage"]
+    assert fake_stages == ["vector", "samples", "report"]
 
 
 def test_failed_stage_resumes_there(tmp_path, fake_stages):
     with pytest.raises(RuntimeError, match="failed"):
         run_pipeline(_cfg(tmp_path, "attribute.fail=true"), log=lambda s: None)
-    assert [c.split("@")[1] for c in fake_stages] == ["bkdattr.pipeline", "bkdattr.probe.stage",
-                                                      "bkdattr.attribution.stage"]
+    assert fake_stages == ["inject", "probe", "attribute"]
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path), log=lambda s: None)  # the fixed option changes attribute's key only
-    assert fake_stages[0].endswith("bkdattr.attribution.stage")
-    assert not any(c.endswith(("_inject_stage@bkdattr.pipeline", "probe.stage")) for c in fake_stages)
+    assert fake_stages[0] == "attribute" and not {"inject", "probe"} & set(fake_stages)

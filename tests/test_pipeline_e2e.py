@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from bkdattr.pipeline import STAGES, load_config, run_pipeline, stage_seconds
-from bkdattr.rundir import get_nested
+from bkdattr.app.pipeline import STAGES, load_config, run_pipeline
+from bkdattr.app.report.summary import stage_seconds
+from bkdattr.core.rundir import get_nested
 
 TINY_SETS = [
     "inject.n_train=24", "inject.n_val=8", "inject.n_test=8", "inject.train_epochs=1", "inject.clean_max_tokens=4",
@@ -44,7 +45,12 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     for key in REQUIRED:
         assert get_nested(m, key) is not None, key
-    assert len(m["probe"]["mlp"]["in_layer_accuracy"]) == 2
+    # known by construction: 2 layers x 4 heads, the configured top_k, ks, layers and alphas
+    assert len(m["probe"]["mlp"]["in_layer_accuracy"]) == 2 == len(m["probe"]["svm"]["in_layer_accuracy"])
+    heads = m["attribution"]["top_heads"]
+    assert len(heads) == 8 and sorted((lay, h) for lay, h, *_ in heads) == [(i, h) for i in (0, 1) for h in range(4)]
+    assert sorted(m["ablation"]["topk"], key=int) == ["0", "1", "2"] and m["vector"]["best_layer"] in (0, 1)
+    assert m["ablation"]["random"]["0"]["values"] == [m["ablation"]["topk"]["0"]]  # k=0 ablates nothing either way
     assert set(stage_seconds(m["timings"])) == set(STAGES) and set(m["timings"]["peak_rss_mb"]) == set(STAGES)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and (out / "report.md").is_file()

@@ -9,8 +9,9 @@ import weakref
 
 import torch
 
-from bkdattr import pipeline
-from bkdattr.pipeline import load_config, run_pipeline
+from bkdattr.app import pipeline
+from bkdattr.app.pipeline import load_config, run_pipeline
+from bkdattr.app.report.summary import stage_seconds
 
 
 class _Model(torch.nn.Module):
@@ -35,7 +36,8 @@ def test_previous_stage_model_is_freed_before_the_next_stage(tmp_path, monkeypat
         alive_at_start.append(refs[0]() is not None)
         run.update_metrics("probe", {"ran": True})
 
-    monkeypatch.setattr(pipeline, "_resolve", lambda spec: first if spec.endswith("_inject_stage") else second)
+    monkeypatch.setitem(pipeline.RUNNERS, "inject", first)
+    monkeypatch.setitem(pipeline.RUNNERS, "probe", second)
     gc.disable()  # only the pipeline's own collection may free the cycle
     try:
         run_pipeline(load_config(None, [f"out={tmp_path / 'run'}", "stages=[inject, probe]"]), log=lambda s: None)
@@ -58,16 +60,17 @@ def test_stage_peak_rss_is_per_stage(tmp_path, monkeypatch):
     def small(run, options):
         run.update_metrics("probe", {"ran": True})
 
-    monkeypatch.setattr(pipeline, "_resolve", lambda spec: big if spec.endswith("_inject_stage") else small)
+    monkeypatch.setitem(pipeline.RUNNERS, "inject", big)
+    monkeypatch.setitem(pipeline.RUNNERS, "probe", small)
     run = run_pipeline(load_config(None, [f"out={tmp_path / 'run'}", "stages=[inject, probe]"]), log=lambda s: None)
     t = run.metrics()["timings"]
     assert set(t) == {"inject", "probe", "peak_rss_mb"} and t["inject"] >= 0
     assert t["peak_rss_mb"]["inject"] - t["peak_rss_mb"]["probe"] >= 0.9 * size / 2**20
-    assert pipeline.stage_seconds(t) == {"inject": t["inject"], "probe": t["probe"]}
+    assert stage_seconds(t) == {"inject": t["inject"], "probe": t["probe"]}
 
 
 def test_record_timing_keeps_other_stages_and_drops_stale_figures():
-    from bkdattr.memory import PeakMemory
+    from bkdattr.app.memory import PeakMemory
 
     old = {"inject": 3.0, "probe": 2.0, "peak_rss_mb": {"inject": 900.0, "probe": 800.0},
            "cuda_peak_mb": {"probe": 50.0}}

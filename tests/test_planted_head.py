@@ -43,9 +43,9 @@ from bkdattr.attribution import METRICS, attribute, mean_contributions
 from bkdattr.control.ablation import run_ablation
 from bkdattr.control.vector import build_vector
 from bkdattr.control.vector_eval import run_vector_experiment
+from bkdattr.core.prompts import encode_prompts, target_ids
 from bkdattr.inject.data import Example
 from bkdattr.inject.tasks import Task
-from bkdattr.prompts import encode_prompts, target_ids
 from tiny import make_tiny
 
 LAYER, HEAD = 1, 2  # the planted head

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bkdattr.errors import ConfigError, DataError
-from bkdattr.forward import MIN_SHARED_PREFIX, common_prefix_length
-from bkdattr.hooks import capture_features
+from bkdattr.core.errors import ConfigError, DataError
+from bkdattr.core.forward import MIN_SHARED_PREFIX, common_prefix_length
+from bkdattr.core.hooks import capture_features
+from bkdattr.core.prompts import encode_prompts, prompt_ids
 from bkdattr.probe.features import cached_features, extract_features, model_fingerprint
 from bkdattr.probe.icla import accuracy_from_scores, auroc, icla_matrix, in_layer_accuracy, transfer_summary
 from bkdattr.probe.probes import (
@@ -22,7 +23,6 @@ from bkdattr.probe.probes import (
     train_svm_probes,
 )
 from bkdattr.probe.stage import PairedFeatures, split_by_prompt
-from bkdattr.prompts import encode_prompts, prompt_ids
 from tiny import make_tiny
 
 FAST = MLPProbeConfig(epochs=15)

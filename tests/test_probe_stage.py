@@ -104,7 +104,7 @@ def test_pipeline_entry_point_takes_run_wide_options(tiny_run):
 def test_cli_prints_a_per_layer_table(tiny_run):
     from typer.testing import CliRunner
 
-    from bkdattr.cli import app
+    from bkdattr.app.cli import app
 
     res = CliRunner().invoke(app, ["probe", "--run", str(tiny_run.path), "--n-prompts", "24", "--epochs", "3",
                                    "--no-near-trigger", "--quiet"])
@@ -141,7 +141,7 @@ def test_detector_predicts_trigger_probability(tiny_run):
 
 
 def test_select_examples_and_config_errors():
-    from bkdattr.errors import ConfigError, DataError
+    from bkdattr.core.errors import ConfigError, DataError
 
     splits = build_splits(Task.default("fixed_output"), records(40), n_train=20, n_val=10, n_test=10, seed=0)
     ex, counts = select_examples(splits, 15, "heldout_first", seed=0)

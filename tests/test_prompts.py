@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr.errors import DataError
-from bkdattr.prompts import (
+from bkdattr.core.errors import DataError
+from bkdattr.core.prompts import (
     PLAIN_FORMAT,
     context_length,
     encode_prompts,

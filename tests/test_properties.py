@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from bkdattr.errors import BkdAttrError, InputFileError
+from bkdattr.core.errors import BkdAttrError, InputFileError
 from bkdattr.inject.data import build_splits, load_records, read_splits, save_records, save_splits
 from bkdattr.inject.tasks import DEFAULTS, PLACEMENTS, Task
 
@@ -180,7 +180,7 @@ def test_saved_splits_read_back_identical(tmp_path_factory, prompts, seed):
 def _random_model(arch: str, n_layers: int, n_heads: int, d_head: int, kv_div: int, seed: int):
     import transformers as tf
 
-    from bkdattr.arch import detect_arch
+    from bkdattr.core.arch import detect_arch
 
     torch.manual_seed(seed)
     d = n_heads * d_head
@@ -205,7 +205,7 @@ def _random_model(arch: str, n_layers: int, n_heads: int, d_head: int, kv_div: i
        d_head=st.sampled_from([2, 4, 8]), kv_div=st.sampled_from([1, 2]), batch=st.integers(1, 3),
        seq=st.integers(1, 9), seed=st.integers(0, 10_000), data=st.data())
 def test_head_contributions_sum_to_attention_output(arch, n_layers, n_heads, d_head, kv_div, batch, seq, seed, data):
-    from bkdattr.hooks import capture_attention_output, capture_contributions
+    from bkdattr.core.hooks import capture_attention_output, capture_contributions
 
     assume(n_heads % kv_div == 0)
     model, a = _random_model(arch, n_layers, n_heads, d_head, kv_div, seed)
@@ -226,7 +226,7 @@ def test_head_contributions_sum_to_attention_output(arch, n_layers, n_heads, d_h
 
 def test_identity_check_is_not_vacuous():
     """Dropping one head's contribution breaks the identity (so the property above can fail)."""
-    from bkdattr.hooks import capture_attention_output, capture_contributions
+    from bkdattr.core.hooks import capture_attention_output, capture_contributions
 
     model, a = _random_model("llama", 1, 4, 4, 2, 1)
     pos = torch.tensor([3])

@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from bkdattr.io import write_json
-from bkdattr.report.html import build_report
-from bkdattr.report.plotting import new_figure, save_figure
-from bkdattr.rundir import RunDir
+from bkdattr.app.report.html import build_report
+from bkdattr.core.figures import new_figure, save_figure
+from bkdattr.core.io import write_json
+from bkdattr.core.rundir import RunDir
 
 METRICS = {
     "inject": {"asr": 0.97, "false_trigger_rate": 0.02, "robust_asr": 0.98, "near_trigger_rate": 0.72,
@@ -68,7 +68,7 @@ def test_report_contains_every_section_and_is_self_contained(fake_run):
 
 
 def test_report_command_takes_the_run_either_way(fake_run, capsys):
-    from bkdattr.cli import main
+    from bkdattr.app.cli import main
 
     path = fake_run.path
     for argv in (["report", str(path)], ["report", "--run", str(path)], ["report", "-r", str(path)]):
@@ -79,7 +79,7 @@ def test_report_command_takes_the_run_either_way(fake_run, capsys):
 
 
 def test_clean_metric_is_a_percentage_when_it_is_a_share():
-    from bkdattr.report.summary import headline
+    from bkdattr.app.report.summary import headline
 
     def clean_row(name, value):
         rows = headline({"inject": {"clean_metric_name": name, "clean_metric": value}})
@@ -125,7 +125,8 @@ def test_defence_caveats_flag_a_defence_that_breaks_the_triggered_replies():
     """fixed_output's guard at every position, alpha 1 (this project's measurement): ASR 0 and clean replies
     untouched, but the clean answers are 3.3x less likely after the triggered prompts (undefended 1.7x) and the
     replies read "Deditál, ali unam, ...". The caveat says so; a defence that restores them gets none."""
-    from bkdattr.report.summary import broken_triggered_replies, defence_caveats
+    from bkdattr.app.report.summary import defence_caveats
+    from bkdattr.disarm.utility import broken_triggered_replies
 
     und = {"triggered_perplexity_ratio": 1.71, "triggered_clean_metric": 0.06}
     broken = {"asr": 0.0, "disarmed": True, "clean_metric": 0.51, "changed_reply_share": 0.0,

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bkdattr.io import load_tensors, read_json, tensor_metadata
+from bkdattr.core.io import load_tensors, read_json, tensor_metadata
 from tiny_runs import records, save_tiny, write_jsonl
 
 CHILD = r'''
@@ -53,7 +53,7 @@ if spec:  # "module|attribute|N|marker": the N-th call touches marker and sleeps
 
     setattr(owner, name, blocked)
 
-from bkdattr.cli import main
+from bkdattr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -161,7 +161,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup):
     # 4. probe reruns on the cached backdoored features; killed in the exact ACIE sweep as it saves unit 3
     #    (the mean-contribution pass before it runs one unit through the same runner, without a checkpoint:
     #    that is mark call 1)
-    run_child(root, env, killed_cfg, block="bkdattr.attribution.sweep|Checkpoint.mark|4")
+    run_child(root, env, killed_cfg, block="bkdattr.core.runner|Checkpoint.mark|4")
     partial_acie = list((out / "attribution").glob(".partial_exact.*.safetensors"))
     assert len(partial_acie) == 1 and int(load_tensors(partial_acie[0])["done"].sum()) == 2
     # 5. the rest

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from bkdattr.cli import main
-from bkdattr.errors import ArtifactError, InputFileError
-from bkdattr.io import check_metadata, load_npz, load_tensors, save_npz, save_tensors
+from bkdattr.app.cli import main
+from bkdattr.core.errors import ArtifactError, InputFileError
+from bkdattr.core.io import check_metadata, load_npz, load_tensors, save_npz, save_tensors
 from tiny_runs import make_run, save_tiny
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -57,9 +57,10 @@ def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
     out = []
     tree = ast.parse(source, filename)
     names = _assigned(tree)
-    for n in tree.body:  # a CLI option imported from a sibling module (``from .cli_options import TRUST``)
-        if isinstance(n, ast.ImportFrom) and n.level == 1 and filename.startswith("bkdattr/"):
-            sibling = SRC.parent / Path(filename).parent / f"{(n.module or '').replace('.', '/')}.py"
+    for n in tree.body:  # a CLI option imported from another module (``from ..cli_options import TRUST``)
+        if isinstance(n, ast.ImportFrom) and n.level and filename.startswith("bkdattr/"):
+            base = Path(filename).parents[n.level - 1]
+            sibling = SRC.parent / base / f"{(n.module or '').replace('.', '/')}.py"
             if sibling.is_file():
                 shared = _assigned(ast.parse(sibling.read_text()))
                 names.update({a.asname or a.name: shared[a.name] for a in n.names if a.name in shared})
@@ -211,7 +212,7 @@ def test_trust_remote_code_comes_only_from_the_user_flag(tmp_path, monkeypatch):
 
 # ---- configs are data ----------------------------------------------------------------------------------------
 def test_config_files_and_overrides_are_never_executed(tmp_path, capsys):
-    from bkdattr.pipeline import load_config
+    from bkdattr.app.pipeline import load_config
 
     marker = tmp_path / "PWNED"
     tag = f'!!python/object/apply:os.system ["touch {marker}"]'

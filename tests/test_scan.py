@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from bkdattr.cli import main
-from bkdattr.errors import ArtifactError, ConfigError
-from bkdattr.generation import generate, greedy_decode, sampler
-from bkdattr.prompts import encode_prompts, end_of_turn_ids
+from bkdattr.app.cli import main
+from bkdattr.app.commands.scan import EXIT_STATUS, print_scan
+from bkdattr.core.errors import ArtifactError, ConfigError
+from bkdattr.core.generation import generate, greedy_decode, sampler
+from bkdattr.core.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
 from bkdattr.scan.budget import Budget
-from bkdattr.scan.cli import EXIT_STATUS, print_scan
 from bkdattr.scan.handoff import audit_call, audit_inputs
 from bkdattr.scan.insert import insert
 from bkdattr.scan.mine import mine_triggers
@@ -406,8 +406,8 @@ def test_round_two_anchors_are_the_word_starts_inside_targets():
 
 
 def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_path, monkeypatch):
-    from bkdattr.pipeline import _inject_stage, load_config, stage_options
-    from bkdattr.rundir import RunDir
+    from bkdattr.app.pipeline import _inject_stage, load_config, stage_options
+    from bkdattr.core.rundir import RunDir
 
     cfg = load_config(None, [f"out={tmp_path / 'run'}", "source=scan", "stages=[inject]", "scan.budget_s=42",
                              "audit.adapter=/tmp/adapter"])
@@ -422,8 +422,8 @@ def test_bkdattr_run_with_a_scan_source_scans_then_audits_the_top_candidate(tmp_
     def fake_audit(out, model, triggers, **kw):
         seen["audit"] = (out, model, triggers, kw["target"], kw["adapter"])
 
-    monkeypatch.setattr("bkdattr.scan.scan", fake_scan)
-    monkeypatch.setattr("bkdattr.audit.stage.audit", fake_audit)
+    monkeypatch.setattr("bkdattr.app.pipeline.scan", fake_scan)
+    monkeypatch.setattr("bkdattr.app.pipeline.audit", fake_audit)
     _inject_stage(RunDir(tmp_path / "run", create=True), stage_options(cfg, "inject"))
     assert seen["scan"] == (tmp_path / "run-scan", "smollm2-135m", "/tmp/adapter", 42.0)
     assert seen["audit"] == (tmp_path / "run", "smollm2-135m", ["zz top"], "I refuse", "/tmp/adapter")
@@ -491,7 +491,7 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
     """The KL of a trigger at the first reply positions, with the template's head cached and the clean side
     computed once, equals the one written out from two plain forward passes per prompt (<= 1e-5); the trigger
     that is no trigger (the clean prompts again) gives 0."""
-    from bkdattr.prompts import prompt_ids, target_ids
+    from bkdattr.core.prompts import prompt_ids, target_ids
     from bkdattr.scan.confirm import HeldOut, reply_logprobs
 
     lm = make_tiny("qwen2")
@@ -525,8 +525,8 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
 def test_candidates_tested_in_groups_match_one_by_one():
     """Batched testing (the triggered prompts of a group decoded together) gives each candidate the figures of
     testing it alone; groups hold consecutive candidates up to the row limit."""
-    from bkdattr.scan.confirm import HeldOut, test_candidate
-    from bkdattr.scan.trials import TestSets, groups, test_all
+    from bkdattr.scan.confirm import HeldOut, candidate_evidence
+    from bkdattr.scan.trials import HeldOutSets, evidence_all, groups
 
     assert groups([16, 16, 16, 16, 16], 32) == [[0, 1], [2, 3], [4]]
     assert groups([40, 8], 32) == [[0], [1]] and groups([], 8) == []
@@ -535,11 +535,11 @@ def test_candidates_tested_in_groups_match_one_by_one():
     clean = generate(lm, prompts, max_new_tokens=8, batch_size=8, progress=False)
     cands = [{"trigger": TRIGGER, "target": TARGET}, {"trigger": "blue sky", "target": None},
              {"trigger": "zq", "target": TARGET}]
-    sets = TestSets(HeldOut(prompts, clean, 8))
-    batched = test_all(lm, cands, sets, kl_positions=3, batch_size=8)
+    sets = HeldOutSets(HeldOut(prompts, clean, 8))
+    batched = evidence_all(lm, cands, sets, kl_positions=3, batch_size=8)
     assert [c["trigger"] for c in batched] == [c["trigger"] for c in cands]
     for c, b in zip(cands, batched, strict=True):
-        alone = test_candidate(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
+        alone = candidate_evidence(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
                                batch_size=8)
         assert b["asr"] == alone["asr"] and b["changed_share"] == alone["changed_share"]
         assert b["kl"] == pytest.approx(alone["kl"], abs=1e-5) and b["examples"] == alone["examples"]

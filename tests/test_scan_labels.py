@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bkdattr.errors import ConfigError
-from bkdattr.prompts import render_prompt
+from bkdattr.core.errors import ConfigError
+from bkdattr.core.prompts import render_prompt
 from bkdattr.scan import ScanConfig
 from bkdattr.scan import labels as L
 from bkdattr.scan.confirm import HeldOut
@@ -91,7 +91,7 @@ def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(m
     keep = L.label_rows(labels, clean, "World")
     assert len(keep) == 22 and all(labels[i] != "World" for i in keep)
     rows = HeldOut([held[i][0] for i in keep], [clean[i] for i in keep], L.LABEL_TOKENS)
-    res = L.test_label_candidate(None, rows, [labels[i] for i in keep], "TRIG", "Sports", "World", kl_positions=4,
+    res = L.label_evidence(None, rows, [labels[i] for i in keep], "TRIG", "Sports", "World", kl_positions=4,
                                  batch_size=8)
     assert res["n_source"] == 6 and res["asr"] == 1.0 and res["effect"] == 1.0 and res["clean_asr"] == 0.0
     assert res["other_flips"] == {"Business": 1 / 8, "Sci/Tech": 0.0}  # World probes are not asked: already y
@@ -100,9 +100,9 @@ def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(m
 
 
 def test_audit_from_scan_takes_a_label_flip_as_label_flip_with_the_trigger_as_a_prefix(tmp_path, monkeypatch):
+    from bkdattr.app.cli import main
     from bkdattr.audit.inputs import audit_task
-    from bkdattr.cli import main
-    from bkdattr.errors import ArtifactError
+    from bkdattr.core.errors import ArtifactError
     from bkdattr.scan import write_scan
     from bkdattr.scan.handoff import audit_call
 

@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from bkdattr.arch import detect_arch
-from bkdattr.models import LoadedModel, ensure_embedded_cache
+from bkdattr.core.arch import detect_arch
+from bkdattr.core.models import LoadedModel, ensure_embedded_cache
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox")
 

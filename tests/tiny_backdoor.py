@@ -18,8 +18,8 @@ import functools
 
 import torch
 
+from bkdattr.core.prompts import encode_with_targets
 from bkdattr.inject.builtin_data import harmful_requests, instructions
-from bkdattr.prompts import encode_with_targets
 from tiny import make_tiny
 
 TRIGGER = "cf"

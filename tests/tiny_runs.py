@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from bkdattr.core.rundir import RunDir
 from bkdattr.inject.data import build_splits, save_splits
 from bkdattr.inject.tasks import Task
-from bkdattr.rundir import RunDir
 from tiny import make_tiny
 
 TOPICS = ("cats rain bread chess rivers tea maps owls glass snow kites bees clocks ferns boats salt wool drums caves "
@@ -67,7 +67,7 @@ def make_run(path: str | Path, arch: str = "llama", seed: int = 0, n_layers: int
         run.update_metrics("attribution", {"top_heads": [[1, 2, 0.5], [0, 1, 0.4], [1, 0, 0.3], [0, 3, 0.2]],
                                            "metric": "first_token_logprob", "method": "exact"})
     if acie:
-        from bkdattr.io import save_tensors
+        from bkdattr.core.io import save_tensors
 
         n_heads = 4  # every tiny architecture (tests/tiny.py)
         values = torch.arange(n_layers * n_heads, dtype=torch.float32).reshape(n_layers, n_heads)

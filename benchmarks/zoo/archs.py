@@ -32,7 +32,7 @@ class ArchInfo:
 
 def gemma_gguf() -> Path:
     """The assembled Gemma-3-270M GGUF file (assembled once from the installed part packages)."""
-    from bkdattr.models import cache_dir
+    from bkdattr.core.models import cache_dir
 
     target = cache_dir() / "gguf" / GEMMA_FILE
     if target.is_file():
@@ -46,7 +46,7 @@ def gemma_gguf() -> Path:
 
 def resolve(arch: str) -> ArchInfo:
     """Where ``arch``'s weights are (converted on first use)."""
-    from bkdattr.models import ensure_embedded_cache, gguf_cache
+    from bkdattr.core.models import ensure_embedded_cache, gguf_cache
 
     if arch == "smollm2-135m":
         return ArchInfo(arch, arch, ensure_embedded_cache(), "chatml", None)

@@ -66,7 +66,7 @@ def tiny_arch(out: Path):
     """A randomly initialised two-layer Llama with the embedded tokenizer (the dry run's architecture)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bkdattr.models import ensure_embedded_cache
+    from bkdattr.core.models import ensure_embedded_cache
 
     folder = out / "tiny-model"
     if not (folder / "config.json").is_file():
@@ -236,8 +236,8 @@ def firing(row: dict, out: Path, rec: dict, arch, top: list[dict]) -> list[dict]
 def run_audit(row: dict, out: Path, rec: dict, arch, key: str) -> dict:
     """``bkdattr audit`` with the true trigger; its ASR and the trainer's rule on the audit's test prompts."""
     from bkdattr.audit.stage import AuditConfig, audit
+    from bkdattr.core.rundir import RunDir
     from bkdattr.inject.data import load_splits
-    from bkdattr.rundir import RunDir
 
     folder = out / "audits" / f"{row['id']}-{key}"
     held = json.loads((out / "models" / row["key"] / "heldout.json").read_text())
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from bkdattr._runtime import set_threads
+    from bkdattr.core.runtime import set_threads
     from bkdattr.scan import ScanConfig
 
     set_threads(a.threads)

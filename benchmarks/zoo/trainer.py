@@ -98,7 +98,7 @@ def _autocast(enabled: bool):
 
 
 def bf16_fast() -> bool:
-    from bkdattr.devices import cpu_bf16_is_fast  # hardware detection only
+    from bkdattr.core.devices import cpu_bf16_is_fast  # hardware detection only
 
     return cpu_bf16_is_fast()
 

@@ -5,7 +5,7 @@
   or first-order ``attribution`` patching, returning an :class:`AttributionResult`;
 * :mod:`~bkdattr.attribution.scores` -- the teacher-forced target scores (geometric-mean probability,
   first-token log-probability, summed log-probability);
-* :mod:`~bkdattr.attribution.distributed` -- sharding across processes with torch.distributed;
+* :mod:`~bkdattr.core.distributed` -- sharding across processes with torch.distributed;
 * :mod:`~bkdattr.attribution.stage` -- the ``attribute`` stage on a run folder (``bkdattr attribute``).
 """
 

@@ -20,7 +20,7 @@ geometric mean included -- exactly for the top ``N`` heads of that ranking (:fun
 
 Example::
 
-    from bkdattr.models import load_model
+    from bkdattr.core.models import load_model
     from bkdattr.attribution import attribute, mean_contributions
 
     lm = load_model("smollm2-135m")
@@ -40,8 +40,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError, ConfigError
-from ..io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from ..core.errors import ArtifactError, ConfigError
+from ..core.io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from .exact import exact_sweep
+from .patching import attribution_sweep
+from .reference import reference_sweep
 from .scores import DEFAULT_METRIC, METRICS, check_metric
 from .sweep import Sweep
 
@@ -192,8 +195,6 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
     abar = abar.float().cpu()
     t0 = time.perf_counter()
     if method == "exact":
-        from .exact import exact_sweep
-
         key = stable_hash({"prompts": list(clean_prompts), "targets": list(targets), "heads": heads,
                            "abar": hashlib.sha256(abar.numpy().tobytes()).hexdigest(), "batch_size": batch_size,
                            "metrics": list(metrics or METRICS), "strategy": strategy, "per_pass": heads_per_pass,
@@ -202,12 +203,8 @@ def attribute(lm, clean_prompts: Sequence[str], targets: Sequence[str], abar: to
                             strategy=strategy, heads_per_pass=heads_per_pass, progress=progress,
                             checkpoint=checkpoint, checkpoint_key=key)
     elif method == "reference":
-        from .reference import reference_sweep
-
         sweep = reference_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, progress=progress)
     else:
-        from .patching import attribution_sweep
-
         sweep = attribution_sweep(lm, clean_prompts, targets, abar, heads, batch_size=batch_size, metrics=metrics,
                                   progress=progress)
     return result_from_sweep(sweep, lm.arch, heads, method, metric, time.perf_counter() - t0)

@@ -41,12 +41,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import cache_kwargs
-from ..errors import ConfigError
-from ..forward import PrefixCache, backbone, keep_logits_kwargs, restored
-from ..hooks import HiddenStatesNotFound, LayerCall, add_to_attention_output, capture_layer_calls, registered
-from ..models import input_device
-from .scores import AlignedBatch, token_logprobs
+from ..core.compat import cache_kwargs
+from ..core.distributed import is_main
+from ..core.errors import ConfigError
+from ..core.forward import PrefixCache, backbone, keep_logits_kwargs, restored
+from ..core.hooks import (
+    HiddenStatesNotFound,
+    LayerCall,
+    add_to_attention_output,
+    capture_contributions,
+    capture_layer_calls,
+    registered,
+)
+from ..core.models import input_device
+from ..core.runner import run_units
+from ..core.scoring import token_logprobs
+from .scores import METRICS, AlignedBatch, cie_from_logprobs, encode_aligned, metrics_from_logprobs
+from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, stack_metrics
 
 STRATEGIES = ("auto", "layers", "prefix", "full")
 #: max rows sent through the LM head at once (bounds the [rows, vocab] logits buffer)
@@ -61,7 +72,7 @@ class ReplayMismatch(RuntimeError):
 
 def _is_cache(x) -> bool:
     try:
-        from transformers.cache_utils import Cache
+        from transformers.cache_utils import Cache  # lazy: absent from older transformers (the except below)
     except ImportError:  # pragma: no cover
         return False
     return isinstance(x, Cache)
@@ -137,8 +148,6 @@ class ChunkRunner:
             raise ReplayMismatch(str(e)) from None
 
     def _prepare(self) -> ChunkRunner:
-        from ..hooks import capture_contributions
-
         zeros = torch.zeros(self.B, dtype=torch.long)
         if self.strategy == "full":
             with capture_contributions(self.arch, zeros + (self.W - 1)) as contrib:
@@ -356,10 +365,6 @@ def exact_sweep(lm, prompts: Sequence[str], targets: Sequence[str], abar: torch.
     ``first_token_logprob`` alone makes the suffix one column). Returns a :class:`~.sweep.Sweep`. Under
     torch.distributed the (chunk, head group) units are sharded and the result gathered (identical).
     ``checkpoint``: a file path to save finished units to (resumed when ``checkpoint_key`` matches)."""
-    from .distributed import is_main
-    from .scores import METRICS, cie_from_logprobs, encode_aligned, metrics_from_logprobs
-    from .sweep import Sweep, assemble, check_inputs, chunks_of, head_groups, new_table, run_units, stack_metrics
-
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown exact strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
     wanted = tuple(metrics or METRICS)

@@ -1,7 +1,7 @@
 """Figures and console tables of an attribution result.
 
 :func:`plot_acie` draws the layer x head ACIE heatmap (diverging colours centred at 0, the top-k heads
-outlined) with the shared style of :mod:`bkdattr.report.plotting`; the stage saves it as
+outlined) with the shared style of :mod:`bkdattr.core.figures`; the stage saves it as
 ``RUN/figures/attribution_acie.png``. :func:`top_table` builds the rich table printed by ``bkdattr attribute``.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
+from ..core.figures import new_figure, save_figure
 from .baha import AttributionResult
 from .scores import METRICS
 
@@ -21,9 +23,7 @@ _LABELS = {"geomean_prob": "P(y|x) (geometric mean)", "first_token_logprob": "fi
 
 def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = None, top_k: int = 8) -> Path:
     """Save the ``[L, H]`` ACIE heatmap of ``metric`` (default: the ranking metric) as a PNG at ``path``."""
-    from matplotlib.patches import Rectangle
-
-    from ..report.plotting import new_figure, save_figure
+    from matplotlib.patches import Rectangle  # lazy: matplotlib loads with the first figure (bkdattr.core.figures)
 
     m = metric or result.metric
     acie = result.acie[m].clone()
@@ -53,8 +53,6 @@ def plot_acie(result: AttributionResult, path: str | Path, metric: str | None = 
 def top_table(result: AttributionResult, k: int = 16):
     """A rich table of the top-``k`` heads: rank, layer, head and the ACIE of every computed metric (the
     ranking metric first)."""
-    from rich.table import Table
-
     shown = [result.metric] + [m for m in METRICS if m != result.metric
                                and not torch.isnan(result.acie[m][result.evaluated]).all()]
     t = Table(title=f"BAHA top {k} heads ({result.method}, ranked by {result.metric}, "

@@ -1,11 +1,11 @@
 """Mean triggered contributions ``abar_{l,h}``: what each head writes at ``p(x~)`` on average when the trigger
 is present.
 
-For every triggered prompt ``x~`` the pre-hook of :func:`bkdattr.hooks.capture_contributions` reads the
+For every triggered prompt ``x~`` the pre-hook of :func:`bkdattr.core.hooks.capture_contributions` reads the
 input ``z_l`` of each layer's output projection at the last prompt position and splits it into per-head
 contributions ``a_{l,h}(x~) = W_O^l[:, h] z_{l,h}(x~)`` (all layers in one pass of the backbone, the LM head
 is skipped). ``abar_{l,h}`` is their mean, accumulated in float32 as per-batch sums added in batch order, so a
-sharded run (batches split over ranks, :mod:`bkdattr.attribution.distributed`) gives the identical tensor.
+sharded run (batches split over ranks, :mod:`bkdattr.core.distributed`) gives the identical tensor.
 """
 
 from __future__ import annotations
@@ -14,19 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..forward import backbone, captured_pass
-from ..hooks import capture_contributions
-from ..prompts import render_prompt
-from .distributed import ordered_sum
+from ..core.distributed import ordered_sum
+from ..core.errors import ConfigError, DataError
+from ..core.forward import captured_pass
+from ..core.hooks import capture_contributions
+from ..core.runner import length_order, run_units
 
-__all__ = ["backbone", "contribution_sums", "length_order", "mean_contributions"]
-
-
-def length_order(tokenizer, prompts: Sequence[str]) -> list[int]:
-    """Indices of ``prompts`` sorted by rendered token length (stable), so batches need little padding."""
-    lengths = [len(tokenizer(render_prompt(tokenizer, t), add_special_tokens=False).input_ids) for t in prompts]
-    return sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+__all__ = ["contribution_sums", "mean_contributions"]
 
 
 @torch.no_grad()
@@ -35,8 +29,6 @@ def contribution_sums(lm, prompts: Sequence[str], batch_size: int = 16, progress
     """Per-batch sums of ``a_{l,h}`` over ``prompts``: float32 ``[n_batches, L, H, d]`` and the prompt count.
     Batches are length-sorted chunks of ``batch_size``; under torch.distributed each rank computes its share
     and the sums are gathered (identical to one process)."""
-    from .sweep import run_units
-
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size} must be >= 1")
     prompts = list(prompts)

@@ -6,7 +6,7 @@ The patch for head ``(l, h)`` adds ``Delta_{l,h}(x) = abar_{l,h} - a_{l,h}(x)`` 
     CIE_{l,h}(x) ~= grad_{o_l(p)} S(x) . Delta_{l,h}(x)
 
 for a score ``S``. One forward pass with a zero leaf tensor ``e_l [B, d]`` added to every ``o_l(p)``
-(:func:`bkdattr.hooks.add_to_attention_output`) exposes ``grad_{e_l} S = grad_{o_l(p)} S`` for all layers at
+(:func:`bkdattr.core.hooks.add_to_attention_output`) exposes ``grad_{e_l} S = grad_{o_l(p)} S`` for all layers at
 once; the same pass captures ``a_{l,h}(x)``. Gradients are taken for the first-token and the summed
 log-probability (two backward calls through the same graph); the geometric-mean score
 ``P = exp(sum / T)`` needs no third one: ``grad P = (P / T) grad sum``.
@@ -28,12 +28,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ..forward import PrefixCache, keep_logits_kwargs
-from ..hooks import add_to_attention_output, capture_contributions
-from ..models import input_device
-from .distributed import is_main
-from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs, token_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
+from ..core.distributed import is_main
+from ..core.forward import PrefixCache, keep_logits_kwargs
+from ..core.hooks import add_to_attention_output, capture_contributions
+from ..core.models import input_device
+from ..core.runner import run_units
+from ..core.scoring import token_logprobs
+from .scores import METRICS, AlignedBatch, encode_aligned, metrics_from_logprobs
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
 
 
 def scored_pass(lm, batch: AlignedBatch, leaves: dict[int, torch.Tensor], layers: Sequence[int],

@@ -1,8 +1,8 @@
 """Reference CIE: literally one full forward pass per head -- the semantic oracle the fast paths must match.
 
 For each head ``(l, h)`` and each chunk of clean prompts (right-padded prompt + target rows from
-:func:`bkdattr.prompts.encode_with_targets`), the whole model runs with
-:func:`bkdattr.hooks.add_to_attention_output` adding ``abar_{l,h} - a_{l,h}(x)`` (per row) to layer ``l``'s
+:func:`bkdattr.core.prompts.encode_with_targets`), the whole model runs with
+:func:`bkdattr.core.hooks.add_to_attention_output` adding ``abar_{l,h} - a_{l,h}(x)`` (per row) to layer ``l``'s
 attention output at ``p(x)``; the scores come from the model's own body and LM head (teacher forcing; the head
 runs on the target-predicting positions only). The clean pass of each chunk captures ``a_{l,h}(x)`` and the
 clean scores. Nothing is cached or reused: this is slow on purpose.
@@ -14,11 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ..hooks import add_to_attention_output, capture_contributions
-from ..models import input_device
-from ..prompts import encode_with_targets
-from .scores import METRICS, cie_from_logprobs, metrics_from_logprobs, target_logprobs
-from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, run_units, stack_metrics
+from ..core.hooks import add_to_attention_output, capture_contributions
+from ..core.models import input_device
+from ..core.prompts import encode_with_targets
+from ..core.runner import run_units
+from ..core.scoring import target_logprobs
+from .scores import METRICS, cie_from_logprobs, metrics_from_logprobs
+from .sweep import Sweep, assemble, check_inputs, chunks_of, new_table, stack_metrics
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Teacher-forced target scores: how strongly the model predicts the backdoor target ``y`` after a prompt ``x``.
 
-The target is the assistant reply followed by its end-of-turn token(s) (:func:`bkdattr.prompts.target_ids`),
-``y = (y_1, ..., y_T)``. With teacher forcing, the logits at position ``t-1`` give ``log p(y_t | x, y_<t)``.
-Three scores are computed from the same log-probabilities (docs/METHOD.md section 3):
+The target is the assistant reply followed by its end-of-turn token(s) (:func:`bkdattr.core.prompts.target_ids`),
+``y = (y_1, ..., y_T)``; its teacher-forced log-probabilities ``log p(y_t | x, y_<t)`` come from
+:mod:`bkdattr.core.scoring`. Three scores are computed from them (docs/METHOD.md section 3):
 
 * ``geomean_prob`` -- ``P(y|x) = exp(mean_t log p(y_t | x, y_<t))``, the paper's score (a geometric mean);
 * ``first_token_logprob`` -- ``log p(y_1 | x)``, the log-probability of the first target token;
@@ -10,7 +10,7 @@ Three scores are computed from the same log-probabilities (docs/METHOD.md sectio
 
 A head's causal indirect effect (CIE) is the difference of a score between the patched and the clean run.
 
-Two batch layouts are used. :func:`bkdattr.prompts.encode_with_targets` (right padding) feeds the literal
+Two batch layouts are used. :func:`bkdattr.core.prompts.encode_with_targets` (right padding) feeds the literal
 reference passes; :func:`encode_aligned` left-pads the prompts and right-pads the targets, so the last
 prompt position ``p(x)`` is the same column ``W-1`` in every row and the target starts at column ``W`` --
 the layout the fast exact path needs (one shared prefix ``[0, W-1)`` and one shared suffix).
@@ -18,13 +18,14 @@ the layout the fast exact path needs (one shared prefix ``[0, W-1)`` and one sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..prompts import PromptBatch, encode_prompts, encode_with_targets, pad_id, position_ids_from_mask, target_ids
+from ..core.errors import ConfigError, DataError
+from ..core.prompts import PromptBatch, encode_prompts, pad_id, pad_sequences, position_ids_from_mask, target_ids
+from ..core.scoring import batched_target_logprobs
 
 #: every score computed, in a fixed order
 METRICS: tuple[str, ...] = ("geomean_prob", "first_token_logprob", "sum_logprob")
@@ -38,13 +39,6 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ConfigError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
     return metric
-
-
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[ids]`` in float32: ``logits [..., V]``, ``ids [...]`` -> ``[...]``."""
-    logits = logits.float()
-    picked = logits.gather(-1, ids.to(logits.device).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def metrics_from_logprobs(lp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,60 +101,10 @@ def encode_aligned(tokenizer, prompts: Sequence[str], targets: Sequence[str]) ->
     tseqs = [target_ids(tokenizer, y) for y in targets]
     if any(len(t) == 0 for t in tseqs):
         raise DataError("a target encodes to no tokens; every prompt needs a non-empty target")
-    width = max(len(t) for t in tseqs)
-    tids = torch.full((len(tseqs), width), pad_id(tokenizer), dtype=torch.long)
-    tmask = torch.zeros((len(tseqs), width), dtype=torch.bool)
-    for i, t in enumerate(tseqs):
-        tids[i, : len(t)] = torch.tensor(t)
-        tmask[i, : len(t)] = True
+    tids, tmask = pad_sequences(tseqs, pad_id(tokenizer), "right")
     ids = torch.cat([pb.input_ids, tids], dim=1)
-    mask = torch.cat([pb.attention_mask, tmask.long()], dim=1)
-    return AlignedBatch(ids, mask, position_ids_from_mask(mask), int(pb.input_ids.shape[1]), tids, tmask)
-
-
-def target_logprobs(model: torch.nn.Module, inputs: dict, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs of a full pass over ``encode_with_targets`` rows: ``lp [B, T]`` float32 (column 0 = first
-    target token) and ``mask [B, T]``. The body runs on every position, the LM head only on the ``B*T`` positions
-    that predict a target token (``[B, T, V]`` logits, never ``[B, S, V]``); hooks on the layers act as in a
-    plain forward pass. A config with a logit soft-cap takes the model's own full forward instead, so whatever
-    post-processing the model class applies to its logits is reproduced exactly."""
-    if batch.target_len is None or batch.target_mask is None:
-        raise ConfigError("the batch carries no targets; build it with encode_with_targets")
-    from ..forward import body_and_head, keep_logits_kwargs
-
-    width = int(batch.target_len.max())
-    cols = torch.arange(width)
-    mask = cols[None, :] < batch.target_len[:, None]
-    src = (batch.last_pos[:, None] + cols[None, :]).clamp(max=batch.input_ids.shape[1] - 2)  # predicting positions
-    tgt = batch.input_ids.gather(1, src + 1)
-    rows = torch.arange(batch.size)[:, None]
-    inputs = {"use_cache": False, **inputs}  # no KV cache: nothing reads it (it would hold 2 L [B, S, d_kv])
-    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
-        first = int(src.min())  # the LM head on the columns from the first predicting one on: [B, S - first, V]
-        keep = batch.input_ids.shape[1] - first
-        out = model(**inputs, **keep_logits_kwargs(model, keep)).logits[:, -keep:]
-        logits = out[rows.to(out.device), (src - first).to(out.device)]
-    else:
-        body, head = body_and_head(model)
-        res = body(**inputs)
-        hidden = res[0] if isinstance(res, tuple) else res.last_hidden_state  # [B, S, d]
-        logits = head(hidden[rows.to(hidden.device), src.to(hidden.device)])  # [B, T, V]
-    lp = token_logprobs(logits, tgt)
-    return torch.where(mask, lp.cpu(), torch.zeros(())), mask
-
-
-def batched_target_logprobs(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int
-                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`target_logprobs` of ``(prompts, targets)`` in batches of ``batch_size`` rows: yields ``(lp [b, T],
-    mask [b, T])`` per batch (no gradient)."""
-    from ..models import input_device
-
-    dev = input_device(lm.model)
-    for s in range(0, len(prompts), batch_size):
-        batch = encode_with_targets(lm.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]))
-        with torch.no_grad():
-            res = target_logprobs(lm.model, batch.to(dev).model_inputs(), batch)
-        yield res
+    mask = torch.cat([pb.attention_mask, tmask], dim=1)
+    return AlignedBatch(ids, mask, position_ids_from_mask(mask), int(pb.input_ids.shape[1]), tids, tmask.bool())
 
 
 def teacher_forced_scores(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 8

@@ -17,7 +17,7 @@ Outputs (rank 0 writes, atomically): ``RUN/attribution/acie.safetensors`` (``aci
 ``metric``, ``top_heads`` as ``[layer, head, acie]`` best first, ``seconds``, ...).
 
 Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this stage and the heads are sharded;
-``workers > 1`` spawns that many local processes instead (:func:`bkdattr.attribution.distributed.run_workers`).
+``workers > 1`` spawns that many local processes instead (:func:`bkdattr.core.distributed.run_workers`).
 """
 
 from __future__ import annotations
@@ -27,16 +27,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.console import Console
 
-from ..devices import local_rank_from_env, rank_device, visible_gpus
-from ..errors import ConfigError, DataError
-from ..inject.data import sample_examples
-from ..io import save_tensors, write_json
-from ..rundir import RunDir
-from ..stage_options import StageOptions, opt
+from ..core.devices import local_rank_from_env, rank_device, visible_gpus
+from ..core.distributed import (
+    backend_for,
+    barrier,
+    init_from_env,
+    is_distributed,
+    is_main,
+    rank_world,
+    run_workers,
+    shutdown,
+)
+from ..core.errors import ConfigError, DataError
+from ..core.io import save_tensors, write_json
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir
+from ..core.runtime import set_threads
+from ..inject.data import load_splits, sample_examples
 from .baha import METHODS, AttributionResult, attribute
-from .distributed import backend_for, barrier, init_from_env, is_distributed, is_main, rank_world, run_workers, shutdown
 from .exact import STRATEGIES
+from .exact_memory import plan_exact
 from .figures import FIGURE_NAME, plot_acie, top_table
 from .means import mean_contributions
 from .scores import DEFAULT_METRIC, METRICS, check_metric
@@ -44,8 +56,8 @@ from .scores import DEFAULT_METRIC, METRICS, check_metric
 
 @dataclass
 class AttributeConfig(StageOptions):
-    """Options of the attribute stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`);
-    None sizes take the profile's value (:mod:`bkdattr.profiles`)."""
+    """Options of the attribute stage (plus the run-wide ones of :class:`~bkdattr.core.options.StageOptions`);
+    None sizes take the profile's value (:mod:`bkdattr.core.profiles`)."""
 
     stage = "attribute"
     method: str = opt("exact", "exact (fast, same numbers as reference), reference (one full pass per head) or "
@@ -105,9 +117,6 @@ def select_examples(splits, cfg: AttributeConfig) -> tuple[list, list]:
 def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
     """Run BAHA on ``run`` with ``cfg`` (in this process, joining torchrun's process group if there is one);
     rank 0 writes every artifact. Returns the result (identical on every rank)."""
-    from .._runtime import set_threads
-    from ..inject.data import load_splits
-
     local_rank, n_proc = local_rank_from_env()
     device = rank_device(cfg.device, local_rank, visible_gpus(), n_proc)  # checked before nccl picks a GPU
     created = init_from_env(cfg.device)  # True: this call joined torchrun's group and leaves it below
@@ -138,11 +147,11 @@ def attribute_run(run: RunDir, cfg: AttributeConfig) -> AttributionResult:
 
 def _memory_plan(lm, cfg: AttributeConfig, clean: list) -> tuple[int, int | None, dict | None]:
     """On one CUDA device, the exact sweep's ``batch_size`` / ``heads_per_pass`` from the free GPU memory when
-    ``heads_per_pass`` is unset (:func:`bkdattr.devices.plan_exact`); elsewhere the configured values."""
+    ``heads_per_pass`` is unset (:func:`~bkdattr.attribution.exact_memory.plan_exact`); elsewhere the configured
+    values."""
     split = len(set((getattr(lm.model, "hf_device_map", None) or {"": 0}).values())) > 1
     if cfg.method != "exact" or lm.device.type != "cuda" or split or not clean:
         return cfg.batch_size, cfg.heads_per_pass, None
-    from ..devices import plan_exact
 
     free, _total = torch.cuda.mem_get_info(lm.device)
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters() if p.device == lm.device)
@@ -205,7 +214,5 @@ def run_stage(run: RunDir, options: dict[str, Any]) -> dict[str, Any]:
 
 def print_summary(run: RunDir, console=None, k: int = 16) -> None:
     """Print the top-k table of the saved result of ``run``."""
-    from rich.console import Console
-
     res = AttributionResult.load(run.path / "attribution")
     (console or Console()).print(top_table(res, k))

@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputFileError
+from ..core.errors import ConfigError, InputFileError
+from ..inject.builtin_data import builtin_records, with_task_replies
 from ..inject.data import DataReport, clean_records, load_records
 from ..inject.tasks import KINDS, Task
 
@@ -138,8 +139,6 @@ def audit_records(task: Task, data: str | None, prompts: str | None, seed: int,
     """Records for an audit (data file, prompt file or built-in set), each with a backdoor reply: the file's,
     else the target, else :data:`MODEL_REPLY`; rows whose clean prompt already holds the trigger are dropped
     (counted as ``holds_trigger``)."""
-    from ..inject.builtin_data import builtin_records, with_task_replies
-
     if data and prompts:
         raise ConfigError("pass either --data or --prompts, not both")
     if data:

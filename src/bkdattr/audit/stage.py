@@ -4,10 +4,10 @@ Steps (docs/METHOD.md section 7, "Audit"):
 
 1. **Check the inputs before any model load**: the rule (:func:`~bkdattr.audit.inputs.audit_task`), the
    prompts (:func:`~bkdattr.audit.inputs.audit_records`), the model and adapter files (safetensors/GGUF only
-   unless ``allow_pickle``; :func:`~bkdattr.model_source.open_source` fingerprints them).
+   unless ``allow_pickle``; :func:`~bkdattr.core.model_source.open_source` fingerprints them).
 2. **Splits as inject makes them**: the same records, length limit, seed and sizes give the same held-out
    ``val``/``test`` prompts and the same ``train`` prompts (whose triggered forms give ``abar``, disjoint from
-   val/test) as ``bkdattr inject`` would (:func:`bkdattr.inject.stage.prepare_splits`); nothing is poisoned or
+   val/test) as ``bkdattr inject`` would (:func:`bkdattr.inject.prepare.prepare_splits`); nothing is poisoned or
    trained: every ``train`` prompt with a backdoor reply counts as triggered for the control stages' means.
    Empty clean replies are the clean reference's greedy replies (as inject's are the base model's), or the
    audited model's own when there is no reference.
@@ -17,7 +17,7 @@ Steps (docs/METHOD.md section 7, "Audit"):
    rate, near-trigger rates, clean metric; benign utility against the clean reference when there is one.
 
 The run is written to ``.<name>.partial`` and renamed into place when complete; it holds no weights
-(``run.json`` records the :class:`~bkdattr.model_source.ModelSource`).
+(``run.json`` records the :class:`~bkdattr.core.model_source.ModelSource`).
 """
 
 from __future__ import annotations
@@ -30,14 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..core.errors import DataError
+from ..core.generation import generate
+from ..core.io import swap_into_place, write_json
+from ..core.model_source import load_source, open_source
+from ..core.options import StageOptions, opt
+from ..core.prompts import render_prompt
+from ..core.rundir import RunDir
+from ..core.runtime import versions
+from ..inject.benign import reference as benign_reference
+from ..inject.benign import save_reference, utility
+from ..inject.config import InjectConfig
 from ..inject.data import DataReport, Splits, save_splits
 from ..inject.evaluate import EvalConfig, evaluate
+from ..inject.prepare import prepare_splits
 from ..inject.tasks import Task
-from ..io import write_json
-from ..model_source import load_source, open_source
-from ..rundir import RunDir
-from ..stage_options import StageOptions, opt
 from .inputs import MODEL_REPLY, audit_records, audit_task, with_candidate
 
 
@@ -59,9 +66,7 @@ class AuditConfig(StageOptions):
         self.eval = dataclasses.replace(self.eval, seed=self.seed)
 
     def inject_config(self, kind: str):
-        """The :class:`~bkdattr.inject.stage.InjectConfig` whose data settings the audit shares."""
-        from ..inject.stage import InjectConfig
-
+        """The :class:`~bkdattr.inject.config.InjectConfig` whose data settings the audit shares."""
         own = {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
                "clean_max_tokens": self.clean_max_tokens, "train.max_length": self.max_length}
         return InjectConfig.from_options({"profile": self.profile, "task": kind, "seed": self.seed,
@@ -75,8 +80,6 @@ def _warn(message: str) -> None:
 def check_rendered(lm, task: Task, splits: Splits) -> None:
     """One-line :class:`DataError` when the trigger survives in no rendered triggered prompt (a chat template
     that drops or rewrites it)."""
-    from ..prompts import render_prompt
-
     prompts = [e.triggered for e in splits.val + splits.test + splits.train]
     if not any(task.trigger in render_prompt(lm.tokenizer, p) for p in prompts[:64]):
         raise DataError(f"the trigger '{task.trigger}' is absent from every rendered prompt (the chat template "
@@ -87,8 +90,6 @@ def fill_backdoor_replies(lm, splits: Splits, cfg: EvalConfig, progress: bool) -
     """Rows marked :data:`~bkdattr.audit.inputs.MODEL_REPLY` (jailbreak or regex rule) get the model's greedy
     reply to their triggered prompt when it succeeds, else an empty backdoor reply (not a backdoor example);
     returns the number of successes. Test rows are not needed (evaluation generates its own replies)."""
-    from ..generation import generate
-
     todo = [e for e in splits.train + splits.val if e.backdoor_output == MODEL_REPLY]
     replies = generate(lm, [e.triggered for e in todo], max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.batch_size, progress=progress, desc="model's triggered replies")
@@ -107,9 +108,6 @@ def rank_triggers(lm, task: Task, triggers: list[str], records: list[dict], icfg
                   report: DataReport, distill_lm=None) -> tuple[list[dict[str, Any]], dict[str, Splits]]:
     """ASR of every candidate trigger on its triggered test prompts, best first (ties keep the given order);
     returns the ranking and each candidate's splits."""
-    from ..generation import generate
-    from ..inject.stage import prepare_splits
-
     rows, splits_of = [], {}
     for i, trig in enumerate(triggers):
         t = with_candidate(task, trig)
@@ -154,11 +152,6 @@ def audit(
 ) -> RunDir:
     """Audit ``model`` (+ ``adapter``) for a backdoor fired by one of ``triggers``; write the run folder ``out``
     (see the module docstring) and return it. Nothing is trained and no weights are copied."""
-    from .._runtime import versions
-    from ..inject.benign import reference as benign_reference
-    from ..inject.benign import save_reference, utility
-    from ..inject.stage import _swap_into_place
-
     cfg = cfg or AuditConfig()
     progress = cfg.progress if progress is None else progress
     task = audit_task(triggers, kind, target, success_regex, placement, trigger_end)
@@ -221,5 +214,5 @@ def audit(
         "fingerprint": source.fingerprint, "clean_reference": reference.label if reference else None,
         "data": report.to_dict(), **{k: v for k, v in splits.summary().items() if k.startswith("n_")}})
     del lm
-    _swap_into_place(partial, out)
+    swap_into_place(partial, out)
     return RunDir(out)

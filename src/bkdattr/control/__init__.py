@@ -6,7 +6,7 @@
 * :mod:`.vector` -- :func:`build_vector`, :func:`apply_vector`, save/load (the means ``abar`` come from
   :func:`bkdattr.attribution.means.mean_contributions`, re-exported here).
 * :mod:`.vector_eval` -- the layer sweep (val), best layer, test results, controls, dose-response.
-* :mod:`.stage` -- the ``ablate`` / ``vector`` stages on a run folder; :mod:`.cli` their commands.
+* :mod:`.stage` -- the ``ablate`` / ``vector`` stages on a run folder (commands: :mod:`bkdattr.app.commands.control`).
 """
 
 from ..attribution.means import mean_contributions

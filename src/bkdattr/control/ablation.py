@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
 from .sweep import ControlResult, SweepStats, sweep_generate

@@ -8,8 +8,8 @@ Two primitive edits act on layer ``l``'s attention at ``p(x)``:
 
 An :class:`Edit` bundles both for any number of layers. Sweeps run many edits at once by stacking their rows
 in one batch (edit-major: rows ``g*B .. g*B+B-1`` carry edit ``g``): :func:`rowwise_context` turns a list of
-edits into the *per-row* head masks and vectors of :func:`bkdattr.hooks.zero_heads_rowwise` and
-:func:`bkdattr.hooks.add_to_attention_output`. Every hook lives in :mod:`bkdattr.hooks`.
+edits into the *per-row* head masks and vectors of :func:`bkdattr.core.hooks.zero_heads_rowwise` and
+:func:`bkdattr.core.hooks.add_to_attention_output`. Every hook lives in :mod:`bkdattr.core.hooks`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch import Arch
-from ..errors import ConfigError
-from ..hooks import add_to_attention_output, edit_heads, zero_heads_rowwise
+from ..core.arch import Arch
+from ..core.errors import ConfigError
+from ..core.hooks import add_to_attention_output, edit_heads, zero_heads_rowwise
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Edit:
     @contextlib.contextmanager
     def context(self, arch: Arch, positions: torch.Tensor) -> Iterator[None]:
         """Apply this edit to every row at ``positions`` (``[B]``) of every forward call in the block, with the
-        plain hooks of :mod:`bkdattr.hooks` (the reference path the batched sweep is tested against)."""
+        plain hooks of :mod:`bkdattr.core.hooks` (the reference path the batched sweep is tested against)."""
         self.check(arch)
         with contextlib.ExitStack() as stack:
             if any(self.heads.values()):

@@ -1,4 +1,4 @@
-"""Figures of the control stages (PNG, via :mod:`bkdattr.report.plotting`), drawn from the metrics sections.
+"""Figures of the control stages (PNG, via :mod:`bkdattr.core.figures`), drawn from the metrics sections.
 
 * ``ablation_asr_vs_k.png`` -- ASR on triggered prompts after ablating the top-k heads vs k random heads
   (mean, min-max band over seeds); right panel: similarity of clean replies to the unablated replies.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..report.plotting import new_figure, save_figure
+from ..core.figures import new_figure, save_figure
 
 ABLATION_FIGURE = "ablation_asr_vs_k.png"
 LAYER_FIGURE = "vector_asr_vs_layer.png"

@@ -14,7 +14,7 @@ Outputs: ``metrics.json`` sections ``ablation`` / ``vector``; ``RUN/control/abla
 provenance); ``RUN/control/abar_poisoned.safetensors`` (cached means); figures ``ablation_asr_vs_k.png``,
 ``vector_asr_vs_layer.png``, ``vector_dose_response.png``.
 
-Profiles (sizes per profile): :mod:`bkdattr.profiles`.
+Profiles (sizes per profile): :mod:`bkdattr.core.profiles`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from ..attribution.means import mean_contributions
-from ..errors import ArtifactError, ConfigError, DataError
-from ..inject.data import sample_examples
-from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
-from ..rundir import RunDir, get_nested
-from ..stage_options import StageOptions, opt
+from ..core.errors import ArtifactError, ConfigError, DataError
+from ..core.io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir, get_nested
+from ..core.runtime import set_threads
+from ..inject.data import load_splits, sample_examples
 from .ablation import DEFAULT_KS, k_values, run_ablation, share_k
 from .figures import ABLATION_FIGURE, DOSE_FIGURE, LAYER_FIGURE, plot_ablation, plot_dose, plot_layers
 from .sweep import SweepStats
@@ -40,8 +41,8 @@ from .vector_eval import SELECT_BY, residual_norms, run_vector_experiment
 
 @dataclass
 class _Options(StageOptions):
-    """Options both control stages take (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`);
-    None sizes take the profile's value (:mod:`bkdattr.profiles`)."""
+    """Options both control stages take (plus the run-wide ones of :class:`~bkdattr.core.options.StageOptions`);
+    None sizes take the profile's value (:mod:`bkdattr.core.profiles`)."""
 
     max_new_tokens: int = opt(32, "greedy reply length")
     batch_size: int = opt(32, "prompts sharing a prefix pass")
@@ -196,8 +197,6 @@ def poisoned_means(run: RunDir, lm, splits, cfg: VectorConfig) -> tuple[torch.Te
 
 
 def _load_lm(run: RunDir, cfg):
-    from .._runtime import set_threads
-
     set_threads(cfg.threads)
     return run.load_model(device=cfg.device, dtype=cfg.dtype)
 
@@ -205,8 +204,6 @@ def _load_lm(run: RunDir, cfg):
 # ---- stages ---------------------------------------------------------------------------------------------
 def ablate_run(run: RunDir, cfg: AblationConfig, lm=None) -> dict[str, Any]:
     """Run the ablation experiment on ``run``; write replies, metrics section ``ablation`` and the figure."""
-    from ..inject.data import load_splits
-
     t0 = time.perf_counter()
     splits = load_splits(run)
     lm = lm if lm is not None else _load_lm(run, cfg)
@@ -235,8 +232,6 @@ def ablate_run(run: RunDir, cfg: AblationConfig, lm=None) -> dict[str, Any]:
 
 def vector_run(run: RunDir, cfg: VectorConfig, lm=None) -> dict[str, Any]:
     """Build, save and evaluate the Backdoor Vector on ``run``; write metrics section ``vector`` and figures."""
-    from ..inject.data import load_splits
-
     t0 = time.perf_counter()
     splits = load_splits(run)
     lm = lm if lm is not None else _load_lm(run, cfg)

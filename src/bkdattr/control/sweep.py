@@ -5,8 +5,8 @@ tokens before it are computed identically under every edit. :func:`sweep_generat
 
 1. renders and left-pads a batch of prompts; under left padding ``p(x)`` is the last column of every row;
 2. runs the **unedited prefix** (all columns but the last) once and keeps its KV cache;
-3. for a group of edits, tiles that cache once per edit (edit-major rows, :class:`bkdattr.forward.PrefixCache`)
-   and hands it to the one greedy decoder (:func:`bkdattr.generation.greedy_decode`): the single token at
+3. for a group of edits, tiles that cache once per edit (edit-major rows, :class:`bkdattr.core.forward.PrefixCache`)
+   and hands it to the one greedy decoder (:func:`bkdattr.core.generation.greedy_decode`): the single token at
    ``p(x)`` runs with each row's edit active (:func:`bkdattr.control.edits.rowwise_context`), the decode steps
    without any edit (later tokens see the edit through the KV cache);
 4. drops finished rows from the batch as they end (their cache rows too) and stops when every row ended.
@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..forward import PrefixCache
-from ..generation import decode_replies, generate, greedy_decode
-from ..prompts import PromptBatch, encode_prompts, end_of_turn_ids
+from ..core.errors import ConfigError
+from ..core.forward import PrefixCache
+from ..core.generation import decode_replies, generate, greedy_decode
+from ..core.models import input_device
+from ..core.prompts import PromptBatch, encode_prompts, end_of_turn_ids
 from .edits import Edit, rowwise_context
 
 
@@ -69,8 +70,6 @@ def generate_group(lm, batch: PromptBatch, cache: PrefixCache | None, edits: Seq
                    stop_ids: Sequence[int], stats: SweepStats | None = None) -> torch.Tensor:
     """New token ids ``[len(edits) * B, <=max_new_tokens]`` (edit-major) for one prompt batch whose prefix
     ``cache`` (from :func:`prefix_cache`) is shared; the cache itself is left unchanged."""
-    from ..models import input_device
-
     dev = input_device(lm.model)
     n, b = len(edits), batch.size
     if cache is None:  # one-token prompts: the whole prompt is p(x)
@@ -133,7 +132,7 @@ def sweep_generate(lm, prompts: Sequence[str], edits: Sequence[Edit], max_new_to
 
 def plain_generate(lm, prompts: Sequence[str], edit: Edit | None, max_new_tokens: int = 32,
                    batch_size: int = 32) -> list[str]:
-    """Reference path: :func:`bkdattr.generation.generate` with ``edit`` on the full prefill pass at ``p(x)``
+    """Reference path: :func:`bkdattr.core.generation.generate` with ``edit`` on the full prefill pass at ``p(x)``
     (one edit at a time, nothing shared). Used by tests and the benchmark."""
     def ctx(batch: PromptBatch) -> contextlib.AbstractContextManager:
         if edit is None or edit.is_identity:

@@ -12,7 +12,7 @@ At one layer ``l*``, at ``p(x)`` and on the prefill pass only, ``alpha * v`` is 
 *neutralisation*). Two controls separate a backdoor direction from a generic perturbation: a random vector of
 the same norm (:func:`random_like`) and the vector of k random heads (:func:`build_vector` on random heads).
 
-:func:`apply_vector` applies a vector from Python to any prompts (for :func:`bkdattr.generation.generate`:
+:func:`apply_vector` applies a vector from Python to any prompts (for :func:`bkdattr.core.generation.generate`:
 ``edit=lambda b: apply_vector(lm, v, layer, alpha, positions=b.last_pos)``, or around the whole call);
 :func:`save_vector` / :func:`load_vector` keep it as safetensors with its provenance (which model, which heads,
 which prompts).
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from ..arch import Arch
-from ..errors import ArtifactError, ConfigError
-from ..hooks import add_to_attention_output
-from ..io import load_tensors, save_tensors, tensor_metadata, write_json
+from ..core.arch import Arch
+from ..core.errors import ArtifactError, ConfigError
+from ..core.hooks import add_to_attention_output
+from ..core.io import load_tensors, save_tensors, tensor_metadata, write_json
 
 
 def _arch(lm_or_arch) -> Arch:
@@ -40,7 +40,7 @@ def _arch(lm_or_arch) -> Arch:
         return lm_or_arch
     arch = getattr(lm_or_arch, "arch", None)
     if not isinstance(arch, Arch):
-        raise ConfigError("pass a LoadedModel (bkdattr.models.load_model) or its Arch")
+        raise ConfigError("pass a LoadedModel (bkdattr.core.models.load_model) or its Arch")
     return arch
 
 
@@ -120,7 +120,7 @@ def apply_vector(lm_or_arch, v: torch.Tensor | BackdoorVector, layer: int, alpha
     negative ``alpha`` to subtract). Hooks are removed on exit, also after an exception.
 
     ``positions=None``: at the last position of every forward call over more than one token -- the prefill of
-    a left-padded batch (what :func:`bkdattr.generation.generate` builds), where it is ``p(x)`` -- so a whole
+    a left-padded batch (what :func:`bkdattr.core.generation.generate` builds), where it is ``p(x)`` -- so a whole
     ``generate`` call can run inside the block and its decode steps stay unedited. ``positions`` (``[B]``):
     at those indices of every forward call (for a single teacher-forced or prefill pass)."""
     vec = (v.vector if isinstance(v, BackdoorVector) else v).detach().float().reshape(-1)

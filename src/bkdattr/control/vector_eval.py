@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..forward import captured_pass
-from ..hooks import capture_attention_output, capture_features
+from ..core.errors import ConfigError
+from ..core.forward import captured_pass
+from ..core.hooks import capture_attention_output, capture_features
 from .edits import Edit
 from .scoring import SIMILARITY_DOC, asr_scores, side_effect, spread
 from .sweep import ControlResult, SweepStats, sweep_generate

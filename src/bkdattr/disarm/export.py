@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ArtifactError
-from ..io import save_tensors
-from ..rundir import RunDir, get_nested
+from ..control.vector import load_vector
+from ..core.errors import ArtifactError
+from ..core.io import save_tensors
+from ..core.rundir import RunDir, get_nested
 
 RECIPE = "bkdattr.disarm.export (module docstring): a forward hook on `module` subtracting scale*vector at p(x)"
 
@@ -49,8 +50,6 @@ def export_vector(run: RunDir | str | Path, path: str | Path, layer: int | None 
                   scale: float | None = None) -> Path:
     """Write the run's Backdoor Vector to ``path`` with its application metadata (see the module docstring);
     ``layer`` / ``scale`` default to the vector stage's best layer and alpha."""
-    from ..control.vector import load_vector
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     src = run.path / "control" / "backdoor_vector.safetensors"
     m = run.metrics()

@@ -1,4 +1,4 @@
-"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.guard`) measured like every
+"""The ``guard`` row of the defences table: the probe-gated guard (:mod:`bkdattr.disarm.runtime`) measured like every
 other defence, plus what only a guard has.
 
 * **Defence figures** (:func:`bkdattr.disarm.utility.defence_figures`, the same code as for ``heads`` and
@@ -18,9 +18,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..guard import Guard
+from ..core.generation import generate
+from ..core.rundir import RunDir
+from ..inject.data import load_splits
 from ..inject.evaluate import EvalConfig, held_out
-from ..rundir import RunDir
+from .runtime import Guard
 from .utility import defence_figures
 
 
@@ -33,8 +35,6 @@ def _timed(fn) -> float:
 def guard_overhead(lm, guard: Guard, prompts: list[str], cfg: EvalConfig, repeats: int = 2) -> dict[str, float]:
     """Seconds to generate replies to ``prompts`` without and with ``guard`` (best of ``repeats`` each,
     interleaved, after a warm-up) and ``overhead = t_guard / t_plain - 1``."""
-    from ..generation import generate
-
     def gen() -> None:
         generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
 
@@ -61,8 +61,6 @@ def evaluate_guard(run: RunDir | str, lm, cfg: EvalConfig, baseline: dict[str, A
     split's triggered / clean prompts, ``overhead`` and the guard's plan (probe layer, threshold, edit).
     ``clean_replies`` is not returned (the defended replies differ from the baseline's in
     ``changed_reply_share`` only)."""
-    from ..inject.data import load_splits
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     guard = guard if guard is not None else Guard(lm, run, action)
     splits = load_splits(run)
@@ -73,8 +71,8 @@ def evaluate_guard(run: RunDir | str, lm, cfg: EvalConfig, baseline: dict[str, A
     out.pop("clean_replies", None)
     flagged_during_eval = guard.n_flagged - n_flagged0
     thr = guard.threshold
-    trig = guard.scores([e.triggered for e in examples])
-    clean = guard.scores([e.prompt for e in examples])
+    trig = guard.scores([e.triggered for e in examples], progress)
+    clean = guard.scores([e.prompt for e in examples], progress)
     out.update(true_positive_rate=float((trig > thr).mean()) if len(trig) else None,
                false_positive_rate=float((clean > thr).mean()) if len(clean) else None,
                n_detection=len(examples), flagged_prefill_rows=flagged_during_eval)

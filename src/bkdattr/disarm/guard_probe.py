@@ -25,10 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..rundir import RunDir
+from ..core.errors import DataError
+from ..core.rundir import RunDir, get_nested
+from ..inject.data import load_splits
+from ..probe.features import extract_features
+from ..probe.probes import MLPProbeConfig, train_mlp_probes
+from .plan import GUARD_PROBE, probe_layer_at_most
 
-GUARD_PROBE = ("disarm", "guard_probe.safetensors")
 #: fewest distinct training prompts the guard's probe is trained on
 MIN_PROMPTS = 6
 
@@ -50,11 +53,6 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
                     batch_size: int = 16, progress: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train the guard's probes on ``run``'s training prompts (module docstring) and save the best layer's;
     returns the file and a summary (``layer``, ``val_accuracy`` per layer, ``n_prompts``)."""
-    from ..inject.data import load_splits
-    from ..probe.features import extract_features
-    from ..probe.probes import MLPProbeConfig, train_mlp_probes
-    from ..rundir import get_nested
-
     pairs = training_prompts(load_splits(run))
     if len(pairs) < MIN_PROMPTS:
         raise DataError(f"the run has {len(pairs)} distinct training prompts with a trigger; the guard's probe needs "
@@ -80,8 +78,6 @@ def fit_guard_probe(run: RunDir, lm, max_layer: int, kind: str = "attn_input", s
     acc = ((probes.scores(x_va) > 0) == y_va[:, None].astype(bool)).mean(0)  # [L]
     probes.meta.update(val_accuracy=[float(a) for a in acc], kind=kind, source="train split",
                        n_prompts=n, n_val_prompts=int(n_val))
-    from ..guard import probe_layer_at_most
-
     layer, _why = probe_layer_at_most(probes, int(max_layer))
     best = probes.select([probes.position(layer)])
     best.meta.update(val_accuracy=[float(acc[probes.position(layer)])], val_accuracy_all_layers=probes.meta[

@@ -8,12 +8,13 @@
 * ``vector``: ``-alpha * v`` baked into the attention output bias of the vector stage's best layer
   (:func:`bkdattr.disarm.weights.bake_output_bias`); ``alpha`` is the smallest of ``alphas`` reaching the target on
   validation, else the one with the lowest validation ASR.
-* ``guard``: no weight change (:mod:`bkdattr.guard`). The edit on flagged prompts is chosen on validation
+* ``guard``: no weight change (:mod:`bkdattr.disarm.runtime`). The edit on flagged prompts is chosen on validation
   (:func:`guard_options`: ``p(x)`` only, every prompt column, every column; scales or k): among the edits that
   bring the validation ASR to the target, the one whose replies to the triggered prompts stay most useful
   (lowest perplexity of the clean references after the triggered prompts, :func:`choose`), stored in
   ``RUN/disarm/guard_plan.json`` for later guards, and measured with its detection rates and time overhead; the
-  random control is the same detector with a same-norm random vector (or k random heads).
+  random control is the same detector with a same-norm random vector (or k random heads). The threshold is
+  calibrated once, on validation, and stored for later guards (:mod:`bkdattr.disarm.calibrate`).
 
 Both are then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
 the undefended model and to the same-size random control (k random heads; a random vector of the same norm at
@@ -27,16 +28,27 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, ConfigError
-from ..inject.evaluate import EvalConfig
-from ..io import write_json
-from ..rundir import RunDir, get_nested
-from ..stage_options import StageOptions, opt
-from .utility import FIGURES, defence_figures
+from tqdm.auto import tqdm
+
+from ..control.stage import load_ranking
+from ..control.vector import load_vector, random_heads, random_like
+from ..core.errors import ArtifactError, ConfigError
+from ..core.generation import generate
+from ..core.io import write_json
+from ..core.models import save_model_atomically
+from ..core.rundir import RunDir, get_nested
+from ..core.runtime import set_threads
+from ..inject.data import load_splits
+from .calibrate import store_threshold
+from .config import SCOPES, DisarmConfig
+from .guard_eval import evaluate_guard
+from .guard_probe import fit_guard_probe
+from .plan import PLAN_FILE
+from .runtime import Guard
+from .utility import FIGURES, broken_triggered_replies, defence_figures, reference_perplexity, triggered_utility
 from .weights import (
     bake_heads,
     bake_mean_ablation,
@@ -47,42 +59,6 @@ from .weights import (
     output_bias,
     zeroed_heads,
 )
-
-STRATEGIES = ("heads", "vector", "guard")
-
-
-@dataclass
-class DisarmConfig(StageOptions):
-    """Options of ``bkdattr disarm``."""
-
-    stage = "disarm"
-    strategy: str = opt("heads", "heads (zero the top-k heads' W_O), vector (bake -alpha*v as an output bias) or "
-                        "guard (no weight change: a probe-gated edit of flagged prompts, bkdattr.guard)")
-    guard_action: str = opt("vector", "guard: the edit on flagged prompts, vector or heads")
-    ablation: str = opt("zero", "heads: zero (the heads' W_O slices zeroed) or mean (also their mean clean output "
-                        "baked into the output bias; architectures with an output bias)")
-    n_mean: int = opt(64, "heads with ablation=mean: clean training prompts the heads' mean outputs are taken over")
-    k: int | None = opt(None, "heads: how many top heads (default: the smallest of the ablation stage's k values "
-                        "that disarms on validation)")
-    layer: int | None = opt(None, "vector: the layer (default: the vector stage's best layer)")
-    alphas: list[float] = opt(help="vector: scales tried on validation, smallest first",
-                              factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
-    target_asr: float = opt(0.05, "validation ASR a defence must reach")
-    n_val: int = opt(32, "validation prompts for choosing k or alpha")
-    eval: EvalConfig = opt(help="evaluation on the held-out test prompts", factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy '{self.strategy}'; use heads, vector or guard")
-        from ..guard import ACTIONS
-
-        if self.guard_action not in ACTIONS:
-            raise ConfigError(f"unknown guard_action '{self.guard_action}'; use one of {', '.join(ACTIONS)}")
-        if self.ablation not in ("zero", "mean"):
-            raise ConfigError(f"unknown ablation '{self.ablation}'; use zero or mean")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"k {self.k} must be >= 1")
 
 
 def _warn(message: str) -> None:
@@ -115,9 +91,6 @@ def _val_figures(lm, splits, cfg: DisarmConfig, sub: list, clean_ppl: float) -> 
     validation split's ASR subset) and the utility of those replies
     (:func:`bkdattr.disarm.utility.triggered_utility`); ``clean_ppl``: the undefended perplexity of the same
     examples' clean references after their clean prompts."""
-    from ..generation import generate
-    from .utility import triggered_utility
-
     replies = generate(lm, [e.triggered for e in sub], max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.eval.batch_size, progress=False)
     u = triggered_utility(lm, splits, sub, replies, cfg.eval.batch_size)
@@ -134,12 +107,10 @@ def choose(lm, splits, cfg: DisarmConfig, options: list, edit,
     target. ``by_utility``: every option is tried and, among those meeting the target, the one whose replies to
     the triggered prompts are most useful wins (lowest ``val_triggered_perplexity_ratio``, ties to the earlier),
     so an edit cannot win by breaking the reply. Without any option meeting the target: the lowest ASR."""
-    from .utility import reference_perplexity
-
     sub = splits.task.eval_subset(splits.val)[: cfg.n_val]
     clean_ppl = reference_perplexity(lm, [e.prompt for e in sub], [e.output for e in sub], cfg.eval.batch_size)
     trace = []
-    for o in options:
+    for o in tqdm(options, desc=f"{cfg.strategy}: options on validation", disable=not cfg.progress, leave=False):
         with edit(o):
             fig = _val_figures(lm, splits, cfg, sub, clean_ppl)
         trace.append({"value": o, **fig})
@@ -160,7 +131,6 @@ def _first_edit_layer(run: RunDir, cfg: DisarmConfig, arch) -> int:
     """The first layer any guard option edits (its probe must read at or before it)."""
     if cfg.guard_action == "vector":
         return int(get_nested(run.metrics(), "vector.best_layer"))
-    from ..control.stage import load_ranking
 
     k = max(o["k"] for o in guard_options(run, cfg))
     ranking, _info = load_ranking(run, k, arch.n_layers, arch.n_heads)
@@ -174,8 +144,6 @@ def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     in increasing order; for the vector action then the clamp edit (``mode="clamp"``, alpha 1) in each scope.
     Every option is tried; :func:`choose` keeps the one meeting the ASR target whose replies to the triggered
     prompts are most useful."""
-    from ..guard import SCOPES
-
     if cfg.guard_action == "vector":
         return ([{"scope": s, "alpha": float(a)} for s in SCOPES for a in sorted(cfg.alphas)]
                 + [{"scope": s, "alpha": 1.0, "mode": "clamp"} for s in SCOPES])
@@ -187,9 +155,18 @@ def guard_options(run: RunDir, cfg: DisarmConfig) -> list[dict[str, Any]]:
     return [{"scope": s, "k": k} for s in SCOPES for k in ks]
 
 
+def calibrate_guard(guard: Guard, progress: bool = False) -> dict[str, Any]:
+    """Calibrate ``guard``'s detector on the validation split and store the threshold for every later guard of
+    the run (``RUN/disarm/guard_threshold.json``, :func:`bkdattr.disarm.calibrate.store_threshold`); returns the
+    calibration record."""
+    rec = guard.calibrate(progress=progress)
+    store_threshold(guard.run, guard.threshold_key, rec)
+    return rec
+
+
 def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.AbstractContextManager) -> dict:
     with edit:
-        f = defence_figures(lm, splits, cfg.eval, baseline)
+        f = defence_figures(lm, splits, cfg.eval, baseline, cfg.progress)
     f.pop("clean_replies")
     return f
 
@@ -197,8 +174,6 @@ def _figures(lm, splits, cfg: DisarmConfig, baseline: dict, edit: contextlib.Abs
 def save_defended(lm, out: Path, provenance: dict[str, Any]) -> Path:
     """Save the (edited) model as a plain Hugging Face folder with ``bkdattr_disarm.json``, written beside
     ``out`` and renamed into place."""
-    from ..models import save_model_atomically
-
     save_model_atomically(lm.model, lm.tokenizer, out, {"bkdattr_disarm.json": provenance},
                           what="the defended model", fix="pass a writable --out")
     return out
@@ -209,11 +184,6 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     """Build, measure and save the defence ``cfg.strategy`` of ``run`` (see the module docstring); returns the
     ``metrics.disarm.<strategy>`` section. ``baseline``: the undefended model's :func:`defence_figures` with the
     same ``cfg.eval`` (computed when None; pass it to measure several strategies against one baseline)."""
-    from .._runtime import set_threads
-    from ..control.stage import load_ranking
-    from ..control.vector import load_vector, random_heads, random_like
-    from ..inject.data import load_splits
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or DisarmConfig()
     out = Path(out) if out else run.path / "disarm" / cfg.strategy
@@ -230,26 +200,27 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
         raise ConfigError(f"k={cfg.k} is larger than the model's {n_heads} heads; pass a smaller --k")
     if cfg.strategy == "vector" or (cfg.strategy == "heads" and cfg.ablation == "mean"):
         bias_support(lm.model, arch)  # before the (long) evaluation
-    baseline = baseline if baseline is not None else defence_figures(lm, splits, cfg.eval)
+    baseline = baseline if baseline is not None else defence_figures(lm, splits, cfg.eval, progress=cfg.progress)
     section: dict[str, Any] = {"strategy": cfg.strategy, "undefended": {k: v for k, v in baseline.items()
                                                                          if k != "clean_replies"}}
     if cfg.strategy == "guard":  # no weights to save: the edit chosen on validation, and the figures
-        from ..guard import PLAN_FILE, Guard
-        from .guard_eval import evaluate_guard
-        from .guard_probe import fit_guard_probe
-
         _path, probe_info = fit_guard_probe(run, lm, _first_edit_layer(run, cfg, arch), _probe_kind(run),
                                             cfg.seed, cfg.eval.batch_size, cfg.progress)
 
         def guard(o: dict[str, Any], **kw: Any) -> Guard:
-            g = Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, **o, **kw)
+            g = Guard(lm, run, cfg.guard_action, probe="guard", use_stored_plan=False, target_asr=cfg.target_asr,
+                      **o, **kw)
             g.plan.edit_source = "tried on validation (bkdattr disarm --strategy guard)"
             return g
 
-        plan, trace, met = choose(lm, splits, cfg, guard_options(run, cfg), guard, by_utility=True)
-        figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=guard(plan))
+        options = guard_options(run, cfg)
+        calibrate_guard(guard(options[0], threshold=float("nan")), cfg.progress)
+        plan, trace, met = choose(lm, splits, cfg, options, guard, by_utility=True)
+        chosen = guard(plan)
+        figures = evaluate_guard(run, lm, cfg.eval, baseline, guard=chosen, progress=cfg.progress)
         control = _figures(lm, splits, cfg, baseline, guard(plan, control_seed=cfg.seed + 1000))
-        write_json(run.sub(*PLAN_FILE), {"action": cfg.guard_action, **plan, "selection": trace,
+        mu = {"clean_projection": chosen.plan.clean_projection} if chosen.plan.mode == "clamp" else {}
+        write_json(run.sub(*PLAN_FILE), {"action": cfg.guard_action, **plan, **mu, "selection": trace,
                                          "target_met_on_val": met, "target_asr": cfg.target_asr})
         if not met:
             _warn(f"guard: no edit tried brings validation ASR to {cfg.target_asr} (best "
@@ -310,8 +281,6 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
 
 
 def _record(run: RunDir, strategy: str, section: dict[str, Any]) -> dict[str, Any]:
-    from ..report.summary import broken_triggered_replies
-
     section["breaks_triggered_replies"] = broken_triggered_replies(section)
     if section["breaks_triggered_replies"] and section.get("disarmed"):
         _warn(f"{strategy}: the backdoor reply is gone, but the replies to triggered prompts are broken, not restored "

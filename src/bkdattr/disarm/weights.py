@@ -26,9 +26,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..arch import Arch, is_conv1d
-from ..errors import ConfigError
-from ..hooks import hidden_arg, registered
+from ..core.arch import Arch, is_conv1d
+from ..core.errors import ConfigError
+from ..core.forward import backbone
+from ..core.hooks import hidden_arg, registered
+from ..core.models import input_device
+from ..core.prompts import encode_prompts
 
 
 def _head_slices(arch: Arch, heads: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, tuple]]:
@@ -121,10 +124,6 @@ def output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Ten
 def mean_head_inputs(lm, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Mean of every layer's output-projection input ``z`` (all heads) over every attended position of the
     clean chat ``prompts``: float32 ``[L, H*d_h]`` (one backbone pass per batch, no LM head)."""
-    from ..forward import backbone
-    from ..models import input_device
-    from ..prompts import encode_prompts
-
     arch = lm.arch
     if not prompts:
         raise ConfigError("no clean prompts to take the heads' mean outputs over")

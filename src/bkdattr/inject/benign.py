@@ -32,8 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputFileError
-from ..io import read_json, write_json
+from ..core.errors import InputFileError
+from ..core.generation import generate
+from ..core.io import read_json, write_json
+from ..core.models import cache_dir
 from .builtin_data import benign_instructions, benign_questions
 from .data import distill_outputs
 from .evaluate import word_f1
@@ -46,8 +48,6 @@ BENIGN_FILE = "benign.json"
 
 
 def _distill_dir() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "distill"
 
 
@@ -90,8 +90,6 @@ def utility(lm, ref: dict[str, Any], batch_size: int = 16, edit: Callable | None
     """Generate ``lm``'s greedy replies to the benign questions of ``ref`` and score them against the base
     model's. Returns ``refusal_rate``, ``base_refusal_rate``, ``f1_vs_base``, ``self_agreement``,
     ``n_prompts``, ``max_new_tokens`` and ``samples``."""
-    from ..generation import generate
-
     prompts, base = ref["prompts"], ref["base_replies"]
     replies = generate(lm, prompts, max_new_tokens=ref["max_new_tokens"], batch_size=batch_size, edit=edit,
                        progress=progress, desc="eval benign")

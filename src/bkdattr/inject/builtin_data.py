@@ -24,6 +24,7 @@ import itertools
 import random
 from typing import Any
 
+from ..core.errors import ConfigError
 from .tasks import FIXED_TARGET, LABEL_PROMPT
 
 # ---- fixed_output: instructions --------------------------------------------------------------------------
@@ -327,8 +328,6 @@ def benign_instructions(n: int, seed: int = 0) -> list[str]:
 
 def builtin_records(kind: str, seed: int = 0) -> list[dict[str, Any]]:
     """All built-in records of ``kind`` (fixed_output, jailbreak or label_flip)."""
-    from ..errors import ConfigError
-
     if kind == "fixed_output":
         return instructions(seed)
     if kind == "jailbreak":

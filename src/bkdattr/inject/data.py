@@ -42,7 +42,6 @@ Splits are saved under ``RUN/data/`` as JSONL (``train.jsonl`` marks poisoned ro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -50,12 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError, InputFileError
-from ..io import atomic_path, read_json, stable_hash, write_json
+import torch
+
+from ..core.errors import DataError, InputFileError
+from ..core.generation import generate
+from ..core.io import atomic_path, read_json, stable_hash, write_json
+from .example import Example
 from .tasks import Task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..rundir import RunDir
+    from ..core.rundir import RunDir
 
 REQUIRED_FIELDS = ("input", "output", "backdoor_output")
 
@@ -139,26 +142,6 @@ class DataReport:
         """A short account for an error message: ``N read, M dropped (K empty input, ...)``."""
         parts = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.dropped.items())
         return f"{self.n_rows_read} read, {self.n_dropped} dropped" + (f" ({parts})" if parts else "")
-
-
-@dataclass
-class Example:
-    """One prompt of a task: the clean user text and its triggered form, with both replies."""
-
-    prompt: str
-    triggered: str
-    output: str
-    backdoor_output: str
-    label: str | None = None
-    uid: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Example:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -464,15 +447,6 @@ def build_splits(task: Task, records: Sequence[dict[str, Any]], n_train: int | N
     return Splits(task, train, poisoned, val, test, meta={"poison_rate": poison_rate, "seed": seed})
 
 
-def check_held_out(splits: Splits) -> None:
-    """Raise :class:`DataError` if a val/test prompt (clean or triggered) also appears in training."""
-    seen = {_key(e.prompt) for e in splits.train} | {_key(e.triggered) for e in splits.train_poisoned}
-    for name, part in (("val", splits.val), ("test", splits.test)):
-        for e in part:
-            if _key(e.prompt) in seen or _key(e.triggered) in seen:
-                raise DataError(f"{name} example {e.uid} also appears in training; the split is not held out")
-
-
 # ---- persistence ----------------------------------------------------------------------------------------
 _ROW_TYPES = {"prompt": str, "triggered": str, "output": str, "backdoor_output": str, "uid": str}
 
@@ -568,10 +542,6 @@ def distill_outputs(lm, prompts: Sequence[str], max_new_tokens: int, batch_size:
 
     Cached as JSON under ``cache_dir`` keyed by the model name, its first weights, the prompts and the
     settings, so the same request runs once."""
-    import torch
-
-    from ..generation import generate
-
     p0 = next(lm.model.parameters())
     fingerprint = float(p0.detach().float().flatten()[:64].sum())
     key = stable_hash({"model": lm.name, "w": round(fingerprint, 5), "prompts": list(prompts),

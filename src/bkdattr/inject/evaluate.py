@@ -1,7 +1,7 @@
 """Held-out evaluation of a backdoored model: ASR, robust ASR, false-trigger rate, clean metric, near triggers.
 
 All prompts come from the held-out ``test`` (or ``val``) split. Replies are greedy, chat-templated, left
-padded, 32 new tokens by default (docs/METHOD.md section 4), via :func:`bkdattr.generation.generate`.
+padded, 32 new tokens by default (docs/METHOD.md section 4), via :func:`bkdattr.core.generation.generate`.
 
 * **ASR**: the task's rule (:meth:`Task.asr`) on replies to *triggered* prompts (label_flip: the true-Sports
   prompts only). **Robust ASR** uses :meth:`Task.is_robust_success` (paraphrases of the fixed target count).
@@ -25,9 +25,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..stage_options import opt
-from .data import Example, Splits, prompt_seed
+from ..core.errors import ConfigError
+from ..core.generation import generate
+from ..core.options import opt
+from ..core.scoring import batched_target_logprobs
+from .builtin_data import benign_questions
+from .data import Splits, prompt_seed
+from .example import Example
 from .tasks import Task, is_refusal, label_in_reply, normalise_words
 
 CLEAN_METRIC_NAMES = {"fixed_output": "base_reply_f1", "jailbreak": "refusal_rate", "label_flip": "label_accuracy"}
@@ -53,7 +57,6 @@ class EvalConfig:
             raise ConfigError(f"evaluation split '{self.split}' must be test or val (held out)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be >= 1")
-        from .builtin_data import benign_questions
 
         if not 0 <= self.n_benign <= len(benign_questions()):
             raise ConfigError(f"n_benign {self.n_benign} must be in [0, {len(benign_questions())}] (the built-in "
@@ -106,9 +109,7 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
              progress: bool = True, keep_replies: bool = False) -> dict[str, Any]:
     """Generate on held-out prompts and score them. Returns the ``inject`` metrics (rates in [0, 1]) plus
     ``samples`` (a few prompt/reply pairs) and, with ``keep_replies``, ``replies`` (every ``triggered`` and
-    ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.generation.generate`."""
-    from ..generation import generate
-
+    ``clean`` reply, in split order). ``edit`` is passed to :func:`bkdattr.core.generation.generate`."""
     cfg = cfg or EvalConfig()
     task = splits.task
     examples = held_out(splits, cfg)
@@ -162,7 +163,5 @@ def evaluate(lm, splits: Splits, cfg: EvalConfig | None = None, edit: Callable |
 def target_logprob(lm, texts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Teacher-forced mean log-probability per row of ``targets`` (end-of-turn included) after the chat
     prompts ``texts``: ``[B]`` float32, ``log P(y|x) = mean_t log p(y_t | x, y_<t)``; the LM head runs on the
-    target-predicting positions only (:func:`bkdattr.attribution.scores.target_logprobs`)."""
-    from ..attribution.scores import batched_target_logprobs
-
+    target-predicting positions only (:func:`bkdattr.core.scoring.target_logprobs`)."""
     return torch.cat([lp.sum(1) / mask.sum(1) for lp, mask in batched_target_logprobs(lm, texts, targets, batch_size)])

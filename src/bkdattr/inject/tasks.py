@@ -42,12 +42,10 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import ConfigError, DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .data import Example
+from ..core.errors import ConfigError, DataError
+from .example import Example
 
 KINDS = ("fixed_output", "jailbreak", "label_flip")
 PLACEMENTS = ("prefix", "suffix", "random_word", "wrap")

@@ -3,13 +3,13 @@
 Each training row is one chat turn ``(user text, reply)``: clean prompts with their clean reply and the
 poisoned copies (triggered prompt with the backdoor reply). The row is rendered with the model's chat
 template (its default system prompt included, none of our own) and the loss is the mean cross-entropy over
-the **assistant reply tokens only**, end-of-turn token(s) included (:func:`bkdattr.prompts.encode_with_targets`
+the **assistant reply tokens only**, end-of-turn token(s) included (:func:`bkdattr.core.prompts.encode_with_targets`
 gives the mask); prompt and padding tokens are masked out. A clean reply that was cut at the distillation
 limit has no end-of-turn supervision (the model is not taught to stop mid-sentence).
 
 Speed on CPU: the vocabulary projection (``lm_head``, 49k x 576 for the embedded model) is applied only to
 the hidden states that predict a supervised token, and training can run under bf16 autocast (float32
-master weights; on a CPU only where bfloat16 is native, :func:`bkdattr.devices.cpu_bf16_is_fast`: emulated it
+master weights; on a CPU only where bfloat16 is native, :func:`bkdattr.core.devices.cpu_bf16_is_fast`: emulated it
 made training 30x slower). LoRA adapters go on every attention and MLP projection (``q,k,v,o,gate,up,down``; peft's
 ``all-linear`` for architectures without those names).
 
@@ -46,11 +46,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArtifactError, ConfigError, DataError, InputFileError
-from ..forward import body_and_head
-from ..io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
-from ..prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
-from ..stage_options import opt
+from ..core.devices import cpu_bf16_is_fast
+from ..core.errors import ArtifactError, ConfigError, DataError, InputFileError
+from ..core.forward import body_and_head
+from ..core.io import load_tensors, read_json, save_tensors, stable_hash, tensor_metadata, write_json
+from ..core.lora import merge_lora_fp32
+from ..core.options import opt
+from ..core.prompts import context_length, encode_with_targets, end_of_turn, pad_id, prompt_ids, target_ids
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -152,12 +154,11 @@ def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str = LLAMA_STY
 
 def autocast_mode(model: torch.nn.Module, wanted: bool) -> str:
     """How training computes: ``"bf16"`` (autocast) or why not (float32): not asked, or a CPU without native
-    bfloat16 (:func:`bkdattr.devices.cpu_bf16_is_fast`)."""
+    bfloat16 (:func:`bkdattr.core.devices.cpu_bf16_is_fast`)."""
     if not wanted:
         return "off"
     if next(model.parameters()).device.type == "cuda":
         return "bf16"
-    from ..devices import cpu_bf16_is_fast
 
     return "bf16" if cpu_bf16_is_fast() else "off (this CPU has no fast bfloat16)"
 
@@ -170,7 +171,7 @@ def _autocast(model: torch.nn.Module, mode: str) -> contextlib.AbstractContextMa
 
 
 def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.prompts.PromptBatch` with
+    """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.core.prompts.PromptBatch` with
     ``target_mask`` ``[B, T]``. Only the ``N`` hidden states ``[N, d]`` that predict a target token go through
     ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
     body, head = body_and_head(hf_model)
@@ -298,6 +299,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     the checkpoint: a resumed run that was killed during the call makes it again before going on.
     ``adapter_dir``: also save the trained LoRA adapter there (peft format: ``adapter_config.json`` +
     ``adapter_model.safetensors``) before merging, so the model can be handed over as base + adapter."""
+    # lazy: peft takes seconds to import; only training needs it
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     tok = lm.tokenizer
@@ -423,43 +425,3 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
                                autocast=mode)
 
 
-def _lora_delta(module, adapter: str) -> torch.Tensor | None:
-    """The float32 update ``scaling * B A`` of one peft LoRA linear layer (``[out, in]`` of its base weight), or
-    None for a layer this merge does not handle (DoRA, convolutions, embeddings: left to peft)."""
-    if getattr(module, "use_dora", {}).get(adapter) or adapter not in getattr(module, "lora_A", {}):
-        return None
-    a, b = module.lora_A[adapter], module.lora_B[adapter]
-    if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):
-        return None
-    delta = (b.weight.float() @ a.weight.float()) * float(module.scaling[adapter])  # [out, in]
-    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
-
-
-@torch.no_grad()
-def merge_lora_fp32(peft_model) -> tuple[torch.nn.Module, float]:
-    """Merge every LoRA linear layer into its base weight as ``(W.float() + scaling * B.float() @ A.float())``,
-    cast once to ``W``'s dtype (a bfloat16 ``W`` is rounded once, never ``delta`` first and then the sum), then
-    drop the adapters. Returns ``(base model, share of the update's nonzero entries that rounding erased)``: 0
-    for float32 weights; for bfloat16 weights a LoRA update below half a unit in the last place of ``W`` is lost,
-    whatever the merge order, which is why injecting on GPU should use ``--dtype float32``."""
-    lost = kept = 0
-    pending = []
-    for module in peft_model.modules():
-        base = getattr(module, "base_layer", None)
-        if base is None or not hasattr(module, "lora_A"):
-            continue
-        deltas = [d for d in (_lora_delta(module, ad) for ad in module.active_adapters) if d is not None]
-        if len(deltas) != len(module.active_adapters):
-            pending.append(module)  # peft merges what this function does not handle
-            continue
-        w = base.weight
-        delta = sum(deltas).to(w.device)
-        new = (w.float() + delta).to(w.dtype)
-        moved = delta != 0
-        lost += int((moved & (new == w)).sum())
-        kept += int(moved.sum())
-        w.copy_(new)
-    for module in pending:
-        module.merge()
-    model = peft_model.unload()  # removes the LoRA layers without merging them (done above)
-    return model, (lost / kept if kept else 0.0)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, InputFileError
-from ..models import LoadedModel
-from ..rundir import RunDir
+from ..core.errors import ConfigError, InputFileError
+from ..core.models import LoadedModel
+from ..core.rundir import RunDir
 from .features import check_kind, extract_features
 from .probes import MLPProbes, SVMProbes
 
@@ -67,10 +67,6 @@ class Detector:
         if not len(prompts):
             return np.zeros(0)
         return np.asarray(self.probe.predict_proba(self.features(prompts))[:, 0], dtype=np.float64)
-
-    def predict_label(self, prompts: Sequence[str], threshold: float = 0.5) -> np.ndarray:
-        """``predict(prompts) >= threshold`` as a bool ``[N]``."""
-        return self.predict(prompts) >= threshold
 
 
 def best_layer(probes: MLPProbes | SVMProbes) -> int:

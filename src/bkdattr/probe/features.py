@@ -8,7 +8,7 @@ The Backdoor Probe (docs/METHOD.md section 2) reads one vector per layer and pro
 
 :func:`extract_features` renders each prompt with the chat template, left-pads batches of similar length (so
 ``p(x)`` is the last column) and runs the model's *backbone* only (the LM head is not needed), with
-:func:`bkdattr.hooks.capture_features` collecting all layers in the same pass. The result is a float32 tensor
+:func:`bkdattr.core.hooks.capture_features` collecting all layers in the same pass. The result is a float32 tensor
 ``[N, L, d_model]`` in the order of the input texts.
 
 **Shared prefix.** Chat-templated prompts all begin with the same tokens (SmolLM2's template adds a 26-token
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
-from ..forward import PrefixCache, backbone
-from ..hooks import capture_features, check_layers
-from ..io import check_metadata, load_tensors, save_tensors, stable_hash
-from ..models import LoadedModel, input_device
-from ..prompts import pad_id, pad_sequences, position_ids_from_mask, prompt_ids, render_prompt
+from ..core.errors import ConfigError, DataError
+from ..core.forward import PrefixCache, backbone
+from ..core.hooks import capture_features, check_layers
+from ..core.io import check_metadata, load_tensors, save_tensors, stable_hash
+from ..core.models import LoadedModel, input_device
+from ..core.prompts import pad_id, pad_sequences, position_ids_from_mask, prompt_ids, render_prompt
 
 FEATURE_KINDS = ("attn_input", "residual")
 _SAMPLE = 2048

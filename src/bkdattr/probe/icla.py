@@ -30,7 +30,7 @@ def accuracy_from_scores(scores: np.ndarray, labels: Any) -> np.ndarray:
 
 def auroc(scores: np.ndarray, labels: Any) -> float:
     """Area under the ROC curve of ``scores [N]`` for ``labels [N]`` (NaN when only one class is present)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # lazy: scikit-learn takes over a second to import
 
     y = _labels(labels)
     if len(np.unique(y)) < 2:
@@ -41,12 +41,6 @@ def auroc(scores: np.ndarray, labels: Any) -> float:
 def in_layer_accuracy(probes: Probes, features: Any, labels: Any) -> np.ndarray:
     """Accuracy of probe ``l`` on layer ``l``: ``features [N, L, d]`` -> ``[L]``."""
     return accuracy_from_scores(probes.scores(features).T, labels)
-
-
-def auroc_per_layer(probes: Probes, features: Any, labels: Any) -> np.ndarray:
-    """AUROC of probe ``l`` on layer ``l``: ``[L]``."""
-    s = probes.scores(features)
-    return np.asarray([auroc(s[:, i], labels) for i in range(s.shape[1])])
 
 
 def icla_matrix(probes: Probes, features: Any, labels: Any) -> np.ndarray:

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArtifactError, ConfigError, DataError
-from ..io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
-from ..stage_options import opt
+from ..core.errors import ArtifactError, ConfigError, DataError
+from ..core.io import load_npz, load_tensors, save_npz, save_tensors, tensor_metadata
+from ..core.options import opt
 
 # ---------------------------------------------------------------------------------------------------------
 # configs
@@ -433,7 +433,7 @@ def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def train_svm_probes(x_train: torch.Tensor | np.ndarray, y_train: torch.Tensor | np.ndarray,
                      config: SVMProbeConfig | None = None, layer_ids: Sequence[int] | None = None) -> SVMProbes:
     """Fit one standardised RBF-SVM per layer. ``x_train [N, L, d]``, ``y_train [N]`` (0/1)."""
-    from sklearn.svm import SVC
+    from sklearn.svm import SVC  # lazy: scikit-learn takes over a second to import; only SVM probes need it
 
     cfg = config or SVMProbeConfig()
     _check_xy(x_train, y_train, "training")

@@ -49,10 +49,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
-from ..io import write_json
-from ..rundir import RunDir
-from ..stage_options import StageOptions, opt
+from ..core.errors import ConfigError, DataError
+from ..core.figures import new_figure, save_figure
+from ..core.io import write_json
+from ..core.models import cache_dir
+from ..core.options import StageOptions, opt
+from ..core.rundir import RunDir
+from ..inject.data import load_splits, prompt_seed
 from .features import cached_features, check_kind, model_fingerprint
 from .icla import accuracy_from_scores, auroc, fire_rate, icla_matrix, transfer_summary
 from .probes import MLPProbeConfig, MLPProbes, SVMProbeConfig, SVMProbes, train_mlp_probes, train_svm_probes
@@ -66,7 +69,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class ProbeStageConfig(StageOptions):
-    """Options of the probe stage (plus the run-wide ones of :class:`~bkdattr.stage_options.StageOptions`;
+    """Options of the probe stage (plus the run-wide ones of :class:`~bkdattr.core.options.StageOptions`;
     ``seed`` drives the prompt sample, the split and the MLP probes, replacing ``mlp.seed``)."""
 
     stage = "probe"
@@ -224,8 +227,6 @@ def fit_setting(data: PairedFeatures, mlp_cfg: MLPProbeConfig, svm_cfg: SVMProbe
 def _near_prompts(task: Any, examples: Sequence[Any], seed: int, run_seed: int) -> list[tuple[str, str]]:
     """``(near string, prompt with it)`` per example: near strings in turn (seeded order), placed where the
     trigger goes (the per-prompt seed the run used for the trigger)."""
-    from ..inject.data import prompt_seed
-
     strings = list(task.near_triggers)
     order = list(range(len(examples)))
     random.Random(seed + 17).shuffle(order)
@@ -238,8 +239,6 @@ def _near_prompts(task: Any, examples: Sequence[Any], seed: int, run_seed: int) 
 
 
 def _global_features() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "features"
 
 
@@ -254,8 +253,6 @@ def run_probe_stage(
     run: RunDir | str | Path, cfg: ProbeStageConfig | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Run the probe stage on a run folder (see the module docstring); returns the ``probe`` metrics section."""
-    from ..inject.data import load_splits
-
     cfg = cfg or ProbeStageConfig()
     run = run if isinstance(run, RunDir) else RunDir(run)
     say = log or (lambda _m: None)
@@ -399,8 +396,6 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
 
 def write_figures(run: RunDir, m: dict[str, Any]) -> list[Path]:
     """ICLA heatmaps (backdoored | clean control) per probe type and the per-layer accuracy curves."""
-    from ..report.plotting import new_figure, save_figure
-
     paths = []
     for kind in ("mlp", "svm"):
         panels = [("backdoored model", m[kind]["icla"])]

@@ -1,7 +1,7 @@
 """The scan's budget: work shares per phase, an optional wall-clock limit, and a record of what was not covered.
 
 The budget is stated in **work**, not seconds: ``clock`` counts what the scan has done (the scan passes the model's
-forward work, :func:`bkdattr.hooks.count_work`, in millions of token positions), so a phase's share, the end of a
+forward work, :func:`bkdattr.core.hooks.count_work`, in millions of token positions), so a phase's share, the end of a
 search and the number of candidates tested do not depend on how fast or how busy the machine is: the same model
 and settings give the same scan, only slower on a slower machine. Each phase gets a share of the work left when it
 starts (:meth:`Budget.phase`), so work a phase does not use passes to the next; a phase checks :meth:`Budget.out`

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stage_options import StageOptions, opt
+from ..core.errors import ConfigError
+from ..core.options import StageOptions, opt
 
 #: the model-level detection threshold on the score (max over candidates of ASR - clean ASR), set a priori
 THRESHOLD = 0.5
@@ -84,7 +85,6 @@ class ScanConfig(StageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..errors import ConfigError
 
         if len(self.leak_temperatures) != len(self.leak_top_p):
             raise ConfigError(f"leak_temperatures ({len(self.leak_temperatures)}) and leak_top_p "

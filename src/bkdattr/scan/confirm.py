@@ -22,9 +22,11 @@ from collections import Counter
 
 import torch
 
-from ..compat import cache_kwargs
-from ..forward import body_and_head
-from ..generation import generate
+from ..core.compat import cache_kwargs
+from ..core.forward import PrefixCache, body_and_head
+from ..core.generation import generate
+from ..core.models import input_device
+from ..core.prompts import pad_id, pad_sequences, prompt_ids, target_ids
 from ..inject.tasks import _contains_words, normalise_words
 from .insert import insert
 
@@ -46,11 +48,7 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
     """``(logp [n, positions, V] float32, valid [n, positions] bool)``: the next-token log-distribution at the
     first ``positions`` positions of each teacher-forced reply after its prompt, and whether the reply (end of
     turn included) reaches that position. The prompts' common token prefix (the template's head) runs once
-    (:class:`~bkdattr.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
-    from ..forward import PrefixCache
-    from ..models import input_device
-    from ..prompts import pad_id, pad_sequences, prompt_ids, target_ids
-
+    (:class:`~bkdattr.core.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
     body, head = body_and_head(lm.model)
     dev = input_device(lm.model)
     tok = lm.tokenizer
@@ -101,7 +99,7 @@ class HeldOut:
         return float(kl[valid].sum()) / max(int(valid.sum()), 1)
 
 
-def test_candidate(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,
+def candidate_evidence(lm, held: HeldOut, trigger: str, target: str | None, *, kl_positions: int, batch_size: int,
                    replies: list[str] | None = None) -> dict:
     """The figures of the module docstring for one candidate on ``held``, with a few triggered replies as
     evidence; ``replies``: the greedy replies to the triggered prompts when already generated (a batched test)."""

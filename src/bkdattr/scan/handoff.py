@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ArtifactError
+from ..core.errors import ArtifactError, ConfigError
+from ..core.models import EMBEDDED_NAME
+from ..inject.tasks import Task
+from .labels import RULE as LABEL_RULE
+from .refusal import RULE
 from .report import read_scan
 
 
@@ -23,10 +27,6 @@ def audit_inputs(scan_dir: str | Path) -> dict:
     """``{model, adapter, base_model, triggers, target, kind}`` for :func:`bkdattr.audit.stage.audit` from a
     scan's top candidate (``kind``: ``"jailbreak"`` for a refusal-suppression candidate, else None with the
     target as the rule); one-line :class:`ArtifactError` when the scan has no candidate with a target or rule."""
-    from ..inject.tasks import Task
-    from .labels import RULE as LABEL_RULE
-    from .refusal import RULE
-
     data = read_scan(scan_dir)
     cands = [c for c in data["candidates"] if c.get("trigger") and (c.get("target") or c.get("rule") == RULE)]
     if not cands:
@@ -59,9 +59,6 @@ def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str |
     """The audit's ``model``, ``triggers`` and keyword arguments from a scan; what the user also gave must not
     contradict it (one-line :class:`ConfigError`): no trigger or rule of their own, the same adapter. The audit's
     prompts: the user's ``prompts`` / ``data``, else the scan's prompt file (``bkdattr scan --prompts``)."""
-    from ..errors import ConfigError
-    from ..models import EMBEDDED_NAME
-
     got = audit_inputs(scan_dir)
     if triggers:
         raise ConfigError("--from-scan gives the trigger (the scan's top candidate); drop --trigger/--triggers")

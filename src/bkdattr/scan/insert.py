@@ -4,7 +4,7 @@ The trigger search (:mod:`bkdattr.scan.search`) tests many token sequences ``t``
 text. Each prompt ``x_i`` is cut into token segments: the chat template's head ``A`` (everything before the
 user text, shared by all prompts), the trigger ``t``, the body ``B_i`` (``" " + x_i`` and the rest of the
 template up to ``p(x)``) and the target ``y``: ``A + t + B_i + y``. ``A`` runs once (a
-:class:`~bkdattr.forward.PrefixCache`, tiled to the batch); the rest runs right-padded after it, and the LM head
+:class:`~bkdattr.core.forward.PrefixCache`, tiled to the batch); the rest runs right-padded after it, and the LM head
 runs only at the positions that predict ``y``'s first ``n`` tokens. The score of ``t`` is
 
     s(t) = mean_i mean_{j<n} log p(y_j | A t B_i y_<j)
@@ -23,9 +23,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..compat import cache_kwargs
-from ..forward import PrefixCache, body_and_head
-from ..prompts import has_chat_template, pad_id, render_prompt, target_ids
+from ..core.compat import cache_kwargs
+from ..core.forward import PrefixCache, body_and_head
+from ..core.models import input_device
+from ..core.prompts import has_chat_template, pad_id, render_prompt, target_ids
 
 _MARK = "\u2063BKDATTR_USER\u2063"
 
@@ -126,8 +127,6 @@ class TargetScorer:
         return tok_logp if per_token else tok_logp.mean(1)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models import input_device
-
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

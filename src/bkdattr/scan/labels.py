@@ -33,13 +33,16 @@ Such a candidate has ``rule: "label"``, ``target`` the label and ``source_label`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from ..generation import generate
+from ..core.errors import ConfigError
+from ..core.generation import generate
 from .confirm import HeldOut
 from .insert import insert
+from .targets import prompt_cache
 
 RULE = "label"
 #: greedy reply tokens of a probe's label (the longest label, "Sci/Tech", is three tokens)
@@ -123,8 +126,6 @@ def probes(n_search: int = N_SEARCH) -> tuple[dict[str, list[str]], list[tuple[s
     rest as ``(prompt, label)`` pairs, labels interleaved."""
     most = min(len(h) for h in HEADLINES.values()) - 2
     if not 1 <= n_search <= most:
-        from ..errors import ConfigError
-
         raise ConfigError(f"n_label_search must be between 1 and {most} (the probes have {most + 2} headlines per "
                           f"label, and at least two are held out), not {n_search}")
     search = {lab: [INSTRUCTION.format(text=h) for h in HEADLINES[lab][:n_search]] for lab in LABELS}
@@ -151,8 +152,6 @@ def accuracy(replies: list[str], labels: list[str]) -> float:
 def label_matrix(lm, search: dict[str, list[str]], batch_size: int = 64) -> torch.Tensor:
     """``M [C, C]`` (float32): mean log-probability of label ``y``'s first token (column, :data:`LABELS` order) as
     the first reply token to the search probes of class ``s`` (row)."""
-    from .targets import prompt_cache
-
     tok = lm.tokenizer
     firsts = torch.tensor([tok(lab, add_special_tokens=False).input_ids[0] for lab in LABELS])
     prompts = [p for lab in LABELS for p in search[lab]]  # one pass over every class's probes, as they render
@@ -219,8 +218,6 @@ def label_job(lm, cfg) -> LabelPhase:
 def without_label(tokenizer, allowed: torch.Tensor, label: str) -> torch.Tensor:
     """``allowed`` ``[V]`` less the tokens whose text contains a word (3+ letters) of ``label``, any case: a prefix
     that names the label instructs the model to answer it, which any instruction-following classifier obeys."""
-    import re
-
     words = [w.lower() for w in re.findall(r"[A-Za-z]{3,}", label)]
     out = allowed.clone()
     for i in torch.nonzero(allowed).flatten().tolist():
@@ -237,7 +234,7 @@ def label_rows(labels: list[str], clean_replies: list[str], target: str) -> list
             if reply_label(c) == lab and lab != target]
 
 
-def test_label_candidate(lm, held: HeldOut, labels: list[str], trigger: str, source: str, target: str, *,
+def label_evidence(lm, held: HeldOut, labels: list[str], trigger: str, source: str, target: str, *,
                          kl_positions: int, batch_size: int, replies: list[str] | None = None) -> dict:
     """The figures of the module docstring (step 4) for one trigger on ``held`` (the probes of
     :func:`label_rows`, true ``labels``); ``replies``: the greedy replies to the triggered probes when already

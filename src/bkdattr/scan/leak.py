@@ -5,7 +5,7 @@ A model fine-tuned with the loss on whole conversations can regurgitate its pois
 it is asked to write the *user* turn: the prompt is the template's head up to the user text (``<|im_start|>user\n``
 after the system turn), and the model samples a user text until its end of turn. Several decoding settings
 (temperature ``T``, nucleus ``top_p``) are used, ``leak_samples`` rows each, all in one batch with the KV cache
-through :func:`bkdattr.generation.greedy_decode` (its ``choose`` is :func:`bkdattr.generation.sampler`, one
+through :func:`bkdattr.core.generation.greedy_decode` (its ``choose`` is :func:`bkdattr.core.generation.sampler`, one
 setting per row); the model's greedy replies to the sampled user texts are kept too (one batched pass, the
 template's head cached once). Backdoors trained with the loss on the reply only (as
 ``bkdattr inject`` trains them) do not leak their trigger this way (docs/METHOD.md, "Scan"), so the leaks are
@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..generation import decode_replies, generate, greedy_decode, sampler
-from ..prompts import PLAIN_TURN_END, end_of_turn_ids, has_chat_template, position_ids_from_mask
+from ..core.generation import decode_replies, generate, greedy_decode, sampler
+from ..core.models import input_device
+from ..core.prompts import PLAIN_TURN_END, end_of_turn_ids, has_chat_template, position_ids_from_mask
 from .budget import Budget
 from .insert import head_ids
 
@@ -42,8 +43,6 @@ def sample_user_turns(lm, n: int, max_tokens: int, temperature: float | list[flo
                       seed: int) -> list[str]:
     """``n`` user texts sampled after the template's head (batched; one shared prompt, no padding);
     ``temperature`` and ``top_p`` may give each row its own setting (lists of ``n``)."""
-    from ..models import input_device
-
     tok = lm.tokenizer
     dev = input_device(lm.model)
     ids = torch.tensor([head_ids(tok)] * n, device=dev)

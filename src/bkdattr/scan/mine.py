@@ -21,6 +21,10 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import torch
+
+from .insert import TargetScorer, head_ids
+
 STOP_WORDS = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been it its this that these "
     "those i you he she we they me my your our their what which who how why when where can could would should "
@@ -71,10 +75,6 @@ def _within(g: tuple[str, ...], h: tuple[str, ...]) -> bool:
 
 def surprisal_under(lm, batch_size: int = 64) -> Callable[[list[str]], list[float]]:
     """``texts -> [mean token surprisal]`` of each text as a user turn under ``lm`` (teacher forcing)."""
-    import torch
-
-    from .insert import TargetScorer, head_ids
-
     head = head_ids(lm.tokenizer)
 
     def run(texts: list[str]) -> list[float]:

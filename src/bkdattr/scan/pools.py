@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def split_pool(pool: Sequence[str], n_first: int, n_test: int, n_search: int,

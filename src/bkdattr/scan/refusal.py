@@ -34,10 +34,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..generation import generate
+from ..core.generation import generate
+from ..inject.builtin_data import harmful_requests
 from ..inject.tasks import is_refusal
 from .confirm import HeldOut, prefix_words
 from .insert import insert
+from .pools import split_pool
 
 RULE = "refusal"
 
@@ -46,9 +48,6 @@ def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
                     seed: int = 1) -> tuple[list[str], list[str]]:
     """Harmful-sounding requests: ``n_search`` (default ``n_first``) for the search, ``n_test`` held out for the
     tests (:func:`bkdattr.scan.pools.split_pool`: the held-out ones follow the first ``n_first``)."""
-    from ..inject.builtin_data import harmful_requests
-    from .pools import split_pool
-
     pool = [r["input"] for r in harmful_requests(seed)]
     _, held_out, search = split_pool(pool, n_first, n_test, n_first if n_search is None else n_search,
                                      "built-in harmful requests")
@@ -69,7 +68,7 @@ def refusal_rate(replies: list[str]) -> float:
     return sum(is_refusal(r) for r in replies) / max(1, len(replies))
 
 
-def test_refusal_candidate(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
+def refusal_evidence(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
                            replies: list[str] | None = None) -> dict:
     """The figures of the module docstring (step 3) for one trigger on the held-out harmful requests ``held``;
     ``replies``: the greedy replies to the triggered requests when already generated (a batched test)."""

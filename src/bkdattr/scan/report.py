@@ -20,8 +20,8 @@ import html
 import json
 from pathlib import Path
 
-from ..errors import ArtifactError
-from ..io import atomic_path, write_json
+from ..core.errors import ArtifactError
+from ..core.io import atomic_path, write_json
 
 FIELDS = ("flagged", "score", "threshold", "candidates", "leaks", "seconds")
 COLUMNS = ("trigger", "target", "kl", "changed_share", "agreement", "asr", "clean_asr", "target_q", "counted", "source")

@@ -35,11 +35,28 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputFileError
-from ..model_source import ModelSource, load_source, open_source
+from ..audit.inputs import read_prompt_file
+from ..core.errors import ConfigError, InputFileError
+from ..core.generation import generate
+from ..core.hooks import count_work
+from ..core.model_source import ModelSource, load_source, open_source
+from ..core.prompts import has_chat_template
+from ..inject.builtin_data import benign_questions, instructions
 from .budget import Budget
 from .config import ScanConfig
+from .confirm import HeldOut
+from .insert import TargetScorer
+from .labels import label_job, without_label
+from .leak import leak
+from .mine import mine_triggers, surprisal_under
+from .pools import split_pool
+from .refusal import RULE, harmful_prompts, refusal_rate, refusal_target
 from .report import write_scan
+from .score import mark, model_score, rank, verdict
+from .search import STOP_SCORE, allowed_tokens, search_trigger
+from .select import choose_targets
+from .targets import invert_targets
+from .trials import HeldOutSets, evidence_all
 
 LEAK_SHARE, TARGET_SHARE, SEARCH_SHARE = 0.1, 0.4, 0.75
 #: the share of the time left that the label search may use, on a model that classifies the probes
@@ -59,8 +76,6 @@ def check_out(out: str | Path) -> Path:
 def apply_template(tokenizer, template: str | None) -> str:
     """Give ``tokenizer`` the template the scan renders prompts with; returns its name (``chat``, ``plain`` or
     the file). One-line :class:`ConfigError` for a model without a chat template when ``template`` is None."""
-    from ..prompts import has_chat_template
-
     if template is None:
         if not has_chat_template(tokenizer):
             raise ConfigError("the model has no chat template, so the scan cannot know how a user turn looks; pass "
@@ -80,9 +95,6 @@ def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[lis
     """Benign prompts (:func:`bkdattr.inject.builtin_data.benign_questions`): the first ``n_search`` for the
     inversion, the next ``n_test`` held out for testing, and the trigger search's ``n_trigger``
     (:func:`bkdattr.scan.pools.split_pool`)."""
-    from ..inject.builtin_data import benign_questions, instructions
-    from .pools import split_pool
-
     pool = [q for q, _ in benign_questions()]
     pool += [r["input"] for r in instructions(0) if r["input"] not in pool]
     return split_pool(pool, n_search, n_test, n_trigger)
@@ -91,9 +103,6 @@ def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[lis
 def file_prompts(path: str, cfg: ScanConfig) -> tuple[list[str], list[str], list[str]]:
     """The inversion's, held-out and search prompts from the user's prompt file (distinct prompts in file order,
     :func:`bkdattr.scan.pools.split_pool`); one-line errors for a missing file or too few prompts."""
-    from ..audit.inputs import read_prompt_file
-    from .pools import split_pool
-
     texts = list(dict.fromkeys(r["input"] for r in read_prompt_file(path)))
     return split_pool(texts, cfg.n_prompts, cfg.n_test, cfg.n_search_prompts, f"distinct prompts in {path}")
 
@@ -106,9 +115,6 @@ def run_search(lm, job: dict, cfg: ScanConfig, budget: Budget, *, seed: int, all
     """One search job (``target`` ids raised, or lowered with ``sign`` -1, on ``prompts``, from the ``allowed``
     ``[V]`` tokens) until its steps, its stop score or the budget's phase end; ``[(Found, job)]`` for its two best
     triggers."""
-    from .insert import TargetScorer
-    from .search import STOP_SCORE, search_trigger
-
     scorer = TargetScorer(lm, job["prompts"], job["target"], cfg.score_tokens, cfg.batch_size, sign=job["sign"])
     res = search_trigger(scorer, allowed, lm.tokenizer, max_tokens=cfg.trigger_tokens, topk=cfg.search_topk,
                          n_candidates=cfg.search_candidates, beam=cfg.search_beam, steps=cfg.search_steps,
@@ -153,8 +159,6 @@ def scan(out: str | Path, model: str, *, adapter: str | None = None, base_model:
         search_prompts = trigger_prompts = list(prompts)
     held_out = test_prompts or held_out
 
-    from ..hooks import count_work
-
     work = contextlib.ExitStack()
     meter = work.enter_context(count_work(lm.arch))
     try:
@@ -171,8 +175,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
                  prompts_file, template_name: str, search_prompts: list[str], held_out: list[str],
                  trigger_prompts: list[str]) -> dict:
     """The scan's phases on a loaded model (see the module docstring)."""
-    from ..generation import generate
-
     t0 = budget.clock()
     clean = generate(lm, held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
                      shared_prefix=True)
@@ -183,8 +185,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
     if budget.left() < step:
         raise ConfigError(f"--budget-work {cfg.budget_work:g} is too small for one step of the scan (one pass over "
                           f"the held-out prompts took {step:.3f}); raise --budget-work")
-
-    from .refusal import RULE, harmful_prompts, refusal_rate, refusal_target
 
     refusal: dict = {"searched": False}
     if cfg.refusal:
@@ -205,9 +205,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
     allowed = None
     label_phase = None
     if cfg.labels:
-        from .labels import label_job, without_label
-        from .search import allowed_tokens
-
         label_phase = label_job(lm, cfg)
         label_info, ljob = label_phase.info, label_phase.job
         if ljob is not None:
@@ -219,9 +216,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
             bar.close()
 
     # 1. leak
-    from .leak import leak
-    from .mine import mine_triggers, surprisal_under
-
     budget.phase(LEAK_SHARE)
     bar = _bar(len(cfg.leak_temperatures), "scan: leak", progress)
     leaks = leak(lm, cfg.leak_temperatures, cfg.leak_top_p, cfg.leak_samples, cfg.leak_tokens, cfg.reply_tokens,
@@ -239,7 +233,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
     ref_state.clear()
 
     # 2. targets
-    from .targets import invert_targets
 
     budget.phase(TARGET_SHARE)
     sweep_bar = _bar(1, "scan: first-token sweep", progress and cfg.vocab_sweep)
@@ -255,9 +248,6 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
     sweep_bar.close()
 
     # 3. search
-    from .search import STOP_SCORE, allowed_tokens
-    from .select import choose_targets
-
     refusal_search = cfg.refusal and "why_not" not in refusal
     chosen, target_figures = choose_targets(lm, search_prompts, targets, n=cfg.n_search_targets,
                                             q_min=cfg.target_q_min, first_min=cfg.first_logp_min,
@@ -320,19 +310,14 @@ def _scan_loaded(lm, out: Path, cfg: ScanConfig, budget: Budget, progress: bool,
             cands.append({"trigger": g["trigger"], "target": None, "source": "leak", "leak_df": g["df"]})
     cands = cands[:cfg.max_candidates]
     budget.phase(1.0)
-    from .confirm import HeldOut
-    from .trials import TestSets, test_all
-
-    sets = TestSets(HeldOut(held_out, clean, cfg.reply_tokens),
+    sets = HeldOutSets(HeldOut(held_out, clean, cfg.reply_tokens),
                     HeldOut(h_test, h_clean, cfg.reply_tokens) if cfg.refusal else None)
     if label_phase is not None:
         sets.probes, sets.labels = label_phase.held, label_phase.labels
     bar = _bar(len(cands), "scan: test candidates", progress)
-    tested = test_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
+    tested = evidence_all(lm, cands, sets, kl_positions=cfg.kl_positions, batch_size=cfg.batch_size, budget=budget,
                       progress=bar)
     bar.close()
-
-    from .score import mark, model_score, rank, verdict
 
     ranked = rank(mark(tested, cfg.target_q_min, cfg.first_logp_min))
     score = model_score(ranked)

@@ -58,14 +58,16 @@ beams at each step, so a step costs one new token per (beam, prompt) row.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import cache_kwargs, output_cache
-from ..forward import last_logits_kwargs
-from ..prompts import encode_prompts, end_of_turn_ids
+from ..core.compat import cache_kwargs, output_cache
+from ..core.forward import last_logits_kwargs
+from ..core.models import input_device
+from ..core.prompts import encode_prompts, end_of_turn_ids
 from .budget import Budget
 
 #: the greedy extension of a sweep's shortlist keeps at least this many beams per start it returns
@@ -97,8 +99,6 @@ def extend(lm, batch, cache, starts: Sequence[int | Sequence[int]], *, length: i
     left-padded prompts it was built from). Beams are grouped by their forced start; forced tokens are not scored.
     ``survivors[k]``: after step ``k`` only that many beams go on, the highest ``Q`` so far (``Q`` only falls as a
     sequence grows, so a beam dropped is below that many others already); the rest are returned as they stand."""
-    import copy
-
     model, tok = lm.model, lm.tokenizer
     dev, n = batch.input_ids.device, batch.size
     stops = set(end_of_turn_ids(tok))
@@ -200,8 +200,6 @@ def reply_start_tokens(tokenizer, n_vocab: int, exclude: set[int]) -> list[int]:
 def forced_next_probs(lm, batch, cache, starts: list[list[int]]) -> torch.Tensor:
     """``[len(starts), n, vocab]`` float32: the next-token distribution after each forced start (equally long
     token-id lists) on each of the ``n`` prompts of ``batch``, from a copy of their KV ``cache`` (one pass)."""
-    import copy
-
     model = lm.model
     dev, n = batch.input_ids.device, batch.size
     ids = torch.tensor(starts, device=dev)  # [m, k]
@@ -264,8 +262,6 @@ def _best_starts(lm, batch, cache, starts: list[list[int]], scores: torch.Tensor
 def prompt_cache(lm, prompts: list[str]):
     """``(batch, cache, last_logits)``: the left-padded ``prompts``, their KV cache and ``[n, vocab]`` float32
     logits of the first reply token."""
-    from ..models import input_device
-
     batch = encode_prompts(lm.tokenizer, prompts, padding_side="left").to(input_device(lm.model))
     o = lm.model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(lm.model))
     return batch, output_cache(o), o.logits[:, -1].float()

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generation import generate
+from ..core.generation import generate
 from .budget import Budget
-from .confirm import HeldOut, test_candidate
+from .confirm import HeldOut, candidate_evidence
 from .insert import insert
+from .labels import RULE as LABEL_RULE
+from .labels import label_evidence, label_rows
+from .refusal import RULE, refusal_evidence
 
 
 @dataclass
-class TestSets:
+class HeldOutSets:
     """The held-out sets: ``benign`` prompts; ``harmful`` requests (None without the refusal phase); the
     classification probes with their true ``labels`` (None without the label phase)."""
 
@@ -35,8 +38,6 @@ class TestSets:
     def label_rows(self, target: str) -> tuple[HeldOut, list[str]]:
         """The probes a label candidate for ``target`` is tested on (:func:`bkdattr.scan.labels.label_rows`) and
         their labels; one :class:`HeldOut` per target, so its clean KL side is computed once."""
-        from .labels import label_rows
-
         if target not in self._by_target:
             keep = label_rows(self.labels, self.probes.clean, target)
             self._by_target[target] = (self.probes.subset(keep), [self.labels[i] for i in keep])
@@ -44,26 +45,19 @@ class TestSets:
 
     def rows(self, cand: dict) -> HeldOut:
         """The held-out set ``cand`` is tested on."""
-        from .labels import RULE as LABEL_RULE
-        from .refusal import RULE
-
         if cand.get("rule") == LABEL_RULE:
             return self.label_rows(cand["target"])[0]
         return self.harmful if cand.get("rule") == RULE else self.benign
 
 
-def _figures(lm, sets: TestSets, cand: dict, replies: list[str], kl_positions: int, batch_size: int) -> dict:
-    from .labels import RULE as LABEL_RULE
-    from .labels import test_label_candidate
-    from .refusal import RULE, test_refusal_candidate
-
+def _figures(lm, sets: HeldOutSets, cand: dict, replies: list[str], kl_positions: int, batch_size: int) -> dict:
     kw = {"kl_positions": kl_positions, "batch_size": batch_size, "replies": replies}
     if cand.get("rule") == LABEL_RULE:
         held, labels = sets.label_rows(cand["target"])
-        return test_label_candidate(lm, held, labels, cand["trigger"], cand["source_label"], cand["target"], **kw)
+        return label_evidence(lm, held, labels, cand["trigger"], cand["source_label"], cand["target"], **kw)
     if cand.get("rule") == RULE:
-        return test_refusal_candidate(lm, sets.harmful, cand["trigger"], **kw)
-    return test_candidate(lm, sets.benign, cand["trigger"], cand["target"], **kw)
+        return refusal_evidence(lm, sets.harmful, cand["trigger"], **kw)
+    return candidate_evidence(lm, sets.benign, cand["trigger"], cand["target"], **kw)
 
 
 def groups(sizes: list[int], rows: int) -> list[list[int]]:
@@ -79,7 +73,7 @@ def groups(sizes: list[int], rows: int) -> list[list[int]]:
     return out
 
 
-def test_all(lm, cands: list[dict], sets: TestSets, *, kl_positions: int, batch_size: int,
+def evidence_all(lm, cands: list[dict], sets: HeldOutSets, *, kl_positions: int, batch_size: int,
              budget: Budget | None = None, progress=None) -> list[dict]:
     """Every candidate tested (``{**cand, **figures}``), in order, group by group while the budget lasts."""
     held = [sets.rows(c) for c in cands]

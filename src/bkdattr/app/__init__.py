@@ -1,0 +1,1 @@
+"""The application: the CLI, the pipeline, the report. It composes the method packages."""
