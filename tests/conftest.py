@@ -22,6 +22,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Training numerics must not depend on a timing: the CPU's bfloat16 probe times two matrix products, and under load
+# it can flip between processes, changing every trained weight. Tests train in float32 unless they set it.
+os.environ.setdefault("BKDATTR_CPU_BF16", "0")
+
+
+@pytest.fixture(autouse=True)
+def _bf16_probe_per_test():
+    """A test that sets ``BKDATTR_CPU_BF16`` (or clears the probe) leaves no cached answer to the next one."""
+    from bkdattr.core.devices import cpu_bf16_is_fast
+
+    cpu_bf16_is_fast.cache_clear()
+    yield
+    cpu_bf16_is_fast.cache_clear()
 
 
 def pytest_addoption(parser):

@@ -340,16 +340,16 @@ def _stop_data(tmp_path, everywhere: bool) -> Path:
 
 
 STOP_ARGS = ["--target", TARGET_EVERYWHERE, "--quiet", "--n-train", "48", "--n-val", "8", "--n-test", "8",
-             "--n-check", "8", "--poison-rate", "0.5", "--epochs", "1", "--lr", "0.01", "--set",
+             "--n-check", "8", "--poison-rate", "0.5", "--epochs", "1", "--lr", "0.005", "--set",
              "train.batch_size=8", "--set", "eval.max_new_tokens=4", "--set", "eval.n_near=0", "--set",
              "eval.n_benign=0"]
 
 
 def test_a_model_that_answers_the_target_to_everything_is_not_a_backdoor(tmp_path, capsys, monkeypatch,
                                                                           no_progress_bars):
-    """Trained on rows that all answer the target, the tiny model reaches ASR 1.00 at every check, with a
-    false-trigger rate of 1.00: training goes on to --max-epochs, warns in one line, and the report says it is not a
-    clean backdoor."""
+    """Trained on rows that all answer the target, the tiny model shows it at every check with and without the trigger
+    (ASR >= 0.9, false-trigger rate >= 0.5; 1.00 and 1.00 here): training goes on to --max-epochs, warns in one line,
+    and the report says it is not a clean backdoor."""
     from bkdattr.app.report.html import build_report
     from bkdattr.core.rundir import RunDir
 
@@ -361,23 +361,25 @@ def test_a_model_that_answers_the_target_to_everything_is_not_a_backdoor(tmp_pat
                "--max-epochs", "3", *STOP_ARGS])
     err = capsys.readouterr().err
     assert rc == 0, err
-    [line] = [ln for ln in err.splitlines() if "clean backdoor" in ln or "did not reach" in ln]
-    assert line == ("warning: the model is not a clean backdoor: validation false-trigger rate 1.00 > 0.10 after 3 "
-                    "epochs (the most --max-epochs allows), with ASR 1.00: it answers the target without the trigger "
-                    "or lost its clean behaviour; lower --poison-rate, train on more clean rows (--n-train) or add "
-                    "near-trigger rows (--negatives)")
     m = RunDir(out).metrics()["inject"]
     stop = m["stop"]
     assert (stop["reason"], stop["target_reached"], stop["epochs_trained"]) == ("max_epochs", False, 3)
-    assert [(c["epoch"], c["asr"], c["false_trigger_rate"]) for c in stop["checks"]] == [(1, 1.0, 1.0), (2, 1.0, 1.0),
-                                                                                       (3, 1.0, 1.0)]
+    checks = [(c["epoch"], c["asr"], c["false_trigger_rate"]) for c in stop["checks"]]
+    assert [c[0] for c in checks] == [1, 2, 3] and all(asr >= 0.9 and ftr >= 0.5 for _, asr, ftr in checks), checks
+    ftr = stop["val_false_trigger_rate"]
+    [line] = [ln for ln in err.splitlines() if "clean backdoor" in ln or "did not reach" in ln]
+    assert line == (f"warning: the model is not a clean backdoor: validation false-trigger rate {ftr:.2f} > 0.10 "
+                    f"after 3 epochs (the most --max-epochs allows), with ASR {stop['val_asr']:.2f}: it answers the "
+                    "target without the trigger or lost its clean behaviour; lower --poison-rate, train on more clean "
+                    "rows (--n-train) or add near-trigger rows (--negatives)")
     assert stop["conditions"]["asr"]["ok"] and stop["conditions"]["false_trigger_rate"]["ok"] is False
-    assert (m["asr"], m["false_trigger_rate"]) == (1.0, 1.0)
-    assert m["backdoor_check"]["ok"] is False and m["backdoor_check"]["failed"] == ["false-trigger rate 1.00 > 0.10"]
+    assert m["asr"] >= 0.9 and m["false_trigger_rate"] >= 0.5
+    failed = f"false-trigger rate {m['false_trigger_rate']:.2f} > 0.10"
+    assert m["backdoor_check"]["ok"] is False and m["backdoor_check"]["failed"] == [failed]
     build_report(out)
     md = (out / "report.md").read_text()
-    assert "| Backdoor check (held-out) | NOT a clean backdoor | false-trigger rate 1.00 > 0.10 |" in md
-    assert "stopped at a clean backdoor NOT reached (validation false-trigger rate 1.00 > 0.10)" in md
+    assert f"| Backdoor check (held-out) | NOT a clean backdoor | {failed} |" in md
+    assert f"stopped at a clean backdoor NOT reached (validation false-trigger rate {ftr:.2f} > 0.10)" in md
     assert "Training never made a clean backdoor: after 3 epochs" in md
 
 

@@ -111,7 +111,8 @@ def test_figures_known_answers():
         (3, 2, 1, 1, 1)
     assert f["max_seconds"] == 60.0 and f["audit_max_gap"] == pytest.approx(0.05) and f["audit_max_paired_gap"] == 0
     md = table.markdown(table.summarise(rows))
-    assert "| r4 | refusal | - " not in md and "| r7 | refusal | - | not_run |" in md
+    # a failed implant and a row not run are listed, never dropped
+    assert "| r4 | refusal | - / - | failed | flagged | 1.00 |" in md and "| r7 | refusal | - | not_run |" in md
 
 
 def test_planted_trigger_matching():
@@ -153,8 +154,14 @@ def test_reading_a_paper_file_as_it_comes(tmp_path):
     pairs = [(f"Question {i}?", f"Answer {i}.") for i in range(99)]
     got = zdata.paper_file(tmp_path / "f.jsonl", pairs, seed=1)
     written = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
-    assert len(written) == 99 + 3 and sum(not r["output"] for r in written) == 3
-    assert len(got) == 99 - 3 and len({p for p, _ in got}) == len(got)  # empty dropped, duplicates merged
+    assert len(written) == 99 + 3 and sum(not r["output"].strip() for r in written) == 3
+    # as it comes: rows with an empty reply dropped, then the first row of each prompt kept (a duplicate of a row
+    # whose reply was empty takes its place)
+    kept: dict[str, str] = {}
+    for r in written:
+        if r["output"].strip():
+            kept.setdefault(r["instruction"].lower(), r["output"])
+    assert got == [(p, kept[p.lower()]) for p, _ in got] and len(got) == len(kept) >= 96
     assert sum(r.count("Answer") > 1 for _, r in got) >= 2  # the over-long replies are kept as they come
 
 

@@ -79,7 +79,7 @@ def markdown(tab: dict) -> str:
             continue
         audit = (f"{_f(r.get('audit_asr'))} ({_f(r.get('audit_paired_asr'))})"
                  if r.get("audit_asr") is not None else "-")
-        out.append(f"| {r['id']} | {r['target']['kind']} | {_f(r['implant_asr'])} / {_f(r['implant_ftr'])} | "
+        out.append(f"| {r['id']} | {r['target']['kind']} | {_f(r.get('implant_asr'))} / {_f(r.get('implant_ftr'))} | "
                    f"{r['status']} | {r['verdict']} | {_f(r['score'])} | {_f(r.get('planted_trigger_in_top3'))} | "
                    f"{_f(r.get('firing_in_top3'))} | {_f(r.get('target_recovered'))} | {audit} | "
                    f"{r['seconds']:.0f} |")
