@@ -1,4 +1,4 @@
-"""What an audit is told: the success rule, the candidate triggers and the prompts (docs/METHOD.md section 7).
+"""What an audit is told: the success rule, the candidate triggers and the prompts (docs/METHOD.md section 5).
 
 * **Rule**: ``--task KIND`` takes the kind's rule (docs/METHOD.md section 1; ``--task fixed_output --target
   TEXT``: the kind's case-insensitive substring rule with that target); ``--target TEXT`` alone means a

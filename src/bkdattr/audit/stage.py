@@ -1,6 +1,6 @@
 """``bkdattr audit``: a run folder for a model you were given, with a known or suspected trigger; no training.
 
-Steps (docs/METHOD.md section 7, "Audit"):
+Steps (docs/METHOD.md section 5, "Audit"):
 
 1. **Check the inputs before any model load**: the rule (:func:`~bkdattr.audit.inputs.audit_task`), the
    prompts (:func:`~bkdattr.audit.inputs.audit_records`), the model and adapter files (safetensors/GGUF only

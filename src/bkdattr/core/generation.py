@@ -9,7 +9,7 @@ token are padded with it; whether every row has ended is checked on the host eve
 finished rows can be dropped from the batch (``compact``, with their cache rows). :func:`greedy_generate` is
 the same decoder on a :class:`~bkdattr.core.prompts.PromptBatch`; :func:`generate` batches chat prompts through it.
 ``choose`` replaces the argmax (``None``: plain greedy): :func:`sampler` gives temperature and
-nucleus (top-p) sampling, which the scan's leak phase uses (docs/METHOD.md section 9).
+nucleus (top-p) sampling, which the scan's leak phase uses (docs/METHOD.md section 7).
 """
 
 from __future__ import annotations

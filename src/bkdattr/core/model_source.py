@@ -1,4 +1,4 @@
-"""A model referenced, not copied: the source of an audit run (docs/METHOD.md section 7, "Audit").
+"""A model referenced, not copied: the source of an audit run (docs/METHOD.md section 5, "Audit").
 
 An audit studies a model someone else built. Its run folder holds no weights: ``run.json`` records a
 :class:`ModelSource` -- the model spec (the embedded ``smollm2-135m``, a local folder of full weights, a hub id

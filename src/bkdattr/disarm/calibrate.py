@@ -1,6 +1,6 @@
 """Calibrating a guard on the run's own prompts: the flag threshold and the clamp mode's clean mean.
 
-**Threshold** (docs/METHOD.md section 8): chosen on the run's validation split so the false-positive rate on
+**Threshold** (docs/METHOD.md section 6): chosen on the run's validation split so the false-positive rate on
 clean prompts is at most ``max_fpr = 0.01``. With clean scores ``c_(1) >= c_(2) >= ...`` (``n`` prompts) and
 ``m = floor(max_fpr * n)``, any threshold ``>= c_(m+1)`` flags at most ``m`` clean prompts; the guard takes the
 middle of the gap between ``c_(m+1)`` and the lowest triggered validation score above it (the same

@@ -3,7 +3,7 @@
 The probe stage prefers held-out prompts (the model never saw them), so its probes are trained on the very
 validation and test prompts the guard's threshold is chosen on and its detection is measured on; detection
 figures from those probes would be optimistic. :func:`fit_guard_probe` trains a detector for the guard that
-has seen none of them (docs/METHOD.md section 8):
+has seen none of them (docs/METHOD.md section 6):
 
 1. **Prompts**: the run's training split, distinct prompts, each as its clean (label 0) and triggered (label 1)
    version; 80% of the prompts train, 20% validate (seeded, by prompt: both versions of a prompt land in the

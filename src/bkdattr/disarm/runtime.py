@@ -44,7 +44,7 @@ step is edited only when its batch has the rows of the prefill it follows (a dec
 gets the prefill edit only; :attr:`Guard.n_unmapped_steps` counts such steps).
 
 **Defaults.** ``bkdattr disarm --strategy guard`` chooses the edit (scope and scale) on the validation split
-and stores it in ``RUN/disarm/guard_plan.json`` (docs/METHOD.md section 8); a guard built without explicit
+and stores it in ``RUN/disarm/guard_plan.json`` (docs/METHOD.md section 6); a guard built without explicit
 ``alpha`` / ``vector_layer`` / ``k`` / ``scope`` takes the stored choice for its action, else the control
 stages' values and ``scope="prompt"``.
 """

@@ -1,4 +1,4 @@
-"""Clean utility of a defended model, measured the same way for every defence (docs/METHOD.md section 8).
+"""Clean utility of a defended model, measured the same way for every defence (docs/METHOD.md section 6).
 
 On the held-out prompts of a run (``eval.split``, test by default), for the model as it is (the undefended
 baseline) and for each defence:

@@ -1,7 +1,7 @@
 """From a scan to an audit: the inputs ``bkdattr audit --from-scan DIR`` takes from ``DIR/scan.json``.
 
 The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
-counted by normalised containment, docs/METHOD.md section 7); a refusal-suppression candidate (``rule:
+counted by normalised containment, docs/METHOD.md section 5); a refusal-suppression candidate (``rule:
 "refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead, and a label-flip
 candidate (``rule: "label"``, :mod:`bkdattr.scan.labels`) as ``--task label_flip`` with its label as the target and
 the trigger as a prefix (the built-in news data's Sports items; another source label is a one-line error); the
