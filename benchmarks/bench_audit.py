@@ -1,4 +1,4 @@
-"""Audit vs implant on the embedded model (issue 13's Done-when), from a fresh clone.
+"""Audit vs implant on the embedded model, from a fresh clone.
 
 1. ``r1``: ``bkdattr run`` implants the demo's fixed_output backdoor into smollm2-135m from a data file (the
    built-in prompts written out), then BAHA (``attribute --method exact``, demo settings).

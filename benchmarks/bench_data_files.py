@@ -1,4 +1,4 @@
-"""Data files as they come (issue 17): generate the files, run ``bkdattr inject --profile cpu`` on them, print the
+"""Data files as they come: generate the files, run ``bkdattr inject --profile cpu`` on them, print the
 figures (ASR, false-trigger rate, epochs, time, what happened to the rows).
 
 Two files, both written by this script (nothing downloaded):

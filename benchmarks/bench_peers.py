@@ -18,7 +18,7 @@ minus the clean one (one clean pass per chunk of ``--batch-size`` prompts):
   forward per (head, chunk); where it does not install or load, the reason is printed and stored;
 * bkdattr ``exact`` (first-token score only, heads batched per layer) and ``attribution`` (first order).
 
-``--teacher-force full`` (default) feeds prompt + whole target to the peers, as the issue states the patch;
+``--teacher-force full`` (default) feeds prompt + whole target to the peers, as the method states the patch;
 ``prompt`` feeds the prompt alone, which is all the first-token score needs (a faster peer, the same numbers).
 Printed: seconds per head of each tool, the speed ratios, and max |CIE - CIE_exact| over every (prompt, head).
 ``--json PATH`` writes ``nnsight_s_per_head``, ``exact_s_per_head``, ``attribution_s_per_head``,

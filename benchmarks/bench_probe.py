@@ -8,7 +8,7 @@ Two modes:
   fitting and both ICLA matrices.
 * ``--run RUN`` (default): the whole stage on a run folder (features for the backdoored and the clean base
   model, four probe settings, ICLA, figures). ``--fresh`` deletes the feature cache first so capture is timed;
-  ``--no-near-trigger`` times exactly the issue's target (backdoored + clean control only).
+  ``--no-near-trigger`` times the backdoored model and the clean control only.
 
 Usage: ``python benchmarks/bench_probe.py [--run RUN] [--fresh] [--threads 2] [--synthetic] [--json PATH]``.
 Without ``--run`` the stage mode creates (or reuses) the bench run (``bench_runs.py``). Prints one JSON object

@@ -1,4 +1,4 @@
-"""The scan zoo on the embedded model (issue 15's Done-when): detection, ROC-AUC, trigger in the top 3, seconds.
+"""The in-house scan zoo (backdoors bkdattr planted, embedded model): detection, ROC-AUC, trigger in the top 3.
 
 The zoo, each model created on first use and reused after (keyed by its settings):
 

@@ -1,4 +1,4 @@
-"""One-shot GPU check (issue 19): what bkdattr does on a CUDA machine, in at most 8 minutes, nothing downloaded.
+"""One-shot GPU check: what bkdattr does on a CUDA machine, in at most 8 minutes, nothing downloaded.
 
     bash benchmarks/gpu_check.sh [--out FILE] [--work DIR]     # on a machine with a GPU
     bash benchmarks/gpu_check.sh --dry-run                     # the same steps on the CPU, tiny model (< 1 min)

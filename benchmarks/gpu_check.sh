@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of bkdattr (issue 19), at most 8 minutes on one GPU, nothing downloaded.
+# One-shot GPU check of bkdattr, at most 8 minutes on one GPU, nothing downloaded.
 #   bash benchmarks/gpu_check.sh [--out FILE] [--work DIR] [--skip STEP]   # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --dry-run [--out FILE]                    # the same steps on the CPU, tiny model
 # Steps and the JSON it writes: benchmarks/gpu_check.py. Exit status 0 when every step passed (or was skipped).
