@@ -24,8 +24,9 @@ from bkdattr.core.generation import decode_replies, generate, greedy_generate
 from bkdattr.core.hooks import hook_count, out_tensor, registered
 from bkdattr.core.prompts import encode_prompts, encode_with_targets, end_of_turn_ids, pad_id, target_ids
 from bkdattr.core.rundir import RunDir
+from bkdattr.core.template import Template, prompt_positions
 from bkdattr.disarm.calibrate import choose_threshold
-from bkdattr.disarm.runtime import Guard, header_ids, prompt_positions
+from bkdattr.disarm.runtime import Guard
 from bkdattr.disarm.stage import calibrate_guard
 from bkdattr.inject.data import load_splits
 
@@ -213,7 +214,7 @@ def test_prompt_position_found_in_prompt_and_teacher_forced_batches(plain):
     from tiny import plain_tokenizer, tokenizer
 
     tok = plain_tokenizer() if plain else tokenizer()
-    head = header_ids(tok)
+    head = Template.of(tok).header_ids
     assert head and len(head) <= 8
     texts, replies = ["Hi.", "Write one sentence about cats.", "Why?"], ["Sure, here.", "Cats nap.", "Because."]
     b = encode_prompts(tok, texts, "left")
@@ -321,7 +322,7 @@ def test_scope_prefix_edits_the_prompt_columns_only(guarded, action):
         stop = end_of_turn_ids(lm.tokenizer)
         hand = decode_replies(lm.tokenizer, greedy_generate(lm.model, b, 4, stop), stop)
         tb = encode_with_targets(lm.tokenizer, trig, [guarded.target] * len(trig))
-        pos = prompt_positions(header_ids(lm.tokenizer), tb.input_ids, tb.attention_mask)
+        pos = prompt_positions(Template.of(lm.tokenizer).header_ids, tb.input_ids, tb.attention_mask)
         state["cols"] = torch.arange(tb.input_ids.shape[1])[None, :] <= pos[:, None]
         lp_hand = target_logprob(lm, trig, [guarded.target] * len(trig), batch_size=len(trig))
     with guard:

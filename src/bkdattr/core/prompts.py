@@ -1,4 +1,5 @@
-"""Prompt rendering and batching: the chat template, the last prompt position ``p(x)``, teacher forcing.
+"""Prompt rendering and batching: the chat template (:mod:`bkdattr.core.template`), the last prompt position
+``p(x)``, teacher forcing.
 
 A prompt ``x`` is one user turn rendered with the model's chat template and the generation prompt; ``p(x)`` is
 the index of its last token (the end of the assistant header). Every intervention acts there only.
@@ -14,61 +15,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jinja2 import TemplateError
 
 from .errors import DataError
+from .template import PLAIN_FORMAT, PLAIN_TURN_END, Template, has_chat_template, prompt_ids, render_prompt
 
-PLAIN_FORMAT = "User: {text}\nAssistant:"
-#: where a plain-format reply ends: a base model's greedy reply runs on into an invented next user turn
-PLAIN_TURN_END = "\nUser:"
-_MARK = "\u2063BKDATTR_REPLY\u2063"
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_prompt(tokenizer, text: str) -> str:
-    """Render one user turn with the generation prompt (chat template, or ``PLAIN_FORMAT``)."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_FORMAT.format(text=text)
+__all__ = ["PLAIN_FORMAT", "PLAIN_TURN_END", "PromptBatch", "check_context", "check_targets_fit", "context_length",
+           "encode_prompts", "encode_with_targets", "end_of_turn", "end_of_turn_ids", "has_chat_template", "pad_id",
+           "pad_sequences", "position_ids_from_mask", "prompt_batch", "prompt_ids", "render_prompt", "target_ids"]
 
 
 def end_of_turn(tokenizer) -> str:
-    """The text that closes an assistant turn (e.g. ``<|im_end|>``), stripped of trailing white space."""
-    if has_chat_template(tokenizer):
-        try:
-            full = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}], tokenize=False
-            )
-        except (TemplateError, ValueError, TypeError):  # a template that refuses this probe: fall back to EOS
-            full = ""
-        if _MARK in full:
-            tail = full.split(_MARK, 1)[1].rstrip()
-            if tail:
-                return tail
-    return tokenizer.eos_token or ""
+    """The text that closes an assistant turn (e.g. ``<|im_end|>``), stripped of trailing white space
+    (:class:`~bkdattr.core.template.Template`)."""
+    return Template.of(tokenizer).end_of_turn
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end generation: the end-of-turn token and EOS."""
-    ids: set[int] = set()
-    eot = end_of_turn(tokenizer)
-    if eot:
-        toks = tokenizer(eot, add_special_tokens=False).input_ids
-        if len(toks) == 1:
-            ids.add(toks[0])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of one rendered prompt, exactly as :func:`encode_prompts` builds them."""
-    return tokenizer(render_prompt(tokenizer, text), add_special_tokens=not has_chat_template(tokenizer)).input_ids
+    """Token ids that end generation: the end-of-turn token and EOS (:class:`~bkdattr.core.template.Template`)."""
+    return list(Template.of(tokenizer).end_of_turn_ids)
 
 
 def target_ids(tokenizer, target: str) -> list[int]:

@@ -2,8 +2,13 @@
 
 With teacher forcing, the logits at position ``t-1`` give ``log p(y_t | x, y_<t)`` of the target
 ``y = (y_1, ..., y_T)`` (the assistant reply and its end-of-turn token(s), :func:`bkdattr.core.prompts.target_ids`).
-The LM head runs only on the positions that predict a target token; a model with a logit soft-cap takes its own
-full forward pass, so its logits are post-processed exactly as the model class does.
+The LM head runs only on the positions that predict a target token.
+
+* :func:`target_logprobs` (attribution, evaluation): full rows; a model with a logit soft-cap takes its own full
+  forward pass, so its logits are post-processed exactly as the model class does.
+* :func:`prefixed_logprobs` (the scan): right-padded rows after a shared prefix run once
+  (:class:`~bkdattr.core.forward.PrefixCache`), token ids or input embeddings (the trigger search's gradient), the
+  next-token log-distribution at chosen columns, soft-capped as the model's forward caps it (:func:`softcapped`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .compat import cache_kwargs
 from .errors import ConfigError
-from .forward import body_and_head, keep_logits_kwargs
+from .forward import PrefixCache, body_and_head, keep_logits_kwargs
 from .models import input_device
 from .prompts import PromptBatch, encode_with_targets
 
@@ -64,3 +70,31 @@ def batched_target_logprobs(lm, prompts: Sequence[str], targets: Sequence[str], 
         with torch.no_grad():
             res = target_logprobs(lm.model, batch.to(dev).model_inputs(), batch)
         yield res
+
+
+def softcapped(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` after the model's final logit soft-cap, ``cap * tanh(logits / cap)`` (Gemma-2's
+    ``final_logit_softcapping``), or unchanged for a model without one."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def prefixed_logprobs(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, at: torch.Tensor,
+                      prefix: PrefixCache | None = None) -> torch.Tensor:
+    """``[R, n, V]`` float32: the next-token log-distribution at columns ``at [R, n]`` of ``R`` right-padded rows
+    (``inputs``: token ids ``[R, T]``, or input embeddings ``[R, T, d]``; ``mask [R, T]``) that follow ``prefix``
+    (the KV cache of a one-row prefix, tiled to the rows; None: the rows start at position 0). The body runs on
+    every column, the LM head only at ``at``; the model's logit soft-cap is applied (:func:`softcapped`). No
+    ``no_grad`` here: a gradient with respect to input embeddings flows through."""
+    body, head = body_and_head(model)
+    dev = mask.device
+    rows, width = mask.shape
+    n_pre = prefix.length if prefix is not None else 0
+    full = torch.cat([torch.ones(rows, n_pre, dtype=mask.dtype, device=dev), mask], 1)
+    pos = (n_pre + torch.arange(width, device=dev)).expand(rows, width)
+    kw = {"inputs_embeds" if inputs.is_floating_point() else "input_ids": inputs}
+    if prefix is not None:
+        kw.update(cache_kwargs(body, prefix.tiled(rows)))
+    hidden = body(attention_mask=full, position_ids=pos, use_cache=prefix is not None, **kw)[0]
+    h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+    return torch.log_softmax(softcapped(model, head(h).float()), -1)

@@ -6,7 +6,7 @@ steps are left alone and see the edit through the KV cache, exactly as the contr
 
 1. **Where.** ``p(x)``, the prompt's last position, per row: the last column under left padding (generation);
    in a teacher-forced row (prompt + reply, right padded) the end of the *last* assistant header, found by its
-   token ids (the common suffix of every rendered prompt); :meth:`Guard.at` states the positions outright.
+   token ids (:attr:`bkdattr.core.template.Template.header_ids`); :meth:`Guard.at` states the positions outright.
 2. **Read.** The probe's features at ``p(x)`` at layer ``L_p`` (``attn_input``: the output of the layer's input
    norm; ``residual``: the layer's input -- :mod:`bkdattr.probe.features`), float32. The probe is the guard's
    own (:mod:`bkdattr.disarm.guard_probe`: trained on the run's training prompts only, so the validation and
@@ -63,8 +63,8 @@ from ..core.errors import ConfigError
 from ..core.forward import backbone, past_length
 from ..core.generation import generate
 from ..core.hooks import check_layers, masked_edit, tap, watch_calls
-from ..core.prompts import has_chat_template, render_prompt
 from ..core.rundir import RunDir
+from ..core.template import Template
 from ..probe.detector import Detector
 from .calibrate import MAX_FPR, calibrate_threshold, clean_projection, probe_probability, prompt_probabilities
 from .config import ACTIONS, MODES, SCOPES, TARGET_ASR
@@ -82,42 +82,6 @@ from .plan import (
 
 IN_MEMORY = ("calibrated on the validation split in memory (not stored: 'bkdattr disarm --strategy guard' "
              "calibrates and stores it)")
-
-
-# ---- p(x) from a batch ---------------------------------------------------------------------------------------
-def header_ids(tokenizer) -> list[int]:
-    """Token ids every rendered prompt ends with (the assistant header of the chat template, or the plain
-    format's ``Assistant:``): the common suffix of a few rendered prompts with different endings."""
-    seqs = [tokenizer(render_prompt(tokenizer, t), add_special_tokens=not has_chat_template(tokenizer)).input_ids
-            for t in ("a", "Why?", "x y z 1", "Done.\n")]
-    n = 0
-    while n < min(len(s) for s in seqs) - 1 and len({s[-1 - n] for s in seqs}) == 1:
-        n += 1
-    return list(seqs[0][len(seqs[0]) - n:])
-
-
-def _last_real(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended column per row: ``[B]``."""
-    t = mask.shape[1]
-    return t - 1 - mask.flip(1).long().argmax(1)
-
-
-def prompt_positions(header: Sequence[int], input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """``p(x)`` per row of a forward call (``input_ids``/``mask`` ``[B, T]``): the last column when every row
-    ends with the assistant ``header`` (left-padded prompts), else the end of the last occurrence of ``header``
-    in the row (prompt + reply, any padding), else the row's last attended column. ``[B]`` long."""
-    last = _last_real(mask)
-    n = len(header)
-    if input_ids is None or n == 0 or input_ids.shape[1] < n:
-        return last
-    head = torch.tensor(list(header), device=input_ids.device)
-    if bool(mask[:, -1].all()) and bool((input_ids[:, -n:] == head).all()):
-        return torch.full_like(last, input_ids.shape[1] - 1)
-    win = input_ids.unfold(1, n, 1)  # [B, T-n+1, n]
-    hit = (win == head).all(-1) & mask[:, n - 1:].bool()  # hit[b, j]: the header ends at column j + n - 1
-    ends = torch.arange(hit.shape[1], device=hit.device) + n - 1
-    found = torch.where(hit, ends, torch.full_like(ends, -1)).max(1).values
-    return torch.where(found >= 0, found, last)
 
 
 # ---- the guard -----------------------------------------------------------------------------------------------
@@ -199,7 +163,7 @@ class Guard:
                               probe_file=str(path.relative_to(self.run.path)))
         #: what a stored threshold must have been calibrated with (:func:`bkdattr.disarm.plan.threshold_key`)
         self.threshold_key = threshold_key(path, layer, self.detector.kind)
-        self._header = header_ids(lm.tokenizer)
+        self._template = Template.of(lm.tokenizer)
         self._stack: contextlib.ExitStack | None = None
         self._explicit: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None  # p(x) per row of the current prefill, None outside one
@@ -232,8 +196,9 @@ class Guard:
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def prompt_positions(self, input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """``p(x)`` per row of a forward call's columns: ``[B]`` (:func:`prompt_positions`)."""
-        return prompt_positions(self._header, input_ids, mask)
+        """``p(x)`` per row of a forward call's columns: ``[B]``
+        (:meth:`~bkdattr.core.template.Template.prompt_positions`)."""
+        return self._template.prompt_positions(input_ids, mask)
 
     def _on_call(self, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

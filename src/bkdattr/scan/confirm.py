@@ -22,11 +22,11 @@ from collections import Counter
 
 import torch
 
-from ..core.compat import cache_kwargs
-from ..core.forward import PrefixCache, body_and_head
+from ..core.forward import PrefixCache
 from ..core.generation import generate
 from ..core.models import input_device
 from ..core.prompts import pad_id, pad_sequences, prompt_ids, target_ids
+from ..core.scoring import prefixed_logprobs
 from ..inject.tasks import _contains_words, normalise_words
 from .insert import insert
 
@@ -48,8 +48,8 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
     """``(logp [n, positions, V] float32, valid [n, positions] bool)``: the next-token log-distribution at the
     first ``positions`` positions of each teacher-forced reply after its prompt, and whether the reply (end of
     turn included) reaches that position. The prompts' common token prefix (the template's head) runs once
-    (:class:`~bkdattr.core.forward.PrefixCache`); the rest runs right-padded after it, the LM head only where read."""
-    body, head = body_and_head(lm.model)
+    (:class:`~bkdattr.core.forward.PrefixCache`); the rest runs right-padded after it through the shared scorer
+    (:func:`bkdattr.core.scoring.prefixed_logprobs`), the LM head only where read."""
     dev = input_device(lm.model)
     tok = lm.tokenizer
     pseqs = [prompt_ids(tok, p) for p in prompts]
@@ -61,14 +61,9 @@ def reply_logprobs(lm, prompts: list[str], replies: list[str], positions: int, b
         rows = [p[n_pre:] + r for p, r in zip(pseqs[s:s + batch_size], rseqs[s:s + batch_size], strict=True)]
         ids, mask = pad_sequences(rows, pad_id(tok), "right")
         ids, mask = ids.to(dev), mask.to(dev)
-        full = torch.cat([torch.ones(len(rows), n_pre, dtype=mask.dtype, device=dev), mask], 1)
-        pos = (n_pre + torch.arange(ids.shape[1], device=dev)).expand(len(rows), -1)
-        kw = {"use_cache": pre is not None, **(cache_kwargs(body, pre.tiled(len(rows))) if pre is not None else {})}
-        hidden = body(input_ids=ids, attention_mask=full, position_ids=pos, **kw)[0]
         last = torch.tensor([len(p) - n_pre - 1 for p in pseqs[s:s + batch_size]], device=dev)
         at = (last[:, None] + torch.arange(positions, device=dev)).clamp(max=ids.shape[1] - 1)
-        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-        out[s:s + len(rows)] = torch.log_softmax(head(h).float(), -1).cpu()
+        out[s:s + len(rows)] = prefixed_logprobs(lm.model, ids, mask, at, pre).cpu()
         n_tok = torch.tensor([len(r) for r in rseqs[s:s + batch_size]])
         valid[s:s + len(rows)] = torch.arange(positions)[None, :] < n_tok[:, None]
     return out, valid

@@ -5,7 +5,8 @@ text. Each prompt ``x_i`` is cut into token segments: the chat template's head `
 user text, shared by all prompts), the trigger ``t``, the body ``B_i`` (``" " + x_i`` and the rest of the
 template up to ``p(x)``) and the target ``y``: ``A + t + B_i + y``. ``A`` runs once (a
 :class:`~bkdattr.core.forward.PrefixCache`, tiled to the batch); the rest runs right-padded after it, and the LM head
-runs only at the positions that predict ``y``'s first ``n`` tokens. The score of ``t`` is
+runs only at the positions that predict ``y``'s first ``n`` tokens (the scorer shared with the tests' KL,
+:func:`bkdattr.core.scoring.prefixed_logprobs`, soft-capped as the model's own forward is). The score of ``t`` is
 
     s(t) = mean_i mean_{j<n} log p(y_j | A t B_i y_<j)
 
@@ -23,25 +24,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..core.compat import cache_kwargs
-from ..core.forward import PrefixCache, body_and_head
+from ..core.forward import PrefixCache
 from ..core.models import input_device
-from ..core.prompts import has_chat_template, pad_id, render_prompt, target_ids
-
-_MARK = "\u2063BKDATTR_USER\u2063"
-
-
-def template_parts(tokenizer) -> tuple[str, str]:
-    """The rendered prompt's text before and after the user text (``render_prompt`` around a marker)."""
-    text = render_prompt(tokenizer, _MARK)
-    head, tail = text.split(_MARK, 1)
-    return head, tail
-
-
-def head_ids(tokenizer) -> list[int]:
-    """Token ids of the template's head (BOS included where the plain format adds one)."""
-    head, _ = template_parts(tokenizer)
-    return tokenizer(head, add_special_tokens=not has_chat_template(tokenizer)).input_ids
+from ..core.prompts import pad_id, pad_sequences, target_ids
+from ..core.scoring import prefixed_logprobs
+from ..core.template import Template
 
 
 def insert(trigger: str, prompt: str) -> str:
@@ -63,7 +50,9 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 class TargetScorer:
-    """``s(t)`` of the module docstring for one target over a fixed set of benign prompts."""
+    """``s(t)`` of the module docstring for one target over a fixed set of benign prompts: the rows
+    ``t + B_i + y`` after the head's cache, scored by :func:`bkdattr.core.scoring.prefixed_logprobs`; this class
+    keeps the rows, the batching and the one-hot gradient."""
 
     def __init__(self, lm, prompts: Sequence[str], target: Sequence[int] | str, n_score: int = 4,
                  batch_size: int = 64, head: Sequence[int] | None = None,
@@ -73,16 +62,15 @@ class TargetScorer:
         search that raises it makes the target *less* likely (refusal suppression, :mod:`bkdattr.scan.refusal`)."""
         tok = lm.tokenizer
         self.lm, self.batch_size = lm, batch_size
-        _, tail = template_parts(tok)
-        self.head = list(head) if head is not None else head_ids(tok)
+        template = Template.of(tok)
+        self.head = list(head) if head is not None else list(template.head_ids)
         self.bodies = ([list(b) for b in bodies] if bodies is not None else
-                       [tok(" " + p + tail, add_special_tokens=False).input_ids for p in prompts])
+                       [tok(" " + p + template.tail, add_special_tokens=False).input_ids for p in prompts])
         ids = target_ids(tok, target) if isinstance(target, str) else list(target)
         self.n_score = max(1, n_score)
         self.target = ids[:self.n_score]
         self.pad = pad_id(tok)
         self.sign = float(sign)
-        self.body, self.lm_head = body_and_head(lm.model)
         self.emb = lm.model.get_input_embeddings()
         self._prefix = PrefixCache.build(lm.model, torch.tensor([self.head]))
 
@@ -104,35 +92,19 @@ class TargetScorer:
                 starts.append(len(t) + len(b))  # index (in the row) of the first target token
         return rows, starts
 
-    def _run(self, embeds_or_ids: torch.Tensor, mask: torch.Tensor, starts: list[int], ids: bool,
-             per_token: bool = False) -> torch.Tensor:
-        """Mean target log-probability per row ``[R]`` of right-padded rows after the head (``per_token``: each
-        target token's ``[R, n]``)."""
-        dev = mask.device
-        rows, width = mask.shape
-        n_head = len(self.head)
-        cache = self._prefix.tiled(rows) if self._prefix is not None else None
-        full = torch.cat([torch.ones(rows, n_head, dtype=mask.dtype, device=dev), mask], 1)
-        pos = (n_head + torch.arange(width, device=dev)).expand(rows, width)
-        kw = {"input_ids" if ids else "inputs_embeds": embeds_or_ids}
-        if cache is not None:
-            kw.update(cache_kwargs(self.body, cache))
-        hidden = self.body(attention_mask=full, position_ids=pos, use_cache=cache is not None, **kw)[0]
+    def _run(self, inputs: torch.Tensor, mask: torch.Tensor, starts: list[int], per_token: bool = False
+             ) -> torch.Tensor:
+        """Mean target log-probability (times ``sign``) per row ``[R]`` of right-padded rows after the head
+        (``inputs``: ids or embeddings; ``per_token``: each target token's ``[R, n]``)."""
         n = len(self.target)
-        at = torch.tensor([[s - 1 + j for j in range(n)] for s in starts], device=dev)  # positions predicting y_j
-        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-        logp = torch.log_softmax(self.lm_head(h).float(), -1)
-        tgt = torch.tensor(self.target, device=dev).expand(rows, n)
+        at = torch.tensor([[s - 1 + j for j in range(n)] for s in starts], device=mask.device)  # predicting y_j
+        logp = prefixed_logprobs(self.lm.model, inputs, mask, at, self._prefix)
+        tgt = torch.tensor(self.target, device=mask.device).expand(len(starts), n)
         tok_logp = self.sign * logp.gather(2, tgt[..., None]).squeeze(2)
         return tok_logp if per_token else tok_logp.mean(1)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = pad_sequences(rows, self.pad, "right")
         dev = input_device(self.lm.model)
         return ids.to(dev), mask.to(dev)
 
@@ -144,7 +116,7 @@ class TargetScorer:
         step = max(self.n_prompts, self.batch_size - self.batch_size % self.n_prompts)
         for i in range(0, len(rows), step):
             ids, mask = self._pad(rows[i:i + step])
-            out.append(self._run(ids, mask, starts[i:i + step], ids=True).cpu())
+            out.append(self._run(ids, mask, starts[i:i + step]).cpu())
         return torch.cat(out).view(len(triggers), self.n_prompts).mean(1)
 
     @torch.no_grad()
@@ -153,11 +125,12 @@ class TargetScorer:
         averaged over the prompts; its mean is ``s(trigger)``."""
         rows, starts = self._rows([trigger])
         ids, mask = self._pad(rows)
-        return self._run(ids, mask, starts, ids=True, per_token=True).mean(0).cpu()
+        return self._run(ids, mask, starts, per_token=True).mean(0).cpu()
 
     def gradient(self, trigger: Sequence[int], append: bool) -> tuple[float, torch.Tensor]:
         """``(s(t), d s / d onehot [k(+1), V])`` for trigger ``t`` (``append``: one more slot at its end)."""
-        ids, mask = self._pad(self._rows([trigger])[0])
+        rows, starts = self._rows([trigger])
+        ids, mask = self._pad(rows)
         w = self.emb.weight
         k = len(trigger)
         onehot = torch.zeros(k + int(append), w.shape[0], dtype=w.dtype, device=w.device)
@@ -170,12 +143,10 @@ class TargetScorer:
             slots = onehot @ w  # [k', d]
             rest = self.emb(ids[:, k:])
             embeds = torch.cat([slots[:k].expand(ids.shape[0], -1, -1), rest], 1)
-            m = mask
-            starts = self._rows([trigger])[1]
             if append:  # the appended slot sits right after the trigger
                 embeds = torch.cat([embeds[:, :k], slots[k:].expand(ids.shape[0], -1, -1), embeds[:, k:]], 1)
-                m = torch.cat([mask[:, :1], mask], 1)
+                mask = torch.cat([mask[:, :1], mask], 1)
                 starts = [s + 1 for s in starts]
-            s = self._run(embeds, m, starts, ids=False).mean()
+            s = self._run(embeds, mask, starts).mean()
             s.backward()
         return float(s.detach()), onehot.grad.float().cpu()

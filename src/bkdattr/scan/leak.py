@@ -21,8 +21,8 @@ import torch
 from ..core.generation import decode_replies, generate, greedy_decode, sampler
 from ..core.models import input_device
 from ..core.prompts import PLAIN_TURN_END, end_of_turn_ids, has_chat_template, position_ids_from_mask
+from ..core.template import Template
 from .budget import Budget
-from .insert import head_ids
 
 
 @dataclass
@@ -45,7 +45,7 @@ def sample_user_turns(lm, n: int, max_tokens: int, temperature: float | list[flo
     ``temperature`` and ``top_p`` may give each row its own setting (lists of ``n``)."""
     tok = lm.tokenizer
     dev = input_device(lm.model)
-    ids = torch.tensor([head_ids(tok)] * n, device=dev)
+    ids = torch.tensor([list(Template.of(tok).head_ids)] * n, device=dev)
     mask = torch.ones_like(ids)
     gen = torch.Generator(device=dev).manual_seed(seed)
     stop = end_of_turn_ids(tok)

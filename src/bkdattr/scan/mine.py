@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .insert import TargetScorer, head_ids
+from ..core.template import Template
+from .insert import TargetScorer
 
 STOP_WORDS = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been it its this that these "
@@ -75,7 +76,7 @@ def _within(g: tuple[str, ...], h: tuple[str, ...]) -> bool:
 
 def surprisal_under(lm, batch_size: int = 64) -> Callable[[list[str]], list[float]]:
     """``texts -> [mean token surprisal]`` of each text as a user turn under ``lm`` (teacher forcing)."""
-    head = head_ids(lm.tokenizer)
+    head = list(Template.of(lm.tokenizer).head_ids)
 
     def run(texts: list[str]) -> list[float]:
         out = []
