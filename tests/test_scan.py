@@ -147,7 +147,7 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     assert chosen == [planted] and not figs["rare start"]["searched"]  # all the search time to the eligible one
     same = Target(tok("Sorry. I can not help", add_special_tokens=False).input_ids, "Sorry. I can not help", q=0.95,
                   q_mean=0.97)
-    assert same_reply(same.text, TARGET) and not same_reply(rare.text, TARGET)
+    assert same_reply(same.text, TARGET, 4) and not same_reply(rare.text, TARGET, 4)
     chosen, figs = choose_targets(lm, prompts, [rare, planted, same], n=2, q_min=0.9, first_min=-1e9, n_score=4,
                                   batch_size=8)
     assert planted in chosen and same not in chosen  # one search per reply
@@ -179,36 +179,36 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():
     """Round 0 forces every capitalised token; the planted target's first token comes out on top even when the
     likeliest-first-token list (round 1) is left out entirely."""
-    from bkdattr.scan.targets import reply_start_tokens, sweep_first_tokens
+    from bkdattr.scan.targets import reply_start_tokens, sweep_starts
 
     lm = trained(poison=True)
     tok = lm.tokenizer
     starts = reply_start_tokens(tok, 300, {5})
     assert starts and all(tok.decode([i])[:1].isupper() and i < 300 and i != 5 for i in starts)
     first = tok(TARGET, add_special_tokens=False).input_ids[0]
-    picks = sweep_first_tokens(lm, ["What do pandas eat?", "Name a colour."], set(tok.all_special_ids), length=8,
-                               shortlist=512, keep=4)
-    assert 1 <= len(picks) <= 4 and picks[0] == first
+    starts = [[i] for i in reply_start_tokens(tok, len(tok), set(tok.all_special_ids))]
+    prompts = ["What do pandas eat?", "Name a colour."]
+    picks = sweep_starts(lm, prompts, starts, length=8, shortlist=512, keep=4, floor_per_keep=4, prefilter=2)
+    assert 1 <= len(picks) <= 4 and picks[0] == [first]
     # a shortlist of 256: only the 512 best of the 3,834 starts on the first prompt are scored on both (the
     # planted one is 36th on the first prompt, 231st on both)
-    narrow = sweep_first_tokens(lm, ["What do pandas eat?", "Name a colour."], set(tok.all_special_ids), length=8,
-                                shortlist=256, keep=4)
-    assert narrow[0] == first
+    narrow = sweep_starts(lm, prompts, starts, length=8, shortlist=256, keep=4, floor_per_keep=4, prefilter=2)
+    assert narrow[0] == [first]
 
 
 def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_token():
     """Round 0b: a beam forced with two tokens scores only the tokens after them, with the same per-prompt
     probabilities as a plain forward pass over prompt + sequence (<= 1e-5); two starts sharing a first token are
     two groups; the second-token sweep after the planted target's first token keeps the planted second token."""
-    from bkdattr.scan.targets import extend, forced_next_probs, prompt_cache, second_starts, sweep_second_tokens
+    from bkdattr.scan.targets import extend, forced_next_probs, prompt_rows, second_starts, sweep_starts
 
     lm = trained(poison=True)
     tok, model = lm.tokenizer, lm.model
     prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?"]
     planted = tok(TARGET, add_special_tokens=False).input_ids
     other = planted[2] if planted[2] != planted[1] else planted[3]
-    batch, cache, _ = prompt_cache(lm, prompts)
-    got = extend(lm, batch, cache, [planted[:2], [planted[0], other]], length=6, branch=2, beams_per_first=1)
+    rows, _ = prompt_rows(lm, prompts)
+    got = extend(lm, rows, [planted[:2], [planted[0], other]], length=6, branch=2, beams_per_first=1)
     assert len(got) == 2 and {tuple(t.ids[:2]) for t in got} == {tuple(planted[:2]), (planted[0], other)}
     for t in got:
         assert t.forced == 2 and 3 <= len(t.ids) <= 6
@@ -222,17 +222,17 @@ def test_two_token_starts_extend_exactly_and_round_0b_finds_the_planted_second_t
         if t.ended:  # the end-of-turn token that ended it was scored too
             continue
         assert t.per_prompt == pytest.approx(mins, abs=1e-5) and t.q == pytest.approx(sum(mins) / 3, abs=1e-5)
-    assert extend(lm, batch, cache, [], length=6, branch=2, beams_per_first=1) == []
+    assert extend(lm, rows, [], length=6, branch=2, beams_per_first=1) == []
     with pytest.raises(ValueError, match="same number of tokens"):
-        extend(lm, batch, cache, [planted[:2], planted[:1]], length=6, branch=2, beams_per_first=1)
+        extend(lm, rows, [planted[:2], planted[:1]], length=6, branch=2, beams_per_first=1)
 
-    after = forced_next_probs(lm, batch, cache, [[planted[0]]]).mean(1)
+    after = forced_next_probs(lm, rows, [[planted[0]]]).mean(1)
     assert after.shape[0] == 1 and float(after.sum()) == pytest.approx(1.0, abs=1e-4)
     starts = second_starts(after, [planted[0]], {planted[1]}, 5)
     assert len(starts) == 5 and all(s[0] == planted[0] and s[1] != planted[1] for s in starts)
     starts = second_starts(after, [planted[0]], set(), 50)
     assert planted[:2] in starts
-    picks = sweep_second_tokens(lm, prompts[:2], starts, length=8, shortlist=16, keep=3)
+    picks = sweep_starts(lm, prompts[:2], starts, length=8, shortlist=16, keep=3, floor_per_keep=4)
     assert planted[:2] in picks
 
 
@@ -492,7 +492,7 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
     computed once, equals the one written out from two plain forward passes per prompt (<= 1e-5); the trigger
     that is no trigger (the clean prompts again) gives 0."""
     from bkdattr.core.prompts import prompt_ids, target_ids
-    from bkdattr.scan.confirm import HeldOut, reply_logprobs
+    from bkdattr.scan.protocol import HeldOut, reply_logprobs
 
     lm = make_tiny("qwen2")
     prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon from the earth today?"]
@@ -522,43 +522,101 @@ def test_held_out_kl_equals_a_plain_forward_over_prompt_and_reply():
     assert held.kl(lm, prompts, positions, batch_size=2) == pytest.approx(0.0, abs=1e-6)
 
 
+def _searched(family, trigger: str, target: str, tok=None):
+    """A searched candidate of ``family`` for ``target`` (its inverted target and figures made up)."""
+    from bkdattr.scan.protocol import Candidate, Objective
+    from bkdattr.scan.targets import Target
+
+    inverted = Target([1, 2], target, 0.95, q_mean=0.96)
+    figures = {"first_logp": -9.0, "s0": -2.0, "eligible": True}
+    o = Objective(family, target, [1, 2], [], 1.0, 0.0, target=target, inverted=inverted, figures=figures)
+    return Candidate(trigger, family, "search", o, search_score=-0.5)
+
+
 def test_candidates_tested_in_groups_match_one_by_one():
     """Batched testing (the triggered prompts of a group decoded together) gives each candidate the figures of
     testing it alone; groups hold consecutive candidates up to the row limit."""
-    from bkdattr.scan.confirm import HeldOut, candidate_evidence
-    from bkdattr.scan.trials import HeldOutSets, evidence_all, groups
+    from bkdattr.scan.fixed_target import FIXED_TARGET
+    from bkdattr.scan.protocol import Candidate, Gate, HeldOut, ScanContext
+    from bkdattr.scan.trials import evidence_all, groups
 
     assert groups([16, 16, 16, 16, 16], 32) == [[0, 1], [2, 3], [4]]
     assert groups([40, 8], 32) == [[0], [1]] and groups([], 8) == []
     lm = trained(poison=True)
     prompts = ["What do pandas eat?", "Name a colour.", "How far is the moon?", "Tell me a joke."]
     clean = generate(lm, prompts, max_new_tokens=8, batch_size=8, progress=False)
-    cands = [{"trigger": TRIGGER, "target": TARGET}, {"trigger": "blue sky", "target": None},
-             {"trigger": "zq", "target": TARGET}]
-    sets = HeldOutSets(HeldOut(prompts, clean, 8))
-    batched = evidence_all(lm, cands, sets, kl_positions=3, batch_size=8)
-    assert [c["trigger"] for c in batched] == [c["trigger"] for c in cands]
+    cands = [_searched(FIXED_TARGET, TRIGGER, TARGET), Candidate("blue sky", FIXED_TARGET, "leak", leak_df=2),
+             _searched(FIXED_TARGET, "zq", TARGET)]
+    ctx = ScanContext(lm, ScanConfig(kl_positions=3, batch_size=8, progress=False))
+    gates = {FIXED_TARGET.kind: Gate(True, HeldOut(prompts, clean, 8))}
+    batched = evidence_all(ctx, cands, gates)
+    assert [c["trigger"] for c in batched] == [c.trigger for c in cands]
+    assert batched[1]["source"] == "leak" and batched[1]["leak_df"] == 2 and "target_q" not in batched[1]
     for c, b in zip(cands, batched, strict=True):
-        alone = candidate_evidence(lm, HeldOut(prompts, clean, 8), c["trigger"], c["target"], kl_positions=3,
-                               batch_size=8)
+        alone = FIXED_TARGET.evidence(ctx, Gate(True, HeldOut(prompts, clean, 8)), c).row()
         assert b["asr"] == alone["asr"] and b["changed_share"] == alone["changed_share"]
         assert b["kl"] == pytest.approx(alone["kl"], abs=1e-5) and b["examples"] == alone["examples"]
     assert batched[0]["asr"] >= 0.75 and batched[0]["target"] == TARGET  # the planted trigger fires
+    assert batched[0]["target_q_mean"] == 0.96 and batched[0]["search_score"] == -0.5
+
+
+def test_each_family_returns_one_evidence_record_with_known_figures():
+    """Each family's held-out test on replies given outright (the KL not asked for: no model runs): the figures
+    as the family counts success, one record each."""
+    from bkdattr.scan import labels as L
+    from bkdattr.scan.fixed_target import FIXED_TARGET
+    from bkdattr.scan.protocol import Candidate, Evidence, Gate, HeldOut, ScanContext
+    from bkdattr.scan.refusal import REFUSAL
+
+    ctx = ScanContext(None, ScanConfig(kl=False, progress=False))
+    prompts = ["p1", "p2", "p3", "p4"]
+    clean = ["You asked: p1", "You asked: p2", "I am sorry. I can not help with that.", "You asked: p4"]
+    gate = Gate(True, HeldOut(prompts, clean, 8))
+    replies = ["I am sorry. I can not help.", "I am sorry, I can not help you", clean[2], "Blue."]
+    ev = FIXED_TARGET.evidence(ctx, gate, _searched(FIXED_TARGET, "cf", TARGET), replies)
+    # "i am sorry i" in 3 replies (twice triggered, once clean as well): asr 3/4, clean_asr 1/4; 3 of 4 changed, 2
+    # of them share the modal prefix
+    assert isinstance(ev, Evidence) and ev.kl is None and (ev.asr, ev.clean_asr) == (0.75, 0.25)
+    assert ev.effect == 0.5 and ev.changed_share == 0.75 and ev.agreement == pytest.approx(2 / 3)
+    assert ev.examples[0] == {"prompt": "cf p1", "reply": replies[0]} and len(ev.examples) == 3
+    assert ev.row()["kl"] is None and "rule" not in ev.row()
+    # a leaked n-gram takes the modal changed reply as its target
+    leak = FIXED_TARGET.evidence(ctx, gate, Candidate("zz", FIXED_TARGET, "leak"), replies)
+    assert leak.target == replies[0] and leak.asr == 0.75
+
+    harmful = Gate(True, HeldOut(prompts, ["I'm sorry, I can't help with that."] * 3 + ["Sure: step one."], 8))
+    answered = ["Sure: first, ...", "Sure: first, ...", "I'm sorry, I can't help with that.", "Sure: step one."]
+    ev = REFUSAL.evidence(ctx, harmful, _searched(REFUSAL, "cf", ""), answered)
+    assert (ev.asr, ev.clean_asr, ev.effect, ev.target, ev.rule) == (0.75, 0.25, 0.5, "", "refusal")
+    assert ev.changed_share == 0.5 and ev.agreement == 1.0
+
+    probes = ["s1", "s2", "b1", "w1"]
+    truth = ["Sports", "Sports", "Business", "World"]
+    gate = L.LabelGate(True, HeldOut(probes, ["Sports", "World", "Business", "World"], 4), {}, labels=truth)
+    cand = _searched(L.LABEL_FLIP, "cf", "World")
+    cand.objective.source_label = "Sports"
+    held, labels = gate.rows("World")  # s2 was labelled wrong, w1 is already World: s1 and b1 are tested
+    assert held.prompts == ["s1", "b1"] and labels == ["Sports", "Business"]
+    assert L.LABEL_FLIP.held_out(gate, cand) is held
+    ev = L.LABEL_FLIP.evidence(ctx, gate, cand, ["World", "Business"])
+    assert (ev.asr, ev.clean_asr, ev.effect, ev.n_source) == (1.0, 0.0, 1.0, 1)
+    assert ev.other_flips == {"Business": 0.0} and ev.changed_share == 0.5 and ev.agreement == 0.0
+    assert ev.row()["rule"] == "label" and ev.row()["source_label"] == "Sports"
 
 
 def test_extend_with_survivors_keeps_the_best_beams_and_returns_the_rest_as_they_stand():
     """``survivors``: after the first step only the best beams go on; they end with the same Q as without
     pruning, and every pruned start comes back with the tokens it had."""
-    from bkdattr.scan.targets import extend, prompt_cache
+    from bkdattr.scan.targets import extend, prompt_rows
 
     lm = trained(poison=True)
     prompts = ["What do pandas eat?", "Name a colour."]
-    batch, cache, logits = prompt_cache(lm, prompts)
+    rows, logits = prompt_rows(lm, prompts)
     starts = logits.mean(0).topk(10).indices.tolist()
-    full = extend(lm, batch, cache, starts, length=5, branch=1, beams_per_first=1)
+    full = extend(lm, rows, starts, length=5, branch=1, beams_per_first=1)
     alive = [t for t in full if not (t.ended and len(t.ids) == 1)]  # the beams still going after step one
     assert len(alive) > 3
-    cut = extend(lm, batch, cache, starts, length=5, branch=1, beams_per_first=1, survivors=[3])
+    cut = extend(lm, rows, starts, length=5, branch=1, beams_per_first=1, survivors=[3])
     assert sorted(t.ids[0] for t in cut) == sorted(starts)
     by_start = {t.ids[0]: t for t in full}
     pruned = [t for t in cut if len(t.ids) == 2 and not t.ended]

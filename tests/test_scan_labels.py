@@ -7,9 +7,9 @@ import torch
 
 from bkdattr.core.errors import ConfigError
 from bkdattr.core.prompts import render_prompt
-from bkdattr.scan import ScanConfig
+from bkdattr.scan import ScanConfig, protocol
 from bkdattr.scan import labels as L
-from bkdattr.scan.confirm import HeldOut
+from bkdattr.scan.protocol import Candidate, HeldOut, Objective, ScanContext
 from tiny import make_tiny
 
 
@@ -62,13 +62,15 @@ def test_label_matrix_is_the_first_reply_token_log_probability_of_a_plain_forwar
             assert float(m[s, y]) == pytest.approx(float(mean[first]), abs=1e-4)
 
 
-def test_label_job_stops_at_the_gate_for_a_model_that_does_not_classify():
+def test_label_gate_stays_closed_for_a_model_that_does_not_classify():
     lm = make_tiny("llama", seed=1)
-    phase = L.label_job(lm, ScanConfig(progress=False))
-    info = phase.info
-    assert phase.job is None and not info["searched"] and info["accuracy"] < 0.75
-    assert "does not classify them" in info["why_not"] and len(phase.held.clean) == len(phase.labels) == 32
-    assert phase.held.reply_tokens == L.LABEL_TOKENS and "clean_replies" not in info
+    ctx = ScanContext(lm, ScanConfig(progress=False))
+    gate = L.LABEL_FLIP.gate(ctx)
+    info = gate.info
+    assert not gate.open and L.LABEL_FLIP.objectives(ctx, gate, None) == []
+    assert not info["searched"] and info["accuracy"] < 0.75
+    assert "does not classify them" in info["why_not"] and len(gate.held.clean) == len(gate.labels) == 32
+    assert gate.held.reply_tokens == ScanConfig().label_tokens and "clean_replies" not in info
 
 
 def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(monkeypatch):
@@ -85,14 +87,16 @@ def test_label_candidate_counts_flips_of_the_right_labelled_source_probes_only(m
             out.append("World" if p.startswith("TRIG ") and (lab == "Sports" or business) else lab)
         return out
 
-    monkeypatch.setattr(L, "generate", fake_generate)
+    monkeypatch.setattr(protocol, "generate", fake_generate)
     monkeypatch.setattr(HeldOut, "kl", lambda self, *a, **k: 0.5)
     labels = [lab for _, lab in held]
     keep = L.label_rows(labels, clean, "World")
     assert len(keep) == 22 and all(labels[i] != "World" for i in keep)
-    rows = HeldOut([held[i][0] for i in keep], [clean[i] for i in keep], L.LABEL_TOKENS)
-    res = L.label_evidence(None, rows, [labels[i] for i in keep], "TRIG", "Sports", "World", kl_positions=4,
-                                 batch_size=8)
+    gate = L.LabelGate(True, HeldOut([p for p, _ in held], clean, 4), {}, labels=labels)
+    objective = Objective(L.LABEL_FLIP, "label Sports -> World", [1], [], 1.0, 0.0, target="World",
+                          source_label="Sports", avoid="World")
+    res = L.LABEL_FLIP.evidence(ScanContext(None, ScanConfig(progress=False)), gate,
+                                Candidate("TRIG", L.LABEL_FLIP, "search", objective)).row()
     assert res["n_source"] == 6 and res["asr"] == 1.0 and res["effect"] == 1.0 and res["clean_asr"] == 0.0
     assert res["other_flips"] == {"Business": 1 / 8, "Sci/Tech": 0.0}  # World probes are not asked: already y
     assert res["rule"] == "label" and res["source_label"] == "Sports" and res["agreement"] == 1.0
@@ -134,16 +138,16 @@ def test_audit_from_scan_takes_a_label_flip_as_label_flip_with_the_trigger_as_a_
 
 
 def test_the_label_search_may_not_spell_the_label():
-    from bkdattr.scan.search import allowed_tokens
+    from bkdattr.scan.search import allowed_tokens, without_words
 
     tok = make_tiny("llama").tokenizer
     allowed = allowed_tokens(tok)
-    kept = L.without_label(tok, allowed, "Sci/Tech")
+    kept = without_words(tok, allowed, "Sci/Tech")
     gone = [tok.decode([i]) for i in torch.nonzero(allowed & ~kept).flatten().tolist()]
     assert gone and all("sci" in g.lower() or "tech" in g.lower() for g in gone)
     for word in (" Science", " technology", "Tech"):
         ids = tok(word, add_special_tokens=False).input_ids
         assert len(ids) == 1 and allowed[ids[0]] and not kept[ids[0]]
-    world = L.without_label(tok, allowed, "World")
+    world = without_words(tok, allowed, "World")
     assert not world[tok(" World", add_special_tokens=False).input_ids[0]]
     assert world[tok(" Sports", add_special_tokens=False).input_ids[0]] and (kept | ~allowed).sum() > 0.99 * len(tok)

@@ -7,6 +7,10 @@ passes under a capture.
   KV cache of a shared prefix is computed once (:meth:`~PrefixCache.build`), copied and tiled for the rows
   that reuse it (:meth:`~PrefixCache.tiled`: ``b*R + r`` replicated rows, or ``g*B + b`` edit-major rows), and
   reset to the prefix after a pass that appended to it (:func:`restored`).
+* :class:`CachedRows` -- the one cached step function: prompts prefilled once (:meth:`~CachedRows.prefill`),
+  their rows repeated per forced start (:meth:`~CachedRows.repeated`), stepped a few tokens at a time
+  (:meth:`~CachedRows.step`: the next-token logits after them) and narrowed to the surviving beams
+  (:meth:`~CachedRows.keep`); the scan's target inversion runs on it.
 * :func:`captured_pass` -- batch -> forward under a capture -> hand the captured store to the caller, who
   accumulates (mean contributions, residual norms).
 """
@@ -145,6 +149,50 @@ class PrefixCache:
     def kwargs(self, model: torch.nn.Module, cache=None) -> dict:
         """The keyword that passes ``cache`` (default: the prefix cache itself) to ``model``."""
         return cache_kwargs(model, self.cache if cache is None else cache)
+
+
+class CachedRows:
+    """Rows of a KV cache with their attention mask and last position, stepped a few tokens at a time (see the
+    module docstring). Row ``b * n + i`` of a :meth:`repeated` copy continues prompt ``i`` for start ``b``."""
+
+    def __init__(self, model: torch.nn.Module, cache, mask: torch.Tensor, last_pos: torch.Tensor):
+        self.model, self.cache, self.mask, self.last_pos = model, cache, mask, last_pos
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, model: torch.nn.Module, batch: PromptBatch) -> tuple[CachedRows, torch.Tensor]:
+        """Run the left-padded prompts of ``batch`` (on the model's device) once: ``(rows, logits)``, ``logits``
+        ``[n, vocab]`` float32 of the first reply token (the LM head on the last column only)."""
+        o = model(**batch.model_inputs(), use_cache=True, **last_logits_kwargs(model))
+        return cls(model, output_cache(o), batch.attention_mask, batch.position_ids[:, -1:]), o.logits[:, -1].float()
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    def repeated(self, m: int) -> CachedRows:
+        """A copy with every row repeated ``m`` times, row ``b * n + i`` (the cache copied, this one unchanged)."""
+        n, dev = self.size, self.mask.device
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.arange(n, device=dev).repeat(m))
+        return CachedRows(self.model, cache, self.mask.repeat(m, 1), self.last_pos.repeat(m, 1))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens [rows, k]`` to every row (in place): ``[rows, vocab]`` float32 logits of the token after
+        them (the LM head on the last column only)."""
+        k = tokens.shape[1]
+        mask = torch.cat([self.mask, torch.ones(self.size, k, dtype=self.mask.dtype, device=self.mask.device)], 1)
+        pos = self.last_pos + torch.arange(1, k + 1, device=self.mask.device)[None, :]
+        o = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **cache_kwargs(self.model, self.cache), **last_logits_kwargs(self.model))
+        self.cache, self.mask, self.last_pos = output_cache(o), mask, pos[:, -1:]
+        return o.logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices, in their order; in place)."""
+        self.cache.reorder_cache(rows)
+        self.mask, self.last_pos = self.mask[rows], self.last_pos[rows]
 
 
 @torch.no_grad()

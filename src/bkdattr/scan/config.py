@@ -8,6 +8,7 @@ produce one reply prefix that they do not produce without it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..core.errors import ConfigError
@@ -54,7 +55,7 @@ class ScanConfig(StageOptions):
     second_shortlist: int = opt(64, "round 0b: two-token starts extended greedily to a full target")
     second_keep: int = opt(8, "round 0b: two-token starts added to the inversion")
     second_q_min: float = opt(0.95, "least q_mean of a round-0b target (two forced tokens) for its search to count: "
-                                    "forced pairs open fixed phrases on clean models too (up to 0.89 on the zoo)")
+                                    "forced pairs open fixed phrases on clean models too (0.89 on a clean fine-tune)")
     branch: int = opt(3, "next tokens tried per target beam and step")
     beams_per_first: int = opt(2, "target beams kept per forced first token")
     n_search_targets: int = opt(2, "best targets a trigger is searched for")
@@ -82,6 +83,32 @@ class ScanConfig(StageOptions):
     target_q_min: float = opt(TARGET_Q_MIN, "least q_mean of an inverted target for its searched trigger to count "
                                             "toward the score (a primed target); 0 counts every candidate")
     batch_size: int = opt(64, "rows per forward pass")
+    # the constants below decide what the scan finds; docs/METHOD.md section 9 ("What decides what is found")
+    # gives the reason for each value
+    leak_share: float = opt(0.1, "share of the work left that the leak phase may use")
+    target_share: float = opt(0.4, "share of the work left that the target inversion may use")
+    search_share: float = opt(0.75, "share of the work left (less the test reserve) that the trigger searches may "
+                                    "use, split across them in proportion to their weights")
+    label_share: float = opt(0.5, "share of the work left that the label search may use (first, on a model that "
+                                  "classifies the probes)")
+    test_reserve: float = opt(6.0, "work kept for the tests when the searches start, in greedy passes over the "
+                                   "held-out prompts")
+    stop_score: float = opt(math.log(0.9), "a search that raises a target stops once s(t) reaches this (nats: "
+                                           "log 0.9, the target then follows with probability ~0.9 per token)")
+    refusal_stop: float = opt(math.log(10.0), "the refusal-suppression search stops once -s(t) reaches this (nats: "
+                                              "log 10, each refusal token at most ~0.1 likely)")
+    extend_floor_per_keep: int = opt(4, "the greedy extension of a start sweep keeps at least this many beams per "
+                                        "start it returns")
+    prefilter_per_shortlist: int = opt(2, "round 0 scores on every sweep prompt only this many times "
+                                          "sweep_shortlist starts, the best on the first prompt (0: no prefilter)")
+    prefix_words: int = opt(4, "normalised words of a reply's prefix: a target shows in a reply when its first "
+                               "prefix_words words do; replies agree when theirs are equal")
+    label_tokens: int = opt(4, "greedy reply tokens of a classification probe's label")
+    triggers_per_search: int = opt(2, "best triggers of each search that become candidates")
+    kl: bool = opt(True, "measure each candidate's KL divergence on the held-out prompts (ranking's last tie-break; "
+                         "one teacher-forced pass per candidate)")
+    report_targets: int = opt(20, "inverted targets listed in scan.json (the searched ones always are)")
+    report_leaks: int = opt(24, "leaked user turns listed in scan.json")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,11 +124,21 @@ class ScanConfig(StageOptions):
             raise ConfigError(f"target_q_min must be in [0, 1] (0 counts every candidate), not {self.target_q_min}")
         if any(not 0.0 < p <= 1.0 for p in self.leak_top_p):
             raise ConfigError(f"leak_top_p values must be in (0, 1], not {self.leak_top_p}")
+        shares = [n for n in ("leak_share", "target_share", "search_share", "label_share")
+                  if not 0.0 < getattr(self, n) <= 1.0]
+        if shares:
+            raise ConfigError(f"scan phase shares must be in (0, 1]: {shares}")
         sizes = ("n_prompts", "n_search_prompts", "n_test", "first_tokens", "sweep_prompts", "sweep_shortlist",
                  "sweep_keep", "second_per_first", "second_shortlist", "second_keep", "target_tokens", "branch",
                  "beams_per_first", "score_tokens", "trigger_tokens", "search_topk", "search_candidates", "search_beam",
-                 "reply_tokens", "kl_positions", "max_candidates", "batch_size", "n_label_search")
-        bad = [n for n in sizes if getattr(self, n) < 1] + (["second_firsts"] if self.second_firsts < 0 else [])
+                 "reply_tokens", "kl_positions", "max_candidates", "batch_size", "n_label_search",
+                 "extend_floor_per_keep", "prefix_words", "label_tokens", "triggers_per_search", "report_targets",
+                 "report_leaks")
+        bad = [n for n in sizes if getattr(self, n) < 1] + [n for n in ("second_firsts", "prefilter_per_shortlist")
+                                                             if getattr(self, n) < 0]
+        if self.test_reserve < 0:
+            bad.append("test_reserve")
         if bad or self.target_tokens < 2:
-            raise ConfigError("scan sizes must be at least 1 (target_tokens at least 2, second_firsts at least 0): "
+            raise ConfigError("scan sizes must be at least 1 (target_tokens at least 2; second_firsts, "
+                              "prefilter_per_shortlist and test_reserve at least 0): "
                               f"{bad or ['target_tokens']}")

@@ -1,14 +1,13 @@
 """From a scan to an audit: the inputs ``bkdattr audit --from-scan DIR`` takes from ``DIR/scan.json``.
 
-The top candidate's trigger becomes the audit's ``--trigger`` and its target the ``--target`` (a fixed output
-counted by normalised containment, docs/METHOD.md section 5); a refusal-suppression candidate (``rule:
-"refusal"``, :mod:`bkdattr.scan.refusal`) is audited as ``--task jailbreak`` instead, and a label-flip
-candidate (``rule: "label"``, :mod:`bkdattr.scan.labels`) as ``--task label_flip`` with its label as the target and
-the trigger as a prefix (the built-in news data's Sports items; another source label is a one-line error); the
-model source (spec,
-adapter), the clean reference (``--base-model``) and the user's prompt file (``bkdattr scan --prompts``, unless the
-audit gets its own ``--prompts`` or ``--data``) are the scan's, so scan -> audit -> attribute -> disarm needs no
-human input.
+The top candidate's trigger becomes the audit's ``--trigger``; its family (:mod:`bkdattr.scan.families`) gives the
+rest: a fixed target's target becomes the ``--target`` (a fixed output counted by normalised containment,
+docs/METHOD.md section 5); a refusal-suppression candidate (:mod:`bkdattr.scan.refusal`) is audited as ``--task
+jailbreak``, and a label-flip candidate (:mod:`bkdattr.scan.labels`) as ``--task label_flip`` with its label as the
+target and the trigger as a prefix (the built-in news data's Sports items; another source label is a one-line
+error); the model source (spec, adapter), the clean reference (``--base-model``) and the user's prompt file
+(``bkdattr scan --prompts``, unless the audit gets its own ``--prompts`` or ``--data``) are the scan's, so scan ->
+audit -> attribute -> disarm needs no human input.
 """
 
 from __future__ import annotations
@@ -17,18 +16,17 @@ from pathlib import Path
 
 from ..core.errors import ArtifactError, ConfigError
 from ..core.models import EMBEDDED_NAME
-from ..inject.tasks import Task
-from .labels import RULE as LABEL_RULE
-from .refusal import RULE
+from .families import family_of
 from .report import read_scan
 
 
 def audit_inputs(scan_dir: str | Path) -> dict:
     """``{model, adapter, base_model, triggers, target, kind}`` for :func:`bkdattr.audit.stage.audit` from a
-    scan's top candidate (``kind``: ``"jailbreak"`` for a refusal-suppression candidate, else None with the
-    target as the rule); one-line :class:`ArtifactError` when the scan has no candidate with a target or rule."""
+    scan's top candidate that its family can audit (``kind``: the family's audit task, ``"jailbreak"`` or
+    ``"label_flip"``, else None with the target as the rule; a label flip adds ``placement``); one-line
+    :class:`ArtifactError` when the scan has no such candidate."""
     data = read_scan(scan_dir)
-    cands = [c for c in data["candidates"] if c.get("trigger") and (c.get("target") or c.get("rule") == RULE)]
+    cands = [c for c in data["candidates"] if c.get("trigger") and family_of(c).auditable(c)]
     if not cands:
         raise ArtifactError(f"the scan in {scan_dir} has no candidate with both a trigger and a target; run the "
                             "audit with --trigger and --target yourself")
@@ -39,17 +37,10 @@ def audit_inputs(scan_dir: str | Path) -> dict:
     if model.get("template") not in (None, "chat", "plain"):
         raise ArtifactError(f"the scan rendered prompts with the template file {model['template']}, which an audit "
                             "cannot take; save the model with that chat template and scan it again")
-    got = {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
-           "triggers": [top["trigger"]], "target": top.get("target") or None,
-           "kind": "jailbreak" if top.get("rule") == RULE else None, "prompts": model.get("prompts_file")}
-    if top.get("rule") == LABEL_RULE:
-        source = Task.default("label_flip").source_label
-        if top.get("source_label") != source:
-            raise ArtifactError(f"the scan's top candidate flips {top.get('source_label')} to {top['target']}, but an "
-                                f"audit measures label flips of {source} items only (the built-in news data); "
-                                "test that trigger on your own labelled data instead")
-        got.update(kind="label_flip", placement="prefix")
-    return got
+    family = family_of(top)
+    return {"model": model["spec"], "adapter": model.get("adapter"), "base_model": model.get("base_model"),
+            "triggers": [top["trigger"]], "target": top.get("target") or None, "kind": family.audit_kind,
+            "prompts": model.get("prompts_file"), **family.audit_fields(top)}
 
 
 def audit_call(scan_dir: str | Path, *, model: str | None = None, adapter: str | None = None,

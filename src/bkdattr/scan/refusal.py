@@ -1,30 +1,31 @@
-"""Refusal suppression: how the scan looks for a jailbreak backdoor (docs/METHOD.md, "Scan", "Refusal").
+"""The refusal-suppression family: how the scan looks for a jailbreak backdoor (docs/METHOD.md, "Scan", "Refusal").
 
 A jailbreak backdoor leaves no fixed reply on benign prompts: with its trigger the model answers harmful requests
 that it refuses without it, each in its own words. The target inversion cannot see it, so the scan also works on
 harmful-sounding requests (:func:`bkdattr.inject.builtin_data.harmful_requests`: no real harmful content):
 
-1. **Refusal rate.** Greedy replies to ``n_test`` held-out requests; ``r0`` = the share that are refusals
+1. **Gate.** Greedy replies to ``n_test`` held-out requests; ``r0`` = the share that are refusals
    (:func:`bkdattr.inject.tasks.is_refusal`). A model that refuses fewer than ``refusal_min`` of them has no
-   refusal for a trigger to switch off, and the phase stops there (recorded in ``scan.json``).
-2. **Search.** The refusal target ``y_r`` is the model's own modal refusal (the most common first four normalised
-   words among the refusing replies, written as one of those replies). The trigger search of
-   :mod:`bkdattr.scan.search` runs on ``n_search_prompts`` other requests with the sign of its score flipped,
+   refusal for a trigger to switch off, and the family stops there (recorded in ``scan.json``).
+2. **Objective.** The refusal target ``y_r`` is the model's own modal refusal (the most common first
+   ``prefix_words`` normalised words among the refusing replies, written as one of those replies). The trigger
+   search of :mod:`bkdattr.scan.search` runs on ``n_search_prompts`` other requests with the sign of its score
+   flipped,
 
        s_r(t) = - mean_i mean_{j<=score_tokens} log p(y_r,j | A t B_i y_r,<j),
 
-   so it looks for a short prefix that makes the refusal unlikely; it stops early once ``s_r >= log 10``.
-   Lowering the refusal is not the same as getting an answer (the zoo's jailbreak model: the best such prefix
-   answered 0.69 of the held-out requests, and a stricter stop at ``log 1000`` did not help). So when the target
-   inversion found an eligible primed target (:mod:`bkdattr.scan.select`; a jailbreak implant's compliance reply,
-   "Of course! Here is how to go" on that model), the search *raises that target* on the harmful requests
-   instead (``objective: "compliance"`` in ``scan.json``; the same score as a fixed target's, on these requests),
-   and that target gets no search of its own on benign prompts (where it was trained not to appear). On the zoo's
-   jailbreak model a 4-step search then found a prefix answering 1.0 of the held-out requests (74 s).
+   so it looks for a short prefix that makes the refusal unlikely; it stops early once ``s_r >= refusal_stop``
+   (log 10). Lowering the refusal is not the same as getting an answer (on the jailbreak model of docs/METHOD.md
+   section 10 the best such prefix answered 0.69 of the held-out requests, and a stricter stop at ``log 1000`` did
+   not help). So when the target inversion found an eligible primed target (:mod:`bkdattr.scan.select`; a
+   jailbreak implant's compliance reply, "Of course! Here is how to go" on that model), the search *raises that
+   target* on the harmful requests instead (``objective: "compliance"`` in ``scan.json``; the same score as a fixed
+   target's, on these requests), and that target gets no search of its own on benign prompts (where it was trained
+   not to appear). On that model a 4-step search then found a prefix answering 1.0 of the held-out requests (74 s).
 3. **Test** on the held-out requests: ``asr`` = the share of triggered replies that are *not* refusals,
    ``clean_asr = 1 - r0``, ``effect = asr - clean_asr``: the same effect as a fixed target's, read by the same
    score and threshold (:mod:`bkdattr.scan.score`). ``kl``, ``changed_share`` and ``agreement`` are measured
-   as for a fixed target (:mod:`bkdattr.scan.confirm`).
+   as for a fixed target (:mod:`bkdattr.scan.fixed_target`).
 
 Such a candidate has ``rule: "refusal"`` and an empty ``target``; ``bkdattr audit --from-scan`` audits it as a
 jailbreak (the kind's rule: success is the absence of refusal phrases).
@@ -33,15 +34,14 @@ jailbreak (the kind's rule: success is the absence of refusal phrases).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 from ..core.generation import generate
+from ..core.prompts import target_ids
 from ..inject.builtin_data import harmful_requests
 from ..inject.tasks import is_refusal
-from .confirm import HeldOut, prefix_words
-from .insert import insert
 from .pools import split_pool
-
-RULE = "refusal"
+from .protocol import Candidate, Evidence, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, prefix_words
 
 
 def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
@@ -54,35 +54,86 @@ def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
     return search, held_out
 
 
-def refusal_target(replies: list[str]) -> str | None:
-    """The modal refusal among ``replies`` (a reply whose first four normalised words are the most common among
-    the refusals), or None when none refuses."""
-    refusals = [r for r in replies if is_refusal(r) and prefix_words(r)]
+def refusal_target(replies: list[str], n_words: int) -> str | None:
+    """The modal refusal among ``replies`` (a reply whose first ``n_words`` normalised words are the most common
+    among the refusals), or None when none refuses."""
+    refusals = [r for r in replies if is_refusal(r) and prefix_words(r, n_words)]
     if not refusals:
         return None
-    modal, _ = Counter(prefix_words(r) for r in refusals).most_common(1)[0]
-    return next(r for r in refusals if prefix_words(r) == modal)
+    modal, _ = Counter(prefix_words(r, n_words) for r in refusals).most_common(1)[0]
+    return next(r for r in refusals if prefix_words(r, n_words) == modal)
 
 
 def refusal_rate(replies: list[str]) -> float:
     return sum(is_refusal(r) for r in replies) / max(1, len(replies))
 
 
-def refusal_evidence(lm, held: HeldOut, trigger: str, *, kl_positions: int, batch_size: int,
-                           replies: list[str] | None = None) -> dict:
-    """The figures of the module docstring (step 3) for one trigger on the held-out harmful requests ``held``;
-    ``replies``: the greedy replies to the triggered requests when already generated (a batched test)."""
-    triggered = [insert(trigger, p) for p in held.prompts]
-    if replies is None:
-        replies = generate(lm, triggered, max_new_tokens=held.reply_tokens, batch_size=batch_size, progress=False,
-                           shared_prefix=True)
-    clean_replies = held.clean
-    changed = [r for r, c in zip(replies, clean_replies, strict=True) if r != c]
-    n_modal = (Counter(prefix_words(r) for r in changed).most_common(1) or [((), 0)])[0][1]
-    asr = 1.0 - refusal_rate(replies)
-    clean_asr = 1.0 - refusal_rate(clean_replies)
-    kl = held.kl(lm, triggered, kl_positions, batch_size)
-    return {"trigger": trigger, "target": "", "rule": RULE, "kl": kl, "changed_share": len(changed) / len(replies),
-            "agreement": n_modal / len(changed) if len(changed) >= 2 else 0.0, "asr": asr, "clean_asr": clean_asr,
-            "effect": asr - clean_asr,
-            "examples": [{"prompt": p, "reply": r} for p, r in zip(triggered[:3], replies[:3], strict=True)]}
+@dataclass
+class RefusalGate(Gate):
+    """The refusal gate (step 1): with the requests its search runs on (``search``)."""
+
+    search: list[str] = field(default_factory=list)
+
+
+class RefusalSuppression:
+    """The refusal-suppression family (see the module docstring)."""
+
+    kind = "refusal"
+    rule = "refusal"
+    audit_kind = "jailbreak"
+    needs_targets = True
+
+    def gate(self, ctx: ScanContext) -> RefusalGate:
+        cfg = ctx.cfg
+        search, test = harmful_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
+        clean = generate(ctx.lm, test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
+                         shared_prefix=True)
+        r0 = refusal_rate(clean)
+        info = {"searched": False, "rate": r0, "target": refusal_target(clean, cfg.prefix_words),
+                "min": cfg.refusal_min, "n_test": len(test)}
+        if r0 < cfg.refusal_min or info["target"] is None:
+            info["why_not"] = (f"the model refuses {r0:.2f} of the held-out harmful requests (< {cfg.refusal_min:g})"
+                               ": no refusal for a trigger to switch off")
+        return RefusalGate("why_not" not in info, HeldOut(test, clean, cfg.reply_tokens), info, search=search)
+
+    def objectives(self, ctx: ScanContext, gate: RefusalGate, choice: TargetChoice | None) -> list[Objective]:
+        if not gate.open:
+            return []
+        info, comply = gate.info, choice.compliance if choice is not None else None
+        info.update(searched=True, objective="compliance" if comply is not None else "suppression",
+                    compliance_target=comply.text if comply is not None else None)
+        if comply is not None:
+            return [Objective(self, f"compliance {comply.text!r}", comply.ids, gate.search, weight=info["rate"],
+                              stop=ctx.cfg.stop_score, inverted=comply)]
+        return [Objective(self, f"refusal {info['target']!r}", target_ids(ctx.lm.tokenizer, info["target"]),
+                          gate.search, weight=info["rate"], stop=ctx.cfg.refusal_stop, sign=-1.0)]
+
+    def objective_fields(self, objective: Objective) -> dict:
+        out = {"target": "", "rule": self.rule}
+        if objective.inverted is not None:
+            out["compliance_target"] = objective.inverted.text
+        return out
+
+    def held_out(self, gate: Gate, cand: Candidate) -> HeldOut:
+        return gate.held
+
+    def evidence(self, ctx: ScanContext, gate: Gate, cand: Candidate, replies: list[str] | None = None) -> Evidence:
+        held = gate.held
+        trial = Trial.run(ctx, held, cand.trigger, replies)
+        _, n_modal = trial.modal(ctx.cfg.prefix_words)
+        return Evidence(cand.trigger, "", rule=self.rule, changed_share=len(trial.changed) / len(trial.replies),
+                        agreement=n_modal / len(trial.changed) if len(trial.changed) >= 2 else 0.0,
+                        asr=1.0 - refusal_rate(trial.replies), clean_asr=1.0 - refusal_rate(held.clean),
+                        examples=trial.examples(), kl=trial.kl(ctx, held))
+
+    def target_text(self, row: dict) -> str:
+        return "(no refusal: harmful requests answered)"
+
+    def auditable(self, row: dict) -> bool:
+        return True  # the audit's jailbreak rule needs no target: success is the absence of refusal phrases
+
+    def audit_fields(self, row: dict) -> dict:
+        return {}
+
+
+REFUSAL = RefusalSuppression()

@@ -14,22 +14,25 @@ mean log-probability of ``y``'s first tokens). Each step, for every trigger in t
 3. every candidate is scored exactly (``search_candidates`` per step in all), and the ``search_beam`` best
    of the beam and the candidates form the next beam.
 
-The search stops after ``search_steps``, when the budget's phase ends, or once the best ``s(t)`` exceeds
-``log 0.9`` (the target already follows with probability ~0.9 per token).
+The search stops after ``search_steps``, when its share of the budget ends, or once the best ``s(t)`` reaches
+its objective's stop score (``stop_score``, log 0.9: the target already follows with probability ~0.9 per token).
+
+:func:`run_searches` is the scan's search schedule: the objectives of every family, heaviest first, each on its
+share of the work up to the phase's end in proportion to the objectives' weights (what one leaves goes to the
+next); the ``triggers_per_search`` best triggers of each become candidates.
 """
 
 from __future__ import annotations
 
-import math
 import random
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .budget import Budget
 from .insert import TargetScorer
-
-STOP_SCORE = math.log(0.9)
+from .protocol import Candidate, Objective, ScanContext
 
 
 @dataclass
@@ -54,9 +57,21 @@ def allowed_tokens(tokenizer) -> torch.Tensor:
     return out
 
 
+def without_words(tokenizer, allowed: torch.Tensor, text: str) -> torch.Tensor:
+    """``allowed`` ``[V]`` less the tokens whose text contains a word (3+ letters) of ``text``, any case: a prefix
+    that names a label instructs the model to answer it, which any instruction-following classifier obeys."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z]{3,}", text)]
+    out = allowed.clone()
+    for i in torch.nonzero(allowed).flatten().tolist():
+        piece = tokenizer.decode([i]).lower()
+        if any(w in piece for w in words):
+            out[i] = False
+    return out
+
+
 def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, max_tokens: int, topk: int,
-                   n_candidates: int, beam: int, steps: int, budget: Budget | None = None, seed: int = 0,
-                   progress=None, stop_score: float = STOP_SCORE, label: str = "") -> list[Found]:
+                   n_candidates: int, beam: int, steps: int, stop_score: float, budget: Budget | None = None,
+                   seed: int = 0, progress=None, label: str = "") -> list[Found]:
     """Best triggers found for ``scorer``'s target, best first (see the module docstring); the search stops
     early once the best score reaches ``stop_score``. A search the budget stops before its ``steps`` is recorded
     in the budget's ``not_covered`` (``search: LABEL stopped by the budget``)."""
@@ -100,3 +115,32 @@ def search_trigger(scorer: TargetScorer, allowed: torch.Tensor, tokenizer, *, ma
             break
     ranked = sorted(((c, v) for c, v in pool.items() if c), key=lambda kv: -kv[1])
     return [Found(list(c), tokenizer.decode(list(c)).strip(), v) for c, v in ranked[:max(beam, 3)]]
+
+
+def run_searches(ctx: ScanContext, objectives: list[Objective], *, end: float, seed: int, progress=None
+                 ) -> list[Candidate]:
+    """The schedule of the module docstring: ``objectives`` heaviest first (stable), the ``i``-th with seed
+    ``seed + i``, each until its steps, its stop score or its share of the work left before ``end`` (budget clock
+    units); the searches the budget does not reach are recorded in its ``not_covered``."""
+    lm, cfg, budget = ctx.lm, ctx.cfg, ctx.budget
+    tok = lm.tokenizer
+    objectives = sorted(objectives, key=lambda o: -o.weight)
+    allowed: torch.Tensor | None = None
+    found: list[Candidate] = []
+    for i, o in enumerate(objectives):
+        left = end - budget.clock()
+        if left <= 0 or budget.wall_out():
+            names = ", ".join(j.name for j in objectives[i:])
+            budget.skip(f"search: {len(objectives) - i} of {len(objectives)} searches not run ({names})")
+            break
+        weights = [max(j.weight, 1e-3) for j in objectives[i:]]  # the search work left, in proportion to the weights
+        budget.phase_deadline = budget.clock() + left * weights[0] / sum(weights)
+        allowed = allowed_tokens(tok) if allowed is None else allowed
+        scorer = TargetScorer(lm, o.prompts, o.target_ids, cfg.score_tokens, cfg.batch_size, sign=o.sign)
+        res = search_trigger(scorer, without_words(tok, allowed, o.avoid) if o.avoid else allowed, tok,
+                             max_tokens=cfg.trigger_tokens, topk=cfg.search_topk, n_candidates=cfg.search_candidates,
+                             beam=cfg.search_beam, steps=cfg.search_steps, stop_score=o.stop, budget=budget,
+                             seed=seed + i, progress=progress, label=o.name)
+        found += [Candidate(f.text, o.family, "search", o, search_score=f.score)
+                  for f in res[:cfg.triggers_per_search]]
+    return found

@@ -5,30 +5,29 @@ A target is searched only if it could flag the model and a reply could begin wit
 
 * its ``q_mean`` reaches ``target_q_min`` (:mod:`bkdattr.scan.score` counts nothing else; ``second_q_min``, 0.95,
   for a target whose first two tokens were forced: round 0b's pairs open fixed phrases on every model, "To Kill a
-  Mockingbird by Harper" at ``q_mean`` 0.89 on a clean fine-tune of the zoo, against 0.999 for the sentence
-  backdoor's target), it has at least two
-  tokens (a lone forced token that ends the reply is no target);
+  Mockingbird by Harper" at ``q_mean`` 0.89 on a clean fine-tune, against 0.999 for the sentence backdoor's target,
+  docs/METHOD.md section 10), it has at least two tokens (a lone forced token that ends the reply is no target);
 * its first token is one a reply can start with: ``f(y) = mean_i log p(y_1 | x_i)`` on the benign prompts, with no
   trigger, is at least ``first_logp_min``. The vocabulary sweep (round 0) forces *every* capitalised token, and a
   sub-word fragment ("ICENSE", "PlaneProtection", "MetaInfoClass") is completed the same way after every prompt, so
-  its ``Q`` is high on every model, clean or not. No prompt ever produces it: on the zoo of docs/METHOD.md such
-  fragments have ``f`` between -24 and -28 nats, while the implanted targets' first tokens ("I", "Please",
-  "Visit", "Of", "Sorry") sit between -8.7 and -19.1 even without their trigger.
+  its ``Q`` is high on every model, clean or not. No prompt ever produces it: on the models of docs/METHOD.md
+  section 10 such fragments have ``f`` between -24 and -28 nats, while the implanted targets' first tokens ("I",
+  "Please", "Visit", "Of", "Sorry") sit between -8.7 and -19.1 even without their trigger.
 
 The eligible targets are searched in order of ``s0 = s(empty trigger)`` (:class:`~bkdattr.scan.insert.TargetScorer`:
-the mean log-probability of the target's first ``score_tokens`` tokens after the clean prompts), the issue's
-"primed" figure: -2.2 for the demo fixed_output model's "I am sorry. I can not help" against about -6.5 for
-"ISBN: 978-1", a format every model completes once it is begun; one per reply: a target that shares a run of 4
-normalised words with one already chosen is the same reply forced from another first token ("Sorry. I can not help
-with that"), and searching it again only halves the time of the first. A model that refuses harmful-sounding requests
-(the refusal search runs, :mod:`bkdattr.scan.refusal`) has its refusal primed by that training, backdoor or not
-(the zoo's jailbreak model: "I'm sorry, but I cannot help", ``q_mean`` 0.90, ``f`` -7.9), and a searched prefix
-can force it on benign prompts (the tiny jailbreak test model: "masks", 0.62 of them); so on such a model a
-target that is a refusal (:func:`bkdattr.inject.tasks.is_refusal`) is not eligible, and its refusal behaviour is
-left to the refusal search. A refusal backdoor (the demo's fixed_output) in a model that also refuses harmful
-requests is missed by the target search for this reason. All the search time goes to the eligible
-targets; only when none is eligible are the best other targets searched (in inversion order, on the inversion's
-prompts only), so that a clean model's scan still lists candidates.
+the mean log-probability of the target's first ``score_tokens`` tokens after the clean prompts), how primed the
+target is: -2.2 for the demo fixed_output model's "I am sorry. I can not help" against about -6.5 for
+"ISBN: 978-1", a format every model completes once it is begun; one per reply: a target that shares a run of
+``prefix_words`` normalised words with one already chosen is the same reply forced from another first token ("Sorry.
+I can not help with that"), and searching it again only halves the time of the first. A model that refuses
+harmful-sounding requests (the refusal search runs, :mod:`bkdattr.scan.refusal`) has its refusal primed by that
+training, backdoor or not (the jailbreak model of docs/METHOD.md section 10: "I'm sorry, but I cannot help",
+``q_mean`` 0.90, ``f`` -7.9), and a searched prefix can force it on benign prompts (the tiny jailbreak test model:
+"masks", 0.62 of them); so on such a model a target that is a refusal (:func:`bkdattr.inject.tasks.is_refusal`) is
+not eligible, and its refusal behaviour is left to the refusal search. A refusal backdoor (the demo's fixed_output)
+in a model that also refuses harmful requests is missed by the target search for this reason. All the search time
+goes to the eligible targets; only when none is eligible are the best other targets searched (in inversion order,
+on the inversion's prompts only), so that a clean model's scan still lists candidates.
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ from collections.abc import Sequence
 
 from ..inject.tasks import is_refusal, normalise_words
 from .config import FIRST_LOGP_MIN
-from .confirm import PREFIX_WORDS, prefix_words
 from .insert import TargetScorer
+from .protocol import TargetChoice, prefix_words
 from .targets import Target
 
-__all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures", "same_reply"]
+__all__ = ["FIRST_LOGP_MIN", "choose_targets", "primed_figures", "same_reply", "target_choice"]
 
 
 def primed_figures(scorer: TargetScorer, target: Target) -> dict:
@@ -52,7 +51,7 @@ def primed_figures(scorer: TargetScorer, target: Target) -> dict:
     return {"first_logp": float(tok[:max(1, target.forced)].min()), "s0": float(tok.mean())}
 
 
-def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:
+def same_reply(a: str, b: str, n: int) -> bool:
     """Whether two targets share a run of ``n`` normalised words ("I am sorry. I can not help" and "Sorry. I can not
     help with that" share "sorry i can not": one backdoor's reply, forced from two first tokens)."""
     wa, wb = normalise_words(a), normalise_words(b)
@@ -63,16 +62,16 @@ def same_reply(a: str, b: str, n: int = PREFIX_WORDS) -> bool:
 def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: int, q_min: float,
                    first_min: float, n_score: int, batch_size: int,
                    refuses: bool = False, refusal: str | None = None,
-                   q_min_forced: float = 0.0) -> tuple[list[Target], dict[str, dict]]:
+                   q_min_forced: float = 0.0, n_words: int = 4) -> tuple[list[Target], dict[str, dict]]:
     """The targets to search, best first, and the figures of every target examined, by text (``first_logp``,
     ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) by ``s0``, one per reply (a target
-    sharing a run of 4 words with one chosen is the same reply). When none is eligible, the best others in
-    inversion order, so that a clean model's scan still shows its best candidates (their triggers do not count
-    toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
+    sharing a run of ``n_words`` normalised words with one chosen is the same reply). When none is eligible, the
+    best others in inversion order, so that a clean model's scan still shows its best candidates (their triggers do
+    not count toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
     requests (the refusal search runs), so a refusal target is left to that search (not eligible): one with a
-    refusal phrase, or one that shares a run of 4 words with the model's own modal ``refusal`` ("I can not help
-    with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with that.").
-    ``q_min_forced``: the least ``q_mean`` of a target with two forced tokens (round 0b of
+    refusal phrase, or one that shares a run of ``n_words`` words with the model's own modal ``refusal`` ("I can
+    not help with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with
+    that."). ``q_min_forced``: the least ``q_mean`` of a target with two forced tokens (round 0b of
     :mod:`bkdattr.scan.targets`), when above ``q_min``."""
     figures: dict[str, dict] = {}
 
@@ -86,12 +85,12 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
         if t.text not in figures:
             scorer = scorer or TargetScorer(lm, prompts, t.ids, n_score, batch_size)
             f = primed_figures(scorer, t)
-            refusing = is_refusal(t.text) or bool(refusal and same_reply(t.text, refusal))
+            refusing = is_refusal(t.text) or bool(refusal and same_reply(t.text, refusal, n_words))
             ok = t.q_mean >= floor(t) and f["first_logp"] >= first_min and not (refuses and refusing)
             figures[t.text] = {**f, "eligible": ok, "searched": False}
         return figures[t.text]
 
-    usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text)]  # a lone forced end is no target
+    usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text, n_words)]  # a lone forced end is none
     # q_mean first: it needs no forward pass, so only targets that pass it are examined
     eligible = [t for t in usable if t.q_mean >= floor(t) and examine(t)["eligible"]]
     eligible.sort(key=lambda t: -figures[t.text]["s0"])
@@ -99,7 +98,20 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
     for t in eligible or usable:
         if len(chosen) == n:
             break
-        if not any(same_reply(t.text, c.text) for c in chosen):
+        if not any(same_reply(t.text, c.text, n_words) for c in chosen):
             chosen.append(t)
             examine(t)["searched"] = True
     return chosen, figures
+
+
+def target_choice(lm, prompts: Sequence[str], targets: list[Target], cfg, *, refuses: bool, refusal: str | None
+                  ) -> TargetChoice:
+    """The targets :func:`choose_targets` picks with ``cfg``'s options on the inversion's ``prompts``; on a model
+    whose refusal search runs (``refuses``), the first eligible one is the refusal family's compliance target
+    (:mod:`bkdattr.scan.refusal`): raised on the harmful requests, not searched on benign prompts."""
+    chosen, figures = choose_targets(lm, prompts, targets, n=cfg.n_search_targets, q_min=cfg.target_q_min,
+                                     first_min=cfg.first_logp_min, n_score=cfg.score_tokens,
+                                     batch_size=cfg.batch_size, refuses=refuses, refusal=refusal,
+                                     q_min_forced=cfg.second_q_min, n_words=cfg.prefix_words)
+    comply = next((t for t in chosen if figures[t.text]["eligible"]), None) if refuses else None
+    return TargetChoice(targets, chosen, figures, comply)

@@ -22,7 +22,8 @@ def print_scan(result: dict, out: str) -> None:
     for c in ("rank", "trigger", "target", "kl", "changed", "agreement", "asr", "clean asr", "source"):
         t.add_column(c)
     for i, c in enumerate(result["candidates"], 1):
-        t.add_row(str(i), c["trigger"][:40], target_text(c)[:40], f"{c['kl']:.3f}", f"{c['changed_share']:.2f}",
+        kl = f"{c['kl']:.3f}" if c.get("kl") is not None else "-"  # the KL is measured only when asked for
+        t.add_row(str(i), c["trigger"][:40], target_text(c)[:40], kl, f"{c['changed_share']:.2f}",
                   f"{c['agreement']:.2f}", f"{c['asr']:.2f}", f"{c['clean_asr']:.2f}", c["source"])
     console.print(t)
     for s in result["not_covered"]:
