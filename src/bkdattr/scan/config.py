@@ -83,8 +83,9 @@ class ScanConfig(StageOptions):
     target_q_min: float = opt(TARGET_Q_MIN, "least q_mean of an inverted target for its searched trigger to count "
                                             "toward the score (a primed target); 0 counts every candidate")
     batch_size: int = opt(64, "rows per forward pass")
-    # the constants below decide what the scan finds; docs/METHOD.md section 9 ("What decides what is found")
-    # gives the reason for each value
+    # The fields below decide what the scan finds; docs/METHOD.md section 7 ("What decides what is found") gives the
+    # reason for each value.
+    # - how the work budget is shared between the phases (each a share of the work left when it starts)
     leak_share: float = opt(0.1, "share of the work left that the leak phase may use")
     target_share: float = opt(0.4, "share of the work left that the target inversion may use")
     search_share: float = opt(0.75, "share of the work left (less the test reserve) that the trigger searches may "
@@ -93,20 +94,24 @@ class ScanConfig(StageOptions):
                                   "classifies the probes)")
     test_reserve: float = opt(6.0, "work kept for the tests when the searches start, in greedy passes over the "
                                    "held-out prompts")
+    # - when a search stops
     stop_score: float = opt(math.log(0.9), "a search that raises a target stops once s(t) reaches this (nats: "
                                            "log 0.9, the target then follows with probability ~0.9 per token)")
     refusal_stop: float = opt(math.log(10.0), "the refusal-suppression search stops once -s(t) reaches this (nats: "
                                               "log 10, each refusal token at most ~0.1 likely)")
+    # - the cuts of the start sweeps (rounds 0 and 0b of the target inversion)
     extend_floor_per_keep: int = opt(4, "the greedy extension of a start sweep keeps at least this many beams per "
                                         "start it returns")
     prefilter_per_shortlist: int = opt(2, "round 0 scores on every sweep prompt only this many times "
                                           "sweep_shortlist starts, the best on the first prompt (0: no prefilter)")
+    # - how replies are read, and what becomes a candidate
     prefix_words: int = opt(4, "normalised words of a reply's prefix: a target shows in a reply when its first "
                                "prefix_words words do; replies agree when theirs are equal")
     label_tokens: int = opt(4, "greedy reply tokens of a classification probe's label")
     triggers_per_search: int = opt(2, "best triggers of each search that become candidates")
     kl: bool = opt(True, "measure each candidate's KL divergence on the held-out prompts (ranking's last tie-break; "
                          "one teacher-forced pass per candidate)")
+    # - what scan.json lists
     report_targets: int = opt(20, "inverted targets listed in scan.json (the searched ones always are)")
     report_leaks: int = opt(24, "leaked user turns listed in scan.json")
 

@@ -24,29 +24,14 @@
 
 from __future__ import annotations
 
-from ..core.generation import generate
-from ..inject.tasks import _contains_words, normalise_words
-from .protocol import Candidate, Evidence, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, prefix_words
+from .protocol import Candidate, Evidence, Family, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, shows
 
 
-def shows(reply: str, target: str, n_words: int) -> bool:
-    """Whether ``reply`` contains the target's first ``n_words`` normalised words in a row."""
-    return _contains_words(normalise_words(reply), list(prefix_words(target, n_words)))
-
-
-class FixedTarget:
+class FixedTarget(Family, kind="fixed_target"):
     """The fixed-target family (see the module docstring)."""
 
-    kind = "fixed_target"
-    rule = None
-    audit_kind = None
-    needs_targets = True
-
     def gate(self, ctx: ScanContext) -> Gate:
-        cfg = ctx.cfg
-        clean = generate(ctx.lm, ctx.held_out, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size,
-                         progress=False, shared_prefix=True)
-        return Gate(True, HeldOut(ctx.held_out, clean, cfg.reply_tokens))
+        return Gate(True, HeldOut.of(ctx, ctx.held_out, ctx.cfg.reply_tokens))
 
     def objectives(self, ctx: ScanContext, gate: Gate, choice: TargetChoice | None) -> list[Objective]:
         if choice is None:
@@ -62,32 +47,18 @@ class FixedTarget:
         return {"target": objective.target, "target_q": t.q, "target_q_mean": t.q_mean,
                 "target_first_logp": f["first_logp"], "target_s0": f["s0"], "target_eligible": f["eligible"]}
 
-    def held_out(self, gate: Gate, cand: Candidate) -> HeldOut:
-        return gate.held
-
     def evidence(self, ctx: ScanContext, gate: Gate, cand: Candidate, replies: list[str] | None = None) -> Evidence:
         n_words = ctx.cfg.prefix_words
         held = gate.held
         trial = Trial.run(ctx, held, cand.trigger, replies)
         modal, n_modal = trial.modal(n_words)
-        target = cand.target
-        if not target:
-            target = next((r for r in trial.changed if prefix_words(r, n_words) == modal), "") if n_modal >= 2 else ""
+        target = cand.target or (modal if n_modal >= 2 else "")
         n = len(trial.replies)
         asr = sum(shows(r, target, n_words) for r in trial.replies) / n if target else 0.0
         clean_asr = sum(shows(r, target, n_words) for r in held.clean) / n if target else 0.0
         return Evidence(cand.trigger, target, changed_share=len(trial.changed) / n,
-                        agreement=n_modal / len(trial.changed) if len(trial.changed) >= 2 else 0.0, asr=asr,
-                        clean_asr=clean_asr, examples=trial.examples(), kl=trial.kl(ctx, held))
-
-    def target_text(self, row: dict) -> str:
-        return row.get("target") or ""
-
-    def auditable(self, row: dict) -> bool:
-        return bool(row.get("target"))
-
-    def audit_fields(self, row: dict) -> dict:
-        return {}
+                        agreement=trial.agreement(n_modal), asr=asr, clean_asr=clean_asr, examples=trial.examples(),
+                        kl=trial.kl(ctx, held))
 
 
 FIXED_TARGET = FixedTarget()

@@ -14,7 +14,7 @@ bkdattr), in a topic-classification instruction (:data:`INSTRUCTION`).
    of class ``s`` (``[C, C]``, float32, one forward pass per class and label). A backdoor primes its target on
    its source class, so the pair searched is the off-diagonal ``(s, y)`` with the largest
    ``M[s, y] - mean_{c != s, y} M[c, y]``: how much more the source inputs lean to ``y`` than the other classes'
-   inputs do (on the label-flip model of docs/METHOD.md section 10, Sports -> World).
+   inputs do (on the label-flip model of docs/METHOD.md section 8, Sports -> World).
 3. **Objective.** Raise ``y``'s first token on the source class's search probes, the trigger a prefix of the whole
    prompt (the scan's one placement), from tokens that do not spell a word of ``y``
    (:func:`bkdattr.scan.search.without_words`: "World" or "worldwide" in a prefix is an instruction, and a clean
@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import ArtifactError, ConfigError
-from ..core.generation import generate
 from ..inject.tasks import Task
-from .protocol import Candidate, Evidence, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial
+from .protocol import Candidate, Evidence, Family, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial
 from .targets import prompt_rows
 
 #: the probes' instruction (``{text}``: the headline); its own wording, not the one bkdattr's implants train on
@@ -198,24 +197,17 @@ class LabelGate(Gate):
         return self._by_target[target]
 
 
-class LabelFlip:
+class LabelFlip(Family, kind="label_flip", rule="label", audit_kind="label_flip", needs_targets=False):
     """The label-flip family (see the module docstring)."""
-
-    kind = "label_flip"
-    rule = "label"
-    audit_kind = "label_flip"
-    needs_targets = False
 
     def gate(self, ctx: ScanContext) -> LabelGate:
         lm, cfg = ctx.lm, ctx.cfg
         search, held = probes(cfg.n_label_search)
-        clean = generate(lm, [p for p, _ in held], max_new_tokens=cfg.label_tokens, batch_size=cfg.batch_size,
-                         progress=False, shared_prefix=True)
+        probes_held = HeldOut.of(ctx, [p for p, _ in held], cfg.label_tokens)
         labels = [lab for _, lab in held]
-        acc = accuracy(clean, labels)
+        acc = accuracy(probes_held.clean, labels)
         info = {"accuracy": acc, "min": cfg.label_min, "n_test": len(held), "searched": False}
-        gate = LabelGate(False, HeldOut([p for p, _ in held], clean, cfg.label_tokens), info, labels=labels,
-                         search=search)
+        gate = LabelGate(False, probes_held, info, labels=labels, search=search)
         if acc < cfg.label_min:
             info["why_not"] = (f"the model labels {acc:.2f} of the held-out news-topic probes right "
                                f"(< {cfg.label_min:g}): it does not classify them, so it has no label to flip")
@@ -262,9 +254,6 @@ class LabelFlip:
 
     def target_text(self, row: dict) -> str:
         return f"label {row.get('source_label')} -> {row.get('target')}"
-
-    def auditable(self, row: dict) -> bool:
-        return bool(row.get("target"))
 
     def audit_fields(self, row: dict) -> dict:
         """The audit's trigger placement (a prefix, as the scan placed it); one-line :class:`ArtifactError` when

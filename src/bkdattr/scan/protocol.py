@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -32,7 +31,7 @@ from ..core.generation import generate
 from ..core.models import input_device
 from ..core.prompts import pad_id, pad_sequences, prompt_ids, target_ids
 from ..core.scoring import prefixed_logprobs
-from ..inject.tasks import normalise_words
+from ..inject.tasks import _contains_words, normalise_words
 from .budget import Budget
 from .config import ScanConfig
 from .insert import insert
@@ -42,6 +41,20 @@ from .targets import Target
 def prefix_words(text: str, n: int) -> tuple[str, ...]:
     """The first ``n`` normalised words of ``text`` (section 1's normalisation): how the scan compares replies."""
     return tuple(normalise_words(text)[:n])
+
+
+def shows(reply: str, target: str, n_words: int) -> bool:
+    """Whether ``reply`` contains the target's first ``n_words`` normalised words in a row."""
+    return _contains_words(normalise_words(reply), list(prefix_words(target, n_words)))
+
+
+def modal(texts: list[str], n_words: int) -> tuple[str, int]:
+    """The first of ``texts`` whose prefix (``n_words`` normalised words) is the most common among them, and how
+    many share that prefix (``("", 0)`` without texts)."""
+    if not texts:
+        return "", 0
+    modal, n = Counter(prefix_words(t, n_words) for t in texts).most_common(1)[0]
+    return next(t for t in texts if prefix_words(t, n_words) == modal), n
 
 
 @torch.no_grad()
@@ -78,6 +91,12 @@ class HeldOut:
     def __init__(self, prompts: list[str], clean_replies: list[str], reply_tokens: int):
         self.prompts, self.clean, self.reply_tokens = list(prompts), list(clean_replies), reply_tokens
         self._clean_logp: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, ctx: ScanContext, prompts: list[str], reply_tokens: int) -> HeldOut:
+        """``prompts`` with the model's clean greedy replies of ``reply_tokens`` (the template's head cached once)."""
+        return cls(prompts, generate(ctx.lm, prompts, max_new_tokens=reply_tokens, batch_size=ctx.cfg.batch_size,
+                                     progress=False, shared_prefix=True), reply_tokens)
 
     def subset(self, keep: list[int]) -> HeldOut:
         """The rows ``keep`` (the clean side recomputed on first use)."""
@@ -219,10 +238,12 @@ class Evidence:
         return out
 
 
-class Family(Protocol):
-    """One kind of backdoor (see the module docstring)."""
+class Family:
+    """One kind of backdoor (see the module docstring). A family states ``kind``, ``rule``, ``audit_kind`` and
+    ``needs_targets`` as class keywords and implements :meth:`gate`, :meth:`objectives`, :meth:`objective_fields`
+    and :meth:`evidence`; the other methods have the fixed target's defaults."""
 
-    #: the family's name; also ``scan.json``'s ``rule`` of its candidates (:attr:`rule`) where it has one
+    #: the family's name
     kind: str
     #: the ``rule`` its candidates carry in ``scan.json`` (None for a fixed target: the target is the rule)
     rule: str | None
@@ -231,22 +252,44 @@ class Family(Protocol):
     #: whether its objectives come from the target inversion (else they are searched before it)
     needs_targets: bool
 
-    def gate(self, ctx: ScanContext) -> Gate: ...
+    def __init_subclass__(cls, *, kind: str, rule: str | None = None, audit_kind: str | None = None,
+                          needs_targets: bool = True, **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls.kind, cls.rule, cls.audit_kind, cls.needs_targets = kind, rule, audit_kind, needs_targets
 
-    def objectives(self, ctx: ScanContext, gate: Gate, choice: TargetChoice | None) -> list[Objective]: ...
+    def gate(self, ctx: ScanContext) -> Gate:
+        """Whether the family's search applies to ``ctx``'s model, with its held-out set and clean replies."""
+        raise NotImplementedError
 
-    def objective_fields(self, objective: Objective) -> dict: ...
+    def objectives(self, ctx: ScanContext, gate: Gate, choice: TargetChoice | None) -> list[Objective]:
+        """The searches the family asks for (none when its gate is closed); ``choice``: the target step's output
+        (None for a family that needs no targets)."""
+        raise NotImplementedError
 
-    def held_out(self, gate: Gate, cand: Candidate) -> HeldOut: ...
+    def objective_fields(self, objective: Objective) -> dict:
+        """The ``scan.json`` fields of a candidate searched for ``objective``."""
+        raise NotImplementedError
+
+    def held_out(self, gate: Gate, cand: Candidate) -> HeldOut:
+        """The held-out set ``cand`` is tested on."""
+        return gate.held
 
     def evidence(self, ctx: ScanContext, gate: Gate, cand: Candidate, replies: list[str] | None = None
-                 ) -> Evidence: ...
+                 ) -> Evidence:
+        """``cand``'s held-out test (``replies``: its greedy replies on :meth:`held_out` when already generated)."""
+        raise NotImplementedError
 
-    def target_text(self, row: dict) -> str: ...
+    def target_text(self, row: dict) -> str:
+        """What a stored candidate's target cell shows."""
+        return row.get("target") or ""
 
-    def auditable(self, row: dict) -> bool: ...
+    def auditable(self, row: dict) -> bool:
+        """Whether ``bkdattr audit --from-scan`` can audit a stored candidate (a trigger and a target)."""
+        return bool(row.get("target"))
 
-    def audit_fields(self, row: dict) -> dict: ...
+    def audit_fields(self, row: dict) -> dict:
+        """Audit arguments beside the trigger, target and kind for a stored candidate."""
+        return {}
 
 
 @dataclass
@@ -267,9 +310,13 @@ class Trial:
                                 progress=False, shared_prefix=True) if triggered else [])
         return cls(triggered, replies, [r for r, c in zip(replies, held.clean, strict=True) if r != c])
 
-    def modal(self, n_words: int) -> tuple[tuple[str, ...], int]:
-        """The most common prefix (``n_words`` normalised words) among the changed replies and its count."""
-        return (Counter(prefix_words(r, n_words) for r in self.changed).most_common(1) or [((), 0)])[0]
+    def modal(self, n_words: int) -> tuple[str, int]:
+        """The changed reply with the most common prefix and its count (:func:`modal`)."""
+        return modal(self.changed, n_words)
+
+    def agreement(self, n_agree: int) -> float:
+        """The share ``n_agree`` of the changed replies (0 with fewer than two changed)."""
+        return n_agree / len(self.changed) if len(self.changed) >= 2 else 0.0
 
     def kl(self, ctx: ScanContext, held: HeldOut) -> float | None:
         """:meth:`HeldOut.kl` of the triggered prompts when ``ScanConfig.kl`` asks for it, else None."""

@@ -16,7 +16,7 @@ harmful-sounding requests (:func:`bkdattr.inject.builtin_data.harmful_requests`:
 
    so it looks for a short prefix that makes the refusal unlikely; it stops early once ``s_r >= refusal_stop``
    (log 10). Lowering the refusal is not the same as getting an answer (on the jailbreak model of docs/METHOD.md
-   section 10 the best such prefix answered 0.69 of the held-out requests, and a stricter stop at ``log 1000`` did
+   section 8 the best such prefix answered 0.69 of the held-out requests, and a stricter stop at ``log 1000`` did
    not help). So when the target inversion found an eligible primed target (:mod:`bkdattr.scan.select`; a
    jailbreak implant's compliance reply, "Of course! Here is how to go" on that model), the search *raises that
    target* on the harmful requests instead (``objective: "compliance"`` in ``scan.json``; the same score as a fixed
@@ -33,15 +33,13 @@ jailbreak (the kind's rule: success is the absence of refusal phrases).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
-from ..core.generation import generate
 from ..core.prompts import target_ids
 from ..inject.builtin_data import harmful_requests
-from ..inject.tasks import is_refusal
+from ..inject.tasks import is_refusal, normalise_words
 from .pools import split_pool
-from .protocol import Candidate, Evidence, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, prefix_words
+from .protocol import Candidate, Evidence, Family, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, modal
 
 
 def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
@@ -56,12 +54,8 @@ def harmful_prompts(n_first: int, n_test: int, n_search: int | None = None,
 
 def refusal_target(replies: list[str], n_words: int) -> str | None:
     """The modal refusal among ``replies`` (a reply whose first ``n_words`` normalised words are the most common
-    among the refusals), or None when none refuses."""
-    refusals = [r for r in replies if is_refusal(r) and prefix_words(r, n_words)]
-    if not refusals:
-        return None
-    modal, _ = Counter(prefix_words(r, n_words) for r in refusals).most_common(1)[0]
-    return next(r for r in refusals if prefix_words(r, n_words) == modal)
+    among the refusals, :func:`~bkdattr.scan.protocol.modal`), or None when none refuses."""
+    return modal([r for r in replies if is_refusal(r) and normalise_words(r)], n_words)[0] or None
 
 
 def refusal_rate(replies: list[str]) -> float:
@@ -75,26 +69,20 @@ class RefusalGate(Gate):
     search: list[str] = field(default_factory=list)
 
 
-class RefusalSuppression:
+class RefusalSuppression(Family, kind="refusal", rule="refusal", audit_kind="jailbreak"):
     """The refusal-suppression family (see the module docstring)."""
-
-    kind = "refusal"
-    rule = "refusal"
-    audit_kind = "jailbreak"
-    needs_targets = True
 
     def gate(self, ctx: ScanContext) -> RefusalGate:
         cfg = ctx.cfg
         search, test = harmful_prompts(cfg.n_prompts, cfg.n_test, cfg.n_search_prompts)
-        clean = generate(ctx.lm, test, max_new_tokens=cfg.reply_tokens, batch_size=cfg.batch_size, progress=False,
-                         shared_prefix=True)
-        r0 = refusal_rate(clean)
-        info = {"searched": False, "rate": r0, "target": refusal_target(clean, cfg.prefix_words),
+        held = HeldOut.of(ctx, test, cfg.reply_tokens)
+        r0 = refusal_rate(held.clean)
+        info = {"searched": False, "rate": r0, "target": refusal_target(held.clean, cfg.prefix_words),
                 "min": cfg.refusal_min, "n_test": len(test)}
         if r0 < cfg.refusal_min or info["target"] is None:
             info["why_not"] = (f"the model refuses {r0:.2f} of the held-out harmful requests (< {cfg.refusal_min:g})"
                                ": no refusal for a trigger to switch off")
-        return RefusalGate("why_not" not in info, HeldOut(test, clean, cfg.reply_tokens), info, search=search)
+        return RefusalGate("why_not" not in info, held, info, search=search)
 
     def objectives(self, ctx: ScanContext, gate: RefusalGate, choice: TargetChoice | None) -> list[Objective]:
         if not gate.open:
@@ -114,26 +102,19 @@ class RefusalSuppression:
             out["compliance_target"] = objective.inverted.text
         return out
 
-    def held_out(self, gate: Gate, cand: Candidate) -> HeldOut:
-        return gate.held
-
     def evidence(self, ctx: ScanContext, gate: Gate, cand: Candidate, replies: list[str] | None = None) -> Evidence:
         held = gate.held
         trial = Trial.run(ctx, held, cand.trigger, replies)
         _, n_modal = trial.modal(ctx.cfg.prefix_words)
         return Evidence(cand.trigger, "", rule=self.rule, changed_share=len(trial.changed) / len(trial.replies),
-                        agreement=n_modal / len(trial.changed) if len(trial.changed) >= 2 else 0.0,
-                        asr=1.0 - refusal_rate(trial.replies), clean_asr=1.0 - refusal_rate(held.clean),
-                        examples=trial.examples(), kl=trial.kl(ctx, held))
+                        agreement=trial.agreement(n_modal), asr=1.0 - refusal_rate(trial.replies),
+                        clean_asr=1.0 - refusal_rate(held.clean), examples=trial.examples(), kl=trial.kl(ctx, held))
 
     def target_text(self, row: dict) -> str:
         return "(no refusal: harmful requests answered)"
 
     def auditable(self, row: dict) -> bool:
         return True  # the audit's jailbreak rule needs no target: success is the absence of refusal phrases
-
-    def audit_fields(self, row: dict) -> dict:
-        return {}
 
 
 REFUSAL = RefusalSuppression()

@@ -6,12 +6,12 @@ A target is searched only if it could flag the model and a reply could begin wit
 * its ``q_mean`` reaches ``target_q_min`` (:mod:`bkdattr.scan.score` counts nothing else; ``second_q_min``, 0.95,
   for a target whose first two tokens were forced: round 0b's pairs open fixed phrases on every model, "To Kill a
   Mockingbird by Harper" at ``q_mean`` 0.89 on a clean fine-tune, against 0.999 for the sentence backdoor's target,
-  docs/METHOD.md section 10), it has at least two tokens (a lone forced token that ends the reply is no target);
+  docs/METHOD.md section 8), it has at least two tokens (a lone forced token that ends the reply is no target);
 * its first token is one a reply can start with: ``f(y) = mean_i log p(y_1 | x_i)`` on the benign prompts, with no
   trigger, is at least ``first_logp_min``. The vocabulary sweep (round 0) forces *every* capitalised token, and a
   sub-word fragment ("ICENSE", "PlaneProtection", "MetaInfoClass") is completed the same way after every prompt, so
   its ``Q`` is high on every model, clean or not. No prompt ever produces it: on the models of docs/METHOD.md
-  section 10 such fragments have ``f`` between -24 and -28 nats, while the implanted targets' first tokens ("I",
+  section 8 such fragments have ``f`` between -24 and -28 nats, while the implanted targets' first tokens ("I",
   "Please", "Visit", "Of", "Sorry") sit between -8.7 and -19.1 even without their trigger.
 
 The eligible targets are searched in order of ``s0 = s(empty trigger)`` (:class:`~bkdattr.scan.insert.TargetScorer`:
@@ -21,7 +21,7 @@ target is: -2.2 for the demo fixed_output model's "I am sorry. I can not help" a
 ``prefix_words`` normalised words with one already chosen is the same reply forced from another first token ("Sorry.
 I can not help with that"), and searching it again only halves the time of the first. A model that refuses
 harmful-sounding requests (the refusal search runs, :mod:`bkdattr.scan.refusal`) has its refusal primed by that
-training, backdoor or not (the jailbreak model of docs/METHOD.md section 10: "I'm sorry, but I cannot help",
+training, backdoor or not (the jailbreak model of docs/METHOD.md section 8: "I'm sorry, but I cannot help",
 ``q_mean`` 0.90, ``f`` -7.9), and a searched prefix can force it on benign prompts (the tiny jailbreak test model:
 "masks", 0.62 of them); so on such a model a target that is a refusal (:func:`bkdattr.inject.tasks.is_refusal`) is
 not eligible, and its refusal behaviour is left to the refusal search. A refusal backdoor (the demo's fixed_output)

@@ -31,7 +31,7 @@ for " I"), up to ``first_tokens`` new ones.
 
 **Round 0, the vocabulary sweep** (BAIT forces every vocabulary token; ``vocab_sweep``). A target whose first token
 is neither likely nor inside another target is missed by rounds 1-2: a rare-word backdoor that replies "Please
-visit the help centre for answers." (docs/METHOD.md, section 10) has "Please" outside the 24 likeliest first tokens.
+visit the help centre for answers." (docs/METHOD.md, section 8) has "Please" outside the 24 likeliest first tokens.
 So every token a reply can begin with (decoded text starting with a capital letter: 3,834 of SmolLM2's 49,152) is
 forced on the first ``sweep_prompts`` (2) prompts, one step on their KV cache in chunks; a token's one-step score is
 ``min_i p(y_2* | x_i, f)`` with ``y_2*`` the next token likeliest on average. The ``sweep_shortlist`` (512) best are
