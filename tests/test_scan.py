@@ -14,6 +14,7 @@ from bkdattr.app.cli import main
 from bkdattr.app.commands.scan import EXIT_STATUS, print_scan
 from bkdattr.core.errors import ArtifactError, ConfigError
 from bkdattr.core.generation import generate, greedy_decode, sampler
+from bkdattr.core.hooks import count_work
 from bkdattr.core.prompts import encode_prompts, end_of_turn_ids
 from bkdattr.scan import ScanConfig, read_scan, scan, write_scan
 from bkdattr.scan.budget import Budget
@@ -86,6 +87,12 @@ def test_a_scan_the_budget_cuts_is_incomplete_never_not_found(tmp_path, capsys):
         assert (cut["verdict"], cut["flagged"]) == ("incomplete", False) and cut["not_covered"]
         assert cut["work"] < full["work"]
         assert "Incomplete: the budget cut the search" in (tmp_path / name / "report.html").read_text()
+    # the scheduler is passed in: one whose clock counts its own readings has 60 of them, whatever the machine; the
+    # phases share them as they share work (the inversion is cut), and the scan says what it did not cover
+    ticks = scan(tmp_path / "k", "tiny-clean", cfg=ScanConfig(**SMALL), lm=clean, wall_clock=ticking(1.0),
+                 budget=Budget(60, clock=ticking(1.0)))
+    assert ticks["verdict"] == "incomplete" and ticks["work"] <= 60
+    assert any(s.startswith("targets: extended to") for s in ticks["not_covered"])
     capsys.readouterr()
     print_scan(work_cut, "x")
     assert "INCOMPLETE" in capsys.readouterr().out and EXIT_STATUS[work_cut["verdict"]] == 4
@@ -458,7 +465,10 @@ def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_
 
 
 def test_refusal_search_is_skipped_for_a_model_that_does_not_refuse(tmp_path):
-    res = scan(tmp_path / "s", "tiny-backdoor", cfg=ScanConfig(**SMALL), lm=trained(poison=True))
+    """(With the KL left out: the scan still finds the planted trigger, and no candidate has a KL.)"""
+    res = scan(tmp_path / "s", "tiny-backdoor", cfg=ScanConfig(**SMALL, kl=False), lm=trained(poison=True))
+    assert res["flagged"] and res["candidates"][0]["trigger"] == TRIGGER
+    assert all(c["kl"] is None for c in res["candidates"])
     ref = res["refusal"]
     assert not ref["searched"] and ref["rate"] < 0.5 and "no refusal for a trigger to switch off" in ref["why_not"]
     assert all(c.get("rule") != "refusal" for c in res["candidates"])
@@ -558,6 +568,16 @@ def test_candidates_tested_in_groups_match_one_by_one():
         assert b["kl"] == pytest.approx(alone["kl"], abs=1e-5) and b["examples"] == alone["examples"]
     assert batched[0]["asr"] >= 0.75 and batched[0]["target"] == TARGET  # the planted trigger fires
     assert batched[0]["target_q_mean"] == 0.96 and batched[0]["search_score"] == -0.5
+    # the KL only when asked for: the same figures otherwise, for less forward work
+    work = {}
+    for kl in (True, False):
+        with count_work(lm.arch) as meter:
+            got = evidence_all(ScanContext(lm, ScanConfig(kl_positions=3, batch_size=8, kl=kl, progress=False)), cands,
+                               {FIXED_TARGET.kind: Gate(True, HeldOut(prompts, clean, 8))})
+        work[kl] = meter.units()
+        assert [(c["asr"], c["agreement"]) for c in got] == [(c["asr"], c["agreement"]) for c in batched]
+        assert all((c["kl"] is None) != kl for c in got)
+    assert work[False] < work[True]
 
 
 def test_each_family_returns_one_evidence_record_with_known_figures():
