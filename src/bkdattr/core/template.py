@@ -14,10 +14,12 @@ and keeps:
   as the assistant's content, stripped of trailing white space; EOS when the template has none or refuses the
   probe); ``end_of_turn_ids``: the ids that end generation (that text when it is one token, and EOS).
 
-Each field keeps the algorithm it had where it was first written (a marker split for head and tail, a common
-suffix for the header), so the token ids are the ones every stage used before: one algorithm for both would move
-BPE boundaries and with them ``p(x)`` and the scan's segments. The object is cached per tokenizer and rebuilt
-when the tokenizer's chat template or special tokens change (the scan sets ``chat_template`` after loading).
+The head is cut at the user text and tokenised alone, the header is read off whole rendered prompts: two
+algorithms on purpose, since the head's ids are what the scan runs as its prefix cache while the header's are what a
+rendered prompt actually ends with (the user text can merge with the tokens around it, so one algorithm for both
+would move BPE boundaries and with them ``p(x)`` or the scan's segments; ``tests/test_template.py`` pins the ids).
+The object is cached per tokenizer and rebuilt when the tokenizer's chat template or special tokens change (the
+scan sets ``chat_template`` after loading).
 """
 
 from __future__ import annotations

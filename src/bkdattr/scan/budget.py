@@ -8,6 +8,9 @@ starts (:meth:`Budget.phase`), so work a phase does not use passes to the next; 
 between units of work (a search step, a candidate) and records what it skipped with :meth:`Budget.skip`, which
 ``scan.json`` lists under ``not_covered``.
 
+The scan runs on one budget, the scheduler every phase draws on; :func:`bkdattr.scan.stage.scan` builds it from
+``budget_work`` and ``budget_s`` or takes one passed in (``budget=``), so a test can give it a clock of its own.
+
 ``wall_limit_s`` is a second, wall-clock limit (from the budget's construction): past it every phase is out. A
 scan cut this way is one whose coverage depends on the machine, so its verdict is ``incomplete`` unless it already
 flagged the model (:func:`bkdattr.scan.score.verdict`).

@@ -48,7 +48,7 @@ from .labels import LABEL_FLIP
 from .leak import leak
 from .mine import mine_triggers, surprisal_under
 from .pools import split_pool
-from .protocol import Candidate, Gate, ScanContext
+from .protocol import Candidate, Gate, ScanContext, TargetChoice
 from .refusal import REFUSAL
 from .report import write_scan
 from .score import mark, model_score, rank, verdict
@@ -177,66 +177,88 @@ def open_gates(ctx: ScanContext) -> tuple[dict[str, Gate], float]:
 def _scan_loaded(ctx: ScanContext, progress: bool, model_info: dict, load_reference) -> dict:
     """The scan's steps on a loaded model (see the module docstring): ``scan.json``'s content. ``model_info``: its
     ``model``; ``load_reference()`` loads the clean reference model of the leaks' rarity (None: none)."""
-    lm, cfg, budget = ctx.lm, ctx.cfg, ctx.budget
+    cfg, budget = ctx.cfg, ctx.budget
     families = active(cfg)
     gates, step = open_gates(ctx)
-
     early = [o for f in families if not f.needs_targets for o in f.objectives(ctx, gates[f.kind], None)]
-    found: list[Candidate] = []
-    if early:  # label flips: the most primed (source, target) pair first, on its own share of the work
-        bar = _bar(cfg.search_steps, "scan: label search", progress)
-        found += run_searches(ctx, early, end=budget.clock() + cfg.label_share * budget.left(), seed=cfg.seed,
-                              progress=bar)
-        bar.close()
-
+    found = _searches(ctx, early, cfg.label_share * budget.left(), "scan: label search", progress) if early else []
     budget.phase(cfg.leak_share)
-    bar = _bar(len(cfg.leak_temperatures), "scan: leak", progress)
-    leaks = leak(lm, cfg.leak_temperatures, cfg.leak_top_p, cfg.leak_samples, cfg.leak_tokens, cfg.reply_tokens,
-                 cfg.batch_size, budget, cfg.seed, bar)
+    leaks, leak_triggers = _leaks(ctx, progress, load_reference)
+    budget.phase(cfg.target_share)
+    choice = _targets(ctx, gates, progress)
+    later = [o for f in families if f.needs_targets for o in f.objectives(ctx, gates[f.kind], choice)]
+    found += _searches(ctx, later, cfg.search_share * max(0.0, budget.left() - cfg.test_reserve * step),
+                       "scan: trigger search", progress)
+    cands = candidates(found, leak_triggers)[:cfg.max_candidates]
+    budget.phase(1.0)
+    bar = _bar(len(cands), "scan: test candidates", progress)
+    tested = evidence_all(ctx, cands, gates, progress=bar)
     bar.close()
-    ref = {}  # the reference model is loaded only when a leak n-gram needs its rarity
+    return _result(ctx, gates, choice, rank(mark(tested, cfg.target_q_min, cfg.first_logp_min)), leaks, leak_triggers,
+                   model_info)
+
+
+def _searches(ctx: ScanContext, objectives: list, work: float, desc: str, progress: bool) -> list[Candidate]:
+    """:func:`~bkdattr.scan.search.run_searches` of ``objectives`` on ``work`` from now."""
+    bar = _bar(ctx.cfg.search_steps * len(objectives), desc, progress)
+    found = run_searches(ctx, objectives, end=ctx.budget.clock() + work, seed=ctx.cfg.seed, progress=bar)
+    bar.close()
+    return found
+
+
+def _leaks(ctx: ScanContext, progress: bool, load_reference) -> tuple[list, list[dict]]:
+    """The leaked user turns and the n-gram candidates mined from them (rarity under the reference model, loaded only
+    when an n-gram needs it, else the leaks' own word frequencies)."""
+    cfg = ctx.cfg
+    bar = _bar(len(cfg.leak_temperatures), "scan: leak", progress)
+    leaks = leak(ctx.lm, cfg.leak_temperatures, cfg.leak_top_p, cfg.leak_samples, cfg.leak_tokens, cfg.reply_tokens,
+                 cfg.batch_size, ctx.budget, cfg.seed, bar)
+    bar.close()
+    ref = {}
 
     def ref_surprisal(texts: list[str]) -> list[float]:
         if "lm" not in ref:
             ref["lm"] = load_reference()
         return surprisal_under(ref["lm"], cfg.batch_size)(texts)
 
-    leak_triggers = mine_triggers([x.user for x in leaks], cfg.n_leak_triggers,
-                                  ref_surprisal if load_reference is not None else None)
-    ref.clear()
+    return leaks, mine_triggers([x.user for x in leaks], cfg.n_leak_triggers,
+                                ref_surprisal if load_reference is not None else None)
 
-    budget.phase(cfg.target_share)
+
+def _targets(ctx: ScanContext, gates: dict[str, Gate], progress: bool) -> TargetChoice:
+    """The inverted targets and the ones chosen for a search (on a model whose refusal search runs, with the refusal
+    family's compliance target)."""
+    cfg = ctx.cfg
     sweep_bar = _bar(1, "scan: first-token sweep", progress and cfg.vocab_sweep)
     bar = _bar(cfg.target_tokens - 1, "scan: targets", progress)
-    targets = invert_targets(lm, ctx.search_prompts, cfg, budget=budget, progress=bar, sweep_progress=sweep_bar)
+    targets = invert_targets(ctx.lm, ctx.search_prompts, cfg, budget=ctx.budget, progress=bar, sweep_progress=sweep_bar)
     bar.close()
     sweep_bar.close()
     refusal = gates.get(REFUSAL.kind)
-    choice = target_choice(lm, ctx.search_prompts, targets, cfg, refuses=refusal is not None and refusal.open,
-                           refusal=refusal.info.get("target") if refusal is not None else None)
+    return target_choice(ctx.lm, ctx.search_prompts, targets, cfg, refuses=refusal is not None and refusal.open,
+                         refusal=refusal.info.get("target") if refusal is not None else None)
 
-    later = [o for f in families if f.needs_targets for o in f.objectives(ctx, gates[f.kind], choice)]
-    end = budget.clock() + cfg.search_share * max(0.0, budget.left() - cfg.test_reserve * step)
-    bar = _bar(cfg.search_steps * len(later), "scan: trigger search", progress)
-    found += run_searches(ctx, later, end=end, seed=cfg.seed, progress=bar)
-    bar.close()
 
+def candidates(found: list[Candidate], leak_triggers: list[dict]) -> list[Candidate]:
+    """The searches' triggers in order, one per trigger and family, then the leaked n-grams not among them (tested as
+    fixed targets, their target the modal changed reply)."""
     cands: list[Candidate] = []
-    for c in found:  # one candidate per trigger and family; a leaked n-gram is tested as a fixed target
+    for c in found:
         if c.trigger and all(x.trigger != c.trigger or x.family is not c.family for x in cands):
             cands.append(c)
-    cands += [Candidate(g["trigger"], FIXED_TARGET, "leak", leak_df=g["df"]) for g in leak_triggers
-              if all(x.trigger != g["trigger"] for x in cands)]
-    budget.phase(1.0)
-    bar = _bar(min(len(cands), cfg.max_candidates), "scan: test candidates", progress)
-    tested = evidence_all(ctx, cands[:cfg.max_candidates], gates, progress=bar)
-    bar.close()
+    return cands + [Candidate(g["trigger"], FIXED_TARGET, "leak", leak_df=g["df"]) for g in leak_triggers
+                    if all(x.trigger != g["trigger"] for x in cands)]
 
-    ranked = rank(mark(tested, cfg.target_q_min, cfg.first_logp_min))
+
+def _result(ctx: ScanContext, gates: dict[str, Gate], choice: TargetChoice, ranked: list[dict], leaks: list,
+            leak_triggers: list[dict], model_info: dict) -> dict:
+    """``scan.json``'s content (docs/ARCHITECTURE.md, "Stage outputs")."""
+    cfg, budget = ctx.cfg, ctx.budget
     score = model_score(ranked)
     flagged = bool(score >= cfg.threshold)
+    targets = choice.targets
     listed = targets[:cfg.report_targets] + [t for t in targets[cfg.report_targets:] if t in choice.benign]
-    label, clean = gates.get(LABEL_FLIP.kind), gates[FIXED_TARGET.kind].held.clean
+    refusal, label = gates.get(REFUSAL.kind), gates.get(LABEL_FLIP.kind)
     return {
         "verdict": verdict(flagged, budget.not_covered), "flagged": flagged, "score": score,
         "threshold": cfg.threshold, "candidates": ranked,
@@ -251,5 +273,5 @@ def _scan_loaded(ctx: ScanContext, progress: bool, model_info: dict, load_refere
         "prompts": {"search": ctx.search_prompts, "trigger_search": ctx.trigger_prompts, "test": ctx.held_out,
                     **({"harmful_search": refusal.search, "harmful_test": refusal.held.prompts}
                        if refusal is not None else {})},
-        "clean_replies": clean, "config": cfg.to_dict(),
+        "clean_replies": gates[FIXED_TARGET.kind].held.clean, "config": cfg.to_dict(),
     }
