@@ -90,3 +90,20 @@ def test_prompt_positions_find_p_x_in_prompts_and_in_teacher_forced_rows(name):
     # no header in the row (embeddings only, or a row too short): the last attended column
     mask = torch.tensor([[0, 1, 1, 0]])
     assert prompt_positions(t.header_ids, None, mask).tolist() == [2]
+
+
+def test_a_template_that_rewrites_the_user_text_has_no_head_and_the_scan_refuses_it():
+    """``| lower`` turns the probe's marker into other text: no head/tail split (``verbatim`` false, empty head), the
+    end of turn still read; the scan says so in one line instead of unpacking a failed split."""
+    from bkdattr.core.errors import ConfigError
+    from bkdattr.scan.stage import apply_template
+
+    tok = copy.deepcopy(tokenizer())
+    tok.chat_template = TEMPLATE.replace("m['content']", "m['content'] | lower")
+    assert "| lower" in tok.chat_template
+    t = Template.of(tok)
+    assert (t.verbatim, t.head, t.tail, t.head_ids) == (False, "", "", ())
+    assert t.end_of_turn == "<|im_end|>" and t.header_ids == tuple(CHATML_HEADER)
+    assert Template.of(tokenizer()).verbatim
+    with pytest.raises(ConfigError, match="rewrites the user's text"):
+        apply_template(tok, None)

@@ -5,8 +5,9 @@ without one, the documented plain format :data:`PLAIN_FORMAT`). :meth:`Template.
 and keeps:
 
 * ``head`` / ``tail``: the rendered prompt's text before and after the user text (the template rendered around a
-  marker); ``head_ids``: the head's token ids (BOS included where the plain format adds one). The scan runs the
-  head once as a prefix KV cache and places triggers right after it.
+  marker; empty, with ``verbatim`` false, for a template that rewrites the user text); ``head_ids``: the head's
+  token ids (BOS included where the plain format adds one). The scan runs the head once as a prefix KV cache and
+  places triggers right after it.
 * ``header_ids``: the token ids every rendered prompt ends with (the assistant header, or the plain format's
   ``Assistant:``): the common suffix of four rendered prompts with different endings. :meth:`prompt_positions`
   finds ``p(x)`` with it in any row, prompt + reply included (the guard's hooks).
@@ -115,6 +116,9 @@ class Template:
     header_ids: tuple[int, ...]
     end_of_turn: str
     end_of_turn_ids: tuple[int, ...]
+    #: whether the template renders the user text verbatim (a template that rewrites it, e.g. with ``| lower``,
+    #: has no head/tail split: ``head``, ``tail`` and ``head_ids`` are then empty)
+    verbatim: bool = True
 
     @classmethod
     def of(cls, tokenizer) -> Template:
@@ -133,7 +137,9 @@ class Template:
     def probe(cls, tokenizer) -> Template:
         """The fields of the module docstring, probed from ``tokenizer`` now (no cache)."""
         chat = has_chat_template(tokenizer)
-        head, tail = render_prompt(tokenizer, _USER_MARK).split(_USER_MARK, 1)
+        head, mark, tail = render_prompt(tokenizer, _USER_MARK).partition(_USER_MARK)
+        if not mark:
+            head = tail = ""
         eot = _end_of_turn(tokenizer)
         stops: set[int] = set()
         if eot:
@@ -142,8 +148,8 @@ class Template:
                 stops.add(toks[0])
         if tokenizer.eos_token_id is not None:
             stops.add(int(tokenizer.eos_token_id))
-        return cls(chat=chat, head=head, tail=tail,
-                   head_ids=tuple(tokenizer(head, add_special_tokens=not chat).input_ids),
+        return cls(chat=chat, head=head, tail=tail, verbatim=bool(mark),
+                   head_ids=tuple(tokenizer(head, add_special_tokens=not chat).input_ids) if mark else (),
                    header_ids=tuple(_common_suffix([prompt_ids(tokenizer, t) for t in _HEADER_PROBES])),
                    end_of_turn=eot, end_of_turn_ids=tuple(sorted(stops)))
 

@@ -39,6 +39,7 @@ from ..core.errors import ConfigError, InputFileError
 from ..core.hooks import count_work
 from ..core.model_source import ModelSource, load_source, open_source
 from ..core.prompts import has_chat_template
+from ..core.template import Template
 from ..inject.builtin_data import benign_questions, instructions
 from .budget import Budget
 from .config import ScanConfig
@@ -68,20 +69,26 @@ def check_out(out: str | Path) -> Path:
 
 def apply_template(tokenizer, template: str | None) -> str:
     """Give ``tokenizer`` the template the scan renders prompts with; returns its name (``chat``, ``plain`` or
-    the file). One-line :class:`ConfigError` for a model without a chat template when ``template`` is None."""
+    the file). One-line :class:`ConfigError` for a model without a chat template when ``template`` is None, and for
+    a template that does not render the user text verbatim (the scan places triggers after the template's head)."""
     if template is None:
         if not has_chat_template(tokenizer):
             raise ConfigError("the model has no chat template, so the scan cannot know how a user turn looks; pass "
                               "--template plain (User: ...\\nAssistant:) or --template FILE (a Jinja chat template)")
-        return "chat"
-    if template == "plain":
+        name = "chat"
+    elif template == "plain":
         tokenizer.chat_template = None
-        return "plain"
-    p = Path(template).expanduser()
-    if not p.is_file():
-        raise InputFileError(f"template file not found: {template}; pass 'plain' or a Jinja chat-template file")
-    tokenizer.chat_template = p.read_text(encoding="utf-8")
-    return str(p)
+        name = "plain"
+    else:
+        p = Path(template).expanduser()
+        if not p.is_file():
+            raise InputFileError(f"template file not found: {template}; pass 'plain' or a Jinja chat-template file")
+        tokenizer.chat_template = p.read_text(encoding="utf-8")
+        name = str(p)
+    if not Template.of(tokenizer).verbatim:
+        raise ConfigError("the chat template rewrites the user's text (it does not render it verbatim), so the scan "
+                          "cannot place a trigger inside a user turn; pass --template plain or --template FILE")
+    return name
 
 
 def default_prompts(n_search: int, n_test: int, n_trigger: int = 0) -> tuple[list[str], list[str], list[str]]:
