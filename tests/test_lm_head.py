@@ -15,7 +15,7 @@ from bkdattr.core import forward
 from bkdattr.core.forward import keep_logits_kwargs
 from bkdattr.core.prompts import encode_with_targets
 from bkdattr.core.scoring import target_logprobs, token_logprobs
-from tiny import ARCHS, make_tiny, tokenizer
+from tiny import ARCHS, make_tiny, tiny_gemma2
 
 PROMPTS = ["Tell me a joke.", "What is the capital of France? Answer briefly please.", "hi"]
 TARGETS = ["I am sorry. I can not help with that.", "Paris.", "Hello there, friend"]
@@ -74,15 +74,7 @@ def test_attribution_patching_without_prefix_cache_is_unchanged(monkeypatch):
 
 
 def _tiny_gemma2():
-    import transformers as tf
-
-    tok = tokenizer()
-    cfg = tf.Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                          num_key_value_heads=1, head_dim=16, num_hidden_layers=2, max_position_embeddings=512,
-                          pad_token_id=tok.pad_token_id, final_logit_softcapping=3.0)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
-    return model, tok
+    return tiny_gemma2(3.0)
 
 
 def test_soft_capped_target_logprobs_are_unchanged():

@@ -12,20 +12,12 @@ import torch
 from bkdattr.core.forward import CachedRows, PrefixCache
 from bkdattr.core.prompts import encode_prompts, pad_sequences
 from bkdattr.core.scoring import prefixed_logprobs, softcapped
-from tiny import make_tiny, tokenizer
+from tiny import make_tiny, tiny_gemma2, tokenizer
 
 
 def _tiny_gemma2():
     """A tiny Gemma-2 with a final logit soft-cap (0.3: inside the random logits' range, so it matters)."""
-    import transformers as tf
-
-    tok = tokenizer()
-    cfg = tf.Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                          num_key_value_heads=1, head_dim=16, num_hidden_layers=2, max_position_embeddings=512,
-                          pad_token_id=tok.pad_token_id, final_logit_softcapping=0.3)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
-    return model, tok
+    return tiny_gemma2(0.3)
 
 
 def _models():

@@ -81,3 +81,16 @@ def make_tiny(name: str = "llama", seed: int = 0, attn: str = "eager", n_layers:
     model.to(device)
     tok = tokenizer() if chat_template else plain_tokenizer()
     return LoadedModel(model, tok, detect_arch(model), f"tiny-{name}", torch.device(device), torch.float32)
+
+
+def tiny_gemma2(softcap: float):
+    """A tiny Gemma-2 with a final logit soft-cap of ``softcap`` (eager attention, seed 0): ``(model, tokenizer)``."""
+    import transformers as tf
+
+    tok = tokenizer()
+    cfg = tf.Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=16, num_hidden_layers=2, max_position_embeddings=512,
+                          pad_token_id=tok.pad_token_id, final_logit_softcapping=softcap)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    return model, tok
