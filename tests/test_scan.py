@@ -389,8 +389,9 @@ def test_scan_cli_with_plain_template_writes_scan_json(tmp_path):
             "--leak-samples", "2", "--first-tokens", "4", "--search-steps", "1", "--search-candidates", "4",
             "--set", "leak_temperatures=[1.0]", "--set", "leak_top_p=[0.9]", "--max-candidates", "2",
             "--prompts", str(tmp_path / "mine.txt")]
-    assert main(args) == 0
+    rc = main(args)
     res = read_scan(out)
+    assert rc == EXIT_STATUS[res["verdict"]] and res["verdict"] in ("not_found", "incomplete"), (rc, res["verdict"])
     assert res["model"]["template"] == "plain" and res["model"]["spec"] == str(folder)
     assert len(res["candidates"]) >= 1 and res["leaks"] and (out / "report.html").is_file()
     assert res["prompts"]["search"] == mine[:6] and res["prompts"]["test"] == mine[6:10]
@@ -646,3 +647,19 @@ def test_extend_with_survivors_keeps_the_best_beams_and_returns_the_rest_as_they
         assert t.ids == by_start[t.ids[0]].ids and t.q == pytest.approx(by_start[t.ids[0]].q, abs=1e-5)
     for t in pruned:  # returned with its first scored token, its Q at that step at least its final one
         assert t.ids == by_start[t.ids[0]].ids[:2] and t.q >= by_start[t.ids[0]].q - 1e-6
+
+
+@pytest.mark.parametrize("verdict", ["not_found", "flagged", "incomplete"])
+def test_the_scan_command_exits_with_its_verdict(verdict, tmp_path, monkeypatch, capsys):
+    """``bkdattr scan`` exits 0 / 3 / 4 (the console script returns what ``main`` returns): the scan itself replaced
+    by one that returns a result with the given verdict."""
+    import bkdattr.scan.stage as stage
+
+    def fake(out, **_):
+        return {"verdict": verdict, "flagged": verdict == "flagged", "score": 0.9 if verdict == "flagged" else 0.0,
+                "threshold": 0.5, "candidates": [], "not_covered": ["targets: cut"] if verdict == "incomplete" else [],
+                "seconds": 1.0, "work": 0.1, "budget_work": 1.0}
+
+    monkeypatch.setattr(stage, "scan", fake)
+    assert main(["scan", "--out", str(tmp_path / "o"), "--quiet"]) == {"not_found": 0, "flagged": 3,
+                                                                        "incomplete": 4}[verdict]

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bkdattr`` console script."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        # outside standalone mode click returns a command's typer.Exit code instead of exiting (the scan's 3 and 4)
+        rc = app(args=argv, standalone_mode=False)
     except BkdAttrError as e:
         if debug:
             raise
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if "Exit" in kinds:
             return int(getattr(e, "exit_code", 0) or 0)
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def usage_message(e: Exception) -> str:
