@@ -78,6 +78,10 @@ def test_a_scan_the_budget_cuts_is_incomplete_never_not_found(tmp_path, capsys):
     clean = trained(poison=False)
     full = scan(tmp_path / "s", "tiny-clean", cfg=ScanConfig(**SMALL), lm=clean, wall_clock=ticking(1.0))
     assert full["verdict"] == "not_found" and not full["wall_limit_reached"]
+    # where the work went: every step in order, their work adding up to the scan's
+    phases = full["phases"]
+    assert list(phases) == ["gates", "label_search", "leak", "targets", "trigger_search", "tests"]
+    assert abs(sum(p["work"] for p in phases.values()) - full["work"]) < 1e-5 and phases["targets"]["work"] > 0
     work_cut = scan(tmp_path / "w", "tiny-clean", cfg=ScanConfig(**{**SMALL, "budget_work": full["work"] / 20}),
                     lm=clean, wall_clock=ticking(1.0))
     wall_cut = scan(tmp_path / "t", "tiny-clean", cfg=ScanConfig(**{**SMALL, "budget_s": full["seconds"] / 2}),

@@ -36,6 +36,8 @@ class Budget:
         self.phase_deadline = self.deadline
         self.not_covered: list[str] = []
         self.wall_cut = False
+        self.laps: dict[str, dict[str, float]] = {}
+        self._lap = (self.start, self.wall_start)
 
     def elapsed(self) -> float:
         """Work done so far (clock units)."""
@@ -62,6 +64,13 @@ class Budget:
     def out(self) -> bool:
         """Whether the current phase's work is spent, or the wall-clock limit reached."""
         return self.wall_out() or self.clock() >= self.phase_deadline
+
+    def lap(self, name: str) -> None:
+        """Record the work and seconds since the last lap (or construction) as step ``name`` (``scan.json``'s
+        ``phases``: where the work and the time went)."""
+        now = (self.clock(), self.wall_clock())
+        self.laps[name] = {"work": round(now[0] - self._lap[0], 6), "seconds": round(now[1] - self._lap[1], 3)}
+        self._lap = now
 
     def skip(self, what: str) -> None:
         """Record a part of the scan the budget did not cover."""

@@ -11,7 +11,8 @@ and the pair searched, else ``why_not``), ``targets`` (the
 inverted targets, their ``Q`` and ``q_mean``; ``first_logp``, ``s0``, ``eligible``, ``searched`` where
 examined), ``leaks`` (a sample), ``leak_triggers``, ``seconds`` (wall clock), ``work`` (forward work done, in the
 budget's units), ``budget_work``, ``budget_s``, ``wall_limit_reached``, ``not_covered`` (what the budget did not
-reach), ``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
+reach), ``phases`` (work and seconds of each step: gates, label_search, leak, targets, trigger_search, tests),
+``model`` (the model source, to hand to ``bkdattr audit --from-scan``) and
 ``config``.
 """
 

@@ -187,20 +187,26 @@ def _scan_loaded(ctx: ScanContext, progress: bool, model_info: dict, load_refere
     cfg, budget = ctx.cfg, ctx.budget
     families = active(cfg)
     gates, step = open_gates(ctx)
+    budget.lap("gates")
     early = [o for f in families if not f.needs_targets for o in f.objectives(ctx, gates[f.kind], None)]
     found = _searches(ctx, early, cfg.label_share * budget.left(), "scan: label search", progress) if early else []
+    budget.lap("label_search")
     budget.phase(cfg.leak_share)
     leaks, leak_triggers = _leaks(ctx, progress, load_reference)
+    budget.lap("leak")
     budget.phase(cfg.target_share)
     choice = _targets(ctx, gates, progress)
+    budget.lap("targets")
     later = [o for f in families if f.needs_targets for o in f.objectives(ctx, gates[f.kind], choice)]
     found += _searches(ctx, later, cfg.search_share * max(0.0, budget.left() - cfg.test_reserve * step),
                        "scan: trigger search", progress)
+    budget.lap("trigger_search")
     cands = candidates(found, leak_triggers)[:cfg.max_candidates]
     budget.phase(1.0)
     bar = _bar(len(cands), "scan: test candidates", progress)
     tested = evidence_all(ctx, cands, gates, progress=bar)
     bar.close()
+    budget.lap("tests")
     return _result(ctx, gates, choice, rank(mark(tested, cfg.target_q_min, cfg.first_logp_min)), leaks, leak_triggers,
                    model_info)
 
@@ -276,7 +282,7 @@ def _result(ctx: ScanContext, gates: dict[str, Gate], choice: TargetChoice, rank
         "label_flip": label.info if label is not None else {"searched": False},
         "seconds": budget.wall_elapsed(), "work": budget.elapsed(), "budget_work": cfg.budget_work,
         "budget_s": cfg.budget_s, "wall_limit_reached": budget.wall_cut, "not_covered": budget.not_covered,
-        "model": model_info,
+        "phases": budget.laps, "model": model_info,
         "prompts": {"search": ctx.search_prompts, "trigger_search": ctx.trigger_prompts, "test": ctx.held_out,
                     **({"harmful_search": refusal.search, "harmful_test": refusal.held.prompts}
                        if refusal is not None else {})},
