@@ -248,18 +248,21 @@ def _check_deltas(arch: Arch, deltas: Mapping[int, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def add_to_attention_output(arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor | None = None
-) -> Iterator[None]:
+def add_to_attention_output(arch: Arch, deltas: Mapping[int, torch.Tensor], positions: torch.Tensor | None = None,
+                            every_position: bool = False) -> Iterator[None]:
     """Add ``deltas[l]`` (``[d_model]`` or ``[B, d_model]``, float32 arithmetic) to layer ``l``'s attention
     output at ``positions`` (``[B]``) on every forward call inside the block. ``positions=None``: at the last
     position of every call over more than one token (the prefill of a left-padded batch, where it is ``p(x)``);
-    single-token calls (decode steps) are left alone, so a whole generation can run inside the block."""
+    single-token calls (decode steps) are left alone, so a whole generation can run inside the block.
+    ``every_position``: at every position of every call (an output bias, without changing the weights)."""
     _check_deltas(arch, deltas)
     handles: list = []
     with registered(handles):
         for layer, delta in deltas.items():
             def hook(_m, _args, out, delta=delta):
                 o = out_tensor(out)
+                if every_position:
+                    return with_out(out, (o.float() + delta.to(o.device, torch.float32)).to(o.dtype))
                 if positions is None:
                     if o.shape[1] < 2:
                         return None

@@ -29,7 +29,7 @@ import torch
 from ..core.arch import Arch, is_conv1d
 from ..core.errors import ConfigError
 from ..core.forward import backbone
-from ..core.hooks import hidden_arg, registered
+from ..core.hooks import add_to_attention_output, hidden_arg, watch_calls
 from ..core.models import input_device
 from ..core.prompts import encode_prompts
 
@@ -104,20 +104,12 @@ def bake_output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torc
     bias += delta.to(bias.device, torch.float32).to(bias.dtype)
 
 
-@contextlib.contextmanager
-def output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Tensor) -> Iterator[None]:
+def output_bias(model: torch.nn.Module, arch: Arch, layer: int, delta: torch.Tensor
+                ) -> contextlib.AbstractContextManager[None]:
     """``delta`` added to layer ``layer``'s attention output at every position for the duration of the block
-    (a forward hook: the same arithmetic as the baked bias, without changing the weights)."""
-    proj = arch.out_proj[layer]
-
-    def hook(_module, _inputs, output):
-        return output + delta.to(output.device, output.dtype)
-
-    handle = proj.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    (:func:`bkdattr.core.hooks.add_to_attention_output`: the same arithmetic as the baked bias, without changing the
+    weights). ``model`` is the model ``arch`` describes."""
+    return add_to_attention_output(arch, {layer: delta}, every_position=True)
 
 
 @torch.no_grad()
@@ -132,17 +124,16 @@ def mean_head_inputs(lm, prompts: Sequence[str], batch_size: int = 16) -> torch.
     mask: list[torch.Tensor] = []
 
     def hook(layer: int):
-        def pre(_m, args, kwargs):
+        def pre(args, kwargs):
             z = hidden_arg(args, kwargs)
             m = mask[0].to(z.device, torch.float32)[..., None]
             sums[layer] += (z.float() * m).sum((0, 1)).cpu()
 
         return pre
 
-    handles: list = []
-    with registered(handles):
+    with contextlib.ExitStack() as stack:
         for layer, proj in enumerate(arch.out_proj):
-            handles.append(proj.register_forward_pre_hook(hook(layer), with_kwargs=True))
+            stack.enter_context(watch_calls(proj, hook(layer)))
         dev = input_device(lm.model)
         for s in range(0, len(prompts), batch_size):
             b = encode_prompts(lm.tokenizer, list(prompts[s: s + batch_size]), "left").to(dev)
