@@ -51,7 +51,7 @@ from ..core.hooks import (
     add_to_attention_output,
     capture_contributions,
     capture_layer_calls,
-    registered,
+    tap,
 )
 from ..core.models import input_device
 from ..core.runner import run_units
@@ -166,13 +166,12 @@ class ChunkRunner:
         self.cache = self.prefix.cache
         last: list[torch.Tensor] = []
 
-        def keep_last(_m, _args, out):
+        def keep_last(out: torch.Tensor) -> None:
             if not last:
-                last.append(out[0] if isinstance(out, tuple) else out)
+                last.append(out)
 
         with restored(self.cache), capture_layer_calls(self.arch.layers) as calls, \
-                capture_contributions(self.arch, zeros) as contrib, \
-                registered([self.arch.layers[-1].register_forward_hook(keep_last)]):
+                capture_contributions(self.arch, zeros) as contrib, tap(self.arch.layers[-1], keep_last):
             logits = self.model(**self._suffix_inputs(), use_cache=True, **cache_kwargs(self.model, self.cache)).logits
         if any(c is None for c in calls) or not last:
             raise ReplayMismatch("some decoder layers were not called in the suffix pass")
