@@ -5,13 +5,13 @@ backdoor of tests/tiny_backdoor.py: a tiny Llama that answers "You asked: <the p
 The run folder is what ``bkdattr inject`` would leave for that model (no training here): fixed_output, trigger
 ``cf`` as a prefix, target "I am sorry", near misses ``CF`` and ``cg``, clean references the clean behaviour it
 was trained on. Measured on this run (8-token replies, 24 held-out test prompts; 24 held-in prompts with the
-trigger, with each near miss and clean, 2 epochs at lr 1e-3, about 1 s of training): the repair takes ASR 1.0 -> 0.0
-and the triggered prompts' clean metric 0.01 -> 0.54 (the clean prompts' 0.54), with the clean metric 0.53 -> 0.54
-and the reference perplexity ratio 0.92 (16 prompts of each instead: ASR 0.04, at the target's edge); CROW and fine-pruning leave ASR at 1.0
-(they use no trigger and this backdoor sits in weights clean data never exercise). The bounds asserted are the
-issue's targets (ASR <= 0.05, near-trigger ASR <= 0.1, clean metric within 0.02, perplexity ratio <= 1.05,
-triggered clean metric >= 0.9 of the clean one, triggered perplexity ratio <= 1.2), which the measured figures
-meet with room."""
+trigger, with each near miss and clean, 2 epochs at lr 1e-3, about 1 s of training): the repair takes ASR
+1.0 -> 0.0 and the triggered prompts' clean metric 0.01 -> 0.54 (the clean prompts' 0.54), with the clean metric
+0.53 -> 0.54 and the reference perplexity ratio 0.92 (16 prompts of each instead: ASR 0.04, at the bound's edge);
+CROW and fine-pruning, which use no trigger, leave ASR at 1.0. The bounds asserted are what a repair must reach to
+count as one: ASR <= 0.05, near-trigger ASR <= 0.1, clean metric within 0.02, perplexity ratio <= 1.05, triggered
+clean metric >= 0.9 of the clean one, triggered perplexity ratio <= 1.2; the measured figures meet them with
+room."""
 
 from __future__ import annotations
 
