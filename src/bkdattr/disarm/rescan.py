@@ -5,10 +5,13 @@ another candidate. The scan's folder (``scan.json``, ``report.html``) goes besid
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import BkdAttrError, first_line
+from ..core.prompts import has_chat_template
 from ..scan.config import ScanConfig
 from ..scan.stage import check_out, scan
 from .config import DisarmConfig
@@ -30,9 +33,16 @@ def rescan_config(cfg: DisarmConfig) -> ScanConfig:
 
 def rescan(lm, folder: Path, cfg: DisarmConfig) -> dict[str, Any]:
     """Scan the loaded defended model ``lm`` into ``folder``; ``{verdict, score, flagged, threshold, top_trigger,
-    top_target, work, budget_work, seconds, folder}``."""
+    top_target, work, budget_work, seconds, folder}``. A model without a chat template is scanned in the plain
+    format it was run in. A scan that cannot run (a budget too small for one pass) warns and returns
+    ``{verdict: None, error}``: the defence, already saved and measured, is kept."""
     t0 = time.perf_counter()
-    res = scan(check_out(folder), lm.name, lm=lm, cfg=rescan_config(cfg))
+    template = None if has_chat_template(lm.tokenizer) else "plain"
+    try:
+        res = scan(check_out(folder), lm.name, lm=lm, cfg=rescan_config(cfg), template=template)
+    except BkdAttrError as e:
+        print(f"warning: the re-scan did not run ({first_line(e)})", file=sys.stderr, flush=True)
+        return {"verdict": None, "score": None, "error": first_line(e), "folder": str(folder)}
     top = (res.get("candidates") or [{}])[0]
     return {"verdict": res["verdict"], "score": res["score"], "flagged": res["flagged"],
             "threshold": res.get("threshold"), "top_trigger": top.get("trigger"), "top_target": top.get("target"),
