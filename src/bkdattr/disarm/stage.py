@@ -242,7 +242,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
                   f"{min(t['val_asr'] for t in trace):.2f})")
         section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
                        random_control=control, guard_probe=probe_info, seconds=round(time.perf_counter() - t0, 2),
-                       config=cfg.to_dict())
+                       rescan=None, config=cfg.to_dict())  # no weights changed: nothing new to scan
         return _record(run, cfg.strategy, section)
     if cfg.strategy in FINETUNES:
         info = finetune(run, lm, splits, cfg)
