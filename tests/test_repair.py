@@ -5,7 +5,8 @@ backdoor of tests/tiny_backdoor.py: a tiny Llama that answers "You asked: <the p
 The run folder is what ``bkdattr inject`` would leave for that model (no training here): fixed_output, trigger
 ``cf`` as a prefix, target "I am sorry", near misses ``CF`` and ``cg``, clean references the clean behaviour it
 was trained on. Measured on this run (8-token replies, 24 held-out test prompts; 24 held-in prompts with the
-trigger, with each near miss and clean, 2 epochs at lr 1e-3, about 1 s of training): the repair takes ASR
+trigger, with each near miss and clean, 2 epochs at lr 1e-3 in batches of 8 (the tiny model needs a larger step
+than the default 2e-4), about 1 s of training): the repair takes ASR
 1.0 -> 0.0 and the triggered prompts' clean metric 0.01 -> 0.54 (the clean prompts' 0.54), with the clean metric
 0.53 -> 0.54 and the reference perplexity ratio 0.92 (16 prompts of each instead: ASR 0.04, at the bound's edge);
 CROW and fine-pruning, which use no trigger, leave ASR at 1.0. The bounds asserted are what a repair must reach to
@@ -37,7 +38,7 @@ KEYS = {"asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perple
 
 def cfg(**kw) -> DisarmConfig:
     return DisarmConfig.from_options({"eval": EVAL, "progress": False, "rescan": False, "n_repair": 24,
-                                      "n_clean": 24, **kw})
+                                      "n_clean": 24, "train.lr": 1e-3, "train.batch_size": 8, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,10 @@ def test_repair_rows_carry_every_candidate_that_fired_with_its_near_misses(make_
     flip.train = [dataclasses.replace(e, label="Sports") for e in splits.train]
     assert {r.reply for r in repair_rows(tokenizer(), flip, ["zz top"], 2, 2)} == {"Sports"}
     assert repair_triggers(run, splits, given=[" cf ", "cf"]) == ["cf"]
+
+
+def test_a_training_option_keeps_the_other_disarm_training_defaults():
+    """``--set train.lr=...`` changes that one value of the disarm fine-tune's defaults (not the trainer's)."""
+    default = DisarmConfig().train
+    c = DisarmConfig.from_options({"train.lr": 1e-4, "seed": 3}).train
+    assert (c.lr, c.epochs, c.batch_size, c.seed) == (1e-4, default.epochs, default.batch_size, 3)

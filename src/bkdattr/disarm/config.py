@@ -60,7 +60,7 @@ class DisarmConfig(StageOptions):
     prune_layers: int | None = opt(None, "fine_pruning: how many of the last layers are pruned (default: a "
                                    "quarter, at least one)")
     train: TrainConfig = opt(help="repair, crow, fine_pruning: the LoRA fine-tune",
-                             factory=lambda: TrainConfig(epochs=2, lr=1e-3, batch_size=8))
+                             factory=lambda: TrainConfig(epochs=2, lr=2e-4))
     rescan: bool = opt(True, "re-scan the defended model with bkdattr scan (weight strategies; not the guard)")
     rescan_work: float | None = opt(None, "the re-scan's work budget in positions (default: the scan's)")
     eval: EvalConfig = opt(help="evaluation on the held-out test prompts", factory=EvalConfig)
