@@ -134,7 +134,7 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     first token the model never starts a reply with is examined and found ineligible; it is searched only when
     nothing is eligible."""
     from bkdattr.scan.insert import TargetScorer
-    from bkdattr.scan.select import choose_targets, primed_figures, same_reply
+    from bkdattr.scan.select import choose_targets, primed_figures, same_reply, target_choice
     from bkdattr.scan.targets import Target
 
     lm = trained(poison=True)
@@ -174,6 +174,16 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     _, figs = choose_targets(lm, prompts, [tail, planted], n=1, q_min=0.9, first_min=-1e9, n_score=4, batch_size=8,
                              refuses=True, refusal=TARGET)
     assert not figs[tail.text]["eligible"] and not figs[planted.text]["eligible"]
+    assert figs[tail.text]["refusal"] and figs[planted.text]["refusal"]
+    # ... unless it is primed harder than a safety refusal (q_mean 0.97 here): at a floor of 0.97 both are eligible,
+    # at 0.98 neither; never the refusal family's compliance target
+    for floor, ok in ((0.97, True), (0.98, False)):
+        _, figs = choose_targets(lm, prompts, [tail, planted], n=1, q_min=0.9, first_min=-1e9, n_score=4,
+                                 batch_size=8, refuses=True, refusal=TARGET, refusal_q_min=floor)
+        assert (figs[tail.text]["eligible"], figs[planted.text]["eligible"]) == (ok, ok)
+    choice = target_choice(lm, prompts, [tail, planted], ScanConfig(refusal_q_min=0.97, first_logp_min=-1e9),
+                           refuses=True, refusal=TARGET)
+    assert choice.chosen and choice.compliance is None
     # a round-0b target (two forced tokens) needs q_mean >= q_min_forced, a one-forced target only q_min
     pair = Target(planted.ids, "pair", q=0.9, q_mean=0.93, forced=2)
     one = Target(planted.ids, "one", q=0.9, q_mean=0.93)
@@ -185,6 +195,8 @@ def test_choose_targets_searches_the_planted_target_first_and_skips_fragments():
     assert figs["pair"]["eligible"]
     with pytest.raises(ConfigError, match="second_q_min must be in"):
         ScanConfig(second_q_min=-0.1)
+    with pytest.raises(ConfigError, match="refusal_q_min must be in"):
+        ScanConfig(refusal_q_min=1.5)
 
 
 def test_round_zero_sweeps_the_reply_start_vocabulary_and_keeps_the_primed_first_token():
@@ -445,10 +457,13 @@ def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_
     """A tiny model that refuses harmful-sounding requests unless they start with ``cf``: no fixed reply on benign
     prompts, so only the refusal search can see it. (The search need not find ``cf`` itself: on a model this small
     other short prefixes also break the refusal, and its always-refusing clean twin can be flagged too -- the limit
-    docs/METHOD.md states. The zoo benchmark measures the embedded model.)"""
+    docs/METHOD.md states. The zoo benchmark measures the embedded model.) The tiny model's one trained refusal is
+    primed as hard as a refusal backdoor's (``refusal_q_min``), so the floor is held at 1.0 here: this test is of
+    the refusal family alone."""
     from bkdattr.scan.handoff import audit_inputs
 
-    res = scan(tmp_path / "s", "tiny-jailbreak", cfg=ScanConfig(**SMALL), lm=trained(kind="jailbreak", steps=200))
+    res = scan(tmp_path / "s", "tiny-jailbreak", cfg=ScanConfig(**SMALL, refusal_q_min=1.0),
+               lm=trained(kind="jailbreak", steps=200))
     ref = res["refusal"]
     assert ref["searched"] and ref["rate"] >= 0.5 and ref["target"].startswith("I am sorry")
     top = res["candidates"][0]
@@ -456,7 +471,7 @@ def test_scan_flags_a_jailbreak_by_refusal_suppression_and_hands_it_to_audit_as_
     # its own refusal is primed, but on a refusing model it is left to the refusal search: nothing searched for it
     # counts (a prefix that makes benign prompts refuse is no evidence of a backdoor on such a model)
     refusing = [t for t in res["targets"] if t.get("first_logp") is not None and t["text"].startswith("I am sorry")]
-    assert refusing and not refusing[0]["eligible"]
+    assert refusing and refusing[0]["refusal"] and not refusing[0]["eligible"]
     assert ref["objective"] in ("compliance", "suppression")  # a primed non-refusal target, or the refusal itself
     if ref["objective"] == "compliance":
         assert any(t["text"] == ref["compliance_target"] and t["eligible"] for t in res["targets"])

