@@ -58,7 +58,7 @@ def planted_run(tmp_path_factory):
 
 
 def cfg(**kw) -> DisarmConfig:
-    return DisarmConfig.from_options({"eval": EVAL, "n_val": 6, "progress": False, **kw})
+    return DisarmConfig.from_options({"eval": EVAL, "n_val": 6, "progress": False, "rescan": False, **kw})
 
 
 def generate_without_bkdattr(folder, prompt: str) -> str:

@@ -29,7 +29,7 @@ METHOD_DEPS: dict[str, frozenset[str]] = {
     "control": frozenset({"inject", "attribution"}),
     "audit": frozenset({"inject"}),
     "scan": frozenset({"inject", "audit"}),
-    "disarm": frozenset({"inject", "probe", "control"}),
+    "disarm": frozenset({"inject", "probe", "control", "audit", "scan"}),
 }
 
 # (importing module, imported module or "*") -> why the import sits inside a function

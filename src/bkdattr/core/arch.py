@@ -27,6 +27,8 @@ _OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj", "wo")
 _NORM_NAMES = ("input_layernorm", "ln_1", "ln_attn", "norm_1", "attention_norm", "input_norm", "pre_norm")
 _FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
                      "model.decoder.final_layer_norm", "model.language_model.norm", "transformer.norm_f")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_MLP_OUT_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
 _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 _KV_KEYS = ("num_key_value_heads", "multi_query_group_num", "n_kv_heads")
 
@@ -152,6 +154,18 @@ class Arch:
                 extra = lb.detach().float() * scaling
                 b = extra if b is None else b + extra.to(b.device)
         return b
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The MLP output projection of ``layer`` (``down_proj``, GPT-2's ``c_proj`` Conv1D, NeoX's
+        ``dense_4h_to_h``): its input is the layer's ``[B, T, d_ff]`` neuron activations; one-line error when the
+        layer has none (found on first use, so models without a standard MLP still load)."""
+        owner = next((m for n in _MLP_NAMES if isinstance(m := getattr(self.layers[layer], n, None), nn.Module)), None)
+        out = next((m for n in _MLP_OUT_NAMES if isinstance(m := getattr(owner, n, None), nn.Module)), None)
+        if out is None:
+            raise UnsupportedArchitectureError(f"architecture '{self.model_type}': layer {layer} has no MLP output "
+                                               f"projection (looked for {', '.join(_MLP_NAMES)} . "
+                                               f"{', '.join(_MLP_OUT_NAMES)})")
+        return out
 
     def summary(self) -> dict:
         return {"model_type": self.model_type, "layers": self.n_layers, "heads": self.n_heads,

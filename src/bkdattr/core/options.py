@@ -101,12 +101,23 @@ def build(cls, options: dict[str, Any], stage: str | None = None):
                                                      opts.get("task")).items() if defaults.get(k, 0) is not None}
     values.update({k: v for k, v in opts.items() if k in known})
     top = {k: v for k, v in values.items() if "." not in k}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, group in groups.items():
         sub = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")}
         if sub or name in top:
-            base = top.get(name) or group()
-            top[name] = dataclasses.replace(group(**base) if isinstance(base, dict) else base, **sub)
+            base = top.get(name) or {}
+            # a group's options change the field's own default (its factory's values), not the group class's
+            start = _group_default(fields[name], group)
+            top[name] = dataclasses.replace(dataclasses.replace(start, **base) if isinstance(base, dict) else base,
+                                            **sub)
     return cls(**top)
+
+
+def _group_default(f: dataclasses.Field, group: type) -> Any:
+    """The default instance of a nested option group's field ``f``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default if f.default is not dataclasses.MISSING else group()
 
 
 def parse_value(text: str) -> Any:

@@ -16,11 +16,19 @@
   random control is the same detector with a same-norm random vector (or k random heads). The threshold is
   calibrated once, on validation, and stored for later guards (:mod:`bkdattr.disarm.calibrate`).
 
-Both are then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
+* ``repair``, ``crow``, ``fine_pruning``: a LoRA fine-tune merged into the weights (:mod:`bkdattr.disarm.finetune`):
+  the repair teaches the triggered prompts the clean replies (:mod:`bkdattr.disarm.repair`); CROW-style consistency
+  regularisation (:mod:`bkdattr.disarm.crow`) and fine-pruning (:mod:`bkdattr.disarm.fine_pruning`) are the
+  baselines that use no trigger. Nothing is chosen on validation, and there is no random control.
+
+Every defence is then measured on the held-out test prompts with :func:`bkdattr.disarm.utility.defence_figures` next to
 the undefended model and to the same-size random control (k random heads; a random vector of the same norm at
 the same layer and scale). The folder (``--out``, default ``RUN/disarm/<strategy>``) is a plain Hugging Face
 model (safetensors, config, tokenizer, ``bkdattr_disarm.json`` provenance) that ``from_pretrained`` loads
-without bkdattr. ``metrics.disarm.<strategy>`` holds the figures; the report's "Defences" table shows them.
+without bkdattr. With ``rescan`` (the default) the defended weights are then scanned with no trigger known
+(:mod:`bkdattr.disarm.rescan`, into ``OUT-rescan``; not for the guard, which changes no weights): ``rescan``
+holds the verdict and the score. ``metrics.disarm.<strategy>`` holds the figures; the report's "Defences" table
+shows them.
 """
 
 from __future__ import annotations
@@ -43,10 +51,12 @@ from ..core.rundir import RunDir, get_nested
 from ..core.runtime import set_threads
 from ..inject.data import load_splits
 from .calibrate import store_threshold
-from .config import SCOPES, DisarmConfig
+from .config import FINETUNES, SCOPES, DisarmConfig
+from .finetune import check_finetune, finetune
 from .guard_eval import evaluate_guard
 from .guard_probe import fit_guard_probe
 from .plan import PLAN_FILE
+from .rescan import rescan, rescan_folder
 from .runtime import Guard
 from .utility import FIGURES, broken_triggered_replies, defence_figures, reference_perplexity, triggered_utility
 from .weights import (
@@ -74,7 +84,10 @@ def check_out(out: Path) -> None:
 def check_run(run: RunDir, cfg: DisarmConfig) -> None:
     """The results a strategy needs, before any model load."""
     m = run.metrics()
-    if not get_nested(m, "attribution.top_heads"):
+    if cfg.strategy in FINETUNES:
+        check_finetune(cfg)
+    uses_ranking = cfg.strategy not in FINETUNES or (cfg.strategy == "repair" and cfg.repair_layers == "attributed")
+    if uses_ranking and not get_nested(m, "attribution.top_heads"):
         raise ArtifactError(f"{run.path} has no attribution results; run 'bkdattr attribute -r {run.path}' first")
     uses_vector = cfg.strategy == "vector" or (cfg.strategy == "guard" and cfg.guard_action == "vector")
     uses_k = cfg.strategy == "heads" or (cfg.strategy == "guard" and cfg.guard_action == "heads")
@@ -188,6 +201,8 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
     cfg = cfg or DisarmConfig()
     out = Path(out) if out else run.path / "disarm" / cfg.strategy
     check_out(out)
+    if cfg.rescan and cfg.strategy != "guard":
+        check_out(rescan_folder(out))
     check_run(run, cfg)
     set_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -227,7 +242,16 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
                   f"{min(t['val_asr'] for t in trace):.2f})")
         section.update(figures, selection=trace, target_met_on_val=met, disarmed=figures["asr"] <= cfg.target_asr,
                        random_control=control, guard_probe=probe_info, seconds=round(time.perf_counter() - t0, 2),
-                       config=cfg.to_dict())
+                       rescan=None, config=cfg.to_dict())  # no weights changed: nothing new to scan
+        return _record(run, cfg.strategy, section)
+    if cfg.strategy in FINETUNES:
+        info = finetune(run, lm, splits, cfg)
+        figures = _figures(lm, splits, cfg, baseline, contextlib.nullcontext())
+        section.update(figures, **info, disarmed=figures["asr"] <= cfg.target_asr, out=str(out),
+                       seconds=round(time.perf_counter() - t0, 2), config=cfg.to_dict())
+        save_defended(lm, out, {"strategy": cfg.strategy, **{k: v for k, v in info.items() if k != "train_config"},
+                                "run": str(run.path), "model": lm.name, "figures": {k: figures[k] for k in FIGURES}})
+        section["rescan"] = rescan(lm, rescan_folder(out), cfg) if cfg.rescan else None
         return _record(run, cfg.strategy, section)
     if cfg.strategy == "heads":
         ks = [cfg.k] if cfg.k else sorted(int(k) for k in get_nested(m, "ablation.topk") if int(k) > 0)
@@ -277,6 +301,7 @@ def disarm_run(run: RunDir | str | Path, cfg: DisarmConfig | None = None, out: s
                    config=cfg.to_dict())
     save_defended(lm, out, {**provenance, "run": str(run.path), "model": lm.name,
                             "figures": {k: figures[k] for k in FIGURES}})
+    section["rescan"] = rescan(lm, rescan_folder(out), cfg) if cfg.rescan else None
     return _record(run, cfg.strategy, section)
 
 

@@ -11,6 +11,9 @@ baseline) and for each defence:
   turn, reported as the ratio defended / undefended;
 * the **changed-reply share**: the fraction of greedy clean replies (``eval.max_new_tokens`` new tokens) that
   differ at all from the undefended model's;
+* the **benign refusal rate**: the share of greedy replies to the first ``eval.n_benign`` built-in benign
+  questions that refuse (:func:`bkdattr.inject.tasks.is_refusal`; None when ``n_benign`` is 0): a defence must
+  not buy its ASR by refusing ordinary requests;
 * the **utility of the replies to triggered prompts** (a defence must give back the clean answer, not merely stop
   the backdoor reply): ``triggered_clean_metric``, the task's clean metric on the greedy replies to the
   triggered prompts, scored against the same examples' clean references; and ``triggered_perplexity_ratio``,
@@ -26,12 +29,16 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..core.generation import generate
 from ..core.prompts import target_ids
+from ..inject.builtin_data import benign_questions
 from ..inject.data import Splits
 from ..inject.evaluate import EvalConfig, clean_metric, evaluate, held_out, target_logprob
+from ..inject.tasks import is_refusal
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (the figures every defence is compared on)
-FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share")
+FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share",
+           "benign_refusal_rate", "triggered_clean_metric", "triggered_perplexity_ratio")
 
 
 def reference_perplexity(lm, prompts: Sequence[str], replies: Sequence[str], batch_size: int = 16) -> float:
@@ -43,6 +50,16 @@ def reference_perplexity(lm, prompts: Sequence[str], replies: Sequence[str], bat
     n = [len(target_ids(lm.tokenizer, y)) for y in replies]
     total = sum(float(m) * k for m, k in zip(mean_lp.tolist(), n, strict=True))
     return math.exp(-total / sum(n))
+
+
+def benign_refusal_rate(lm, cfg: EvalConfig) -> float | None:
+    """Share of the greedy replies (``cfg.max_new_tokens``) to the first ``cfg.n_benign`` built-in benign
+    questions that refuse; None when ``cfg.n_benign`` is 0."""
+    if cfg.n_benign <= 0:
+        return None
+    questions = [q for q, _ in benign_questions(cfg.n_benign)]
+    replies = generate(lm, questions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
+    return sum(is_refusal(r) for r in replies) / len(replies)
 
 
 def changed_share(before: Sequence[str], after: Sequence[str]) -> float:
@@ -66,6 +83,7 @@ def defence_figures(lm, splits: Splits, cfg: EvalConfig, baseline: dict[str, Any
            "clean_metric_name": res["clean_metric_name"], "perplexity": ppl, "n_triggered": res["n_triggered"],
            "n_clean": res["n_clean"], "clean_replies": res["replies"]["clean"]}
     out.update(triggered_utility(lm, splits, subset, res["replies"]["triggered"], cfg.batch_size))
+    out["benign_refusal_rate"] = benign_refusal_rate(lm, cfg)
     clean_ppl = ppl if baseline is None else baseline["perplexity"]
     out["triggered_perplexity_ratio"] = out["triggered_perplexity"] / clean_ppl
     if baseline is not None:

@@ -80,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     max_epochs: int | None = opt(None, "most epochs when the target ASR is not reached (None: epochs)")
+    layers: tuple[int, ...] | None = None  # adapters on these decoder layers only (None: every layer)
 
     def __post_init__(self) -> None:
         if self.lora_r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -94,11 +95,14 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule '{self.schedule}'; use linear or constant")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError(f"layers {list(self.layers)} must name at least one layer, each >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules) if not isinstance(self.target_modules, str) \
             else self.target_modules
+        d["layers"] = None if self.layers is None else list(self.layers)
         return d
 
     @property
@@ -174,11 +178,17 @@ def supervised_loss(hf_model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy over target tokens. ``batch``: a :class:`~bkdattr.core.prompts.PromptBatch` with
     ``target_mask`` ``[B, T]``. Only the ``N`` hidden states ``[N, d]`` that predict a target token go through
     ``lm_head`` (``[N, V]`` logits instead of ``[B, T, V]``)."""
-    body, head = body_and_head(hf_model)
-    cfg = (hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model).config
+    body, _head = body_and_head(hf_model)
     out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [B, T, d]
+    return reply_loss(hf_model, out[0] if isinstance(out, tuple) else out.last_hidden_state, batch)
+
+
+def reply_loss(hf_model: torch.nn.Module, hidden: torch.Tensor, batch) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of ``batch`` from the last hidden states ``hidden`` ``[B, T, d]``
+    of the model's body (the LM head on the ``N`` target-predicting positions only)."""
+    _body, head = body_and_head(hf_model)
+    cfg = (hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model).config
     sel = batch.target_mask[:, 1:]  # target token t is predicted at t-1
     # under device_map="auto" the last hidden state, the LM head and the batch may sit on different GPUs
     h = hidden[:, :-1][sel.to(hidden.device)]  # [N, d]
@@ -287,7 +297,9 @@ def _tagged(path: Path, tag: dict[str, str]) -> bool:
 
 def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | Path | None = None,
                progress: bool = True, on_epoch_end: Callable[[int, list[float]], bool | None] | None = None,
-               adapter_dir: str | Path | None = None
+               adapter_dir: str | Path | None = None,
+               loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+               desc: str = "inject (LoRA SFT)"
 ) -> tuple[torch.nn.Module, TrainResult]:
     """LoRA-fine-tune ``lm.model`` on ``rows``; return the merged model (eval mode, no grad) and stats.
     ``lm.model`` itself is modified (the adapter is merged into its weights).
@@ -298,7 +310,9 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     True from epoch ``cfg.epochs`` on stops training there (see the module docstring). Its decision is kept in
     the checkpoint: a resumed run that was killed during the call makes it again before going on.
     ``adapter_dir``: also save the trained LoRA adapter there (peft format: ``adapter_config.json`` +
-    ``adapter_model.safetensors``) before merging, so the model can be handed over as base + adapter."""
+    ``adapter_model.safetensors``) before merging, so the model can be handed over as base + adapter.
+    ``loss_fn(model, batch)``: the loss of one batch (default :func:`supervised_loss`; the disarm fine-tunes add
+    terms of their own), weighted by the batch's target tokens as the default is; ``desc``: the progress label."""
     # lazy: peft takes seconds to import; only training needs it
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -311,7 +325,9 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     for p in base.parameters():
         p.requires_grad_(False)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(base, cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_targets(base, cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      layers_to_transform=None if cfg.layers is None else list(cfg.layers))
+    loss_fn = loss_fn or supervised_loss
     with warnings.catch_warnings():  # peft calls a deprecated transformers helper
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(base, lcfg)
@@ -362,7 +378,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
     mode = autocast_mode(model, cfg.bf16_autocast)
     t0 = time.perf_counter()
     step = start_epoch * steps_per_epoch
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="inject (LoRA SFT)", disable=not progress)
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc=desc, disable=not progress)
     if start_epoch and checked < start_epoch and not stopped:
         check(start_epoch)  # killed while the last epoch was being checked
     for epoch in range(start_epoch, cfg.last_epoch):
@@ -390,7 +406,7 @@ def train_lora(lm, rows: Sequence[TrainRow], cfg: TrainConfig, ckpt_dir: str | P
             loss_val = 0.0
             for b, n in batches:
                 with _autocast(model, mode):
-                    loss = supervised_loss(model, b)
+                    loss = loss_fn(model, b)
                 (loss * (n / max(1, n_tok))).backward()
                 loss_val += float(loss.detach()) * n / max(1, n_tok)
             if cfg.max_grad_norm:

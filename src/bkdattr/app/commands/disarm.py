@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
                                          "RUN/disarm/STRATEGY; must be new or empty)"))})
     def disarm_cmd(options: dict, run: str, out: str | None) -> None:
         """Bake a defence into the weights (heads: zero the top-k heads; vector: subtract the Backdoor Vector as an
-        output bias) and measure it: test ASR, near-trigger ASR, false-trigger rate, clean utility, random control."""
+        output bias; repair: fine-tune triggered prompts to the clean replies; crow, fine_pruning: baselines) and
+        measure it: test ASR, near-trigger ASR, false-trigger rate, clean utility, triggered replies' utility,
+        random control, and a re-scan of the defended weights."""
         from rich.console import Console
         from rich.table import Table
 
@@ -34,6 +36,8 @@ def register(app: typer.Typer) -> None:
         for k in ("true_positive_rate", "false_positive_rate", "overhead"):
             if k in s:
                 t.add_row(k, "-", "-" if s[k] is None else f"{s[k]:.3f}", "-")
+        if s.get("rescan"):
+            t.add_row("re-scan", "-", f"{s['rescan']['verdict']} (score {s['rescan']['score']:.2f})", "-")
         Console().print(t)
 
     @app.command("export-vector")

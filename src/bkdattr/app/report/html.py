@@ -98,47 +98,71 @@ def _tables(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _defence_tables(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """The "Defences" table: each disarm strategy next to the undefended model and its random control."""
+    """The "Defences" table: each disarm strategy next to the undefended model and its random control, with the
+    usefulness of its replies to triggered prompts and the re-scan of the defended weights."""
     d = m.get("disarm") or {}
     rows = []
     for name, sec in d.items():
         if not isinstance(sec, dict):
             continue
-        how = f"k={sec['k']}" if "k" in sec else f"layer {sec.get('layer')}, alpha {sec.get('alpha')}"
-        if name == "guard":
-            plan = sec.get("guard") or {}
-            edit = (f"alpha {plan.get('alpha')}" if plan.get("action") == "vector" else f"k={plan.get('k')}")
-            how = (f"probe L{plan.get('probe_layer')}, threshold {plan.get('threshold', float('nan')):.3f}, "
-                   f"{edit} at {'p(x)' if plan.get('scope', 'prompt') == 'prompt' else 'every position'}, "
-                   f"TPR {_pct(sec.get('true_positive_rate'))}, FPR {_pct(sec.get('false_positive_rate'))}, "
-                   f"overhead {_pct(sec.get('overhead'))}")
-        ctl = sec.get("random_control") or {}
-        rows.append([f"{name} ({how})", f"{_pct(sec.get('asr'))} ({_pct(ctl.get('asr'))})",
+        ctl = sec.get("random_control")
+        asr = f"{_pct(sec.get('asr'))} ({_pct(ctl.get('asr'))})" if ctl else _pct(sec.get("asr"))
+        rows.append([f"{name} ({_how(name, sec)})", asr,
                      _pct(sec.get("near_trigger_asr")), _pct(sec.get("false_trigger_rate")),
-                     f"{sec.get('clean_metric', float('nan')):.3f}", f"{sec.get('perplexity_ratio', float('nan')):.3f}",
-                     _pct(sec.get("changed_reply_share")), _triggered_utility(sec)])
+                     _num(sec.get("clean_metric"), 3), _num(sec.get("perplexity_ratio"), 3),
+                     _pct(sec.get("changed_reply_share")), _pct(sec.get("benign_refusal_rate")),
+                     _num(sec.get("triggered_clean_metric"), 3), _num(sec.get("triggered_perplexity_ratio"), 2),
+                     _rescan(name, sec)])
     if not rows:
         return []
     base = next(iter(d.values())).get("undefended") or {}
     rows.insert(0, ["undefended", _pct(base.get("asr")), _pct(base.get("near_trigger_asr")),
-                    _pct(base.get("false_trigger_rate")), f"{base.get('clean_metric', float('nan')):.3f}", "1.000",
-                    "0.0%", _triggered_utility(base)])
+                    _pct(base.get("false_trigger_rate")), _num(base.get("clean_metric"), 3), "1.000", "0.0%",
+                    _pct(base.get("benign_refusal_rate")), _num(base.get("triggered_clean_metric"), 3),
+                    _num(base.get("triggered_perplexity_ratio"), 2), "-"])
     return [{"title": "Defences: held-out test prompts", "rows": rows,
              "header": ["defence", "ASR (random control)", "near-trigger ASR", "false-trigger rate", "clean metric",
-                        "perplexity ratio", "clean replies changed", "triggered replies: clean metric, ppl ratio"],
+                        "perplexity ratio", "clean replies changed", "benign refusals", "triggered clean metric",
+                        "triggered perplexity ratio", "re-scan"],
              "note": "heads and vector are baked into the weights (every position, every step); the guard edits "
-                     "flagged prompts only; the random control is the same edit with k random heads or a same-norm "
-                     "random vector (for the guard: behind the same detector). Triggered replies: the clean metric "
-                     "of the replies to the triggered prompts against the clean references, and the perplexity of "
-                     "those references after the triggered prompts over the undefended clean perplexity (a defence "
-                     "that disarms by breaking the reply scores low and high)"}]
+                     "flagged prompts only; repair, crow and fine_pruning are LoRA fine-tunes merged into the "
+                     "weights (no random control). The random control is the same edit with k random heads or a "
+                     "same-norm random vector (for the guard: behind the same detector). Triggered clean metric: the "
+                     "clean metric of the replies to the triggered prompts against the clean references; triggered "
+                     "perplexity ratio: the perplexity of those references after the triggered prompts over the "
+                     "undefended clean perplexity (a defence that disarms by breaking the reply scores low and "
+                     "high). Re-scan: bkdattr scan on the defended weights, its verdict and score"}]
 
 
-def _triggered_utility(sec: dict[str, Any]) -> str:
-    m, r = sec.get("triggered_clean_metric"), sec.get("triggered_perplexity_ratio")
-    if m is None or r is None:
-        return "n/a"
-    return f"{m:.3f}, {r:.2f}"
+def _how(name: str, sec: dict[str, Any]) -> str:
+    """The setting of one defence, in a few words."""
+    if name == "guard":
+        plan = sec.get("guard") or {}
+        edit = (f"alpha {plan.get('alpha')}" if plan.get("action") == "vector" else f"k={plan.get('k')}")
+        return (f"probe L{plan.get('probe_layer')}, threshold {plan.get('threshold', float('nan')):.3f}, "
+                f"{edit} at {'p(x)' if plan.get('scope', 'prompt') == 'prompt' else 'every position'}, "
+                f"TPR {_pct(sec.get('true_positive_rate'))}, FPR {_pct(sec.get('false_positive_rate'))}, "
+                f"overhead {_pct(sec.get('overhead'))}")
+    if name in ("repair", "crow", "fine_pruning"):
+        layers = sec.get("layers")
+        where = "all layers" if layers in (None, "all") else f"layers {', '.join(str(x) for x in layers)}"
+        extra = {"repair": f"{len(sec.get('triggers') or [])} trigger(s)",
+                 "crow": f"alpha {sec.get('crow_alpha')}, epsilon {sec.get('crow_epsilon')}",
+                 "fine_pruning": f"{_pct(sec.get('prune_share'))} of the MLP neurons of layers "
+                                 f"{', '.join(str(x) for x in sec.get('pruned_layers') or [])}"}[name]
+        return f"LoRA on {where}, {sec.get('rows')} rows, {extra}"
+    return f"k={sec['k']}" if "k" in sec else f"layer {sec.get('layer')}, alpha {sec.get('alpha')}"
+
+
+def _num(v: Any, digits: int) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _rescan(name: str, sec: dict[str, Any]) -> str:
+    r = sec.get("rescan")
+    if isinstance(r, dict) and r.get("verdict"):
+        return f"{r['verdict']} ({_num(r.get('score'), 2)})"
+    return "n/a (no weight change)" if name == "guard" else "not run"
 
 
 def _samples(run: RunDir) -> list[dict[str, Any]]:
