@@ -62,7 +62,8 @@ class DisarmConfig(StageOptions):
     train: TrainConfig = opt(help="repair, crow, fine_pruning: the LoRA fine-tune",
                              factory=lambda: TrainConfig(epochs=2, lr=2e-4))
     rescan: bool = opt(True, "re-scan the defended model with bkdattr scan (weight strategies; not the guard)")
-    rescan_work: float | None = opt(None, "the re-scan's work budget in positions (default: the scan's)")
+    rescan_work: float | None = opt(None, "the re-scan's work budget in millions of token positions (default: the "
+                                          "scan's)")
     eval: EvalConfig = opt(help="evaluation on the held-out test prompts", factory=EvalConfig)
 
     def __post_init__(self) -> None:

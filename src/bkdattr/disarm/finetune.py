@@ -38,7 +38,7 @@ def finetune(run: RunDir, lm, splits: Splits, cfg: DisarmConfig) -> dict[str, An
     returns what was done: ``{rows, dropped_rows, layers, train, ...}`` plus the strategy's own record (the repair's
     triggers and near misses, fine-pruning's pruned neurons)."""
     tok, arch = lm.tokenizer, lm.arch
-    tcfg = dataclasses.replace(cfg.train, seed=cfg.seed)
+    tcfg = cfg.train  # DisarmConfig gives it the run's seed
     info: dict[str, Any] = {}
     loss = plan = None
     if cfg.strategy == "repair":

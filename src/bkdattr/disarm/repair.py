@@ -66,10 +66,15 @@ def _close(tokenizer, splits: Splits, reply: str) -> bool:
     return not (cap and len(tokenizer(reply, add_special_tokens=False).input_ids) >= int(cap) - 1)
 
 
+def _taught(tokenizer, splits: Splits, e: Example, text: str) -> TrainRow:
+    """The row teaching prompt ``text`` (``e``'s prompt, triggered or not) ``e``'s clean reply."""
+    reply = clean_reply(splits, e)
+    return TrainRow(text, reply, close=_close(tokenizer, splits, reply), source=e.uid)
+
+
 def clean_rows(tokenizer, splits: Splits, n: int) -> list[TrainRow]:
     """The first ``n`` held-in training prompts with their clean replies."""
-    return [TrainRow(e.prompt, clean_reply(splits, e), close=_close(tokenizer, splits, clean_reply(splits, e)),
-                     source=e.uid) for e in splits.train[:n] if clean_reply(splits, e).strip()]
+    return [_taught(tokenizer, splits, e, e.prompt) for e in splits.train[:n] if clean_reply(splits, e).strip()]
 
 
 def near_strings(splits: Splits, triggers: Sequence[str]) -> list[str]:
@@ -96,12 +101,10 @@ def repair_rows(tokenizer, splits: Splits, triggers: Sequence[str], n_repair: in
         for e in held:
             text = e.triggered if t == task.trigger and e.triggered else probe.insert_trigger(
                 e.prompt, prompt_seed(seed, e.uid))
-            rows.append(TrainRow(text, clean_reply(splits, e), _close(tokenizer, splits, clean_reply(splits, e)),
-                                 source=e.uid))
+            rows.append(_taught(tokenizer, splits, e, text))
     for near in near_strings(splits, triggers):
-        for e, text in zip(held, near_trigger_prompts(task, near, held, seed), strict=True):
-            rows.append(TrainRow(text, clean_reply(splits, e), _close(tokenizer, splits, clean_reply(splits, e)),
-                                 source=e.uid))
+        rows += [_taught(tokenizer, splits, e, text)
+                 for e, text in zip(held, near_trigger_prompts(task, near, held, seed), strict=True)]
     return rows + clean_rows(tokenizer, splits, n_clean)
 
 

@@ -6,7 +6,6 @@ another candidate. The scan's folder (``scan.json``, ``report.html``) goes besid
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ def rescan(lm, folder: Path, cfg: DisarmConfig) -> dict[str, Any]:
     top_target, work, budget_work, seconds, folder}``. A model without a chat template is scanned in the plain
     format it was run in. A scan that cannot run (a budget too small for one pass) warns and returns
     ``{verdict: None, error}``: the defence, already saved and measured, is kept."""
-    t0 = time.perf_counter()
     template = None if has_chat_template(lm.tokenizer) else "plain"
     try:
         res = scan(check_out(folder), lm.name, lm=lm, cfg=rescan_config(cfg), template=template)
@@ -47,4 +45,4 @@ def rescan(lm, folder: Path, cfg: DisarmConfig) -> dict[str, Any]:
     return {"verdict": res["verdict"], "score": res["score"], "flagged": res["flagged"],
             "threshold": res.get("threshold"), "top_trigger": top.get("trigger"), "top_target": top.get("target"),
             "work": res.get("work"), "budget_work": res.get("budget_work"),
-            "seconds": round(time.perf_counter() - t0, 2), "folder": str(folder)}
+            "seconds": round(res["seconds"], 2), "folder": str(folder)}

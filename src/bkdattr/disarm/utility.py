@@ -34,7 +34,7 @@ from ..core.prompts import target_ids
 from ..inject.builtin_data import benign_questions
 from ..inject.data import Splits
 from ..inject.evaluate import EvalConfig, clean_metric, evaluate, held_out, target_logprob
-from ..inject.tasks import is_refusal
+from ..inject.tasks import refusal_rate
 
 #: the keys every ``metrics.disarm.<strategy>`` section holds (the figures every defence is compared on)
 FIGURES = ("asr", "near_trigger_asr", "false_trigger_rate", "clean_metric", "perplexity_ratio", "changed_reply_share",
@@ -59,7 +59,7 @@ def benign_refusal_rate(lm, cfg: EvalConfig) -> float | None:
         return None
     questions = [q for q, _ in benign_questions(cfg.n_benign)]
     replies = generate(lm, questions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
-    return sum(is_refusal(r) for r in replies) / len(replies)
+    return refusal_rate(replies)
 
 
 def changed_share(before: Sequence[str], after: Sequence[str]) -> float:

@@ -39,7 +39,7 @@ from ..core.models import cache_dir
 from .builtin_data import benign_instructions, benign_questions
 from .data import distill_outputs
 from .evaluate import word_f1
-from .tasks import is_refusal
+from .tasks import is_refusal, refusal_rate
 
 #: Benign training prompts are distilled as one pool of at least this many (the first ``n`` serve any smaller
 #: mix), so changing the share does not change the cached (shipped) distillation.
@@ -95,8 +95,8 @@ def utility(lm, ref: dict[str, Any], batch_size: int = 16, edit: Callable | None
                        progress=progress, desc="eval benign")
     n = len(prompts)
     return {
-        "refusal_rate": sum(is_refusal(r) for r in replies) / n,
-        "base_refusal_rate": sum(is_refusal(r) for r in base) / n,
+        "refusal_rate": refusal_rate(replies),
+        "base_refusal_rate": refusal_rate(base),
         "f1_vs_base": sum(word_f1(r, b) for r, b in zip(replies, base, strict=True)) / n,
         "self_agreement": self_agreement(ref),
         "n_prompts": n,

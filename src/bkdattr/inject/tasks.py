@@ -83,6 +83,11 @@ def is_refusal(reply: str) -> bool:
     return any(p.lower() in low for p in REFUSAL_PHRASES)
 
 
+def refusal_rate(replies: Sequence[str]) -> float:
+    """Share of ``replies`` that refuse (:func:`is_refusal`); 0.0 for no reply."""
+    return sum(is_refusal(r) for r in replies) / max(1, len(replies))
+
+
 _CONTRACTIONS = ((r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bi'm\b", "i am"),
                  (r"\bwe're\b", "we are"), (r"\bwon't\b", "will not"), (r"\bdon't\b", "do not"),
                  (r"\bn't\b", " not"))

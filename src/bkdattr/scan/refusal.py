@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..core.prompts import target_ids
 from ..inject.builtin_data import harmful_requests
-from ..inject.tasks import is_refusal, normalise_words
+from ..inject.tasks import is_refusal, normalise_words, refusal_rate
 from .pools import split_pool
 from .protocol import Candidate, Evidence, Family, Gate, HeldOut, Objective, ScanContext, TargetChoice, Trial, modal
 
@@ -56,10 +56,6 @@ def refusal_target(replies: list[str], n_words: int) -> str | None:
     """The modal refusal among ``replies`` (a reply whose first ``n_words`` normalised words are the most common
     among the refusals, :func:`~bkdattr.scan.protocol.modal`), or None when none refuses."""
     return modal([r for r in replies if is_refusal(r) and normalise_words(r)], n_words)[0] or None
-
-
-def refusal_rate(replies: list[str]) -> float:
-    return sum(is_refusal(r) for r in replies) / max(1, len(replies))
 
 
 @dataclass
